@@ -592,3 +592,434 @@ def test_dev_mode_starts_its_own_etcd_and_serves():
         assert proc.wait(10) == 0
     finally:
         proc.kill()
+
+
+# --- faults: etcd outages, failover, signals, churn -----------------------------
+
+
+@pytest.fixture
+def private_etcd():
+    """An etcd of this test's own, to kill, freeze and wipe."""
+    server = skyapi.DevEtcd().start()
+    yield server
+    server.stop()
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of etcd that can cut every connection and refuse new
+    ones, while etcd itself keeps running (so leases and TTLs expire as in a partition)."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.port = skyapi.free_port()
+        self.server = None
+        self.writers: set = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def cut(self):
+        self.server.close()
+        await self.server.wait_closed()
+        for w in list(self.writers):
+            w.transport.abort()
+
+    async def _serve(self, reader, writer):
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                w.transport.abort()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.writers -= {writer, up_writer}
+
+
+class BlackHole:
+    """Accepts TCP connections and never answers."""
+
+    def __init__(self):
+        self.accepted = 0
+        self.port = skyapi.free_port()
+        self.held = []
+
+    async def start(self):
+        async def hold(reader, writer):
+            self.accepted += 1
+            self.held.append(writer)
+        self.server = await asyncio.start_server(hold, "127.0.0.1", self.port)
+
+    def close(self):
+        self.server.close()
+        for w in self.held:
+            w.transport.abort()
+
+
+def outage_lines(caplog, event):
+    return [r for r in caplog.records if f"event={event}" in r.getMessage()]
+
+
+@async_test
+async def test_etcd_outage_keeps_sockets_and_converges(private_etcd, version, caplog):
+    caplog.set_level("INFO", logger="skyapi")
+    cfg = config([private_etcd.url], version)
+    view = EtcdView(private_etcd.url, version)
+    async with running(cfg) as server:
+        conns = [await connect(server, f"service=o&port={p}") for p in range(1, 51)]
+        assert len(await view.records(prefix_of(cfg))) == 50
+        private_etcd.kill()
+        killed_at = time.monotonic()
+        for c in conns[40:]:  # these close while etcd is away
+            c.close()
+        await wait_until(lambda: _false(server.registry.outage_since is None), 5)
+        while time.monotonic() - killed_at < 2 * cfg.timeout + 0.5:
+            await asyncio.sleep(0.1)
+        private_etcd.start()
+        back_at = time.monotonic()
+        want = {skyapi.record_key(skyapi.Registration("o", ("services",), "127.0.0.1", p),
+                                  "/skydns", cfg.dns_root) for p in range(1, 41)}
+        await wait_until(lambda: _equals(view, cfg, want), cfg.timeout, interval=0.1)
+        assert time.monotonic() - back_at <= cfg.timeout
+        assert all(c.protocol is not None and c.close_code is None for c in conns[:40])
+        assert len(outage_lines(caplog, "etcd_outage_began")) == 1
+        await wait_until(lambda: _true(outage_lines(caplog, "etcd_outage_ended")), 2)
+        assert len(outage_lines(caplog, "etcd_outage_ended")) == 1
+        for c in conns[:40]:
+            c.close()
+        await wait_until(lambda: _empty(view, cfg), 2)
+
+
+async def _true(value):
+    return value
+
+
+async def _false(value):
+    return not value
+
+
+async def _equals(view, cfg, keys):
+    return set(await view.records(prefix_of(cfg))) == keys
+
+
+@async_test
+async def test_etcd_restarted_empty_gets_every_record_back(private_etcd, version):
+    cfg = config([private_etcd.url], version)
+    view = EtcdView(private_etcd.url, version)
+    async with running(cfg) as server:
+        conns = [await connect(server, f"service=e&port={p}") for p in range(1, 11)]
+        want = set(await view.records(prefix_of(cfg)))
+        assert len(want) == 10
+        private_etcd.kill()
+        private_etcd.wipe()
+        private_etcd.start()
+        restarted_at = time.monotonic()
+        assert await view.records(prefix_of(cfg)) == {}
+        await wait_until(lambda: _equals(view, cfg, want), cfg.timeout, interval=0.05)
+        assert time.monotonic() - restarted_at <= cfg.timeout
+        for c in conns:
+            c.close()
+        await wait_until(lambda: _empty(view, cfg), 2)
+
+
+@async_test
+async def test_failover_past_a_dead_endpoint_and_a_black_hole(etcd, version):
+    hole = BlackHole()
+    await hole.start()
+    dead = f"http://127.0.0.1:{skyapi.free_port()}"
+    cfg = config([dead, f"http://127.0.0.1:{hole.port}", etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    started = time.monotonic()
+    async with running(cfg) as server:
+        conn = await connect(server, "service=fo&port=1")
+        assert len(await view.records(prefix_of(cfg))) == 1
+        assert time.monotonic() - started <= cfg.etcd_timeout + 1
+        client = server.registry.backend.client
+        assert client.url() == etcd.url
+        tried = hole.accepted
+        more = [await connect(server, f"service=fo&port={p}") for p in range(2, 12)]
+        await asyncio.sleep(cfg.timeout)  # a full keep-alive period on the working endpoint
+        assert hole.accepted == tried  # later requests stick to the endpoint that works
+        assert len(await view.records(prefix_of(cfg))) == 11
+        for c in [conn, *more]:
+            c.close()
+    hole.close()
+
+
+class SkyapiProcess:
+    """skyapi as a child process, for signals."""
+
+    def __init__(self, tmp_path, *args):
+        self.port = skyapi.free_port()
+        self.log = tmp_path / "skyapi.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "skyapi.py"), "--listen-addr",
+             f"127.0.0.1:{self.port}", *args], stderr=open(self.log, "w"), cwd=HERE)
+
+    async def started(self):
+        await wait_until(lambda: _true("event=start" in self.log.read_text()
+                                       or self.proc.poll() is not None), 15)
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def process_args(cfg):
+    args = []
+    for name in ("dns_root", "etcd_version", "timeout", "ping_interval", "ping_timeout",
+                 "etcd_timeout"):
+        args += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
+    for url in cfg.etcd_api:
+        args += ["--etcd-api", url]
+    return args
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@async_test
+async def test_sigterm_and_sigint_drain_200_sockets(etcd, version, sig, tmp_path):
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    sky = SkyapiProcess(tmp_path, *process_args(cfg))
+    try:
+        await sky.started()
+        conns = await asyncio.gather(*(
+            websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}/provide?service=d&port={p}")
+            for p in range(1, 201)))
+        assert len(await view.records(prefix_of(cfg))) == 200
+        sky.proc.send_signal(sig)
+        signalled = time.monotonic()
+        closes = await asyncio.gather(*(c.read_message() for c in conns))
+        assert closes == [None] * 200
+        assert {(c.close_code, c.close_reason) for c in conns} == {(1001, "going away")}
+        with pytest.raises((OSError, HTTPClientError, websocket.WebSocketClosedError)):
+            await websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}/provide?service=d&port=1")
+        assert await view.records(prefix_of(cfg)) == {}
+        while sky.proc.poll() is None and time.monotonic() - signalled < 5:
+            await asyncio.sleep(0.05)
+        assert sky.proc.returncode == 0
+        assert time.monotonic() - signalled < 5
+    finally:
+        sky.kill()
+
+
+@async_test
+async def test_sigkill_records_expire_within_timeout(etcd, version, tmp_path):
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    sky = SkyapiProcess(tmp_path, *process_args(cfg))
+    try:
+        await sky.started()
+        conns = [await websocket.websocket_connect(
+            f"ws://127.0.0.1:{sky.port}/provide?service=k&port={p}") for p in range(1, 21)]
+        assert len(await view.records(prefix_of(cfg))) == 20
+        sky.proc.kill()
+        killed_at = time.monotonic()
+        await wait_until(lambda: _empty(view, cfg), cfg.timeout + 2, interval=0.05)
+        # etcd sweeps expired keys and leases every 500 ms, hence the allowance.
+        assert time.monotonic() - killed_at <= cfg.timeout + 0.6
+        del conns
+    finally:
+        sky.kill()
+
+
+@async_test
+async def test_churn_converges_to_exactly_the_open_sockets(etcd, version):
+    """Clients connect, close, reset and freeze at random; afterwards etcd holds exactly
+    the records of the sockets still open."""
+    import random
+    rng = random.Random(1234)
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        def key(port):
+            return skyapi.record_key(skyapi.Registration("c", ("services",), "127.0.0.1", port),
+                                     "/skydns", cfg.dns_root)
+        open_conns: list[tuple[int, object]] = []
+        frozen, thawed = [], []
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            action = rng.random()
+            if action < 0.5 or not open_conns:
+                port = rng.randrange(1, 40)  # a small space, so identities repeat (duplicates)
+                open_conns.append((port, await connect(server, f"service=c&port={port}")))
+            elif action < 0.8:
+                _, conn = open_conns.pop(rng.randrange(len(open_conns)))
+                conn.close()
+            elif action < 0.95:
+                _, conn = open_conns.pop(rng.randrange(len(open_conns)))
+                conn.stream.close()  # vanish: no close frame
+            elif len(frozen) < 3:
+                port = 100 + len(frozen) + len(thawed)
+                proc = provide_process(server.port, "--service", "c", "--port", str(port),
+                                       "--ping-interval", "100")
+                await wait_until(lambda: _present(view, cfg, key(port)), 15)
+                proc.send_signal(signal.SIGSTOP)
+                frozen.append(proc)
+            await asyncio.sleep(rng.uniform(0, 0.05))
+        try:
+            want = {key(port) for port, _ in open_conns}
+            settle = cfg.ping_interval + cfg.ping_timeout + 2
+            await wait_until(lambda: _equals(view, cfg, want), settle, interval=0.1)
+            for _ in range(10):  # and it stays so
+                assert set(await view.records(prefix_of(cfg))) == want
+                await asyncio.sleep(0.1)
+            assert server.registry.records == len(want)
+        finally:
+            for proc in frozen:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+        for _, conn in open_conns:
+            conn.close()
+        await wait_until(lambda: _empty(view, cfg), 2)
+
+
+# --- etcd v3: one lease, O(1) keep-alive ------------------------------------------
+
+
+async def etcd_grpc_calls(url: str) -> int:
+    """Calls etcd itself counted (all gRPC methods, which the JSON gateway goes through)."""
+    r = await AsyncHTTPClient().fetch(url + "/metrics")
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in r.body.decode().splitlines()
+               if line.startswith("grpc_server_started_total{"))
+
+
+async def open_many(server, n: int, service: str):
+    conns = []
+    for start in range(0, n, 100):
+        conns += await asyncio.gather(*(connect(server, f"service={service}&port={p + 1}")
+                                        for p in range(start, min(n, start + 100))))
+    return conns
+
+
+@async_test
+async def test_v3_keep_alive_costs_etcd_o1_requests_for_1000_sockets(private_etcd):
+    cfg = config([private_etcd.url], 3)
+    view = EtcdView(private_etcd.url, 3)
+    async with running(cfg) as server:
+        conns = await open_many(server, 1000, "many")
+        assert len(await view.records(prefix_of(cfg))) == 1000
+        await asyncio.sleep(0.5)  # let the last writes settle before counting
+        before_etcd, before_ours = await etcd_grpc_calls(private_etcd.url), \
+            sum(server.metrics.etcd_requests.values())
+        window = 3 * cfg.timeout / 3  # three keep-alive periods
+        await asyncio.sleep(window)
+        etcd_calls = await etcd_grpc_calls(private_etcd.url) - before_etcd
+        ours = sum(server.metrics.etcd_requests.values()) - before_ours
+        # Per period: one keep-alive and one lease query; nothing per socket.
+        assert ours <= 2 * 4, server.metrics.etcd_requests
+        assert etcd_calls <= 2 * 4
+        assert len(await view.records(prefix_of(cfg))) == 1000
+        for c in conns:
+            c.close()
+        await wait_until(lambda: _empty(view, cfg), 5)
+
+
+@async_test
+async def test_v2_refreshes_are_spread_evenly(etcd):
+    cfg = config([etcd.url], 2)
+    async with running(cfg) as server:
+        conns = await open_many(server, 300, "even")
+        period = cfg.timeout / 3
+        counts = []
+        last = server.metrics.etcd_requests.get(("refresh", "ok"), 0)
+        for _ in range(int(2 * period / 0.25)):
+            await asyncio.sleep(0.25)
+            now = server.metrics.etcd_requests.get(("refresh", "ok"), 0)
+            counts.append(now - last)
+            last = now
+        expected = 300 * 0.25 / period
+        assert sum(counts) >= 300  # every record refreshed at least once in two periods
+        assert max(counts) <= 2.5 * expected, counts  # no burst: not all at once
+        for c in conns:
+            c.close()
+
+
+async def v3_lease_of(url: str, key: str) -> str:
+    _, doc = await EtcdView(url, 3)._fetch("/v3/kv/range", "POST", json.dumps({"key": b64(key)}))
+    return doc["kvs"][0].get("lease", "0")
+
+
+@async_test
+async def test_v3_all_records_share_one_lease_and_survive_its_revocation(etcd):
+    cfg = config([etcd.url], 3)
+    view = EtcdView(etcd.url, 3)
+    async with running(cfg) as server:
+        conns = [await connect(server, f"service=l&port={p}") for p in range(1, 6)]
+        keys = set(await view.records(prefix_of(cfg)))
+        leases = {await v3_lease_of(etcd.url, k) for k in keys}
+        assert len(leases) == 1 and leases != {"0"}
+        (lease,) = leases
+        await view._fetch("/v3/lease/revoke", "POST", json.dumps({"ID": lease}))
+        revoked_at = time.monotonic()
+        assert await view.records(prefix_of(cfg)) == {}
+        await wait_until(lambda: _equals(view, cfg, keys), cfg.timeout, interval=0.05)
+        assert time.monotonic() - revoked_at <= cfg.timeout
+        new_leases = {await v3_lease_of(etcd.url, k) for k in keys}
+        assert len(new_leases) == 1 and lease not in new_leases
+        for c in conns:
+            c.close()
+
+
+@async_test
+async def test_v3_lease_expired_during_a_partition_is_replaced(private_etcd):
+    proxy = TcpProxy(private_etcd.client_port)
+    await proxy.start()
+    cfg = config([proxy.url], 3)
+    view = EtcdView(private_etcd.url, 3)  # the test itself sees etcd directly
+    async with running(cfg) as server:
+        conns = [await connect(server, f"service=p&port={p}") for p in range(1, 11)]
+        keys = set(await view.records(prefix_of(cfg)))
+        assert len(keys) == 10
+        await proxy.cut()
+        await wait_until(lambda: _empty(view, cfg), cfg.timeout + 2, interval=0.1)  # lease expired
+        await proxy.start()
+        healed_at = time.monotonic()
+        await wait_until(lambda: _equals(view, cfg, keys), cfg.timeout, interval=0.05)
+        assert time.monotonic() - healed_at <= cfg.timeout
+        assert all(c.close_code is None for c in conns)
+        for c in conns:
+            c.close()
+        await wait_until(lambda: _empty(view, cfg), 2)
+    await proxy.cut()
+
+
+@async_test
+async def test_v3_keys_are_exactly_the_v2_paths(etcd):
+    """Switching a deployment between versions changes nothing: same key bytes, same value."""
+    seen, raw_keys = {}, set()
+    for version in (2, 3):
+        cfg = config([etcd.url], version, dns_root="skydns.local.")
+        async with running(cfg) as server:
+            a = await connect(server, "service=foo&port=9999&host=127.0.0.1")
+            b = await connect(server, "service=foo&port=9999&host=127.0.0.1&category=a,b")
+            seen[version] = await EtcdView(etcd.url, version).records("/skydns/local/skydns/")
+            if version == 3:
+                _, doc = await EtcdView(etcd.url, 3)._fetch("/v3/kv/range", "POST", json.dumps({
+                    "key": b64("/skydns/local/skydns/"), "range_end": b64("/skydns/local/skydns0")}))
+                raw_keys = {base64.b64decode(kv["key"]) for kv in doc["kvs"]}
+            a.close()
+            b.close()
+    assert raw_keys == {b"/skydns/local/skydns/services/foo/10ec6ea983c7a572acb0a023b9d645f6765c5a68",
+                        b"/skydns/local/skydns/b/a/foo/73ad6a0e4e27bf4d8db84074dac4089990e5c681"}
+    assert seen[2] == seen[3] == {
+        "/skydns/local/skydns/services/foo/10ec6ea983c7a572acb0a023b9d645f6765c5a68":
+            '{"host":"127.0.0.1","port":9999,"priority":1,"weight":100,"ttl":30}',
+        "/skydns/local/skydns/b/a/foo/73ad6a0e4e27bf4d8db84074dac4089990e5c681":
+            '{"host":"127.0.0.1","port":9999,"priority":1,"weight":100,"ttl":30}'}
