@@ -522,7 +522,7 @@ class EtcdClient:
         e = self.endpoints[index]
         ssl_options = None  # https endpoints get TLS settings in a later version
         stream = await self._tcp.connect(e.hostname, e.port or (443 if e.scheme == "https" else 80),
-                                         ssl_options=ssl_options)
+                                         ssl_options=ssl_options, timeout=self.timeout)
         stream.set_nodelay(True)
         return await self._exchange(index, stream, method, path, body, content_type)
 
@@ -659,7 +659,7 @@ class EtcdV3:
         self.ttl = cfg.timeout
         self.period = cfg.timeout / 3
         self.lease = ""  # "" until granted; int64 as a string, as the JSON gateway has it
-        self.granted_at = 0.0  # records stored before this are on a dead lease
+        self.lost_at = 0.0  # when a lease was last found lost: records stored before are gone
         self.last_beat = 0.0
 
     async def _call(self, op: str, path: str, doc: dict) -> dict:
@@ -677,9 +677,8 @@ class EtcdV3:
 
     async def _lease_id(self) -> str:
         if not self.lease:
-            asked = time.monotonic()
             reply = await self._call("lease_grant", "lease/grant", {"TTL": self.ttl})
-            self.lease, self.granted_at, self.last_beat = reply["ID"], asked, asked
+            self.lease, self.last_beat = reply["ID"], time.monotonic()
             log_event(logging.DEBUG, "lease_granted", lease=self.lease, ttl=self.ttl)
         return self.lease
 
@@ -697,7 +696,7 @@ class EtcdV3:
             except EtcdError as e:
                 if "lease not found" not in str(e) or attempt:
                     raise
-                self.lease = ""  # lost: the next attempt grants a new one
+                self._lost()  # the next attempt grants a new one
 
     async def keep_alive(self, due: Sequence["Slot"], slots: Mapping[str, "Slot"],
                          full: bool) -> list["Slot"]:
@@ -707,14 +706,16 @@ class EtcdV3:
             beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": self.lease})
             live = await self._call("lease_ttl", "lease/timetolive", {"ID": self.lease, "keys": True})
             if int(beat.get("TTL", 0)) <= 0 or int(live.get("TTL", -1)) <= 0:
-                log_event(logging.WARNING, "lease_lost", lease=self.lease)
-                self.lease = ""
-                self.granted_at = now
+                self._lost()
             else:
                 present = {base64.b64decode(k).decode() for k in live.get("keys", [])}
                 return [s for s in slots.values()
                         if s.stored and s.stored_at < now and s.key not in present]
-        return [s for s in slots.values() if s.stored and s.stored_at < self.granted_at]
+        return [s for s in slots.values() if s.stored and s.stored_at < self.lost_at]
+
+    def _lost(self) -> None:
+        log_event(logging.WARNING, "lease_lost", lease=self.lease)
+        self.lease, self.lost_at = "", time.monotonic()
 
     async def ping(self) -> None:
         await self.client.ping()
@@ -756,6 +757,12 @@ class Slot:
         self.stored_at = 0.0  # monotonic time the last successful put was sent
         self.busy = False  # a worker has a request for this key in flight
         self.ready: asyncio.Future | None = None  # resolved at the first put: None or an error
+
+    def resolve(self, error: str | None) -> None:
+        """Tell sockets waiting for the first put how it went."""
+        if self.ready is not None:
+            self.ready.set_result(error)
+            self.ready = None
 
     def needs_work(self) -> bool:
         return self.stored is not True if self.holders else self.stored is not False
@@ -860,15 +867,13 @@ class Registry:
                 refused = puts  # retried when the keep-alive ring comes round, not in a loop
                 for s in puts:
                     s.stored = False
-                    if s.ready is not None and not s.ready.done():
-                        s.ready.set_result(str(e))
+                    s.resolve(str(e))
                 for s in deletes:
                     s.stored = False  # nothing more we can do; its TTL or lease takes it
             else:
                 for s in puts:
                     s.stored, s.stored_at = True, sent
-                    if s.ready is not None and not s.ready.done():
-                        s.ready.set_result(None)
+                    s.resolve(None)
                 for s in deletes:
                     s.stored = False
             finally:
@@ -994,6 +999,11 @@ class Registry:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+def _sample(value: float) -> str:
+    """A sample value, exact: counts as integers ('%g' would make 1234567 into 1.23457e+06)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 class Metrics:
     """Counters for /metrics; gauges are read from the server when rendered."""
 
@@ -1018,7 +1028,7 @@ class Metrics:
 
         def family(name: str, kind: str, help_: str, samples: Iterable[tuple[str, float]]) -> None:
             out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n")
-            out.extend(f"{name}{labels} {value:g}\n" for labels, value in samples)
+            out.extend(f"{name}{labels} {_sample(value)}\n" for labels, value in samples)
 
         reg = server.registry
         family("skyapi_connections_open", "gauge", "Websockets holding a registration.",
@@ -1095,6 +1105,8 @@ class ProvideHandler(websocket.WebSocketHandler):
     def open(self) -> None:
         if self.refusal is not None:
             e = self.refusal
+            if e.reason == "shutting_down":  # not the request's fault: 1001 says "try elsewhere"
+                return self._refuse(str(e), e.reason, 1001, "going away")
             return self._refuse(str(e), e.reason, 1008, f"invalid {e.param}"[:100])
         if self.slot is None:
             return  # closed during the handshake
@@ -1166,7 +1178,9 @@ class ReadyHandler(_ServerHandler):
 class ServicesHandler(_ServerHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        self.write(json.dumps([h.describe() for h in self.server.sockets if h.slot], indent=1))
+        live = sorted((h.describe() for h in self.server.sockets if h.slot),
+                      key=lambda d: (d["key"], d["since"]))
+        self.write(json.dumps(live, indent=1))
 
 
 class MetricsHandler(_ServerHandler):
@@ -1250,6 +1264,10 @@ class ProvideGaveUp(Exception):
     """The reconnect attempts ran out."""
 
 
+CHECK_TCP_INTERVAL = 1.0  # seconds between checks that the check_tcp listener accepts
+STABLE = 5.0  # seconds a registration must hold for the backoff to start again from its shortest
+
+
 def provide_url(url: str, params: Mapping[str, Any]) -> str:
     parts = urllib.parse.urlsplit(url if "://" in url else "ws://" + url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
@@ -1278,12 +1296,24 @@ async def _first(*aws: Any) -> None:
 
 
 async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] | None,
-                     ping_interval: float, headers: Mapping[str, str]) -> bool:
-    """One connection, held until it drops, stop is set or check_tcp fails. True if it
-    registered (stayed open past the server's checks)."""
-    conn = await websocket.websocket_connect(
+                     ping_interval: float, headers: Mapping[str, str]) -> tuple[str, float]:
+    """One connection, held until it ends, stop is set or check_tcp's listener goes. Returns
+    how it ended ("stopped", "withdrawn", "dropped" after a registration, "failed" without
+    one) and the seconds it was open. Raises ProvideRefused."""
+    connecting = websocket.websocket_connect(
         HTTPRequest(url, headers=dict(headers), connect_timeout=10, request_timeout=10),
         ping_interval=ping_interval, ping_timeout=ping_interval)
+    await _first(asyncio.shield(connecting), stop.wait())
+    if not connecting.done():  # stopped mid-connect: close the socket if it still opens
+        connecting.add_done_callback(lambda f: f.exception() or f.result().close())
+        return "stopped", 0.0
+    try:
+        conn = connecting.result()
+    except Exception as e:  # refused, reset, timed out, not a websocket (HTTP 404)...
+        log_event(logging.WARNING, "provide_failed", url=url, error=str(e) or type(e).__name__)
+        return "failed", 0.0
+    opened = time.monotonic()
+    log_event(logging.INFO, "provide_connected", url=url)
     error = None
     listener_gone = asyncio.Event()
 
@@ -1298,21 +1328,31 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
 
     async def watch_listener() -> None:
         while check_tcp is not None:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(CHECK_TCP_INTERVAL)
             if not await tcp_accepts(*check_tcp):
                 listener_gone.set()
                 return
         await asyncio.Event().wait()
 
     await _first(read(), stop.wait(), watch_listener())
-    if conn.protocol is not None and conn.close_code is None:
-        conn.close(1000, "stopping" if stop.is_set() else "listener gone")
-        await _first(read(), asyncio.sleep(2))
-    if error and conn.close_code == 1008:
-        raise ProvideRefused(error)
-    if error:
-        log_event(logging.WARNING, "provide_error", error=error, code=conn.close_code)
-    return error is None
+    ended = "stopped" if stop.is_set() else "withdrawn" if listener_gone.is_set() else ""
+    if ended:
+        conn.close(1000, "listener gone" if ended == "withdrawn" else "stopping")
+        await _first(read(), asyncio.sleep(2))  # the server's close frame: the record is gone
+    else:
+        conn.close()  # the server closed, or the stream broke: let go of the protocol
+    held = time.monotonic() - opened
+    if conn.close_code == 1008:  # policy violation: the same request would be refused again
+        raise ProvideRefused(error or f"refused with close code 1008 {conn.close_reason or ''}")
+    if error:  # the server could not register us this time (e.g. etcd refused the record)
+        log_event(logging.WARNING, "provide_failed", url=url, error=error, code=conn.close_code)
+        return "failed", held
+    if ended == "withdrawn":
+        log_event(logging.INFO, "provide_withdrawn", url=url, check_tcp="{}:{}".format(*check_tcp))
+    elif not ended:  # code=none: a reset, or our ping went unanswered (server or path died)
+        log_event(logging.WARNING, "provide_dropped", url=url, seconds=round(held, 3),
+                  code=conn.close_code or "none", reason=conn.close_reason or "")
+    return ended or "dropped", held
 
 
 async def provide(url: str, service: str, port: int, stop: asyncio.Event, *,
@@ -1321,35 +1361,41 @@ async def provide(url: str, service: str, port: int, stop: asyncio.Event, *,
                   prefix: str | None = None, token: str | None = None, reconnect: int = -1,
                   check_tcp: tuple[str, int] | None = None, ping_interval: float = 10.0,
                   backoff_cap: float = 30.0) -> None:
-    """Hold the registration until stop is set. Raises ProvideRefused or ProvideGaveUp."""
+    """Hold the registration until stop is set. After a drop or a failed attempt, reconnect
+    with capped, jittered backoff; more than `reconnect` attempts in a row without a
+    registration (-1: no limit) raise ProvideGaveUp. A refusal raises ProvideRefused.
+    With check_tcp, register only while that host:port accepts TCP connections."""
     url = provide_url(url, {"service": service, "port": port, "host": host,
                             "category": category, "priority": priority, "weight": weight,
                             "prefix": prefix})
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    failures = 0
+    attempts = 0  # reconnect attempts since the last registration
+    step = 0  # backoff exponent: only a registration that held STABLE seconds resets it,
+    #           so a server that accepts and drops at once is not hammered
+    waiting = False
     while not stop.is_set():
         if check_tcp is not None and not await tcp_accepts(*check_tcp):
-            await _first(stop.wait(), asyncio.sleep(1.0))
+            if not waiting:
+                log_event(logging.INFO, "provide_waiting", check_tcp="{}:{}".format(*check_tcp))
+                waiting = True
+            await _first(stop.wait(), asyncio.sleep(CHECK_TCP_INTERVAL))
             continue
-        started = time.monotonic()
-        try:
-            registered = await _hold_once(url, stop, check_tcp, ping_interval, headers)
-        except ProvideRefused:
-            raise
-        except Exception as e:  # connection refused, handshake failed, reset...
-            registered = False
-            log_event(logging.WARNING, "provide_connect_failed", url=url, error=e)
-        else:
-            log_event(logging.INFO, "provide_disconnected", url=url)
-        if stop.is_set():
-            return
-        if registered and time.monotonic() - started > 5:
-            failures = 0
-        failures += 1
-        if 0 <= reconnect < failures:
-            raise ProvideGaveUp(f"gave up after {failures} failed connection(s) to {url}")
-        delay = min(backoff_cap, 0.5 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+        waiting = False
+        ended, held = await _hold_once(url, stop, check_tcp, ping_interval, headers)
+        if ended in ("dropped", "withdrawn"):  # it was registered
+            attempts = 0
+            if held >= STABLE:
+                step = 0
+        if ended in ("stopped", "withdrawn"):
+            continue  # a withdrawal waits for the listener, not for a backoff
+        if 0 <= reconnect <= attempts:
+            raise ProvideGaveUp(f"gave up after {attempts} reconnect attempt(s) to {url}")
+        attempts += 1
+        delay = min(backoff_cap, 0.5 * 2 ** step) * random.uniform(0.5, 1.0)
+        step += 1
+        log_event(logging.INFO, "provide_retry", attempt=attempts, delay=round(delay, 3))
         await _first(stop.wait(), asyncio.sleep(delay))
+    log_event(logging.INFO, "provide_stopped", url=url)
 
 
 def provide_main(argv: Sequence[str]) -> int:
@@ -1358,24 +1404,28 @@ def provide_main(argv: Sequence[str]) -> int:
     p.add_argument("--url", required=True, help="skyapi address, e.g. ws://skyapi:8053")
     p.add_argument("--service", required=True)
     p.add_argument("--port", required=True, type=int)
-    for name in ("host", "category", "prefix", "token"):
-        p.add_argument("--" + name)
+    p.add_argument("--host", help="address to register (default: the address skyapi sees)")
+    p.add_argument("--category", help="comma list of categories (default: the server's)")
+    p.add_argument("--prefix", help="label prepended to the record id, e.g. a datacenter")
+    p.add_argument("--token", help="bearer token, if the server wants one")
     p.add_argument("--priority", type=int)
     p.add_argument("--weight", type=int)
     p.add_argument("--reconnect", type=int, default=-1,
-                   help="reconnect attempts after a drop (-1: forever)")
+                   help="reconnect attempts in a row without registering (-1: forever)")
     p.add_argument("--check-tcp", metavar="HOST:PORT",
                    help="register only while HOST:PORT accepts TCP connections")
-    p.add_argument("--ping-interval", type=float, default=10.0)
+    p.add_argument("--ping-interval", type=float, default=10.0,
+                   help="seconds between pings to the server; one unanswered drops the socket")
     p.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"])
     a = p.parse_args(argv)
     setup_logging(a.log_level)
     check_tcp = None
     if a.check_tcp:
         try:
-            check_tcp = split_host_port(a.check_tcp)
+            check_host, check_port = split_host_port(a.check_tcp)
         except ValueError as e:
             p.error(f"--check-tcp: {e}")
+        check_tcp = (check_host or "localhost", check_port)
 
     async def run() -> int:
         stop = asyncio.Event()
@@ -1476,9 +1526,14 @@ class DevEtcd:
 
 
 def setup_logging(level: str) -> None:
+    # Every part of a line is key=value, so log tools parse it without a pattern of their own.
+    formatter = logging.Formatter("time=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
+                                  "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
     logging.basicConfig(
-        stream=sys.stderr, format="%(asctime)s level=%(levelname)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
+        handlers=[handler],
         level={"warn": logging.WARNING}.get(level, getattr(logging, level.upper())))
     logging.addLevelName(logging.WARNING, "warn")
     for name in ("debug", "info", "error"):
