@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import calendar
 import contextlib
 import functools
 import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +24,8 @@ import time
 import urllib.parse
 
 import pytest
-from tornado import websocket
+from prometheus_client.parser import text_string_to_metric_families
+from tornado import web, websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 import skyapi
@@ -174,11 +177,11 @@ async def refusal(server, query: str) -> tuple[str, int]:
     return message, conn.close_code
 
 
-def provide_process(port: int, *args: str) -> subprocess.Popen:
+def provide_process(port: int, *args: str, stderr=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, os.path.join(HERE, "skyapi.py"), "provide",
          "--url", f"ws://127.0.0.1:{port}", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+        stdout=subprocess.PIPE, stderr=stderr, cwd=HERE)
 
 
 # --- configuration ----------------------------------------------------------
@@ -536,6 +539,224 @@ async def test_frozen_client_loses_its_record_after_a_missed_pong(etcd, version)
             proc.wait()
 
 
+# --- operating it: health, metrics, services, logs, the provide client ---
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}{path}", raise_error=False)
+    return r.code, r.body.decode()
+
+
+async def scrape(port: int) -> dict:
+    """/metrics as parsed by Prometheus's own parser: (sample name, labels) -> value, and
+    the families under ("TYPE", name)."""
+    code, text = await get(port, "/metrics")
+    assert code == 200
+    out = {}
+    for family in text_string_to_metric_families(text):
+        out["TYPE", family.name] = family.type
+        for s in family.samples:
+            out[s.name, frozenset(s.labels.items())] = s.value
+    return out
+
+
+def sample(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+async def mute_peer(port: int, query: str) -> asyncio.StreamWriter:
+    """A websocket peer that completes the handshake, then never reads: it misses every ping."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /provide?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    return writer
+
+
+@async_test
+async def test_healthz_readyz_and_services_list_live_registrations(etcd):
+    cfg = config([etcd.url])
+    async with running(cfg) as server:
+        assert await get(server.port, "/healthz") == (200, "ok\n")
+        assert await get(server.port, "/readyz") == (200, "ok\n")
+        assert json.loads((await get(server.port, "/services"))[1]) == []
+        before = int(time.time())
+        app = await connect(server, "service=web&port=8080&category=prod,eu&host=10.1.2.3"
+                                     "&priority=5&weight=7")
+        db = await connect(server, "service=db&port=5432")
+        code, body = await get(server.port, "/services")
+        listed = json.loads(body)
+        assert code == 200 and [d["service"] for d in listed] == ["web", "db"]  # sorted by key
+        for d in listed:
+            assert before <= calendar.timegm(time.strptime(d.pop("since"), "%Y-%m-%dT%H:%M:%SZ")) \
+                <= time.time()
+        reg = skyapi.Registration("web", ("prod", "eu"), "10.1.2.3", 8080, 5, 7)
+        assert listed[0] == {"service": "web", "categories": ["prod", "eu"], "host": "10.1.2.3",
+                             "port": 8080, "priority": 5, "weight": 7, "peer": "127.0.0.1",
+                             "key": skyapi.record_key(reg, "/skydns", cfg.dns_root)}
+        assert listed[1]["host"] == "127.0.0.1" and listed[1]["categories"] == ["services"]
+        app.close()
+        await wait_until(lambda: _services_are(server.port, ["db"]), 2)
+        db.close()
+        await wait_until(lambda: _services_are(server.port, []), 2)
+
+
+async def _services_are(port, services):
+    return [d["service"] for d in json.loads((await get(port, "/services"))[1])] == services
+
+
+async def _scraped(port, check):
+    return check(await scrape(port))
+
+
+@async_test
+async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage():
+    etcd = skyapi.DevEtcd().start()  # this test's own, to kill
+    try:
+        cfg = config([etcd.url])
+        async with running(cfg) as server:
+            m = await scrape(server.port)
+            assert {name: m["TYPE", name] for name in (
+                "skyapi_connections_open", "skyapi_records", "skyapi_etcd_up")} == dict.fromkeys(
+                ("skyapi_connections_open", "skyapi_records", "skyapi_etcd_up"), "gauge")
+            assert {m["TYPE", name] for name in (  # the parser names a counter without _total
+                "skyapi_refused", "skyapi_dropped_peers", "skyapi_etcd_requests",
+                "skyapi_connections")} == {"counter"}
+            assert m["TYPE", "skyapi_etcd_request_seconds"] == "histogram"
+            assert (sample(m, "skyapi_connections_open"), sample(m, "skyapi_records"),
+                    sample(m, "skyapi_etcd_up")) == (0, 0, 1)
+
+            conns = [await connect(server, f"service=m&port={p}") for p in (1, 2)]
+            m = await scrape(server.port)
+            assert sample(m, "skyapi_connections_open") == 2 and sample(m, "skyapi_records") == 2
+            assert sample(m, "skyapi_connections_total") == 2
+            puts = sample(m, "skyapi_etcd_requests_total", op="put", outcome="ok")
+            assert puts == 2
+            assert sample(m, "skyapi_etcd_request_seconds_count", op="put") == puts
+            assert sample(m, "skyapi_etcd_request_seconds_bucket", op="put", le="+Inf") == puts
+            assert 0 < sample(m, "skyapi_etcd_request_seconds_sum", op="put") < 2 * cfg.etcd_timeout
+
+            await refusal(server, "service=m")  # no port
+            await refusal(server, "service=m&port=0")
+            m = await scrape(server.port)
+            assert sample(m, "skyapi_refused_total", reason="invalid") == 2
+            assert sample(m, "skyapi_connections_open") == 2
+
+            conns.pop().close()
+            await wait_until(lambda: _scraped(server.port, lambda m: (
+                sample(m, "skyapi_connections_open"), sample(m, "skyapi_records")) == (1, 1)), 2)
+
+            mute = await mute_peer(server.port, "service=mute&port=3")
+            await wait_until(lambda: _scraped(server.port, lambda m: sample(
+                m, "skyapi_dropped_peers_total") == 1), cfg.ping_interval + cfg.ping_timeout + 2)
+            mute.close()
+
+            etcd.kill()
+            # The registry learns of the outage from a failed request: this socket's put.
+            conns.append(await connect(server, "service=m&port=4"))
+            m = await scrape(server.port)
+            assert sample(m, "skyapi_etcd_up") == 0
+            assert sample(m, "skyapi_etcd_requests_total", op="put", outcome="unavailable") >= 1
+            assert sample(m, "skyapi_connections_open") == 2 and sample(m, "skyapi_records") == 1
+            code, reason = await get(server.port, "/readyz")
+            assert code == 503 and reason.startswith("etcd unreachable: ")
+            assert await get(server.port, "/healthz") == (200, "ok\n")
+
+            etcd.start()
+            await wait_until(lambda: _scraped(server.port, lambda m: (
+                sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records")) == (1, 2)), cfg.timeout)
+            assert await get(server.port, "/readyz") == (200, "ok\n")
+            m = await scrape(server.port)
+            assert sample(m, "skyapi_etcd_requests_total", op="health", outcome="unavailable") >= 1
+            for c in conns:
+                c.close()
+    finally:
+        etcd.stop()
+
+
+LOG_LINE = re.compile(r'time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=(debug|info|warn|error)'
+                      r'( [a-z_]+=("([^"\\]|\\.)*"|[^\s"]+))+')
+
+
+def log_events(path) -> list[dict]:
+    """Each line of a skyapi log as its key=value pairs (quoted values are JSON strings)."""
+    out = []
+    for line in path.read_text().splitlines():
+        assert LOG_LINE.fullmatch(line), line
+        out.append({k: json.loads(v) if v.startswith('"') else v
+                    for k, v in re.findall(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^\s"]+)', line)})
+    return out
+
+
+def events_named(path, *names) -> list[dict]:
+    return [e for e in log_events(path) if e["event"] in names]
+
+
+async def _logged(path, name, n=1):
+    return len(events_named(path, name)) >= n
+
+
+@async_test
+async def test_logs_are_one_key_value_line_per_event_and_none_per_refresh(tmp_path):
+    etcd = skyapi.DevEtcd().start()
+    port = skyapi.free_port()
+    log = tmp_path / "skyapi.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "skyapi.py"), "--listen-addr", f"127.0.0.1:{port}",
+             "--etcd-api", etcd.url, "--dns-root", unique_root(), "--timeout", "3",
+             "--ping-interval", "1", "--ping-timeout", "1", "--etcd-timeout", "1"],
+            stderr=stderr, cwd=HERE)
+    url = f"ws://127.0.0.1:{port}/provide?"
+    try:
+        await wait_until(lambda: _logged(log, "start"), 15)
+        first = await websocket.websocket_connect(url + "service=logged&port=1")
+        bad = await websocket.websocket_connect(url + "service=logged&port=99999")
+        assert await bad.read_message() == "ERROR: port: '99999' is not an integer in 1-65535"
+        first.close()
+        await wait_until(lambda: _logged(log, "disconnect"), 2)
+        etcd.kill()
+        late = await websocket.websocket_connect(url + "service=logged&port=2")
+        await wait_until(lambda: _logged(log, "connect", 2), 2)
+        etcd.start()
+        await wait_until(lambda: _logged(log, "etcd_outage_ended"), 10)
+
+        lines = len(log_events(log))
+        m = await scrape(port)
+        refreshes = sample(m, "skyapi_etcd_requests_total", op="refresh", outcome="ok")
+        await wait_until(lambda: _scraped(port, lambda m: sample(
+            m, "skyapi_etcd_requests_total", op="refresh", outcome="ok") >= refreshes + 3), 10)
+        assert len(log_events(log)) == lines  # refreshes went on and wrote no line
+
+        late.close()
+        await wait_until(lambda: _logged(log, "disconnect", 2), 2)
+        proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: _exited(proc), 10)
+        assert proc.returncode == 0
+        events = events_named(log, "start", "connect", "refuse", "disconnect",
+                              "etcd_outage_began", "etcd_outage_ended")
+        assert [e["event"] for e in events] == [
+            "start", "connect", "refuse", "disconnect", "etcd_outage_began", "connect",
+            "etcd_outage_ended", "disconnect"]
+        start, connect1, refuse, disconnect1, began, connect2, ended, disconnect2 = events
+        assert start["level"] == "info" and start["port"] == str(port)
+        assert connect1["key"].endswith(skyapi.record_id(
+            skyapi.Registration("logged", ("services",), "127.0.0.1", 1)))
+        assert connect1["peer"] == "127.0.0.1" and connect2["stored"] == "False"
+        assert refuse["reason"] == "invalid" and refuse["error"].startswith("port: ")
+        assert disconnect1["key"] == connect1["key"] and float(disconnect1["seconds"]) >= 0
+        assert float(disconnect2["seconds"]) >= 1  # held across the outage and the refreshes
+        assert began["level"] == ended["level"] == "warn" and float(ended["seconds"]) > 0
+    finally:
+        proc.kill()
+        etcd.stop()
+
+
+async def _exited(proc):
+    return proc.poll() is not None
+
+
 @async_test
 async def test_provide_client_holds_until_sigterm_then_record_goes(etcd):
     cfg = config([etcd.url])
@@ -563,6 +784,164 @@ def test_provide_client_stops_on_a_refusal(etcd):
     proc = asyncio.run(asyncio.wait_for(run(), 30))
     assert proc.returncode == 1
     assert "ERROR: service:" in proc.stderr.read().decode()
+
+
+async def _now(value):
+    return value
+
+
+@async_test
+async def test_provide_in_process_holds_until_the_stop_event(etcd, version):
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        url = f"ws://127.0.0.1:{server.port}"
+        stop = asyncio.Event()
+        held = asyncio.ensure_future(skyapi.provide(url, "inproc", 4242, stop, host="10.0.0.9",
+                                                    category="a,b", priority=3, weight=4))
+        records = await wait_until(lambda: view.records(prefix_of(cfg)), 5)
+        reg = skyapi.Registration("inproc", ("a", "b"), "10.0.0.9", 4242, 3, 4)
+        assert records == {skyapi.record_key(reg, "/skydns", cfg.dns_root):
+                           skyapi.record_value(reg, cfg.dns_ttl)}
+        stop.set()
+        assert await asyncio.wait_for(held, 5) is None
+        await wait_until(lambda: _empty(view, cfg), 0.5)
+
+        with pytest.raises(skyapi.ProvideRefused, match="^ERROR: service: 'no/slash'"):
+            await asyncio.wait_for(skyapi.provide(url, "no/slash", 1, asyncio.Event()), 5)
+        brief = asyncio.ensure_future(skyapi.provide(url, "brief", 1, asyncio.Event(),
+                                                     reconnect=0))
+        await wait_until(lambda: view.records(prefix_of(cfg)), 5)
+    # The server stopped (1001 "going away"): with reconnect=0 the client gives up at once.
+    with pytest.raises(skyapi.ProvideGaveUp, match="after 0 reconnect attempt"):
+        await asyncio.wait_for(brief, 5)
+
+
+@async_test
+async def test_provide_client_reconnects_after_the_server_restarts(etcd):
+    cfg = config([etcd.url], listen_addr=f"127.0.0.1:{skyapi.free_port()}")
+    view = EtcdView(etcd.url, 2)
+    proc = None
+    try:
+        async with running(cfg) as server:
+            proc = provide_process(server.port, "--service", "phoenix", "--port", "1")
+            records = await wait_until(lambda: view.records(prefix_of(cfg)), 15)
+        assert await view.records(prefix_of(cfg)) == {}  # the stopping server deleted it
+        async with running(cfg):  # the same port
+            assert await wait_until(lambda: view.records(prefix_of(cfg)), 15) == records
+            proc.send_signal(signal.SIGTERM)
+            await wait_until(lambda: _exited(proc), 5)
+        assert proc.returncode == 0
+        err = proc.stderr.read().decode()
+        assert 'event=provide_dropped' in err and 'code=1001 reason="going away"' in err
+        assert err.count("event=provide_connected") == 2
+    finally:
+        if proc is not None:
+            proc.kill()
+
+
+def test_provide_reconnect_n_means_n_reconnect_attempts():
+    nobody = skyapi.free_port()  # nothing listens here
+    proc = provide_process(nobody, "--service", "lonely", "--port", "1", "--reconnect", "2")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    err = err.decode()
+    assert err.count("event=provide_failed") == 3  # the first attempt and two more
+    delays = [float(d) for d in re.findall(r"event=provide_retry attempt=\d delay=(\S+)", err)]
+    assert len(delays) == 2  # jittered (half to full) and doubling
+    assert 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0
+    assert err.rstrip().endswith(f"skyapi provide: gave up after 2 reconnect attempt(s) to "
+                                 f"ws://127.0.0.1:{nobody}/provide?service=lonely&port=1")
+
+
+@async_test
+async def test_provide_check_tcp_registers_only_while_the_listener_accepts(etcd, tmp_path):
+    cfg = config([etcd.url])
+    view = EtcdView(etcd.url, 2)
+    app_port = skyapi.free_port()
+    log = tmp_path / "provide.log"
+    async with running(cfg) as server:
+        with open(log, "wb") as stderr:
+            proc = provide_process(server.port, "--service", "app", "--port", str(app_port),
+                                   "--check-tcp", f"127.0.0.1:{app_port}", stderr=stderr)
+        try:
+            await wait_until(lambda: _logged(log, "provide_waiting"), 15)
+            assert await view.records(prefix_of(cfg)) == {}
+            for _ in range(2):  # the application comes and goes, twice
+                listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", app_port)
+                await wait_until(lambda: view.records(prefix_of(cfg)), 5)
+                listener.close()
+                await listener.wait_closed()
+                await wait_until(lambda: _empty(view, cfg), 5)
+            assert len(events_named(log, "provide_withdrawn")) == 2
+            assert not events_named(log, "provide_retry")  # a withdrawal is not a failure
+            proc.send_signal(signal.SIGTERM)
+            await wait_until(lambda: _exited(proc), 5)
+            assert proc.returncode == 0
+        finally:
+            proc.kill()
+
+
+class PingCounter(websocket.WebSocketHandler):
+    """A bare websocket server, as the Go original is: counts what the client does."""
+
+    def initialize(self, seen):
+        self.seen = seen
+
+    def open(self):
+        self.seen["opened"] += 1
+        self.seen["query"] = {k: self.get_query_argument(k) for k in self.request.query_arguments}
+
+    def on_message(self, message):
+        self.seen["messages"] += 1
+
+    def on_ping(self, data):
+        self.seen["pings"] += 1
+
+    def on_pong(self, data):
+        self.seen["pongs"] += 1
+
+    def on_close(self):
+        self.seen["close_code"] = self.close_code
+
+
+@async_test
+async def test_provide_client_sends_pings_answers_pings_and_needs_only_the_query():
+    seen = dict.fromkeys(("opened", "messages", "pings", "pongs"), 0)
+    port = skyapi.free_port()
+    http = web.Application([("/provide", PingCounter, {"seen": seen})],
+                           websocket_ping_interval=0.2, websocket_ping_timeout=0.1
+                           ).listen(port, "127.0.0.1")
+    try:
+        stop = asyncio.Event()
+        held = asyncio.ensure_future(
+            skyapi.provide(f"127.0.0.1:{port}", "go", 7, stop, ping_interval=0.2))
+        await wait_until(lambda: _now(seen["pings"] >= 5 and seen["pongs"] >= 5), 10)
+        assert seen["opened"] == 1 and seen["messages"] == 0  # never dropped, never talked
+        assert seen["query"] == {"service": "go", "port": "7"}
+        stop.set()
+        await asyncio.wait_for(held, 5)
+        assert seen["close_code"] == 1000
+    finally:
+        http.stop()
+
+
+@async_test
+async def test_provide_client_keeps_its_registration_across_server_pings(etcd):
+    cfg = config([etcd.url], ping_interval=0.2, ping_timeout=0.1)
+    view = EtcdView(etcd.url, 2)
+    async with running(cfg) as server:
+        proc = provide_process(server.port, "--service", "pinged", "--port", "1")
+        try:
+            await wait_until(lambda: view.records(prefix_of(cfg)), 15)
+            deadline = time.monotonic() + 15 * cfg.ping_interval
+            while time.monotonic() < deadline:
+                assert len(await view.records(prefix_of(cfg))) == 1
+                await asyncio.sleep(0.05)
+            assert len(server.sockets) == 1 and server.metrics.connections_total == 1
+            assert server.metrics.dropped_peers == 0
+        finally:
+            proc.kill()
 
 
 def test_dev_mode_starts_its_own_etcd_and_serves():
