@@ -417,9 +417,17 @@ def record_key(reg: Registration, etcd_prefix: str, dns_root: str) -> str:
     return etcd_prefix + "/" + "/".join(labels)
 
 
-def record_value(reg: Registration, dns_ttl: int) -> str:
+def record_value(reg: Registration, dns_ttl: int, owner: str) -> str:
+    """The SkyDNS JSON, plus the skyapi instance that wrote it: SkyDNS and CoreDNS ignore
+    the owner field; skyapi instances use it never to delete or refresh another's record."""
     return json.dumps({"host": reg.host, "port": reg.port, "priority": reg.priority,
-                       "weight": reg.weight, "ttl": dns_ttl}, separators=(",", ":"))
+                       "weight": reg.weight, "ttl": dns_ttl, "owner": owner},
+                      separators=(",", ":"))
+
+
+def instance_name() -> str:
+    """This process's owner name: unique per process, readable in etcd."""
+    return f"{socket.gethostname()}-{os.getpid()}-{random.getrandbits(32):08x}"
 
 
 def root_dir(cfg: Any) -> str:
@@ -436,10 +444,17 @@ def root_dir(cfg: Any) -> str:
 # backends give the registry the same small interface:
 #
 #   batch_limit                  how many record writes one apply() may carry
-#   apply(puts, deletes)         write and delete records
+#   apply(puts, deletes)         write and delete the slots' records
 #   keep_alive(due, slots, full) keep records from expiring; return the slots
-#                                found missing (they are put again)
+#                                whose record is gone or is no longer ours
 #   ping(), close()              health; give everything up on shutdown
+#
+# Several skyapi instances may hold the same record (a client that moved from
+# one to another). So a new socket's put is unconditional (the newest socket
+# is the truth), but refreshes and deletes only touch a record this instance
+# still owns (v2: the value, which names its owner; v3: the key's lease), and
+# a record found lost is claimed back only if absent (slot.claim). A record
+# another instance owns is "foreign": never deleted, checked once a period.
 #
 # EtcdUnavailable means no endpoint answered: the registry treats it as an
 # outage and retries. EtcdError means etcd answered no.
@@ -575,9 +590,9 @@ def _etcd_v2_error(data: bytes) -> tuple[int, str]:
 class EtcdV2:
     """SkyDNS's layout on the v2 keys API: one key per record, each with its own TTL.
 
-    Keep-alive refreshes each key with refresh=true&prevExist=true, so watchers
-    see no event and a key that has gone is never recreated by a refresh (the
-    registry writes it again in full instead)."""
+    Keep-alive refreshes each key with refresh=true&prevValue=<ours>, so watchers
+    see no event, and a key that has gone or changed hands is never recreated or
+    extended by a refresh (the registry claims it again instead)."""
 
     batch_limit = 1
 
@@ -586,52 +601,61 @@ class EtcdV2:
         self.ttl = cfg.timeout
         self.keep_dir = root_dir(cfg)
 
-    async def _form(self, op: str, method: str, key: str, query: str = "",
+    async def _form(self, op: str, method: str, key: str, query: Mapping[str, str] = {},
                     **fields: Any) -> tuple[int, int, str]:
         body = urllib.parse.urlencode(fields).encode()
-        path = "/v2/keys" + urllib.parse.quote(key) + query
+        path = "/v2/keys" + urllib.parse.quote(key)
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
         code, data = await self.client.request(op, method, path, body,
                                                "application/x-www-form-urlencoded")
         return (code, 0, "") if code < 300 else (code, *_etcd_v2_error(data))
 
-    async def apply(self, puts: Sequence[tuple[str, str]], deletes: Sequence[str]) -> None:
-        for key, value in puts:
-            code, err, message = await self._form("put", "PUT", key, value=value, ttl=self.ttl)
-            if code >= 300:
-                raise EtcdError(f"put {key}: {message} (etcd error {err})")
-        for key in deletes:
-            await self._delete(key)
+    async def apply(self, puts: Sequence["Slot"], deletes: Sequence["Slot"]) -> None:
+        for slot in puts:
+            claim = {"prevExist": "false"} if slot.claim else {}
+            code, err, message = await self._form("put", "PUT", slot.key, value=slot.value,
+                                                  ttl=self.ttl, **claim)
+            slot.foreign = slot.claim and err == 105  # 105: exists, another instance's
+            if code >= 300 and not slot.foreign:
+                raise EtcdError(f"put {slot.key}: {message} (etcd error {err})")
+        for slot in deletes:
+            if not slot.foreign:
+                await self._delete(slot.key, slot.value)
 
-    async def _delete(self, key: str) -> None:
-        code, err, message = await self._form("delete", "DELETE", key)
-        if code >= 300 and err != 100:  # 100: already gone, which is what we wanted
+    async def _delete(self, key: str, value: str) -> None:
+        code, err, message = await self._form("delete", "DELETE", key, {"prevValue": value})
+        if code >= 300 and err not in (100, 101):  # gone, or another instance's now: leave it
             raise EtcdError(f"delete {key}: {message} (etcd error {err})")
         # Prune directories the delete left empty, so DNS says NXDOMAIN, not an empty answer.
         # dir=true deletes only an empty directory, so a record put meanwhile is safe.
         directory = key.rsplit("/", 1)[0]
         while directory.startswith(self.keep_dir + "/"):
-            code, err, _ = await self._form("prune", "DELETE", directory, "?dir=true")
+            code, err, _ = await self._form("prune", "DELETE", directory, {"dir": "true"})
             if code >= 300:
                 break  # 108: not empty (others still live here); 100: someone pruned it
             directory = directory.rsplit("/", 1)[0]
 
     async def keep_alive(self, due: Sequence["Slot"], slots: Mapping[str, "Slot"],
                          full: bool) -> list["Slot"]:
-        results = await asyncio.gather(*(self._refresh(s.key) for s in due),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self._refresh(s) for s in due), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return [s for s, present in zip(due, results) if not present]
+        return [s for s, ours in zip(due, results) if not ours]
 
-    async def _refresh(self, key: str) -> bool:
-        code, err, message = await self._form("refresh", "PUT", key, ttl=self.ttl,
-                                              refresh="true", prevExist="true")
+    async def _refresh(self, slot: "Slot") -> bool:
+        """Extend our record's TTL. False if it is gone or not ours (a foreign record is
+        never refreshed: False sends it to a claim, which takes it only if absent)."""
+        if slot.foreign:
+            return False
+        code, err, message = await self._form("refresh", "PUT", slot.key, ttl=self.ttl,
+                                              refresh="true", prevValue=slot.value)
         if code < 300:
             return True
-        if err == 100:
+        if err in (100, 101):  # gone; or changed: another instance owns it now
             return False
-        raise EtcdError(f"refresh {key}: {message} (etcd error {err})")
+        raise EtcdError(f"refresh {slot.key}: {message} (etcd error {err})")
 
     async def ping(self) -> None:
         await self.client.ping()
@@ -661,6 +685,7 @@ class EtcdV3:
         self.lease = ""  # "" until granted; int64 as a string, as the JSON gateway has it
         self.lost_at = 0.0  # when a lease was last found lost: records stored before are gone
         self.last_beat = 0.0
+        self._granting = asyncio.Lock()  # workers put concurrently; one lease for all of them
 
     async def _call(self, op: str, path: str, doc: dict) -> dict:
         code, data = await self.client.request(op, "POST", "/v3/" + path, json.dumps(doc).encode())
@@ -676,46 +701,56 @@ class EtcdV3:
         return reply.get("result", reply)
 
     async def _lease_id(self) -> str:
-        if not self.lease:
-            reply = await self._call("lease_grant", "lease/grant", {"TTL": self.ttl})
-            self.lease, self.last_beat = reply["ID"], time.monotonic()
-            log_event(logging.DEBUG, "lease_granted", lease=self.lease, ttl=self.ttl)
+        async with self._granting:
+            if not self.lease:
+                reply = await self._call("lease_grant", "lease/grant", {"TTL": self.ttl})
+                self.lease, self.last_beat = reply["ID"], time.monotonic()
+                log_event(logging.DEBUG, "lease_granted", lease=self.lease, ttl=self.ttl)
         return self.lease
 
-    async def apply(self, puts: Sequence[tuple[str, str]], deletes: Sequence[str]) -> None:
+    async def apply(self, puts: Sequence["Slot"], deletes: Sequence["Slot"]) -> None:
+        # Nothing of ours is on etcd without a lease: then there is nothing to delete.
+        deletes = [s for s in deletes if not s.foreign] if self.lease else []
         for attempt in range(2):
+            lease = await self._lease_id() if puts else self.lease
             ops = []
-            if puts:
-                lease = await self._lease_id()
-                ops = [{"request_put": {"key": _b64(k), "value": _b64(v), "lease": lease}}
-                       for k, v in puts]
-            ops += [{"request_delete_range": {"key": _b64(k)}} for k in deletes]
-            try:
-                await self._call("txn", "kv/txn", {"success": ops})
+            for s in puts:
+                put = {"request_put": {"key": _b64(s.key), "value": _b64(s.value), "lease": lease}}
+                ops.append(_if(s.key, "VERSION", "version", "0", put) if s.claim else put)
+            ops += [_if(s.key, "LEASE", "lease", lease, {"request_delete_range": {"key": _b64(s.key)}})
+                    for s in deletes]
+            if not ops:
                 return
+            try:
+                reply = await self._call("txn", "kv/txn", {"success": ops})
+                break
             except EtcdError as e:
                 if "lease not found" not in str(e) or attempt:
                     raise
-                self._lost()  # the next attempt grants a new one
+                self._lost(lease)  # the next attempt grants a new one
+        for s, r in zip(puts, reply.get("responses", [])):
+            s.foreign = s.claim and not r.get("response_txn", {}).get("succeeded", False)
 
     async def keep_alive(self, due: Sequence["Slot"], slots: Mapping[str, "Slot"],
                          full: bool) -> list["Slot"]:
         now = time.monotonic()
-        if self.lease and (full or now - self.last_beat >= self.period):
+        lease = self.lease
+        if lease and (full or now - self.last_beat >= self.period):
             self.last_beat = now
-            beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": self.lease})
-            live = await self._call("lease_ttl", "lease/timetolive", {"ID": self.lease, "keys": True})
+            beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": lease})
+            live = await self._call("lease_ttl", "lease/timetolive", {"ID": lease, "keys": True})
             if int(beat.get("TTL", 0)) <= 0 or int(live.get("TTL", -1)) <= 0:
-                self._lost()
+                self._lost(lease)
             else:
-                present = {base64.b64decode(k).decode() for k in live.get("keys", [])}
+                ours = {base64.b64decode(k).decode() for k in live.get("keys", [])}
                 return [s for s in slots.values()
-                        if s.stored and s.stored_at < now and s.key not in present]
+                        if s.stored and s.stored_at < now and (s.foreign or s.key not in ours)]
         return [s for s in slots.values() if s.stored and s.stored_at < self.lost_at]
 
-    def _lost(self) -> None:
-        log_event(logging.WARNING, "lease_lost", lease=self.lease)
-        self.lease, self.lost_at = "", time.monotonic()
+    def _lost(self, lease: str) -> None:
+        if lease == self.lease:  # not a lease another task has already replaced
+            log_event(logging.WARNING, "lease_lost", lease=lease)
+            self.lease, self.lost_at = "", time.monotonic()
 
     async def ping(self) -> None:
         await self.client.ping()
@@ -724,6 +759,12 @@ class EtcdV3:
         if self.lease:
             await self._call("lease_revoke", "lease/revoke", {"ID": self.lease})
             self.lease = ""
+
+
+def _if(key: str, target: str, field: str, value: str, op: dict) -> dict:
+    """A nested transaction: op only if the key's target equals value (per key, in a batch)."""
+    return {"request_txn": {"compare": [{"target": target, "key": _b64(key), field: value,
+                                         "result": "EQUAL"}], "success": [op]}}
 
 
 def make_backend(cfg: Any, on_request: Callable[[str, str, float], None]) -> EtcdV2 | EtcdV3:
@@ -747,7 +788,8 @@ def make_backend(cfg: Any, on_request: Callable[[str, str, float], None]) -> Etc
 class Slot:
     """One record in etcd and the sockets that hold it."""
 
-    __slots__ = ("key", "value", "holders", "stored", "stored_at", "busy", "ready")
+    __slots__ = ("key", "value", "holders", "stored", "stored_at", "busy", "ready", "claim",
+                 "foreign")
 
     def __init__(self, key: str, value: str):
         self.key = key
@@ -757,6 +799,8 @@ class Slot:
         self.stored_at = 0.0  # monotonic time the last successful put was sent
         self.busy = False  # a worker has a request for this key in flight
         self.ready: asyncio.Future | None = None  # resolved at the first put: None or an error
+        self.claim = False  # found lost: the next put takes the key only if it is absent
+        self.foreign = False  # in etcd, but another instance's: not refreshed, not deleted
 
     def resolve(self, error: str | None) -> None:
         """Tell sockets waiting for the first put how it went."""
@@ -819,7 +863,8 @@ class Registry:
 
     @property
     def records(self) -> int:
-        return sum(1 for s in self.slots.values() if s.holders and s.stored)
+        """Records this instance holds in etcd (not counting ones another instance owns)."""
+        return sum(1 for s in self.slots.values() if s.holders and s.stored and not s.foreign)
 
     # -- reconciling -------------------------------------------------------------
 
@@ -857,7 +902,7 @@ class Registry:
             sent = time.monotonic()
             refused: list[Slot] = []
             try:
-                await self.backend.apply([(s.key, s.value) for s in puts], [s.key for s in deletes])
+                await self.backend.apply(puts, deletes)
             except EtcdUnavailable as e:
                 for s in batch:
                     s.stored = None
@@ -872,10 +917,10 @@ class Registry:
                     s.stored = False  # nothing more we can do; its TTL or lease takes it
             else:
                 for s in puts:
-                    s.stored, s.stored_at = True, sent
+                    s.stored, s.stored_at, s.claim = True, sent, False
                     s.resolve(None)
                 for s in deletes:
-                    s.stored = False
+                    s.stored = s.foreign = False
             finally:
                 for s in batch:
                     s.busy = False
@@ -923,8 +968,9 @@ class Registry:
                 continue
             for slot in lost:
                 if slot.holders and slot.stored and not slot.busy and self.slots.get(slot.key) is slot:
-                    log_event(logging.INFO, "record_restored", key=slot.key)
-                    slot.stored = False
+                    if not slot.foreign:
+                        log_event(logging.INFO, "record_lost", key=slot.key)
+                    slot.stored, slot.claim = False, True
                     self._mark(slot)
 
     # -- outages ---------------------------------------------------------------
@@ -1098,7 +1144,7 @@ class ProvideHandler(websocket.WebSocketHandler):
             self.refusal = e  # said after the handshake, where the client can read it
             return
         key = record_key(self.reg, cfg.etcd_prefix, cfg.dns_root)
-        self.slot = registry.hold(key, record_value(self.reg, cfg.dns_ttl))
+        self.slot = registry.hold(key, record_value(self.reg, cfg.dns_ttl, self.server.owner))
         self.since = time.time()
         self.etcd_error = await registry.wait_stored(self.slot, cfg.etcd_timeout)
 
@@ -1204,6 +1250,7 @@ class Skyapi:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        self.owner = instance_name()
         self.metrics = Metrics()
         self.registry = Registry(make_backend(cfg, self.metrics.on_etcd_request), cfg)
         self.sockets: set[ProvideHandler] = set()
@@ -1227,7 +1274,7 @@ class Skyapi:
         self._http = HTTPServer(self.application())
         self._http.add_sockets(sockets)
         await self.registry.start()
-        log_event(logging.INFO, "start", listen=self.cfg.listen_addr, port=self.port,
+        log_event(logging.INFO, "start", owner=self.owner, listen=self.cfg.listen_addr, port=self.port,
                   etcd=",".join(self.cfg.etcd_api), etcd_version=self.cfg.etcd_version,
                   dns_root=self.cfg.dns_root)
 
