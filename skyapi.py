@@ -1392,7 +1392,8 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
     if conn.close_code == 1008:  # policy violation: the same request would be refused again
         raise ProvideRefused(error or f"refused with close code 1008 {conn.close_reason or ''}")
     if error:  # the server could not register us this time (e.g. etcd refused the record)
-        log_event(logging.WARNING, "provide_failed", url=url, error=error, code=conn.close_code)
+        log_event(logging.WARNING, "provide_failed", url=url, error=error,
+                  code=conn.close_code or "none")
         return "failed", held
     if ended == "withdrawn":
         log_event(logging.INFO, "provide_withdrawn", url=url, check_tcp="{}:{}".format(*check_tcp))
