@@ -1149,6 +1149,10 @@ class ProvideHandler(websocket.WebSocketHandler):
         self.etcd_error = await registry.wait_stored(self.slot, cfg.etcd_timeout)
 
     def open(self) -> None:
+        if self.refusal is None and self.server.registry.closing:
+            # stop() began during the handshake and has deleted every record: go with the rest.
+            self.slot = None
+            self.refusal = Refusal("server", "is shutting down", "shutting_down")
         if self.refusal is not None:
             e = self.refusal
             if e.reason == "shutting_down":  # not the request's fault: 1001 says "try elsewhere"

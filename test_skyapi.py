@@ -884,6 +884,25 @@ async def test_provide_check_tcp_registers_only_while_the_listener_accepts(etcd,
             proc.kill()
 
 
+@async_test
+async def test_a_handshake_that_completes_during_shutdown_is_closed_going_away():
+    etcd = skyapi.DevEtcd().start()  # this test's own, to kill
+    try:
+        server = skyapi.Skyapi(config([etcd.url]))
+        await server.start()
+        etcd.kill()  # the handshake now waits etcd_timeout for its record
+        pending = asyncio.ensure_future(connect(server, "service=late&port=1"))
+        await wait_until(lambda: _now(server.registry.slots), 2)
+        await server.stop(grace=1)
+        conn = await asyncio.wait_for(pending, 5)
+        assert await asyncio.wait_for(conn.read_message(), 5) == "ERROR: server: is shutting down"
+        assert await asyncio.wait_for(conn.read_message(), 5) is None
+        assert (conn.close_code, conn.close_reason) == (1001, "going away")
+        assert not server.sockets
+    finally:
+        etcd.stop()
+
+
 class PingCounter(websocket.WebSocketHandler):
     """A bare websocket server, as the Go original is: counts what the client does."""
 
