@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,12 @@ def _categories(v: str) -> str:
     return v.lower()
 
 
+def _advertised(v: str) -> str:
+    if v:
+        split_advertised(v)
+    return v
+
+
 def _etcd_prefix(v: str) -> str:
     parts = v.strip("/").split("/")
     if not v.startswith("/") or not all(LABEL.fullmatch(p) for p in parts):
@@ -167,6 +174,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("etcd_timeout", 5.0, float, "seconds one etcd request may take before failing over",
             _at_least(0.1)),
     Setting("etcd_concurrency", 16, int, "most etcd requests in flight at once", _at_least(1)),
+    Setting("self_register", "", str, "register this skyapi as service 'skyapi' at this "
+            "host[:port] (port: the listening one), so clients find every instance by SRV",
+            _advertised),
     Setting("dev", False, bool, "start a throwaway etcd child (from PATH) and use it"),
 )
 
@@ -1239,6 +1249,16 @@ class MetricsHandler(_ServerHandler):
         self.write(self.server.metrics.render(self.server))
 
 
+def split_advertised(addr: str) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]:port' or a bare IPv6 address, as (host, port or 0)."""
+    bare = canonical_ip(addr.strip("[]"))
+    host, port = (bare, 0) if bare else split_host_port(addr) if ":" in addr else (addr, 0)
+    checked = check_host(host, "")
+    if not checked:  # empty or unspecified: nothing others could connect to
+        raise ValueError(f"{addr!r} is not a host[:port] others can connect to")
+    return checked, port
+
+
 def split_host_port(addr: str) -> tuple[str, int]:
     """'host:port', ':port' or '[v6]:port' as (host, port); raises ValueError."""
     host, sep, port = addr.rpartition(":")
@@ -1278,9 +1298,23 @@ class Skyapi:
         self._http = HTTPServer(self.application())
         self._http.add_sockets(sockets)
         await self.registry.start()
+        if self.cfg.self_register:
+            await self._register_self()
         log_event(logging.INFO, "start", owner=self.owner, listen=self.cfg.listen_addr, port=self.port,
                   etcd=",".join(self.cfg.etcd_api), etcd_version=self.cfg.etcd_version,
                   dns_root=self.cfg.dns_root)
+
+    async def _register_self(self) -> None:
+        """Held like a client's record, for as long as this process serves (SPEC-style SRV:
+        skyapi.<default_category>.<dns_root> lists every live instance)."""
+        host, port = split_advertised(self.cfg.self_register)
+        reg = Registration("skyapi", tuple(self.cfg.default_category.split(",")), host,
+                           port or self.port)
+        key = record_key(reg, self.cfg.etcd_prefix, self.cfg.dns_root)
+        slot = self.registry.hold(key, record_value(reg, self.cfg.dns_ttl, self.owner))
+        await self.registry.wait_stored(slot, self.cfg.etcd_timeout)  # started: findable
+        log_event(logging.INFO, "self_register", key=key, host=reg.host, port=reg.port,
+                  stored=bool(slot.stored))
 
     async def stop(self, grace: float = 4.0) -> None:
         """Stop accepting, delete every record, then close every socket with 1001."""
@@ -1407,19 +1441,102 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
     return ended or "dropped", held
 
 
+def _dns_name(msg: bytes, offset: int) -> tuple[str, int]:
+    """A possibly compressed name at offset, and the offset after it (RFC 1035 4.1.4)."""
+    labels, end = [], None
+    for _ in range(128):  # a bound, so a pointer loop in a hostile reply cannot hang us
+        n = msg[offset]
+        if n >= 0xC0:
+            end = offset + 2 if end is None else end
+            offset = ((n & 0x3F) << 8) | msg[offset + 1]
+            continue
+        if n == 0:
+            return ".".join(labels), offset + 1 if end is None else end
+        labels.append(msg[offset + 1:offset + 1 + n].decode("ascii", "replace"))
+        offset += 1 + n
+    raise ValueError("DNS name too long")
+
+
+def parse_srv_reply(msg: bytes, query_id: int) -> list[tuple[int, int, str, int]]:
+    """(priority, weight, host, port) of each SRV answer; host is the target's address
+    from the additional section where the server sent one (SkyDNS and CoreDNS do)."""
+    qid, flags, questions, *counts = struct.unpack(">HHHHHH", msg[:12])
+    if qid != query_id or flags & 0x000F:
+        return []
+    offset = 12
+    for _ in range(questions):
+        offset = _dns_name(msg, offset)[1] + 4
+    found, addresses = [], {}
+    for _ in range(sum(counts)):
+        name, offset = _dns_name(msg, offset)
+        rtype, _, _, length = struct.unpack(">HHIH", msg[offset:offset + 10])
+        data, offset = offset + 10, offset + 10 + length
+        if rtype == 33:
+            priority, weight, port = struct.unpack(">HHH", msg[data:data + 6])
+            found.append((priority, weight, _dns_name(msg, data + 6)[0], port))
+        elif (rtype, length) in ((1, 4), (28, 16)):
+            family = socket.AF_INET if rtype == 1 else socket.AF_INET6
+            addresses[name.lower()] = socket.inet_ntop(family, msg[data:offset])
+    return [(p, w, addresses.get(t.lower(), t), port) for p, w, t, port in found]
+
+
+def system_dns_server() -> tuple[str, int]:
+    try:
+        with open("/etc/resolv.conf") as f:
+            for line in f:
+                if line.split()[:1] == ["nameserver"]:
+                    return line.split()[1], 53
+    except OSError:
+        pass
+    return "127.0.0.1", 53
+
+
+async def resolve_srv(name: str, server: tuple[str, int],
+                      timeout: float = 2.0) -> list[tuple[int, int, str, int]]:
+    query_id = random.getrandbits(16)
+    question = b"".join(bytes([len(x)]) + x.encode() for x in name.strip(".").split(".")) + b"\0"
+    query = struct.pack(">HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + question + b"\0\x21\0\x01"
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect(server)
+        await loop.sock_sendall(sock, query)
+        return parse_srv_reply(await asyncio.wait_for(loop.sock_recv(sock, 65535), timeout),
+                               query_id)
+
+
+def pick_srv(records: Sequence[tuple[int, int, str, int]]) -> tuple[str, int]:
+    """RFC 2782: the lowest priority, then at random by weight."""
+    best = min(r[0] for r in records)
+    candidates = [r for r in records if r[0] == best]
+    _, _, host, port = random.choices(candidates, [r[1] + 0.01 for r in candidates])[0]
+    return host, port
+
+
+async def server_url(url: str, dns_server: tuple[str, int] | None) -> str:
+    """url itself, or for srv://NAME one live skyapi found by an SRV lookup of NAME (each
+    instance registers itself with self_register), looked up again at every attempt."""
+    if not url.startswith("srv://"):
+        return url
+    host, port = pick_srv(await resolve_srv(url[6:], dns_server or system_dns_server()))
+    return f"ws://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
 async def provide(url: str, service: str, port: int, stop: asyncio.Event, *,
                   host: str | None = None, category: str | None = None,
                   priority: int | None = None, weight: int | None = None,
                   prefix: str | None = None, token: str | None = None, reconnect: int = -1,
                   check_tcp: tuple[str, int] | None = None, ping_interval: float = 10.0,
-                  backoff_cap: float = 30.0) -> None:
+                  backoff_cap: float = 30.0, dns_server: tuple[str, int] | None = None) -> None:
     """Hold the registration until stop is set. After a drop or a failed attempt, reconnect
     with capped, jittered backoff; more than `reconnect` attempts in a row without a
     registration (-1: no limit) raise ProvideGaveUp. A refusal raises ProvideRefused.
-    With check_tcp, register only while that host:port accepts TCP connections."""
-    url = provide_url(url, {"service": service, "port": port, "host": host,
-                            "category": category, "priority": priority, "weight": weight,
-                            "prefix": prefix})
+    With check_tcp, register only while that host:port accepts TCP connections. url may be
+    srv://NAME: every attempt then connects to an instance an SRV lookup of NAME gives."""
+    params = {"service": service, "port": port, "host": host, "category": category,
+              "priority": priority, "weight": weight, "prefix": prefix}
+    target = url  # the last URL tried (for srv:// the instance it led to)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     attempts = 0  # reconnect attempts since the last registration
     step = 0  # backoff exponent: only a registration that held STABLE seconds resets it,
@@ -1433,7 +1550,13 @@ async def provide(url: str, service: str, port: int, stop: asyncio.Event, *,
             await _first(stop.wait(), asyncio.sleep(CHECK_TCP_INTERVAL))
             continue
         waiting = False
-        ended, held = await _hold_once(url, stop, check_tcp, ping_interval, headers)
+        try:
+            target = provide_url(await server_url(url, dns_server), params)
+        except (OSError, ValueError, IndexError, asyncio.TimeoutError) as e:  # no answer, none
+            log_event(logging.WARNING, "provide_no_server", url=url, error=str(e) or type(e).__name__)
+            ended, held = "failed", 0.0
+        else:
+            ended, held = await _hold_once(target, stop, check_tcp, ping_interval, headers)
         if ended in ("dropped", "withdrawn"):  # it was registered
             attempts = 0
             if held >= STABLE:
@@ -1441,7 +1564,7 @@ async def provide(url: str, service: str, port: int, stop: asyncio.Event, *,
         if ended in ("stopped", "withdrawn"):
             continue  # a withdrawal waits for the listener, not for a backoff
         if 0 <= reconnect <= attempts:
-            raise ProvideGaveUp(f"gave up after {attempts} reconnect attempt(s) to {url}")
+            raise ProvideGaveUp(f"gave up after {attempts} reconnect attempt(s) to {target}")
         attempts += 1
         delay = min(backoff_cap, 0.5 * 2 ** step) * random.uniform(0.5, 1.0)
         step += 1
@@ -1453,7 +1576,10 @@ async def provide(url: str, service: str, port: int, stop: asyncio.Event, *,
 def provide_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="skyapi.py provide",
                                 description="Register this process with skyapi until stopped.")
-    p.add_argument("--url", required=True, help="skyapi address, e.g. ws://skyapi:8053")
+    p.add_argument("--url", required=True, help="skyapi address, e.g. ws://skyapi:8053, or "
+                   "srv://skyapi.services.skydns.local to find one by SRV (see self_register)")
+    p.add_argument("--dns-server", metavar="HOST[:PORT]",
+                   help="DNS server for srv:// lookups (default: the first in /etc/resolv.conf)")
     p.add_argument("--service", required=True)
     p.add_argument("--port", required=True, type=int)
     p.add_argument("--host", help="address to register (default: the address skyapi sees)")
@@ -1478,6 +1604,13 @@ def provide_main(argv: Sequence[str]) -> int:
         except ValueError as e:
             p.error(f"--check-tcp: {e}")
         check_tcp = (check_host or "localhost", check_port)
+    dns_server = None
+    if a.dns_server:
+        try:
+            dns_server = split_advertised(a.dns_server)
+        except ValueError as e:
+            p.error(f"--dns-server: {e}")
+        dns_server = (dns_server[0], dns_server[1] or 53)
 
     async def run() -> int:
         stop = asyncio.Event()
@@ -1488,7 +1621,7 @@ def provide_main(argv: Sequence[str]) -> int:
             await provide(a.url, a.service, a.port, stop, host=a.host, category=a.category,
                           priority=a.priority, weight=a.weight, prefix=a.prefix, token=a.token,
                           reconnect=a.reconnect, check_tcp=check_tcp,
-                          ping_interval=a.ping_interval)
+                          ping_interval=a.ping_interval, dns_server=dns_server)
         except (ProvideRefused, ProvideGaveUp) as e:
             print(f"skyapi provide: {e}", file=sys.stderr)
             return 1
@@ -1521,32 +1654,58 @@ def free_port() -> int:
 
 
 class DevEtcd:
-    def __init__(self, data_dir: str | None = None, extra_args: Sequence[str] = ()):
+    def __init__(self, data_dir: str | None = None, extra_args: Sequence[str] = (),
+                 name: str = "dev"):
         self.owns_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="skyapi-etcd-")
         self.client_port, self.peer_port = free_port(), free_port()
         self.extra_args = list(extra_args)
+        self.name = name
+        self.initial_cluster = f"{name}={self.peer_url}"
         self.proc: subprocess.Popen | None = None
+
+    @classmethod
+    def cluster(cls, size: int) -> list["DevEtcd"]:
+        """size members that form one cluster on loopback; started, with a leader."""
+        members = [cls(name=f"m{i}") for i in range(size)]
+        for m in members:
+            m.initial_cluster = ",".join(f"{x.name}={x.peer_url}" for x in members)
+            m.launch()  # all first: none is healthy before a quorum runs
+        for m in members:
+            m.wait_healthy()
+        return members
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.client_port}"
 
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
     def start(self, timeout: float = 30.0) -> "DevEtcd":
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        logfile = open(os.path.join(os.path.dirname(self.data_dir),
-                                    os.path.basename(self.data_dir) + ".log"), "ab")
-        self.proc = subprocess.Popen(
-            [etcd_binary(), "--enable-v2", "--name", "dev", "--data-dir", self.data_dir + "/data",
-             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"dev={peer}", "--log-level", "error", *self.extra_args],
-            stdout=logfile, stderr=logfile, stdin=subprocess.DEVNULL)
-        logfile.close()
+        self.launch()
+        return self.wait_healthy(timeout)
+
+    def launch(self) -> None:
+        self.logfile = os.path.join(os.path.dirname(self.data_dir),
+                                    os.path.basename(self.data_dir) + ".log")
+        with open(self.logfile, "ab") as log_:
+            self.proc = subprocess.Popen(
+                [etcd_binary(), "--enable-v2", "--name", self.name,
+                 "--data-dir", self.data_dir + "/data",
+                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                 "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+                 "--initial-cluster", self.initial_cluster, "--log-level", "error",
+                 *self.extra_args],
+                stdout=log_, stderr=log_, stdin=subprocess.DEVNULL)
+
+    def wait_healthy(self, timeout: float = 30.0) -> "DevEtcd":
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {logfile.name}")
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.logfile}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
                     if json.load(r).get("health") == "true":

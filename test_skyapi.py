@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -1006,14 +1007,20 @@ def private_etcd():
 
 
 class TcpProxy:
-    """A loopback TCP proxy in front of etcd that can cut every connection and refuse new
-    ones, while etcd itself keeps running (so leases and TTLs expire as in a partition)."""
+    """A loopback TCP proxy that can cut every connection and refuse new ones, or freeze
+    them (bytes stop flowing, sockets stay open), while the server behind it runs on:
+    a partition, as etcd or skyapi sees it."""
 
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.port = skyapi.free_port()
         self.server = None
         self.writers: set = set()
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+
+    def freeze(self):
+        self.flowing.clear()
 
     @property
     def url(self) -> str:
@@ -1039,6 +1046,7 @@ class TcpProxy:
         async def pipe(r, w):
             try:
                 while data := await r.read(65536):
+                    await self.flowing.wait()
                     w.write(data)
                     await w.drain()
             except (OSError, asyncio.CancelledError):
@@ -1446,3 +1454,217 @@ async def test_v3_keys_are_exactly_the_v2_paths(etcd):
     assert seen[2] == seen[3] == {
         "/skydns/local/skydns/services/foo/10ec6ea983c7a572acb0a023b9d645f6765c5a68": dns,
         "/skydns/local/skydns/b/a/foo/73ad6a0e4e27bf4d8db84074dac4089990e5c681": dns}
+
+
+# --- several instances, one etcd cluster --------------------------------------------
+
+
+async def poll_presence(view, cfg, key, seconds: float) -> int:
+    """Poll every 50 ms for seconds; return how many polls missed the key."""
+    misses = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not await _present(view, cfg, key):
+            misses += 1
+        await asyncio.sleep(0.05)
+    return misses
+
+
+@pytest.mark.parametrize("a_timeout", [3, 30], ids=["a-refreshes-first", "a-deletes-first"])
+@async_test
+async def test_reconnect_race_a_silent_socket_on_a_never_removes_bs_record(etcd, version,
+                                                                            a_timeout):
+    """The client's socket to A goes silent, it reconnects to B at once, and later A notices
+    the dead socket. With a_timeout 30, A's refresh is 10 s away, so A's cleanup meets B's
+    record without knowing of it: its delete must be conditional."""
+    root = unique_root()
+    cfg_a = config([etcd.url], version, dns_root=root, timeout=a_timeout)
+    cfg_b = config([etcd.url], version, dns_root=root)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg_a) as a, running(cfg_b) as b:
+        to_a = TcpProxy(a.port)
+        await to_a.start()
+        old = await websocket.websocket_connect(
+            f"ws://127.0.0.1:{to_a.port}/provide?service=mover&port=1")
+        (key,) = await view.records(prefix_of(cfg_b))
+        to_a.freeze()
+        new = await connect(b, "service=mover&port=1")
+        notices = cfg_a.ping_interval + cfg_a.ping_timeout
+        assert await poll_presence(view, cfg_b, key, notices + 2 * cfg_b.timeout / 3 + 1) == 0
+        assert not a.registry.slots and a.metrics.dropped_peers == 1  # A did notice
+        assert json.loads((await view.records(prefix_of(cfg_b)))[key])["owner"] == b.owner
+        new.close()
+        await wait_until(lambda: _empty(view, cfg_b), 1)
+        del old
+        await to_a.cut()
+
+
+@async_test
+async def test_two_instances_holding_one_record_keep_it_until_the_last_socket(etcd, version):
+    root = unique_root()
+    cfg = config([etcd.url], version, dns_root=root)
+    view = EtcdView(etcd.url, version)
+    period = cfg.timeout / 3
+    async with running(cfg) as a, running(cfg) as b:
+        on_a = await connect(a, "service=both&port=1")
+        on_b = await connect(b, "service=both&port=1")  # B wrote last: B's record
+        (key,) = await view.records(prefix_of(cfg))
+        on_a.close()  # not the owner: the record stays, untouched
+        assert await poll_presence(view, cfg, key, 2 * period) == 0
+        on_a = await connect(a, "service=both&port=1")  # now A's, B holds it too
+        assert json.loads((await view.records(prefix_of(cfg)))[key])["owner"] == a.owner
+        on_a.close()  # the owner goes while B still holds a socket: B claims it back
+        gone_at = time.monotonic()
+        await wait_until(lambda: _present(view, cfg, key), period + 1, interval=0.02)
+        assert time.monotonic() - gone_at <= period + 1
+        assert json.loads((await view.records(prefix_of(cfg)))[key])["owner"] == b.owner
+        assert await poll_presence(view, cfg, key, period) == 0
+        on_b.close()  # the last socket anywhere: gone at once
+        await wait_until(lambda: _empty(view, cfg), 1)
+
+
+async def leader_of(members) -> int:
+    for i, m in enumerate(members):
+        code, doc = await EtcdView(m.url, 3)._fetch("/v3/maintenance/status", "POST", "{}")
+        if code == 200 and doc["leader"] == doc["header"]["member_id"]:
+            return i
+    raise AssertionError("no leader")
+
+
+async def local_count(url: str, version: int, prefix: str) -> int | None:
+    """Records as one member has them (a local read, so it answers during an election);
+    None if it does not answer."""
+    view = EtcdView(url, version)
+    try:
+        if version == 2:
+            code, doc = await view._fetch("/v2/keys" + prefix + "?recursive=true&quorum=false")
+            if code != 200:
+                return None
+            return sum(len(d.get("nodes", [])) for d in doc["node"].get("nodes", []))
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        code, doc = await view._fetch("/v3/kv/range", "POST", json.dumps(
+            {"key": b64(prefix), "range_end": b64(end), "serializable": True, "count_only": True}))
+        return int(doc.get("count", 0)) if code == 200 else None
+    except OSError:
+        return None
+
+
+@async_test
+async def test_etcd_leader_killed_under_200_sockets(version):
+    members = skyapi.DevEtcd.cluster(3)
+    try:
+        leader = await leader_of(members)
+        ordered = [members[leader]] + [m for i, m in enumerate(members) if i != leader]
+        cfg = config([m.url for m in ordered], version, timeout=6)  # survives an election
+        prefix = prefix_of(cfg)
+        async with running(cfg) as server:
+            conns = await open_many(server, 200, "cl")
+            assert await local_count(ordered[1].url, version, prefix + "services/") == 200
+            ordered[0].kill()
+            killed_at = time.monotonic()
+            counts = []
+            late = []
+            while time.monotonic() - killed_at < 2 * cfg.timeout:
+                for m in ordered[1:]:
+                    counts.append(await local_count(m.url, version, prefix + "services/"))
+                if not late and time.monotonic() - killed_at > cfg.etcd_timeout:
+                    late = [await connect(server, f"service=cl&port={p}") for p in range(201, 211)]
+                await asyncio.sleep(0.05)
+            assert {c for c in counts if c is not None} <= {200, 210}  # never one missing
+            assert counts[-2:] == [210, 210]  # the late registrations worked
+            assert all(c.close_code is None for c in conns)  # no socket dropped
+            assert server.registry.backend.client.url() != ordered[0].url
+            for c in conns + late:
+                c.close()
+    finally:
+        for m in members:
+            m.stop()
+
+
+class MiniSkyDNS(asyncio.DatagramProtocol):
+    """Answers SRV queries from etcd the way SkyDNS does (one SRV per record under the
+    name's path, target <id>.<name>, the target's A/AAAA in the additional section).
+    Built with dnspython, so the client's parser is checked against another encoder."""
+
+    def __init__(self, view: EtcdView, etcd_prefix: str = "/skydns"):
+        self.view, self.etcd_prefix = view, etcd_prefix
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(lambda: self, ("127.0.0.1", 0))
+        return self.transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data, addr):
+        asyncio.ensure_future(self._answer(data, addr))
+
+    async def _answer(self, data, addr):
+        import dns.message
+        import dns.rdataclass
+        import dns.rdatatype
+        import dns.rrset
+        query = dns.message.from_wire(data)
+        name = query.question[0].name
+        labels = [label.decode() for label in name.labels if label]
+        path = self.etcd_prefix + "/" + "/".join(reversed(labels)) + "/"
+        reply = dns.message.make_response(query)
+        for key, value in (await self.view.records(path)).items():
+            record = json.loads(value)
+            target = f"{key.rsplit('/', 1)[1]}.{name}"
+            reply.answer.append(dns.rrset.from_text(
+                name, 30, "IN", "SRV", f"{record['priority']} {record['weight']} "
+                f"{record['port']} {target}"))
+            reply.additional.append(dns.rrset.from_text(
+                target, 30, "IN", "AAAA" if ":" in record["host"] else "A", record["host"]))
+        self.transport.sendto(reply.to_wire(), addr)
+
+
+def test_srv_reply_parsing_handles_compression_and_additional_addresses():
+    import dns.message
+    import dns.rrset
+    query = dns.message.make_query("skyapi.services.x.local.", "SRV", id=4242)
+    reply = dns.message.make_response(query)
+    reply.answer.append(dns.rrset.from_text("skyapi.services.x.local.", 30, "IN", "SRV",
+                                            "1 100 8053 a.skyapi.services.x.local.",
+                                            "2 5 8054 b.skyapi.services.x.local."))
+    reply.additional.append(dns.rrset.from_text("a.skyapi.services.x.local.", 30, "IN", "A",
+                                                "10.0.0.1"))
+    wire = reply.to_wire()  # dnspython compresses the repeated names with pointers
+    assert sorted(skyapi.parse_srv_reply(wire, 4242)) == [(1, 100, "10.0.0.1", 8053),
+                                                          (2, 5, "b.skyapi.services.x.local", 8054)]
+    assert skyapi.parse_srv_reply(wire, 4243) == []  # not our query
+    assert skyapi.pick_srv(skyapi.parse_srv_reply(wire, 4242)) == ("10.0.0.1", 8053)
+    pointer_loop = struct.pack(">HHHHHH", 7, 0x8180, 1, 0, 0, 0) + b"\xc0\x0c\0\x21\0\x01"
+    with pytest.raises(ValueError, match="too long"):  # a hostile reply: an error, not a hang
+        skyapi.parse_srv_reply(pointer_loop, 7)
+
+
+@async_test
+async def test_instances_self_register_and_the_client_finds_them_by_srv(etcd, version):
+    root = unique_root()
+    cfg = config([etcd.url], version, dns_root=root, self_register="127.0.0.1")
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as a, running(cfg) as b:
+        instances = await view.records(prefix_of(cfg) + "services/skyapi/")
+        assert sorted(json.loads(v)["port"] for v in instances.values()) == sorted([a.port, b.port])
+        dns_port = await MiniSkyDNS(view).start()
+        stop = asyncio.Event()
+        client = asyncio.ensure_future(skyapi.provide(
+            f"srv://skyapi.services.{root}", "found", 7, stop, dns_server=("127.0.0.1", dns_port),
+            ping_interval=1, backoff_cap=0.5))
+        found = prefix_of(cfg) + "services/found/"
+        await wait_until(lambda: view.records(found), 10)
+        first, other = (a, b) if a.sockets else (b, a)
+        assert len(first.sockets) == 1 and not other.sockets
+        await first.stop(grace=2)  # it deletes its own skyapi record, then closes with 1001
+        await wait_until(lambda: _true(len(other.sockets) == 1), 10)
+        assert len(await view.records(found)) == 1
+        assert list((await view.records(prefix_of(cfg) + "services/skyapi/")).values()) == \
+            [skyapi.record_value(skyapi.Registration("skyapi", ("services",), "127.0.0.1",
+                                                     other.port), cfg.dns_ttl, other.owner)]
+        stop.set()
+        await asyncio.wait_for(client, 5)
+        await wait_until(lambda: _false_async(view.records(found)), 2)
+
+
+async def _false_async(awaitable):
+    return not await awaitable
