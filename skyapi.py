@@ -26,6 +26,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -1753,8 +1754,18 @@ def setup_logging(level: str) -> None:
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
+def raise_open_file_limit() -> int:
+    """Every socket is a file descriptor, and the usual soft limit (1024) is far below what
+    one skyapi holds: take the hard limit, as Go programs do by themselves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 async def serve(cfg: Any) -> int:
     """Run until SIGTERM/SIGINT, then stop cleanly."""
+    log_event(logging.DEBUG, "open_file_limit", limit=raise_open_file_limit())
     server = Skyapi(cfg)
     try:
         await server.start()
