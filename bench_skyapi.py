@@ -43,6 +43,7 @@ import base64
 import collections
 import ctypes
 import functools
+import hashlib
 import json
 import math
 import multiprocessing
@@ -1057,9 +1058,17 @@ def describe_machine() -> dict:
                 break
     etcd_version = subprocess.run([skyapi.etcd_binary(), "--version"], capture_output=True,
                                   text=True, check=False).stdout.splitlines()[0]
+    with open(os.path.join(HERE, "skyapi.py"), "rb") as f:
+        skyapi_sha1 = hashlib.sha1(f.read()).hexdigest()[:12]
+    head = subprocess.run(["git", "-C", HERE, "log", "-1", "--format=%h"], capture_output=True,
+                          text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "skyapi.py"],
+                           capture_output=True, text=True, check=False).stdout.strip()
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
             "tornado": tornado.version, "etcd": etcd_version, "kernel": platform.release(),
-            "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+            "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "skyapi": f"{head or '?'}{' (skyapi.py modified)' if dirty else ''} "
+                      f"sha1:{skyapi_sha1}"}
 
 
 def fmt(value: Any) -> str:
@@ -1306,7 +1315,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, f, indent=1)
     m = results["machine"]
     print(f"\nskyapi benchmark: {m['nproc']} x {m['cpu']}, Python {m['python']}, "
-          f"Tornado {m['tornado']}, {m['etcd']}")
+          f"Tornado {m['tornado']}, {m['etcd']}; skyapi {m['skyapi']}")
     print(f"timeout {args.timeout}, ping_interval {args.ping_interval:g}, "
           f"ping_timeout {args.ping_timeout:g}, {args.clients} client processes; "
           f"wall time {results['wall_seconds']} s\n")
