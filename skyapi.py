@@ -18,7 +18,9 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import fnmatch
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -30,6 +32,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -67,7 +70,9 @@ def log_event(level: int, event: str, **fields: Any) -> None:
 # Every setting has one entry in SETTINGS: its default, its type and the check
 # of its value. The YAML file and the command line are two spellings of the
 # same table (``dns_root`` <-> ``--dns-root``); a flag wins over the file. All
-# of this is pure, so bad configurations are tested without starting anything.
+# of this is pure but for reading the files and environment variables settings
+# name (secrets, certificates), so bad configurations are tested without
+# starting anything, and a file that cannot be read stops start-up.
 # ---------------------------------------------------------------------------
 
 
@@ -79,9 +84,11 @@ class ConfigError(Exception):
 class Setting:
     name: str
     default: Any
-    kind: type  # int, float, str, bool or list (of str)
+    kind: type  # int, float, str, bool or list
     help: str
     check: Callable[[Any], Any] = lambda v: v  # normalises, or raises ValueError(reason)
+    item: type = str  # what a list holds: str, or dict (a flag gives each as YAML/JSON text)
+    secret: bool = False  # its value is never shown: not in errors, not in the Config's repr
 
     @property
     def flag(self) -> str:
@@ -139,6 +146,97 @@ def _etcd_prefix(v: str) -> str:
     return "/" + "/".join(parts)
 
 
+def _readable(v: str) -> str:
+    """A file that can be read now, or "" for none: a wrong path stops start-up."""
+    if v:
+        try:
+            with open(v, "rb"):
+                pass
+        except OSError as e:
+            raise ValueError(f"cannot read {v}: {e.strerror}") from None
+    return v
+
+
+def read_secret(source: str, given: str) -> str:
+    """A secret as configured: inline (source "value", "etcd_password"), the name of an
+    environment variable ("..._env") or the path of a file ("..._file"); a final newline
+    is not part of it."""
+    if source.endswith("_env"):
+        if given not in os.environ:
+            raise ValueError(f"environment variable {given} is not set")
+        secret = os.environ[given]
+    elif source.endswith("_file"):
+        try:
+            with open(given, encoding="utf-8") as f:
+                secret = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read {given}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{given} is not UTF-8 text") from None
+    else:
+        secret = given
+    secret = secret.rstrip("\r\n")
+    if not secret:
+        raise ValueError("is empty")
+    return secret
+
+
+TOKEN_SOURCES = ("value", "value_env", "value_file")
+TOKEN_KEYS = (*TOKEN_SOURCES, "services", "categories", "admin")
+TOKEN_TEXT = re.compile(r"[!-~]{16,}")  # fits an HTTP header; too long to guess
+
+
+def _tokens(entries: list) -> tuple[Token, ...]:
+    tokens: list[Token] = []
+    for n, entry in enumerate(entries, 1):
+        unknown = [k for k in entry if k not in TOKEN_KEYS]
+        if unknown:
+            raise ValueError(f"entry {n}: unknown key {unknown[0]!r} "
+                             f"(known: {', '.join(TOKEN_KEYS)})")
+        sources = [k for k in TOKEN_SOURCES if k in entry]
+        if len(sources) != 1 or not isinstance(entry[sources[0]], str):
+            raise ValueError(f"entry {n}: needs exactly one of value, value_env, value_file "
+                             "(a string)")
+        try:
+            text = read_secret(sources[0], entry[sources[0]])
+        except ValueError as e:
+            raise ValueError(f"entry {n}: {sources[0]}: {e}") from None
+        if not TOKEN_TEXT.fullmatch(text):
+            raise ValueError(f"entry {n}: a token is at least 16 printable ASCII characters, "
+                             "without spaces")
+        patterns = {}
+        for key in ("services", "categories"):
+            given = entry.get(key, ["*"])
+            if not isinstance(given, list) or not all(isinstance(p, str) for p in given):
+                raise ValueError(f"entry {n}: {key} must be a list of patterns such as web-*")
+            patterns[key] = tuple(p.lower() for p in given)
+        if not isinstance(entry.get("admin", False), bool):
+            raise ValueError(f"entry {n}: admin must be true or false")
+        token = Token(token_digest(text), patterns["services"], patterns["categories"],
+                      entry.get("admin", False), n)
+        for other in tokens:
+            if other.digest == token.digest:
+                raise ValueError(f"entries {other.number} and {n} have the same token")
+        tokens.append(token)
+    return tuple(tokens)
+
+
+def _origins(v: list) -> list:
+    origins = []
+    for o in v:
+        parts = urllib.parse.urlsplit(o.strip().lower())
+        try:
+            parts.port  # raises if the port is not a number in range
+            origin = (parts.scheme in ("http", "https") and parts.hostname
+                      and not (parts.path or parts.query or parts.fragment or parts.username))
+        except ValueError:
+            origin = False
+        if not origin:
+            raise ValueError(f"{o!r} is not an origin such as https://app.example.com")
+        origins.append(f"{parts.scheme}://{parts.netloc}")
+    return origins
+
+
 def _urls(v: list) -> list:
     urls = [u.strip() for item in v for u in str(item).split(",") if u.strip()]
     if not urls:
@@ -178,23 +276,55 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("self_register", "", str, "register this skyapi as service 'skyapi' at this "
             "host[:port] (port: the listening one), so clients find every instance by SRV",
             _advertised),
+    Setting("tokens", [], list, "a token clients must present, and what it may register, as "
+            "YAML/JSON: {value_file: PATH, services: [web-*], categories: [prod], admin: false} "
+            "(repeat the flag for several; none: anyone may register anything)", _tokens,
+            item=dict, secret=True),
+    Setting("host_policy", "any", str, "any: a client may register any host; peer: only "
+            "its own address", _one_of("any", "peer")),
+    Setting("xheaders", False, bool, "take the peer's address from X-Forwarded-For/X-Real-IP "
+            "(only behind a proxy that sets them)"),
+    Setting("max_connections", 0, int, "most registrations held at once (0: no limit)",
+            _at_least(0)),
+    Setting("max_connections_per_ip", 0, int, "most registrations held for one peer address "
+            "(0: no limit)", _at_least(0)),
+    Setting("allowed_origins", [], list, "browser origins (https://host[:port]) that may "
+            "connect; a request without an Origin header is not from a browser and may",
+            _origins),
+    Setting("tls_cert_file", "", str, "PEM certificate (chain) to serve wss:// and https://",
+            _readable),
+    Setting("tls_key_file", "", str, "PEM private key of tls_cert_file", _readable),
+    Setting("etcd_ca_file", "", str, "PEM CA bundle that signed etcd's certificate "
+            "(default: the system's)", _readable),
+    Setting("etcd_cert_file", "", str, "PEM client certificate for etcd's client-cert-auth",
+            _readable),
+    Setting("etcd_key_file", "", str, "PEM private key of etcd_cert_file", _readable),
+    Setting("etcd_username", "", str, "etcd user (etcd auth); needs a password"),
+    Setting("etcd_password", "", str, "its password, inline (prefer etcd_password_file)",
+            secret=True),
+    Setting("etcd_password_env", "", str, "environment variable that holds the password"),
+    Setting("etcd_password_file", "", str, "file that holds the password", _readable),
     Setting("dev", False, bool, "start a throwaway etcd child (from PATH) and use it"),
 )
 
 Config = dataclasses.make_dataclass(
-    "Config", [(s.name, s.kind, dataclasses.field(default=None)) for s in SETTINGS], frozen=True)
+    "Config", [(s.name, s.kind, dataclasses.field(default=None, repr=not s.secret))
+               for s in SETTINGS], frozen=True)
 Config.__doc__ = "The checked settings, one attribute each (see SETTINGS)."
 
 
 def _typed(setting: Setting, value: Any, from_flag: bool) -> Any:
     """The value as the setting's type. Flags arrive as text; YAML must already be typed."""
     kind = setting.kind
+    shown = "" if setting.secret else f", got {value!r}"
     if kind is list:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise ConfigError(f"{setting.name}: expected a list of URLs, got {value!r}")
+        items = [value] if isinstance(value, (str, dict)) else value
+        if from_flag and setting.item is dict:
+            items = [_yaml_text(v) for v in items]
+        if isinstance(items, list) and all(isinstance(v, setting.item) for v in items):
+            return items
+        what = "mappings" if setting.item is dict else "URLs"
+        raise ConfigError(f"{setting.name}: expected a list of {what}{shown}")
     if from_flag and isinstance(value, str):
         try:
             if kind is bool:
@@ -208,7 +338,14 @@ def _typed(setting: Setting, value: Any, from_flag: bool) -> Any:
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    raise ConfigError(f"{setting.name}: expected {names[kind]}, got {value!r}")
+    raise ConfigError(f"{setting.name}: expected {names[kind]}{shown}")
+
+
+def _yaml_text(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # then not a mapping: refused as such
 
 
 def make_config(values: Mapping[str, Any], flags: Mapping[str, Any] = {}) -> Any:
@@ -235,7 +372,62 @@ def make_config(values: Mapping[str, Any], flags: Mapping[str, Any] = {}) -> Any
             for label in checked[name].strip(".").split(","  if name == "default_category" else "."):
                 if label.startswith("_"):
                     raise ConfigError(f"{name}: {label!r} starts with '_', which etcd v2 hides")
-    return Config(**checked)
+    for cert, key in (("tls_cert_file", "tls_key_file"), ("etcd_cert_file", "etcd_key_file")):
+        if bool(checked[cert]) != bool(checked[key]):
+            given, missing = (cert, key) if checked[cert] else (key, cert)
+            raise ConfigError(f"{missing}: is needed with {given}")
+    if ((checked["etcd_ca_file"] or checked["etcd_cert_file"])
+            and not any(u.startswith("https://") for u in checked["etcd_api"])):
+        raise ConfigError(f"{'etcd_ca_file' if checked['etcd_ca_file'] else 'etcd_cert_file'}: "
+                          "is set, but no etcd_api endpoint is https://")
+    passwords = [n for n in ("etcd_password", "etcd_password_env", "etcd_password_file")
+                 if checked[n]]
+    if len(passwords) > 1:
+        raise ConfigError(f"{passwords[1]}: give only one of {' and '.join(passwords)}")
+    if checked["etcd_username"] and not passwords:
+        raise ConfigError("etcd_username: needs etcd_password, etcd_password_env or "
+                          "etcd_password_file")
+    if passwords and not checked["etcd_username"]:
+        raise ConfigError(f"{passwords[0]}: is set without etcd_username")
+    if passwords:
+        try:
+            checked["etcd_password"] = read_secret(passwords[0], checked[passwords[0]])
+        except ValueError as e:
+            raise ConfigError(f"{passwords[0]}: {e}") from None
+    cfg = Config(**checked)
+    # A certificate or key that does not load stops start-up here, not at the first connection.
+    server_ssl_context(cfg)
+    etcd_ssl_context(cfg)
+    return cfg
+
+
+def server_ssl_context(cfg: Any) -> ssl.SSLContext | None:
+    """What wss:// is served with, or None: plain ws://."""
+    if not cfg.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    _load_pair(context, "tls_cert_file", cfg.tls_cert_file, cfg.tls_key_file)
+    return context
+
+
+def etcd_ssl_context(cfg: Any) -> ssl.SSLContext | None:
+    """What https:// etcd endpoints are reached with, or None when there are none."""
+    if not any(u.startswith("https://") for u in cfg.etcd_api):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=cfg.etcd_ca_file or None)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"etcd_ca_file: cannot load {cfg.etcd_ca_file}: {e}") from None
+    if cfg.etcd_cert_file:
+        _load_pair(context, "etcd_cert_file", cfg.etcd_cert_file, cfg.etcd_key_file)
+    return context
+
+
+def _load_pair(context: ssl.SSLContext, name: str, cert: str, key: str) -> None:
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"{name}: cannot load {cert} with its key {key}: {e}") from None
 
 
 def read_config_file(path: str) -> dict:
@@ -263,7 +455,7 @@ def server_arg_parser() -> argparse.ArgumentParser:
     for s in SETTINGS:
         kw: dict[str, Any] = {"dest": s.name, "default": None, "help": f"{s.help} (default {s.default})"}
         if s.kind is list:
-            kw.update(action="append", metavar="URL")
+            kw.update(action="append", metavar="MAPPING" if s.item is dict else "URL")
         elif s.kind is bool:
             kw.update(nargs="?", const="true", metavar="BOOL")
         else:
@@ -447,6 +639,118 @@ def root_dir(cfg: Any) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Access
+#
+# Who may register what, checked before anything is held: a registration is
+# a DNS answer for real traffic, so a wrong one is a hijack. Browsers are held
+# to allowed_origins; with tokens, a client presents one and may register only
+# names inside its patterns; host_policy peer keeps a client to its own
+# address; the connection limits bound what one peer, or all, may hold. Pure,
+# like the names above: the handlers ask, these answer with a Refusal.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """A configured token. Only its SHA-256 is kept, so neither a log line nor a repr can
+    show it, and comparing digests takes the same time whatever the presented length."""
+    digest: bytes = dataclasses.field(repr=False)
+    services: tuple[str, ...]  # fnmatch patterns the service must match
+    categories: tuple[str, ...]  # ... and the comma list of categories, as in the query
+    admin: bool  # may read /services and /metrics
+    number: int  # its place in the tokens list (from 1): how logs name it
+
+
+def token_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
+def presented_token(authorization: str | None, query: Mapping[str, list[bytes]]) -> str | None:
+    """The token a request presents: 'Authorization: Bearer <token>', else a token parameter."""
+    if authorization is not None:
+        scheme, _, text = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not text.strip():
+            raise Refusal("token", "the Authorization header must be 'Bearer <token>'",
+                          "unauthorized")
+        return text.strip()
+    values = query.get("token", [])
+    if len(values) > 1:
+        raise Refusal("token", "is given more than once", "unauthorized")
+    return values[0].decode("utf-8", "surrogateescape") if values else None
+
+
+def authenticate(tokens: Sequence[Token], authorization: str | None,
+                 query: Mapping[str, list[bytes]]) -> Token | None:
+    """The configured token the request presents; None when no tokens are configured
+    (anyone may register, as with the Go original). Refusal if none matches."""
+    if not tokens:
+        return None
+    text = presented_token(authorization, query)
+    if text is None:
+        raise Refusal("token", "is required: send 'Authorization: Bearer <token>' or a token "
+                               "parameter", "unauthorized")
+    digest = token_digest(text)
+    # Every token is compared, whichever matches, so the time taken tells nothing of which.
+    matched = [t for t in tokens if hmac.compare_digest(t.digest, digest)]
+    if not matched:
+        raise Refusal("token", "is not valid", "unauthorized")
+    return matched[0]
+
+
+def authorize(token: Token | None, reg: Registration) -> None:
+    """A token's patterns: the service must match one, and so must the categories."""
+    if token is None:
+        return
+    if not any(fnmatch.fnmatchcase(reg.service, p) for p in token.services):
+        raise Refusal("service", f"{_shown(reg.service)} is not allowed for this token",
+                      "forbidden")
+    category = ",".join(reg.categories)
+    if not any(fnmatch.fnmatchcase(category, p) for p in token.categories):
+        raise Refusal("category", f"{_shown(category)} is not allowed for this token",
+                      "forbidden")
+
+
+def check_host_policy(policy: str, reg: Registration, peer: str) -> None:
+    """host_policy peer: the host must be the peer's own address, so no one can point
+    a name at an address that is not theirs."""
+    if policy == "peer" and reg.host != peer:
+        raise Refusal("host", f"{_shown(reg.host)} is not your own address {peer} "
+                              "(host_policy is peer)", "host_policy")
+
+
+def check_browser_origin(origin: str | None, allowed: Sequence[str]) -> None:
+    """No Origin header: not a browser. A browser's page must be from an allowed origin,
+    or any web page its user opens could register names through it."""
+    if origin is not None and origin.strip().lower() not in allowed:
+        raise Refusal("origin", f"{_shown(origin)} is not in allowed_origins", "origin")
+
+
+def check_limits(cfg: Any, peer: str, held: int, held_by_peer: int) -> None:
+    """Room for one more registration: held now in all, and by this peer."""
+    if cfg.max_connections and held >= cfg.max_connections:
+        raise Refusal("max_connections", f"skyapi holds its limit of {cfg.max_connections} "
+                                         "connections; try again later", "max_connections")
+    if cfg.max_connections_per_ip and held_by_peer >= cfg.max_connections_per_ip:
+        raise Refusal("max_connections_per_ip", f"{peer} holds its limit of "
+                      f"{cfg.max_connections_per_ip} connections; try again later",
+                      "max_connections_per_ip")
+
+
+def admit(cfg: Any, query: Mapping[str, list[bytes]], headers: Mapping[str, str], peer: str,
+          held: int, held_by_peer: int) -> tuple[Registration, Token | None]:
+    """Every check of a /provide request, in the order a client should hear of them: where
+    it comes from, who it is, what it asks for, whether it may, whether there is room.
+    peer is the canonical address (canonical_ip) the request comes from."""
+    check_browser_origin(headers.get("Origin"), cfg.allowed_origins)
+    token = authenticate(cfg.tokens, headers.get("Authorization"), query)
+    reg = registration_from_query(query, peer, cfg)
+    authorize(token, reg)
+    check_host_policy(cfg.host_policy, reg, peer)
+    check_limits(cfg, peer, held, held_by_peer)
+    return reg, token
+
+
+# ---------------------------------------------------------------------------
 # The etcd backends
 #
 # EtcdClient speaks HTTP/1.1 to etcd over kept-alive connections, at most
@@ -498,8 +802,11 @@ class EtcdClient:
     """JSON/form over HTTP/1.1 to a list of etcd endpoints."""
 
     def __init__(self, endpoints: Sequence[str], timeout: float, concurrency: int,
-                 on_request: Callable[[str, str, float], None] = lambda op, outcome, secs: None):
+                 on_request: Callable[[str, str, float], None] = lambda op, outcome, secs: None,
+                 ssl_context: ssl.SSLContext | None = None, authorization: str = ""):
         self.endpoints = [urllib.parse.urlsplit(u) for u in endpoints]
+        self.ssl_context = ssl_context  # for https:// endpoints (see etcd_ssl_context)
+        self.authorization = authorization  # sent with every request (etcd v2 basic auth)
         self.timeout = timeout
         self.current = 0  # the endpoint that answered last; tried first
         self._slots = asyncio.Semaphore(concurrency)
@@ -513,8 +820,11 @@ class EtcdClient:
         return f"{e.scheme}://{e.netloc}"
 
     async def request(self, op: str, method: str, path: str, body: bytes = b"",
-                      content_type: str = "application/json") -> tuple[int, bytes]:
-        """(status, body) from the first endpoint that answers; EtcdUnavailable if none does."""
+                      content_type: str = "application/json",
+                      authorization: str | None = None) -> tuple[int, bytes]:
+        """(status, body) from the first endpoint that answers; EtcdUnavailable if none does.
+        authorization replaces the client's own Authorization header (the v3 auth token)."""
+        authorization = self.authorization if authorization is None else authorization
         async with self._slots:
             started = time.monotonic()
             errors = []
@@ -522,7 +832,8 @@ class EtcdClient:
             for index in [(self.current + i) % n for i in range(n)]:
                 try:
                     code, data = await asyncio.wait_for(
-                        self._on_endpoint(index, method, path, body, content_type), self.timeout)
+                        self._on_endpoint(index, method, path, body, content_type, authorization),
+                        self.timeout)
                 except (OSError, iostream.StreamClosedError, httputil.HTTPInputError,
                         asyncio.TimeoutError) as e:
                     errors.append(f"{self.url(index)}: {str(e) or type(e).__name__}")
@@ -538,22 +849,24 @@ class EtcdClient:
             raise EtcdUnavailable("; ".join(errors))
 
     async def _on_endpoint(self, index: int, method: str, path: str, body: bytes,
-                           content_type: str) -> tuple[int, bytes]:
+                           content_type: str, authorization: str) -> tuple[int, bytes]:
         idle = self._idle[index]
         while idle:  # a kept-alive connection may have been closed by etcd meanwhile
             try:
-                return await self._exchange(index, idle.pop(), method, path, body, content_type)
+                return await self._exchange(index, idle.pop(), method, path, body, content_type,
+                                            authorization)
             except (iostream.StreamClosedError, httputil.HTTPInputError):
                 continue
         e = self.endpoints[index]
-        ssl_options = None  # https endpoints get TLS settings in a later version
-        stream = await self._tcp.connect(e.hostname, e.port or (443 if e.scheme == "https" else 80),
-                                         ssl_options=ssl_options, timeout=self.timeout)
+        https = e.scheme == "https"
+        stream = await self._tcp.connect(e.hostname, e.port or (443 if https else 80),
+                                         ssl_options=self.ssl_context if https else None,
+                                         timeout=self.timeout)
         stream.set_nodelay(True)
-        return await self._exchange(index, stream, method, path, body, content_type)
+        return await self._exchange(index, stream, method, path, body, content_type, authorization)
 
     async def _exchange(self, index: int, stream: iostream.IOStream, method: str, path: str,
-                        body: bytes, content_type: str) -> tuple[int, bytes]:
+                        body: bytes, content_type: str, authorization: str) -> tuple[int, bytes]:
         conn = HTTP1Connection(stream, True, self._params)
         response = _Response()
         try:
@@ -561,6 +874,8 @@ class EtcdClient:
                                             "Content-Length": str(len(body))})
             if body:
                 headers["Content-Type"] = content_type
+            if authorization:
+                headers["Authorization"] = authorization
             conn.write_headers(httputil.RequestStartLine(method, path, "HTTP/1.1"), headers)
             if body:
                 conn.write(body)
@@ -679,6 +994,10 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+# What etcd answers when a v3 auth token is no longer good (not: a wrong password).
+TOKEN_REJECTED = ("invalid auth token", "revision of auth store is old")
+
+
 class EtcdV3:
     """CoreDNS's layout on the v3 API: the same keys as v2, all on one lease.
 
@@ -697,9 +1016,35 @@ class EtcdV3:
         self.lost_at = 0.0  # when a lease was last found lost: records stored before are gone
         self.last_beat = 0.0
         self._granting = asyncio.Lock()  # workers put concurrently; one lease for all of them
+        self.credentials = ({"name": cfg.etcd_username, "password": cfg.etcd_password}
+                            if cfg.etcd_username else None)
+        self.token = ""  # etcd's auth token for credentials, once authenticated
+        self._authenticating = asyncio.Lock()  # one authentication (bcrypt: costly) for all
 
     async def _call(self, op: str, path: str, doc: dict) -> dict:
-        code, data = await self.client.request(op, "POST", "/v3/" + path, json.dumps(doc).encode())
+        token = await self._token()
+        try:
+            return await self._post(op, path, doc, token)
+        except EtcdError as e:
+            if not token or not any(m in str(e) for m in TOKEN_REJECTED):
+                raise
+        # etcd forgot the token (it restarted, the token expired, auth changed): a new one, once.
+        return await self._post(op, path, doc, await self._token(stale=token))
+
+    async def _token(self, stale: str = "") -> str:
+        """The auth token ("" without credentials); a new one if it is still the stale one."""
+        if not self.credentials:
+            return ""
+        async with self._authenticating:
+            if not self.token or self.token == stale:
+                reply = await self._post("authenticate", "auth/authenticate", self.credentials, "")
+                self.token = reply["token"]
+                log_event(logging.DEBUG, "etcd_authenticated", user=self.credentials["name"])
+        return self.token
+
+    async def _post(self, op: str, path: str, doc: dict, token: str) -> dict:
+        code, data = await self.client.request(op, "POST", "/v3/" + path,
+                                               json.dumps(doc).encode(), authorization=token)
         try:
             reply = json.loads(data.split(b"\n", 1)[0]) if data else {}
         except ValueError:
@@ -779,7 +1124,11 @@ def _if(key: str, target: str, field: str, value: str, op: dict) -> dict:
 
 
 def make_backend(cfg: Any, on_request: Callable[[str, str, float], None]) -> EtcdV2 | EtcdV3:
-    client = EtcdClient(cfg.etcd_api, cfg.etcd_timeout, cfg.etcd_concurrency, on_request)
+    # etcd v2 auth is basic auth on every request; v3 authenticates for a token (EtcdV3._call).
+    basic = ("Basic " + _b64(f"{cfg.etcd_username}:{cfg.etcd_password}")
+             if cfg.etcd_username and cfg.etcd_version == 2 else "")
+    client = EtcdClient(cfg.etcd_api, cfg.etcd_timeout, cfg.etcd_concurrency, on_request,
+                        etcd_ssl_context(cfg), basic)
     return (EtcdV2 if cfg.etcd_version == 2 else EtcdV3)(client, cfg)
 
 
@@ -1127,6 +1476,15 @@ class _ProvideProtocol(websocket.WebSocketProtocol13):
         super().close(code, reason)
 
 
+# Refusals a client may retry, elsewhere or later: the close code and reason that say so.
+# Every other refusal is 1008 (policy violation): the same request would be refused again.
+NOT_THE_REQUESTS_FAULT = {
+    "shutting_down": (1001, "going away"),
+    "max_connections": (1013, "try again later"),
+    "max_connections_per_ip": (1013, "try again later"),
+}
+
+
 class ProvideHandler(websocket.WebSocketHandler):
     def initialize(self, server: "Skyapi") -> None:
         self.server = server
@@ -1135,6 +1493,8 @@ class ProvideHandler(websocket.WebSocketHandler):
         self.refusal: Refusal | None = None
         self.etcd_error: str | None = None
         self.since = 0.0
+        self.token: Token | None = None
+        self.peer = ""  # the canonical address, counted against max_connections_per_ip
 
     def get_websocket_protocol(self) -> websocket.WebSocketProtocol | None:
         protocol = super().get_websocket_protocol()
@@ -1142,18 +1502,27 @@ class ProvideHandler(websocket.WebSocketHandler):
             protocol.__class__ = _ProvideProtocol
         return protocol
 
+    def check_origin(self, origin: str) -> bool:
+        # Tornado would answer a foreign origin with a bare 403; admit() refuses it with
+        # ERROR + 1008 like any other refusal, saying why.
+        return True
+
     async def before_handshake(self) -> None:
         """Check the request and hold its record; wait (bounded) until etcd has it. While
         etcd is down the wait ends at etcd_timeout and the record follows when etcd is back."""
-        cfg, registry = self.server.cfg, self.server.registry
+        server, cfg, registry = self.server, self.server.cfg, self.server.registry
+        peer = self.request.remote_ip or ""  # with xheaders, as the proxy says
+        peer = canonical_ip(peer) or peer
         try:
             if registry.closing:
                 raise Refusal("server", "is shutting down", "shutting_down")
-            self.reg = registration_from_query(self.request.query_arguments,
-                                               self.request.remote_ip or "", cfg)
+            self.reg, self.token = admit(cfg, self.request.query_arguments, self.request.headers,
+                                         peer, server.held, server.held_by_peer.get(peer, 0))
         except Refusal as e:
             self.refusal = e  # said after the handshake, where the client can read it
             return
+        self.peer = peer
+        server.count_peer(peer, 1)  # until on_closing, which releases the slot held next
         key = record_key(self.reg, cfg.etcd_prefix, cfg.dns_root)
         self.slot = registry.hold(key, record_value(self.reg, cfg.dns_ttl, self.server.owner))
         self.since = time.time()
@@ -1166,8 +1535,8 @@ class ProvideHandler(websocket.WebSocketHandler):
             self.refusal = Refusal("server", "is shutting down", "shutting_down")
         if self.refusal is not None:
             e = self.refusal
-            if e.reason == "shutting_down":  # not the request's fault: 1001 says "try elsewhere"
-                return self._refuse(str(e), e.reason, 1001, "going away")
+            if e.reason in NOT_THE_REQUESTS_FAULT:
+                return self._refuse(str(e), e.reason, *NOT_THE_REQUESTS_FAULT[e.reason])
             return self._refuse(str(e), e.reason, 1008, f"invalid {e.param}"[:100])
         if self.slot is None:
             return  # closed during the handshake
@@ -1177,7 +1546,8 @@ class ProvideHandler(websocket.WebSocketHandler):
         self.server.sockets.add(self)
         self.server.metrics.connections_total += 1
         log_event(logging.INFO, "connect", key=self.slot.key, peer=self.request.remote_ip,
-                  stored=bool(self.slot.stored))
+                  stored=bool(self.slot.stored),
+                  **({"token": self.token.number} if self.token else {}))
 
     def _refuse(self, message: str, reason: str, code: int, close_reason: str) -> None:
         metrics = self.server.metrics
@@ -1197,6 +1567,7 @@ class ProvideHandler(websocket.WebSocketHandler):
         if slot is None:
             return
         self.server.registry.release(slot)
+        self.server.count_peer(self.peer, -1)
         self.server.sockets.discard(self)
         if reason == "ping timed out":
             self.server.metrics.dropped_peers += 1
@@ -1221,6 +1592,36 @@ class _ServerHandler(web.RequestHandler):
         self.server = server
 
 
+class _AdminHandler(_ServerHandler):
+    """Once any token is marked admin, only a request presenting an admin token is
+    answered: the registrations and metrics show who runs where."""
+
+    def prepare(self) -> None:
+        tokens = self.server.cfg.tokens
+        if not any(t.admin for t in tokens):
+            return
+        try:
+            token = authenticate(tokens, self.request.headers.get("Authorization"),
+                                 self.request.query_arguments)
+        except Refusal as e:
+            self.set_status(401)
+            self.set_header("WWW-Authenticate", "Bearer")
+            return self.finish(f"{e}\n")
+        if token is None or not token.admin:
+            self.set_status(403)
+            self.finish("token: is not an admin token\n")
+
+
+def log_request(handler: web.RequestHandler) -> None:
+    """Tornado's access log, without the query string, where a client's token may be:
+    failed requests only (skyapi logs its own events, not one line per health check)."""
+    status = handler.get_status()
+    if status >= 400:
+        log_event(logging.WARNING if status < 500 else logging.ERROR, "http_error",
+                  status=status, method=handler.request.method, path=handler.request.path,
+                  peer=handler.request.remote_ip)
+
+
 class HealthHandler(_ServerHandler):
     def get(self) -> None:
         self.write("ok\n")
@@ -1236,7 +1637,7 @@ class ReadyHandler(_ServerHandler):
                    f"etcd unreachable: {registry.outage_error}\n")
 
 
-class ServicesHandler(_ServerHandler):
+class ServicesHandler(_AdminHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         live = sorted((h.describe() for h in self.server.sockets if h.slot),
@@ -1244,7 +1645,7 @@ class ServicesHandler(_ServerHandler):
         self.write(json.dumps(live, indent=1))
 
 
-class MetricsHandler(_ServerHandler):
+class MetricsHandler(_AdminHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.write(self.server.metrics.render(self.server))
@@ -1279,8 +1680,18 @@ class Skyapi:
         self.metrics = Metrics()
         self.registry = Registry(make_backend(cfg, self.metrics.on_etcd_request), cfg)
         self.sockets: set[ProvideHandler] = set()
+        self.held = 0  # registrations held, from admission (before the handshake) to close
+        self.held_by_peer: dict[str, int] = {}  # the same by peer address; no entry at zero
         self.port = 0
         self._http: HTTPServer | None = None
+
+    def count_peer(self, peer: str, delta: int) -> None:
+        self.held += delta
+        n = self.held_by_peer.get(peer, 0) + delta
+        if n:
+            self.held_by_peer[peer] = n
+        else:
+            del self.held_by_peer[peer]
 
     def application(self) -> web.Application:
         kw = {"server": self}
@@ -1290,13 +1701,14 @@ class Skyapi:
              ("/metrics", MetricsHandler, kw)],
             websocket_ping_interval=self.cfg.ping_interval,
             websocket_ping_timeout=self.cfg.ping_timeout,
-            websocket_max_message_size=4096)
+            websocket_max_message_size=4096, log_function=log_request)
 
     async def start(self) -> None:
         host, port = split_host_port(self.cfg.listen_addr)
         sockets = netutil.bind_sockets(port, host or None, backlog=4096)
         self.port = sockets[0].getsockname()[1]
-        self._http = HTTPServer(self.application())
+        self._http = HTTPServer(self.application(), xheaders=self.cfg.xheaders,
+                                ssl_options=server_ssl_context(self.cfg))
         self._http.add_sockets(sockets)
         await self.registry.start()
         if self.cfg.self_register:
@@ -1304,6 +1716,9 @@ class Skyapi:
         log_event(logging.INFO, "start", owner=self.owner, listen=self.cfg.listen_addr, port=self.port,
                   etcd=",".join(self.cfg.etcd_api), etcd_version=self.cfg.etcd_version,
                   dns_root=self.cfg.dns_root)
+        if not self.cfg.tokens:
+            log_event(logging.WARNING, "no_tokens", risk="anyone who reaches skyapi may "
+                      "register any name at any address: configure tokens")
 
     async def _register_self(self) -> None:
         """Held like a client's record, for as long as this process serves (SPEC-style SRV:
@@ -1656,7 +2071,11 @@ def free_port() -> int:
 
 class DevEtcd:
     def __init__(self, data_dir: str | None = None, extra_args: Sequence[str] = (),
-                 name: str = "dev"):
+                 name: str = "dev", tls: tuple[str, str, str] | None = None):
+        """tls: (cert, key, ca) files: serve https with cert and want client certificates
+        signed by ca. The health probe presents cert as its client certificate, and so does
+        etcd's own JSON gateway, so cert must be good for client auth too."""
+        self.tls = tls
         self.owns_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="skyapi-etcd-")
         self.client_port, self.peer_port = free_port(), free_port()
@@ -1678,7 +2097,7 @@ class DevEtcd:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -1698,17 +2117,30 @@ class DevEtcd:
                  "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                  "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
                  "--initial-cluster", self.initial_cluster, "--log-level", "error",
-                 *self.extra_args],
+                 *self._tls_args(), *self.extra_args],
                 stdout=log_, stderr=log_, stdin=subprocess.DEVNULL)
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        cert, key, ca = self.tls
+        return ["--cert-file", cert, "--key-file", key, "--client-cert-auth",
+                "--trusted-ca-file", ca]
 
     def wait_healthy(self, timeout: float = 30.0) -> "DevEtcd":
         assert self.proc is not None
+        context = None
+        if self.tls:
+            cert, key, ca = self.tls
+            context = ssl.create_default_context(cafile=ca)
+            context.load_cert_chain(cert, key)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.logfile}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                with urllib.request.urlopen(self.url + "/health", timeout=1,
+                                            context=context) as r:
                     if json.load(r).get("health") == "true":
                         return self
             except (OSError, ValueError):
@@ -1750,8 +2182,6 @@ def setup_logging(level: str) -> None:
     logging.addLevelName(logging.WARNING, "warn")
     for name in ("debug", "info", "error"):
         logging.addLevelName(getattr(logging, name.upper()), name)
-    # Tornado's access log would be one line per health check; skyapi logs its own events.
-    logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
 def raise_open_file_limit() -> int:
