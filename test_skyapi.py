@@ -9,24 +9,43 @@ from __future__ import annotations
 import asyncio
 import base64
 import calendar
+import collections
 import contextlib
+import dataclasses
+import datetime
 import functools
 import hashlib
+import hmac
+import ipaddress
 import itertools
 import json
+import logging
 import os
+import pickle
+import posixpath
 import re
+import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import time
+import types
 import urllib.parse
 
+import hypothesis
 import pytest
+import tornado.escape
+import tornado.iostream
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from tornado import web, websocket
+from tornado import httputil, web, websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 import skyapi
@@ -996,6 +1015,835 @@ def test_dev_mode_starts_its_own_etcd_and_serves():
         assert proc.wait(10) == 0
     finally:
         proc.kill()
+
+
+# --- security and limits ------------------------------------------------------------
+
+TOKEN = "web-token-0123456789abcdef"
+ADMIN = "admin-token-0123456789abcdef"
+WRONG = "wrong-token-0123456789abcdef"
+PASSWORD = "etcd-pass-0123456789"
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def query_args(query: str) -> dict:
+    """A query string as Tornado hands it to a handler (request.query_arguments)."""
+    return tornado.escape.parse_qs_bytes(query, keep_blank_values=True)
+
+
+async def refused(server, query: str, headers=None) -> tuple[str, int]:
+    """The ERROR message and close code a refused request gets (with headers)."""
+    conn = await connect(server, query, headers)
+    message = await asyncio.wait_for(conn.read_message(), 5)
+    assert await asyncio.wait_for(conn.read_message(), 5) is None
+    return message, conn.close_code
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A CA; a certificate for 127.0.0.1 and localhost, good for client auth too (etcd's
+    JSON gateway presents its server certificate to etcd itself); and a client certificate
+    without a CommonName (with auth on, etcd's gateway refuses one that has a CommonName)."""
+    folder = tmp_path_factory.mktemp("certs")
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(subject, key, issuer, issuer_key, *extensions):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(name, cert, key):
+        (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (folder / f"{name}-key.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        return str(folder / f"{name}.pem"), str(folder / f"{name}-key.pem")
+
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "skyapi test CA")])
+    ca = issue(ca_name, ca_key, ca_name, ca_key,
+               (x509.BasicConstraints(ca=True, path_length=None), True))
+    usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    server = issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), server_key,
+                   ca_name, ca_key, (usage, False), (x509.SubjectAlternativeName(
+                       [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       False))
+    client = issue(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "skyapi")]), client_key,
+                   ca_name, ca_key, (usage, False))
+    ca_file, _ = write("ca", ca, ca_key)
+    server_cert, server_key_file = write("server", server, server_key)
+    client_cert, client_key_file = write("client", client, client_key)
+    return types.SimpleNamespace(ca=ca_file, server_cert=server_cert, server_key=server_key_file,
+                                 client_cert=client_cert, client_key=client_key_file,
+                                 etcd=(server_cert, server_key_file, ca_file),
+                                 client={"ca_certs": ca_file, "client_cert": client_cert,
+                                         "client_key": client_key_file})
+
+
+def guarded_view(url: str, version: int, headers=None, **defaults) -> EtcdView:
+    """An EtcdView through etcd's TLS (ca_certs, client_cert, client_key) and auth (v2:
+    auth_username, auth_password; v3: an Authorization header with a token)."""
+    view = EtcdView(url, version)
+    client = AsyncHTTPClient(force_instance=True, defaults=defaults)
+    view.http = types.SimpleNamespace(fetch=functools.partial(client.fetch, headers=headers or {}))
+    return view
+
+
+async def every_key(view: EtcdView) -> set[str]:
+    """Every key in etcd now (v2: every leaf), wherever it is."""
+    if view.version == 2:
+        return set(await view.records("/"))
+    _, doc = await view._fetch("/v3/kv/range", "POST", json.dumps(
+        {"key": b64("\0"), "range_end": b64("\0"), "keys_only": True}))
+    return {unb64(kv["key"]) for kv in doc.get("kvs", [])}
+
+
+async def keys_ever_written(view: EtcdView) -> set[str]:
+    """Every key etcd's history shows: v3, the keys at each revision; v2, the key of each
+    event (etcd keeps the last 1000)."""
+    seen: set[str] = set()
+    if view.version == 3:
+        _, doc = await view._fetch("/v3/kv/range", "POST", json.dumps({"key": b64("\0")}))
+        for revision in range(1, int(doc["header"]["revision"]) + 1):
+            _, doc = await view._fetch("/v3/kv/range", "POST", json.dumps(
+                {"key": b64("\0"), "range_end": b64("\0"), "keys_only": True,
+                 "revision": revision}))
+            seen |= {unb64(kv["key"]) for kv in doc.get("kvs", [])}
+        return seen
+    r = await view.http.fetch(view.url + "/v2/keys/")
+    last, index = int(r.headers["X-Etcd-Index"]), 1
+    while index <= last:
+        try:
+            r = await view.http.fetch(f"{view.url}/v2/keys/?wait=true&recursive=true"
+                                      f"&waitIndex={index}", request_timeout=2)
+        except HTTPClientError as e:
+            assert e.code == 599, e  # a timeout: no event left (refreshes make none)
+            break
+        event = json.loads(r.body)
+        seen.add(event["node"]["key"])
+        index = event["node"]["modifiedIndex"] + 1
+    return seen
+
+
+# Configuration
+
+
+def test_security_settings_default_to_open_and_read_secrets_from_env_or_file(tmp_path,
+                                                                             monkeypatch):
+    cfg = skyapi.make_config({})
+    assert (cfg.tokens, cfg.host_policy, cfg.xheaders, cfg.allowed_origins) == ((), "any", False, [])
+    assert (cfg.max_connections, cfg.max_connections_per_ip) == (0, 0)
+    path = tmp_path / "token"
+    path.write_text("file-token-0123456789abcdef\n")  # as `echo` writes it
+    monkeypatch.setenv("SKYAPI_TEST_TOKEN", "env-token-0123456789abcdef")
+    cfg = skyapi.make_config({"tokens": [
+        {"value": TOKEN, "services": ["Web-*"]}, {"value_env": "SKYAPI_TEST_TOKEN"},
+        {"value_file": str(path), "admin": True, "categories": ["prod,*"]}]})
+    for number, text in enumerate([TOKEN, "env-token-0123456789abcdef",
+                                   "file-token-0123456789abcdef"], 1):
+        assert skyapi.authenticate(cfg.tokens, f"Bearer {text}", {}).number == number
+        assert text not in repr(cfg) and text.encode() not in pickle.dumps(cfg.tokens)
+    assert [(t.services, t.categories, t.admin) for t in cfg.tokens] == [
+        (("web-*",), ("*",), False), (("*",), ("*",), False), (("*",), ("prod,*",), True)]
+    # On the command line each --tokens is one mapping, as YAML or JSON.
+    cfg = skyapi.load_config(["--tokens", '{"value_env": "SKYAPI_TEST_TOKEN", "services": ["db"]}',
+                              "--tokens", f"{{value_file: {path}, admin: true}}"])
+    assert [(t.number, t.services, t.admin) for t in cfg.tokens] == [(1, ("db",), False),
+                                                                     (2, ("*",), True)]
+    path.write_text(PASSWORD + "\n")
+    for source, given in [("etcd_password", PASSWORD), ("etcd_password_file", str(path))]:
+        cfg = skyapi.make_config({"etcd_username": "root", source: given})
+        assert cfg.etcd_password == PASSWORD and PASSWORD not in repr(cfg)
+    monkeypatch.setenv("SKYAPI_TEST_PASSWORD", PASSWORD)
+    assert skyapi.load_config(["--etcd-username", "root", "--etcd-password-env",
+                               "SKYAPI_TEST_PASSWORD"]).etcd_password == PASSWORD
+
+
+@pytest.mark.parametrize("values,named", [
+    ({"tokens": [{"valeu": TOKEN}]}, "tokens"),
+    ({"tokens": [{}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN, "value_env": "SKYAPI_TEST_TOKEN"}]}, "tokens"),
+    ({"tokens": [{"value_env": "SKYAPI_NO_SUCH_VARIABLE"}]}, "tokens"),
+    ({"tokens": [{"value_file": "/nonexistent/token"}]}, "tokens"),
+    ({"tokens": [{"value": "short"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN + " x"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN, "services": "web-*"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN, "admin": "yes"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN}, {"value": TOKEN, "admin": True}]}, "tokens"),
+    ({"tokens": TOKEN}, "tokens"),
+    ({"host_policy": "mine"}, "host_policy"),
+    ({"xheaders": "yes"}, "xheaders"),
+    ({"max_connections": -1}, "max_connections"),
+    ({"max_connections_per_ip": 1.5}, "max_connections_per_ip"),
+    ({"allowed_origins": ["app.example.com"]}, "allowed_origins"),
+    ({"allowed_origins": ["https://app.example.com/page"]}, "allowed_origins"),
+    ({"tls_cert_file": "/nonexistent/cert.pem", "tls_key_file": "/nonexistent/key.pem"},
+     "tls_cert_file"),
+    ({"etcd_api": ["https://127.0.0.1:2379"], "etcd_ca_file": "/nonexistent/ca.pem"},
+     "etcd_ca_file"),
+    ({"etcd_username": "root"}, "etcd_username"),
+    ({"etcd_password": PASSWORD}, "etcd_password"),
+    ({"etcd_username": "root", "etcd_password": PASSWORD, "etcd_password_env": "X"},
+     "etcd_password_env"),
+    ({"etcd_username": "root", "etcd_password_env": "SKYAPI_NO_SUCH_VARIABLE"},
+     "etcd_password_env"),
+    ({"etcd_username": "root", "etcd_password_file": "/nonexistent/password"},
+     "etcd_password_file"),
+])
+def test_bad_security_config_names_the_key_and_never_the_secret(values, named):
+    with pytest.raises(skyapi.ConfigError) as e:
+        skyapi.make_config(values)
+    assert str(e.value).startswith(named + ":"), e.value
+    assert TOKEN not in str(e.value) and PASSWORD not in str(e.value)
+
+
+def test_bad_certificates_stop_startup_naming_the_key(certs, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    https = {"etcd_api": ["https://127.0.0.1:2379"]}
+    for values, named in [
+        ({"tls_key_file": certs.server_key}, "tls_cert_file"),
+        ({"tls_cert_file": certs.server_cert}, "tls_key_file"),
+        ({"tls_cert_file": certs.server_cert, "tls_key_file": certs.client_key}, "tls_cert_file"),
+        ({"tls_cert_file": str(garbage), "tls_key_file": certs.server_key}, "tls_cert_file"),
+        ({"etcd_cert_file": certs.client_cert, "etcd_key_file": certs.client_key}, "etcd_cert_file"),
+        ({"etcd_ca_file": certs.ca}, "etcd_ca_file"),  # etcd_api is http://: a mistake
+        ({**https, "etcd_cert_file": certs.client_cert}, "etcd_key_file"),
+        ({**https, "etcd_ca_file": str(garbage)}, "etcd_ca_file"),
+        ({**https, "etcd_cert_file": certs.client_cert, "etcd_key_file": certs.server_key},
+         "etcd_cert_file"),
+    ]:
+        with pytest.raises(skyapi.ConfigError) as e:
+            skyapi.make_config(values)
+        assert str(e.value).startswith(named + ":"), (values, e.value)
+    assert skyapi.make_config({**https, "etcd_ca_file": certs.ca, "etcd_cert_file": certs.client_cert,
+                               "etcd_key_file": certs.client_key})
+    r = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"),
+                        "--tokens", "{value_file: /nonexistent/token}"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr == ("skyapi: tokens: entry 1: value_file: cannot read /nonexistent/token: "
+                        "No such file or directory\n")
+
+
+# Access, as pure functions
+
+
+def tokens_config(**values):
+    return skyapi.make_config({"tokens": [
+        {"value": TOKEN, "services": ["web-*"], "categories": ["prod", "prod,*"]},
+        {"value": ADMIN, "admin": True, "services": []}], **values})
+
+
+def test_a_token_is_presented_as_a_bearer_header_or_a_token_parameter():
+    web, admin = tokens_config().tokens
+    authenticate = functools.partial(skyapi.authenticate, (web, admin))
+    assert skyapi.authenticate((), None, {}) is None  # none configured: open, as the Go original
+    assert authenticate(f"Bearer {TOKEN}", {}) is web
+    assert authenticate(f" bearer   {TOKEN} ", {}) is web
+    assert authenticate(None, query_args(f"service=x&token={TOKEN}")) is web
+    assert authenticate(f"Bearer {ADMIN}", query_args(f"token={WRONG}")) is admin  # header first
+    for authorization, query, problem in [
+        (None, "", "token: is required"),
+        (None, "token=", "token: is not valid"),
+        (f"Bearer {TOKEN}x", "", "token: is not valid"),
+        (f"Bearer {TOKEN[:-1]}", "", "token: is not valid"),
+        (f"Bearer {TOKEN.upper()}", "", "token: is not valid"),
+        (None, "token=%FF%FE%00", "token: is not valid"),
+        (f"Basic {TOKEN}", "", "token: the Authorization header must be 'Bearer <token>'"),
+        ("Bearer ", f"token={TOKEN}", "token: the Authorization header must be"),
+        (None, f"token={TOKEN}&token={TOKEN}", "token: is given more than once"),
+    ]:
+        with pytest.raises(skyapi.Refusal) as e:
+            authenticate(authorization, query_args(query))
+        assert str(e.value).startswith(problem) and e.value.reason == "unauthorized"
+        assert TOKEN not in str(e.value)
+
+
+def test_every_token_is_compared_in_constant_time_whichever_matches(monkeypatch):
+    cfg = skyapi.make_config({"tokens": [{"value": f"token-number-{i}-0123456789"}
+                                         for i in range(5)]})
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    for presented in ["token-number-0-0123456789", "token-number-2-0123456789",
+                      "token-number-4-0123456789", WRONG, "x"]:
+        compared.clear()
+        with contextlib.suppress(skyapi.Refusal):
+            skyapi.authenticate(cfg.tokens, f"Bearer {presented}", {})
+        assert len(compared) == 5  # no early exit at the match
+        assert {len(a) for pair in compared for a in pair} == {32}  # digests: length tells nothing
+
+
+def test_token_patterns_limit_the_service_and_the_categories():
+    cfg = tokens_config()
+    web, admin = cfg.tokens
+
+    def reg(query):
+        return skyapi.registration_from_query(query_args(query), "10.0.0.1", cfg)
+    for query in ["service=web-1&port=80&category=prod", "service=WEB-2&port=80&category=prod,eu"]:
+        skyapi.authorize(web, reg(query))
+    for token, query, problem in [
+        (web, "service=db&port=80&category=prod", "service: 'db' is not allowed for this token"),
+        (web, "service=web-1&port=80&category=staging", "category: 'staging' is not allowed"),
+        (web, "service=web-1&port=80&category=eu,prod", "category: 'eu,prod' is not allowed"),
+        (web, "service=web-1&port=80", "category: 'services' is not allowed"),  # the default
+        (admin, "service=web-1&port=80&category=prod", "service: 'web-1' is not allowed"),
+    ]:
+        with pytest.raises(skyapi.Refusal) as e:
+            skyapi.authorize(token, reg(query))
+        assert str(e.value).startswith(problem) and e.value.reason == "forbidden"
+    skyapi.authorize(None, reg("service=anything&port=1"))  # no tokens: no patterns
+
+
+def test_admit_checks_origin_token_name_policy_and_room_in_that_order():
+    cfg = tokens_config(host_policy="peer", allowed_origins=["https://App.example.com"],
+                        max_connections=10, max_connections_per_ip=2)
+    good = query_args("service=web-1&port=80&category=prod")
+    headers = {**bearer(TOKEN), "Origin": "https://app.example.com"}
+    reg, token = skyapi.admit(cfg, good, headers, "10.0.0.1", 9, 1)
+    assert (reg.host, token.number) == ("10.0.0.1", 1)
+    for query, headers, peer, held, by_peer, problem in [
+        ("", {"Origin": "https://evil.example.com"}, "10.0.0.1", 0, 0,
+         "origin: 'https://evil.example.com' is not in allowed_origins"),
+        ("port=x", {}, "10.0.0.1", 0, 0, "token: is required"),
+        ("port=x", bearer(TOKEN), "10.0.0.1", 0, 0, "service: is required"),
+        ("service=db&port=1&category=prod", bearer(TOKEN), "10.0.0.1", 0, 0, "service: 'db' is not"),
+        ("service=web-1&port=1&category=prod&host=10.0.0.2", bearer(TOKEN), "10.0.0.1", 0, 0,
+         "host: '10.0.0.2' is not your own address 10.0.0.1 (host_policy is peer)"),
+        ("service=web-1&port=1&category=prod&host=web.example.com", bearer(TOKEN), "10.0.0.1", 0, 0,
+         "host: 'web.example.com' is not your own address"),
+        ("service=web-1&port=1&category=prod", bearer(TOKEN), "10.0.0.1", 10, 0,
+         "max_connections: skyapi holds its limit of 10 connections; try again later"),
+        ("service=web-1&port=1&category=prod", bearer(TOKEN), "10.0.0.1", 5, 2,
+         "max_connections_per_ip: 10.0.0.1 holds its limit of 2 connections; try again later"),
+    ]:
+        with pytest.raises(skyapi.Refusal) as e:
+            skyapi.admit(cfg, query_args(query), headers, peer, held, by_peer)
+        assert str(e.value).startswith(problem), e.value
+
+
+# Property: what a client sends never leaves etcd_prefix/<root>/
+
+QUERY_NAMES = st.sampled_from([*skyapi.PROVIDE_PARAMS, "token", "Service", "x", ""])
+NEAR_LABELS = st.text(alphabet="abcxyzABC019_-", min_size=1, max_size=70)
+QUERY_VALUES = st.one_of(
+    NEAR_LABELS.map(str.encode),  # often valid: labels, numbers, lists of labels
+    st.lists(NEAR_LABELS, min_size=1, max_size=4).map(lambda ls: ",".join(ls).encode()),
+    st.integers(-1, 70000).map(lambda n: str(n).encode()),
+    st.binary(max_size=40),  # any bytes
+    st.text(alphabet="abzAZ09-_.,/:%@[] \x00\u00e9\u0131\u212a", max_size=70).map(str.encode),
+    st.sampled_from([b"web", b"80", b"..", b"../../../../x", b"/", b"a,b", b"a,,b", b"0.0.0.0",
+                     b"::", b"::ffff:10.0.0.1", b"_x", b"-a", b"A" * 64, b"65536", b"1e3", b"",
+                     b"%2F", b"web%00", b"web\n", b"\xc0\xae\xc0\xae", b"web.", b"1" * 300]),
+    st.integers(64, 4000).map(lambda n: b"a" * n),  # huge
+)
+
+
+@st.composite
+def queries(draw) -> dict[str, list[bytes]]:
+    """A query as Tornado hands it over: names to lists of values, often almost valid."""
+    query = draw(st.sampled_from([{}, {"service": [b"web"], "port": [b"80"]}]))
+    once = QUERY_VALUES.map(lambda v: [v])
+    extra = draw(st.dictionaries(QUERY_NAMES, st.one_of(once, once, once, st.lists(
+        QUERY_VALUES, min_size=2, max_size=3)), max_size=3))
+    return {**query, **extra}
+
+
+def test_no_query_makes_a_key_outside_the_root():
+    seen = collections.Counter()
+
+    @hypothesis.settings(max_examples=400, deadline=None, database=None)
+    @hypothesis.given(query=queries(), version=st.sampled_from([2, 3]),
+                      root=st.sampled_from(["skydns.local.", "Turtles.COM", "a-b.c_d.e"]),
+                      prefix=st.sampled_from(["/skydns", "/x/y_z"]))
+    def check(query, version, root, prefix):
+        cfg = skyapi.make_config({"etcd_version": version, "dns_root": root, "etcd_prefix": prefix})
+        try:
+            reg = skyapi.registration_from_query(query, "192.0.2.7", cfg)
+        except skyapi.Refusal as e:
+            assert e.param in skyapi.PROVIDE_PARAMS and str(e).startswith(e.param + ": ")
+            seen["refused"] += 1
+            return
+        seen["accepted"] += 1
+        key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+        assert key.startswith(skyapi.root_dir(cfg) + "/") and posixpath.normpath(key) == key
+        *names, record_id = key[len(skyapi.root_dir(cfg)) + 1:].split("/")
+        assert names == [*reg.categories[::-1], reg.service]
+        assert all(skyapi.LABEL.fullmatch(n) and (version == 3 or n[0] != "_") for n in names)
+        assert re.fullmatch(r"[0-9a-f]{40}|[a-z0-9_-]{1,63}-[0-9a-f]{20}", record_id)
+        assert len(reg.dns_name(cfg.dns_root)) <= 253
+
+    check()
+    assert seen["refused"] > 50 and seen["accepted"] > 50, seen
+
+
+QUERY_SAFE = "/,:.[]%@!$'()*+;=-_~"  # left raw in the 'raw' spelling: odd, still a valid URL
+
+
+@st.composite
+def query_strings(draw) -> str:
+    """Any bytes percent-encoded, or spelled raw where a URL allows, repeated parameters,
+    empty fields, huge values."""
+    pairs = draw(st.sampled_from([[], [("service", b"web"), ("port", b"80")],
+                                  [("service", b"mail"), ("port", b"25"), ("category", b"prod,eu")],
+                                  [("service", b"Api_1"), ("port", b"8080"), ("host", b"h.example")]]))
+    pairs = pairs + draw(st.lists(st.tuples(QUERY_NAMES, QUERY_VALUES), max_size=2))
+    fields = []
+    for name, value in draw(st.permutations(pairs)):
+        safe = QUERY_SAFE if draw(st.booleans()) else ""
+        fields.append(name + "=" + urllib.parse.quote_from_bytes(value, safe=safe)
+                      if value or draw(st.booleans()) else name)
+    return "&".join(fields)
+
+
+def test_any_query_string_is_refused_cleanly_or_registered_inside_the_root(private_etcd, version,
+                                                                           caplog):
+    """Against a live server and a real etcd: the server never fails, every refusal is an
+    ERROR and close 1008, and no key is ever written outside etcd_prefix/<root>/."""
+    caplog.set_level(logging.WARNING)
+    loop = asyncio.new_event_loop()
+    seen = collections.Counter()
+
+    async def setup():
+        cfg = config([private_etcd.url], version, tokens=[{"value": TOKEN, "services": ["[a-w]*"]}])
+        server = skyapi.Skyapi(cfg)
+        await server.start()
+        return cfg, server, EtcdView(private_etcd.url, version)
+    cfg, server, view = loop.run_until_complete(setup())
+
+    async def probe(query: str, auth: str) -> None:
+        headers = {"header": bearer(TOKEN), "wrong": bearer(WRONG), "none": {},
+                   "query": {}}[auth]
+        if auth == "query":
+            query += "&token=" + TOKEN
+        try:
+            expected = skyapi.admit(cfg, query_args(query), httputil.HTTPHeaders(headers),
+                                    "127.0.0.1", 0, 0)
+        except skyapi.Refusal as e:
+            expected = e
+        conn = await connect(server, query, headers)
+        try:
+            if isinstance(expected, skyapi.Refusal):
+                seen["refused"] += 1
+                assert await asyncio.wait_for(conn.read_message(), 5) == f"ERROR: {expected}"
+                assert await asyncio.wait_for(conn.read_message(), 5) is None
+                assert conn.close_code == 1008
+                assert await every_key(view) == set()  # nothing written, anywhere
+                return
+            seen["accepted"] += 1
+            reg, _ = expected
+            key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+            assert key.startswith(prefix_of(cfg)) and await every_key(view) == {key}
+        finally:
+            conn.close()  # a failed example must not leave its record to the next
+            # ... nor a delete in flight: a same-key socket would find the record "stored".
+            await wait_until(lambda: _settled(server, view), 2)
+
+    try:
+        @hypothesis.settings(max_examples=150, deadline=None, database=None,
+                             suppress_health_check=[hypothesis.HealthCheck.too_slow])
+        @hypothesis.given(query=query_strings(), auth=st.sampled_from(
+            ["header", "header", "header", "query", "none", "wrong"]))
+        def check(query, auth):
+            loop.run_until_complete(asyncio.wait_for(probe(query, auth), 20))
+        check()
+        assert seen["refused"] > 20 and seen["accepted"] > 20, seen
+
+        async def finally_():
+            written = await keys_ever_written(view)
+            assert written and all(k.startswith(prefix_of(cfg)) for k in written), written
+            # A query over Tornado's header limit (64 KiB) never reaches skyapi; the server stays.
+            with pytest.raises((HTTPClientError, OSError, websocket.WebSocketClosedError,
+                                tornado.iostream.StreamClosedError)):
+                await connect(server, "service=web&port=80&x=" + "a" * 100_000, bearer(TOKEN))
+            conn = await connect(server, "service=web&port=80", bearer(TOKEN))
+            assert len(await every_key(view)) == 1
+            conn.close()
+        loop.run_until_complete(asyncio.wait_for(finally_(), 60))
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    finally:
+        loop.run_until_complete(server.stop(grace=2))
+        loop.close()
+
+
+async def _settled(server, view):
+    return not server.registry.slots and not await every_key(view)
+
+
+# Tokens, live
+
+
+@async_test
+async def test_no_tokens_means_open_and_a_warning_at_start(etcd, caplog):
+    caplog.set_level(logging.INFO, logger="skyapi")
+    async with running(config([etcd.url])) as server:
+        conn = await connect(server, "service=anyone&port=1&host=192.0.2.1")
+        assert [r.levelname for r in caplog.records if "event=no_tokens" in r.getMessage()] == \
+            ["WARNING"]
+        conn.close()
+    caplog.clear()
+    async with running(config([etcd.url], tokens=[{"value": TOKEN}])) as server:
+        assert not [r for r in caplog.records if "event=no_tokens" in r.getMessage()]
+        assert (await get(server.port, "/metrics"))[0] == 200  # no admin token: open
+
+
+@async_test
+async def test_tokens_refuse_and_write_nothing_without_a_token_that_allows_the_name(etcd, version):
+    cfg = config([etcd.url], version, tokens=[
+        {"value": TOKEN, "services": ["web-*"], "categories": ["prod"]},
+        {"value": ADMIN, "admin": True, "services": []}])
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        good = "service=web-1&port=80&category=prod"
+        for query, headers, expected in [
+            (good, {}, "ERROR: token: is required"),
+            (good, bearer(WRONG), "ERROR: token: is not valid"),
+            (f"{good}&token={WRONG}", {}, "ERROR: token: is not valid"),
+            ("service=db&port=80&category=prod", bearer(TOKEN),
+             "ERROR: service: 'db' is not allowed for this token"),
+            ("service=web-1&port=80&category=staging", bearer(TOKEN),
+             "ERROR: category: 'staging' is not allowed for this token"),
+            ("service=web-1&port=80", bearer(TOKEN),
+             "ERROR: category: 'services' is not allowed for this token"),
+            (good, bearer(ADMIN), "ERROR: service: 'web-1' is not allowed for this token"),
+        ]:
+            message, code = await refused(server, query, headers)
+            assert message.startswith(expected) and code == 1008, message
+        assert await view.records(prefix_of(cfg)) == {}
+        if version == 2:
+            assert await view.dirs(skyapi.root_dir(cfg)) == set()
+        assert server.metrics.refused == {"unauthorized": 3, "forbidden": 4}
+        assert (server.metrics.connections_total, server.held, server.held_by_peer) == (0, 0, {})
+
+        by_header = await connect(server, good, bearer(TOKEN))
+        by_query = await connect(server, f"service=web-2&port=80&category=prod&token={TOKEN}")
+        url = f"ws://127.0.0.1:{server.port}"
+        stop = asyncio.Event()
+        client = asyncio.ensure_future(skyapi.provide(url, "web-3", 80, stop, category="prod",
+                                                      token=TOKEN))
+        await wait_until(lambda: _count(view, cfg, 3), 5)
+        with pytest.raises(skyapi.ProvideRefused, match="^ERROR: token: is not valid$"):
+            await asyncio.wait_for(skyapi.provide(url, "web-3", 80, asyncio.Event(),
+                                                  category="prod", token=WRONG), 5)
+        stop.set()
+        await asyncio.wait_for(client, 5)
+        by_header.close()
+        by_query.close()
+        await wait_until(lambda: _empty(view, cfg), 2)
+
+
+async def _count(view, cfg, n):
+    return len(await view.records(prefix_of(cfg))) == n
+
+
+@async_test
+async def test_services_and_metrics_answer_only_admin_tokens_once_one_is_marked(etcd):
+    cfg = config([etcd.url], tokens=[{"value": TOKEN}, {"value": ADMIN, "admin": True}])
+    async with running(cfg) as server:
+        http = AsyncHTTPClient()
+        base = f"http://127.0.0.1:{server.port}"
+        for path in ("/services", "/metrics"):
+            for headers, query, code in [({}, "", 401), (bearer(WRONG), "", 401),
+                                         ({}, f"?token={TOKEN}", 403), (bearer(TOKEN), "", 403),
+                                         (bearer(ADMIN), "", 200), ({}, f"?token={ADMIN}", 200)]:
+                r = await http.fetch(base + path + query, headers=headers, raise_error=False)
+                assert r.code == code, (path, headers, query, r.code)
+                assert TOKEN.encode() not in r.body and ADMIN.encode() not in r.body
+            r = await http.fetch(base + path, raise_error=False)
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+        for path in ("/healthz", "/readyz"):  # probes need no token
+            assert (await get(server.port, path))[0] == 200
+
+
+@async_test
+async def test_tokens_and_query_strings_never_reach_the_log(etcd, tmp_path, monkeypatch):
+    secret_file = tmp_path / "admin-token"
+    secret_file.write_text(ADMIN + "\n")
+    monkeypatch.setenv("SKYAPI_TEST_TOKEN", TOKEN)
+    marker = "marker-q8z7x"  # a query parameter's value: the log must not have it either
+    cfg = config([etcd.url])
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--log-level", "debug",
+                        "--tokens", '{"value_env": "SKYAPI_TEST_TOKEN", "services": ["web"]}',
+                        "--tokens", f'{{"value_file": "{secret_file}", "admin": true}}')
+    try:
+        await sky.started()
+        url = f"ws://127.0.0.1:{sky.port}/provide?service=web&port=80&marker={marker}"
+        conns = [await websocket.websocket_connect(HTTPRequest(url, headers=bearer(TOKEN))),
+                 await websocket.websocket_connect(f"{url}&token={TOKEN}")]
+        for bad in [f"{url}&token={WRONG}", f"{url}&token={TOKEN}&token={TOKEN}",
+                    f"{url.replace('service=web', 'service=db')}&token={TOKEN}"]:
+            conn = await websocket.websocket_connect(bad)
+            assert (await conn.read_message()).startswith("ERROR: ")
+        http = AsyncHTTPClient()
+        base = f"http://127.0.0.1:{sky.port}"
+        for path, code in [(f"/provide?token={TOKEN}&marker={marker}", 400),
+                           (f"/nope?token={TOKEN}&marker={marker}", 404),
+                           (f"/metrics?token={TOKEN}&marker={marker}", 403),
+                           (f"/metrics?token={WRONG}&marker={marker}", 401),
+                           (f"/services?token={ADMIN}&marker={marker}", 200)]:
+            assert (await http.fetch(base + path, raise_error=False)).code == code
+        for c in conns:
+            c.close()
+        await wait_until(lambda: _now(sky.log.read_text().count("event=disconnect") == 2), 5)
+        sky.proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: _exited(sky.proc), 10)
+        text = sky.log.read_text()
+        for secret in (TOKEN, ADMIN, WRONG, marker, "?token", "&token"):
+            assert secret not in text, secret
+        events = tmp_path / "events.log"  # skyapi's own lines (at debug, asyncio adds its own)
+        events.write_text("".join(line for line in text.splitlines(True) if " event=" in line))
+        assert [e["token"] for e in events_named(events, "connect")] == ["1", "1"]
+        assert len(events_named(events, "refuse")) == 3
+        assert [(e["status"], e["path"]) for e in events_named(events, "http_error")] == [
+            ("400", "/provide"), ("404", "/nope"), ("403", "/metrics"), ("401", "/metrics")]
+    finally:
+        sky.kill()
+
+
+# Where a registration may point, and how many there may be
+
+
+@async_test
+async def test_host_policy_peer_uses_the_address_xheaders_says_only_with_xheaders(etcd):
+    view = EtcdView(etcd.url, 2)
+    cfg = config([etcd.url], host_policy="peer")
+    async with running(cfg) as server:
+        spoof = {"X-Real-IP": "10.1.2.3", "X-Forwarded-For": "10.1.2.3"}
+        assert await refused(server, "service=h&port=1&host=10.1.2.3", spoof) == (
+            "ERROR: host: '10.1.2.3' is not your own address 127.0.0.1 (host_policy is peer)", 1008)
+        message, _ = await refused(server, "service=h&port=1&host=h.example.com")
+        assert message.startswith("ERROR: host: 'h.example.com' is not your own address")
+        conns = [await connect(server, f"service=h&port={port}{host}", spoof)
+                 for port, host in [(1, ""), (2, "&host=127.0.0.1"), (3, "&host=0.0.0.0"),
+                                    (4, "&host=::ffff:127.0.0.1")]]
+        records = await view.records(prefix_of(cfg))
+        assert len(records) == 4 and {json.loads(v)["host"] for v in records.values()} == {"127.0.0.1"}
+        assert server.metrics.refused == {"host_policy": 2}
+        for c in conns:
+            c.close()
+    cfg = config([etcd.url], host_policy="peer", xheaders=True)
+    async with running(cfg) as server:
+        proxied = await connect(server, "service=x&port=1", {"X-Real-IP": "10.1.2.3"})
+        chained = await connect(server, "service=x&port=2&host=10.4.4.4",
+                                {"X-Forwarded-For": "192.0.2.1, 10.4.4.4"})  # the proxy's hop
+        records = await view.records(prefix_of(cfg))
+        assert sorted(json.loads(v)["host"] for v in records.values()) == ["10.1.2.3", "10.4.4.4"]
+        listed = json.loads((await get(server.port, "/services"))[1])
+        assert sorted(d["peer"] for d in listed) == ["10.1.2.3", "10.4.4.4"]
+        for headers in [{"X-Real-IP": "10.1.2.3"}, {"X-Forwarded-For": "10.9.9.9, 10.1.2.3"}]:
+            message, code = await refused(server, "service=x&port=3&host=10.9.9.9", headers)
+            assert message == ("ERROR: host: '10.9.9.9' is not your own address 10.1.2.3 "
+                               "(host_policy is peer)") and code == 1008
+        proxied.close()
+        chained.close()
+        await wait_until(lambda: _empty(view, cfg), 2)
+
+
+@async_test
+async def test_connection_limits_refuse_past_the_limit_and_leave_no_trace(etcd, version):
+    cfg = config([etcd.url], version, xheaders=True, max_connections=3, max_connections_per_ip=2)
+    view = EtcdView(etcd.url, version)
+
+    def peer(address):
+        return {"X-Real-IP": address}
+    async with running(cfg) as server:
+        a1 = await connect(server, "service=lim&port=1", peer("10.0.0.1"))
+        a2 = await connect(server, "service=lim&port=2", peer("10.0.0.1"))
+        assert await refused(server, "service=lim&port=3", peer("10.0.0.1")) == (
+            "ERROR: max_connections_per_ip: 10.0.0.1 holds its limit of 2 connections; "
+            "try again later", 1013)
+        b1 = await connect(server, "service=lim&port=4", peer("10.0.0.2"))
+        assert await refused(server, "service=lim&port=5", peer("10.0.0.2")) == (
+            "ERROR: max_connections: skyapi holds its limit of 3 connections; try again later",
+            1013)
+        ports = sorted(json.loads(v)["port"] for v in (await view.records(prefix_of(cfg))).values())
+        assert ports == [1, 2, 4]
+        assert server.metrics.refused == {"max_connections_per_ip": 1, "max_connections": 1}
+        assert (server.metrics.connections_total, len(server.sockets)) == (3, 3)
+        assert server.held_by_peer == {"10.0.0.1": 2, "10.0.0.2": 1}
+        # Refused for want of room: the client tries again later, it does not give up for good.
+        with pytest.raises(skyapi.ProvideGaveUp):
+            await asyncio.wait_for(skyapi.provide(f"ws://127.0.0.1:{server.port}", "lim", 6,
+                                                  asyncio.Event(), reconnect=0), 5)
+        a1.close()
+        await wait_until(lambda: _now(server.held == 2), 2)
+        a3 = await connect(server, "service=lim&port=3", peer("10.0.0.1"))
+        for c in (a2, a3, b1):
+            c.close()
+        await wait_until(lambda: _now(server.held == 0 and not server.held_by_peer), 2)
+        # A burst from one peer gets exactly the room there is, not one more.
+        burst = await asyncio.gather(*(connect(server, f"service=lim&port={p}", peer("10.0.0.9"))
+                                       for p in range(10, 20)))
+        closed = await asyncio.gather(*(asyncio.wait_for(c.read_message(), 1) for c in burst),
+                                      return_exceptions=True)
+        assert sum(isinstance(m, asyncio.TimeoutError) for m in closed) == 2
+        assert len(await view.records(prefix_of(cfg))) == 2
+        assert server.metrics.refused["max_connections_per_ip"] == 1 + 8
+        for c in burst:
+            c.close()
+        await wait_until(lambda: _empty(view, cfg), 2)
+
+
+@async_test
+async def test_browser_origins_must_be_listed(etcd):
+    cfg = config([etcd.url], allowed_origins=["https://app.example.com"])
+    view = EtcdView(etcd.url, 2)
+    async with running(cfg) as server:
+        not_a_browser = await connect(server, "service=o&port=1")
+        listed = await connect(server, "service=o&port=2", {"Origin": "https://app.example.com"})
+        for origin in ["https://evil.example.com", "http://app.example.com", "null",
+                       f"http://127.0.0.1:{server.port}"]:  # even skyapi's own: it serves no page
+            assert await refused(server, "service=o&port=3", {"Origin": origin}) == (
+                f"ERROR: origin: {origin!r} is not in allowed_origins", 1008)
+        assert len(await view.records(prefix_of(cfg))) == 2
+        assert server.metrics.refused == {"origin": 4}
+        not_a_browser.close()
+        listed.close()
+
+
+# TLS, both sides
+
+
+@async_test
+async def test_wss_with_a_generated_certificate(etcd, certs):
+    cfg = config([etcd.url], tls_cert_file=certs.server_cert, tls_key_file=certs.server_key)
+    view = EtcdView(etcd.url, 2)
+    async with running(cfg) as server:
+        trusting = ssl.create_default_context(cafile=certs.ca)
+        conn = await websocket.websocket_connect(HTTPRequest(
+            f"wss://127.0.0.1:{server.port}/provide?service=tls&port=1", ssl_options=trusting))
+        assert len(await view.records(prefix_of(cfg))) == 1
+        r = await AsyncHTTPClient().fetch(f"https://127.0.0.1:{server.port}/healthz",
+                                          ca_certs=certs.ca)
+        assert r.body == b"ok\n"
+        for url, options in [(f"ws://127.0.0.1:{server.port}/provide?service=tls&port=2", None),
+                             (f"wss://127.0.0.1:{server.port}/provide?service=tls&port=3",
+                              ssl.create_default_context())]:  # a client that does not trust it
+            with pytest.raises((HTTPClientError, OSError, tornado.iostream.StreamClosedError)):
+                await asyncio.wait_for(websocket.websocket_connect(
+                    HTTPRequest(url, ssl_options=options)), 5)
+        assert len(await view.records(prefix_of(cfg))) == 1
+        conn.close()
+        await wait_until(lambda: _empty(view, cfg), 2)
+
+
+@pytest.fixture(scope="module")
+def tls_etcd(certs):
+    """etcd over https that wants a client certificate signed by the test CA."""
+    server = skyapi.DevEtcd(tls=certs.etcd).start()
+    yield server
+    server.stop()
+
+
+@async_test
+async def test_etcd_over_https_with_a_client_certificate(tls_etcd, certs, version):
+    view = guarded_view(tls_etcd.url, version, **certs.client)
+    tls = {"etcd_ca_file": certs.ca, "etcd_cert_file": certs.client_cert,
+           "etcd_key_file": certs.client_key}
+    cfg = config([tls_etcd.url], version, **tls)
+    async with running(cfg) as server:
+        conn = await connect(server, "service=secure&port=1")
+        assert len(await view.records(prefix_of(cfg))) == 1
+        assert await get(server.port, "/readyz") == (200, "ok\n")
+        conn.close()
+        await wait_until(lambda: _empty(view, cfg), 2)
+    # Without a client certificate, or without trusting etcd's CA, there is no etcd to speak to.
+    for partial in ({"etcd_ca_file": certs.ca},
+                    {"etcd_cert_file": certs.client_cert, "etcd_key_file": certs.client_key}):
+        async with running(config([tls_etcd.url], version, **partial)) as server:
+            code, reason = await get(server.port, "/readyz")
+            assert code == 503 and reason.startswith("etcd unreachable: "), (partial, reason)
+
+
+def etcdctl(etcd, certs, *args: str) -> None:
+    binary = shutil.which("etcdctl") or shutil.which("etcdctl", path=os.path.dirname(sys.executable))
+    subprocess.run([binary, "--endpoints", etcd.url, "--cacert", certs.ca, "--cert",
+                    certs.client_cert, "--key", certs.client_key, *args],
+                   check=True, capture_output=True, timeout=30)
+
+
+@async_test
+async def test_etcd_v2_user_and_password(private_etcd, tmp_path):
+    http = AsyncHTTPClient()
+    root = {"auth_username": "root", "auth_password": PASSWORD}
+    await http.fetch(private_etcd.url + "/v2/auth/users/root", method="PUT",
+                     body=json.dumps({"user": "root", "password": PASSWORD}))
+    await http.fetch(private_etcd.url + "/v2/auth/enable", method="PUT", body="")
+    # v2 auth lets the guest role do everything until told otherwise.
+    await http.fetch(private_etcd.url + "/v2/auth/roles/guest", method="PUT", **root, body=json.dumps(
+        {"role": "guest", "revoke": {"kv": {"read": ["/*"], "write": ["/*"]}}}))
+    r = await http.fetch(private_etcd.url + "/v2/keys/anyone", method="PUT", body="value=1",
+                         raise_error=False)
+    assert r.code == 401  # auth is on
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD + "\n")
+    cfg = config([private_etcd.url], 2, etcd_username="root", etcd_password_file=str(password_file))
+    view = guarded_view(private_etcd.url, 2, **root)
+    async with running(cfg) as server:
+        conn = await connect(server, "service=authed&port=1")
+        assert len(await view.records(prefix_of(cfg))) == 1
+        conn.close()
+        await wait_until(lambda: _empty(view, cfg), 2)
+    cfg = config([private_etcd.url], 2, etcd_username="root", etcd_password=WRONG)
+    async with running(cfg) as server:
+        message, code = await refused(server, "service=authed&port=1")
+        assert message.startswith("ERROR: etcd refused the record: ") and code == 1011
+    assert await view.records(prefix_of(cfg)) == {}
+
+
+@async_test
+async def test_etcd_v3_user_and_password_over_tls_renews_its_token(certs, monkeypatch):
+    etcd = skyapi.DevEtcd(tls=certs.etcd).start()
+    try:
+        etcdctl(etcd, certs, "user", "add", f"root:{PASSWORD}")
+        etcdctl(etcd, certs, "user", "grant-role", "root", "root")
+        etcdctl(etcd, certs, "auth", "enable")
+        anonymous = guarded_view(etcd.url, 3, **certs.client)
+        code, doc = await anonymous._fetch("/v3/kv/put", "POST", json.dumps(
+            {"key": b64("/anyone"), "value": b64("1")}))
+        # Auth is on: no write without a token ("user name is empty", or "permission denied"
+        # for the CommonName of the certificate etcd's gateway presents to etcd).
+        assert code in (400, 403) and doc["error"].startswith("etcdserver: "), (code, doc)
+
+        async def authed_view():
+            _, doc = await anonymous._fetch("/v3/auth/authenticate", "POST", json.dumps(
+                {"name": "root", "password": PASSWORD}))
+            return guarded_view(etcd.url, 3, {"Authorization": doc["token"]}, **certs.client)
+
+        monkeypatch.setenv("SKYAPI_TEST_PASSWORD", PASSWORD)
+        cfg = config([etcd.url], 3, etcd_ca_file=certs.ca, etcd_cert_file=certs.client_cert,
+                     etcd_key_file=certs.client_key, etcd_username="root",
+                     etcd_password_env="SKYAPI_TEST_PASSWORD")
+        async with running(cfg) as server:
+            first = await connect(server, "service=authed&port=1")
+            assert len(await (await authed_view()).records(prefix_of(cfg))) == 1
+            requests = server.metrics.etcd_requests
+            assert requests[("authenticate", "ok")] == 1
+            etcd.kill()
+            etcd.start()  # etcd forgets every token when it restarts
+            second = await connect(server, "service=authed&port=2")
+            view = await authed_view()
+            await wait_until(lambda: _count(view, cfg, 2), cfg.timeout)
+            assert requests[("authenticate", "ok")] == 2
+            assert requests.get(("authenticate", "http_400"), 0) == 0
+            first.close()
+            second.close()
+            await wait_until(lambda: _empty(view, cfg), 2)
+        cfg = dataclasses.replace(cfg, etcd_password=WRONG)
+        async with running(cfg) as server:
+            message, code = await refused(server, "service=authed&port=1")
+            assert message == ("ERROR: etcd refused the record: auth/authenticate: etcdserver: "
+                               "authentication failed, invalid user ID or password") and code == 1011
+    finally:
+        etcd.stop()
 
 
 # --- faults: etcd outages, failover, signals, churn -----------------------------
