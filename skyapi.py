@@ -2176,9 +2176,10 @@ def setup_logging(level: str) -> None:
     formatter.converter = time.gmtime
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
-    logging.basicConfig(
-        handlers=[handler],
-        level={"warn": logging.WARNING}.get(level, getattr(logging, level.upper())))
+    wanted = {"warn": logging.WARNING}.get(level, getattr(logging, level.upper()))
+    # Others (Tornado, asyncio) only from warnings up: their debug lines are not key=value.
+    logging.basicConfig(handlers=[handler], level=max(wanted, logging.WARNING))
+    log.setLevel(wanted)
     logging.addLevelName(logging.WARNING, "warn")
     for name in ("debug", "info", "error"):
         logging.addLevelName(getattr(logging, name.upper()), name)

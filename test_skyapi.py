@@ -455,6 +455,23 @@ async def _empty(view, cfg):
 
 
 @async_test
+async def test_reconnecting_while_the_delete_is_in_flight_waits_for_the_new_put(etcd, version):
+    """Close and reconnect the same identity at once: the new handshake must still wait for
+    the record, though the slot still says 'stored' while its delete is in flight."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        for _ in range(20):
+            conn = await connect(server, "service=again&port=1&category=a,b")
+            conn.close()
+            await wait_until(lambda: _true(server.sockets == set()), 1, interval=0.001)
+            conn = await connect(server, "service=again&port=1&category=a,b")
+            assert len(await view.records(prefix_of(cfg))) == 1
+            conn.close()
+            await wait_until(lambda: _empty(view, cfg), 1)
+
+
+@async_test
 async def test_duplicates_share_one_record_until_the_last_goes(etcd, version):
     cfg = config([etcd.url], version)
     view = EtcdView(etcd.url, version)
