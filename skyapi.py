@@ -544,6 +544,26 @@ def check_host(value: str, peer: str) -> str:
     return name
 
 
+def split_advertised(addr: str) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]:port' or a bare IPv6 address, as (host, port or 0)."""
+    bare = canonical_ip(addr.strip("[]"))
+    host, port = (bare, 0) if bare else split_host_port(addr) if ":" in addr else (addr, 0)
+    checked = check_host(host, "")
+    if not checked:  # empty or unspecified: nothing others could connect to
+        raise ValueError(f"{addr!r} is not a host[:port] others can connect to")
+    return checked, port
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """'host:port', ':port' or '[v6]:port' as (host, port); raises ValueError."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{addr!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
 def check_int(param: str, value: str, low: int, high: int) -> int:
     if not re.fullmatch(r"[0-9]{1,6}", value) or not low <= int(value) <= high:
         raise Refusal(param, f"{_shown(value)} is not an integer in {low}-{high}")
@@ -1212,7 +1232,7 @@ class Registry:
     async def wait_stored(self, slot: Slot, timeout: float) -> str | None:
         """Wait until the slot's record is in etcd. An error message if etcd refused it;
         None when stored, or when etcd is not answering (the record is written on its return)."""
-        if slot.stored:
+        if slot.stored and not slot.busy:  # (busy and stored: its delete is in flight)
             return None
         if slot.ready is None:
             slot.ready = asyncio.get_running_loop().create_future()
@@ -1649,26 +1669,6 @@ class MetricsHandler(_AdminHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.write(self.server.metrics.render(self.server))
-
-
-def split_advertised(addr: str) -> tuple[str, int]:
-    """'host', 'host:port', '[v6]:port' or a bare IPv6 address, as (host, port or 0)."""
-    bare = canonical_ip(addr.strip("[]"))
-    host, port = (bare, 0) if bare else split_host_port(addr) if ":" in addr else (addr, 0)
-    checked = check_host(host, "")
-    if not checked:  # empty or unspecified: nothing others could connect to
-        raise ValueError(f"{addr!r} is not a host[:port] others can connect to")
-    return checked, port
-
-
-def split_host_port(addr: str) -> tuple[str, int]:
-    """'host:port', ':port' or '[v6]:port' as (host, port); raises ValueError."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{addr!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 class Skyapi:
