@@ -962,7 +962,10 @@ class EtcdV2:
             claim = {"prevExist": "false"} if slot.claim else {}
             code, err, message = await self._form("put", "PUT", slot.key, value=slot.value,
                                                   ttl=self.ttl, **claim)
-            slot.foreign = slot.claim and err == 105  # 105: exists, another instance's
+            if slot.claim and err == 105:  # it exists: ours if its value (owner and all) is
+                code, err, message = await self._form("put", "PUT", slot.key, value=slot.value,
+                                                      ttl=self.ttl, prevValue=slot.value)
+            slot.foreign = slot.claim and err == 101  # another instance's
             if code >= 300 and not slot.foreign:
                 raise EtcdError(f"put {slot.key}: {message} (etcd error {err})")
         for slot in deletes:
@@ -1092,7 +1095,9 @@ class EtcdV3:
             ops = []
             for s in puts:
                 put = {"request_put": {"key": _b64(s.key), "value": _b64(s.value), "lease": lease}}
-                ops.append(_if(s.key, "VERSION", "version", "0", put) if s.claim else put)
+                # A claim takes the key if it is absent, or if it is on our lease already.
+                ops.append(_if(s.key, "VERSION", "version", "0", put,
+                               _if(s.key, "LEASE", "lease", lease, put)) if s.claim else put)
             ops += [_if(s.key, "LEASE", "lease", lease, {"request_delete_range": {"key": _b64(s.key)}})
                     for s in deletes]
             if not ops:
@@ -1105,7 +1110,9 @@ class EtcdV3:
                     raise
                 self._lost(lease)  # the next attempt grants a new one
         for s, r in zip(puts, reply.get("responses", [])):
-            s.foreign = s.claim and not r.get("response_txn", {}).get("succeeded", False)
+            r = r.get("response_txn", {})
+            inner = (r.get("responses") or [{}])[0].get("response_txn", {})
+            s.foreign = s.claim and not (r.get("succeeded") or inner.get("succeeded"))
 
     async def keep_alive(self, due: Sequence["Slot"], slots: Mapping[str, "Slot"],
                          full: bool) -> list["Slot"]:
@@ -1119,8 +1126,9 @@ class EtcdV3:
                 self._lost(lease)
             else:
                 ours = {base64.b64decode(k).decode() for k in live.get("keys", [])}
+                # Only puts acknowledged before the lease was read can be missing from it.
                 return [s for s in slots.values()
-                        if s.stored and s.stored_at < now and (s.foreign or s.key not in ours)]
+                        if s.stored and s.acked_at < now and (s.foreign or s.key not in ours)]
         return [s for s in slots.values() if s.stored and s.stored_at < self.lost_at]
 
     def _lost(self, lease: str) -> None:
@@ -1137,10 +1145,12 @@ class EtcdV3:
             self.lease = ""
 
 
-def _if(key: str, target: str, field: str, value: str, op: dict) -> dict:
-    """A nested transaction: op only if the key's target equals value (per key, in a batch)."""
+def _if(key: str, target: str, field: str, value: str, op: dict, otherwise: dict | None = None) -> dict:
+    """A nested transaction: op if the key's target equals value, else otherwise (per key,
+    in a batch)."""
     return {"request_txn": {"compare": [{"target": target, "key": _b64(key), field: value,
-                                         "result": "EQUAL"}], "success": [op]}}
+                                         "result": "EQUAL"}], "success": [op],
+                            "failure": [otherwise] if otherwise else []}}
 
 
 def make_backend(cfg: Any, on_request: Callable[[str, str, float], None]) -> EtcdV2 | EtcdV3:
@@ -1168,8 +1178,8 @@ def make_backend(cfg: Any, on_request: Callable[[str, str, float], None]) -> Etc
 class Slot:
     """One record in etcd and the sockets that hold it."""
 
-    __slots__ = ("key", "value", "holders", "stored", "stored_at", "busy", "ready", "claim",
-                 "foreign")
+    __slots__ = ("key", "value", "holders", "stored", "stored_at", "acked_at", "busy", "ready",
+                 "claim", "foreign")
 
     def __init__(self, key: str, value: str):
         self.key = key
@@ -1177,6 +1187,7 @@ class Slot:
         self.holders = 0
         self.stored: bool | None = False  # in etcd? None: unknown (a request failed midway)
         self.stored_at = 0.0  # monotonic time the last successful put was sent
+        self.acked_at = 0.0  # ... and the time etcd's answer to it came
         self.busy = False  # a worker has a request for this key in flight
         self.ready: asyncio.Future | None = None  # resolved at the first put: None or an error
         self.claim = False  # found lost: the next put takes the key only if it is absent
@@ -1283,6 +1294,7 @@ class Registry:
             refused: list[Slot] = []
             try:
                 await self.backend.apply(puts, deletes)
+                acked = time.monotonic()
             except EtcdUnavailable as e:
                 for s in batch:
                     s.stored = None
@@ -1297,7 +1309,7 @@ class Registry:
                     s.stored = False  # nothing more we can do; its TTL or lease takes it
             else:
                 for s in puts:
-                    s.stored, s.stored_at, s.claim = True, sent, False
+                    s.stored, s.stored_at, s.acked_at, s.claim = True, sent, acked, False
                     s.resolve(None)
                 for s in deletes:
                     s.stored = s.foreign = False

@@ -2368,6 +2368,24 @@ async def test_reconnect_race_a_silent_socket_on_a_never_removes_bs_record(etcd,
 
 
 @async_test
+async def test_a_claim_that_meets_our_own_record_keeps_it_ours(etcd, version):
+    """A record wrongly thought lost (a put acknowledged while the keep-alive read the lease,
+    found by the benchmark) is claimed back; meeting our own record, the claim must not call
+    it another instance's, or the socket's close would leave it behind."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        conn = await connect(server, "service=mine&port=1")
+        (slot,) = server.registry.slots.values()
+        slot.stored, slot.claim = False, True  # as the keep-alive does with a lost record
+        server.registry._mark(slot)
+        await wait_until(lambda: _true(slot.stored is True and not slot.busy), 2)
+        assert not slot.foreign and server.registry.records == 1
+        conn.close()
+        await wait_until(lambda: _empty(view, cfg), 1)
+
+
+@async_test
 async def test_two_instances_holding_one_record_keep_it_until_the_last_socket(etcd, version):
     root = unique_root()
     cfg = config([etcd.url], version, dns_root=root)
