@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import dataclasses
 import fnmatch
 import hashlib
@@ -965,6 +966,18 @@ class EtcdV2:
         self.client = client
         self.ttl = cfg.timeout
         self.keep_dir = root_dir(cfg)
+        # Our keys that may be in etcd, and how many per directory: a delete prunes only a
+        # directory it leaves empty of ours, not with a request that fails 'not empty'.
+        self._mine: set[str] = set()
+        self._per_dir: collections.Counter[str] = collections.Counter()
+
+    def _count(self, key: str, mine: bool) -> None:
+        if mine != (key in self._mine):
+            (self._mine.add if mine else self._mine.discard)(key)
+            directory = key.rsplit("/", 1)[0]
+            self._per_dir[directory] += 1 if mine else -1
+            if not self._per_dir[directory]:
+                del self._per_dir[directory]
 
     async def _form(self, op: str, method: str, key: str, query: Mapping[str, str] = {},
                     **fields: Any) -> tuple[int, int, str]:
@@ -978,6 +991,7 @@ class EtcdV2:
 
     async def apply(self, puts: Sequence["Slot"], deletes: Sequence["Slot"]) -> None:
         for slot in puts:
+            self._count(slot.key, True)
             claim = {"prevExist": "false"} if slot.claim else {}
             code, err, message = await self._form("put", "PUT", slot.key, value=slot.value,
                                                   ttl=self.ttl, **claim)
@@ -985,11 +999,13 @@ class EtcdV2:
                 code, err, message = await self._form("put", "PUT", slot.key, value=slot.value,
                                                       ttl=self.ttl, prevValue=slot.value)
             slot.foreign = slot.claim and err == 101  # another instance's
+            self._count(slot.key, not slot.foreign)
             if code >= 300 and not slot.foreign:
                 raise EtcdError(f"put {slot.key}: {message} (etcd error {err})")
         for slot in deletes:
             if not slot.foreign:
                 await self._delete(slot.key, slot.value)
+            self._count(slot.key, False)
 
     async def _delete(self, key: str, value: str) -> None:
         code, err, message = await self._form("delete", "DELETE", key, {"prevValue": value})
@@ -998,6 +1014,8 @@ class EtcdV2:
         # Prune directories the delete left empty, so DNS says NXDOMAIN, not an empty answer.
         # dir=true deletes only an empty directory, so a record put meanwhile is safe.
         directory = key.rsplit("/", 1)[0]
+        if self._per_dir[directory] > (key in self._mine):
+            return  # other records of ours live here
         while directory.startswith(self.keep_dir + "/"):
             code, err, _ = await self._form("prune", "DELETE", directory, {"dir": "true"})
             if code >= 300:

@@ -500,6 +500,16 @@ async def test_v2_empty_directories_are_pruned_up_to_the_root(etcd):
         b.close()
         await wait_until(lambda: _no_dir(view, root, f"{root}/y"), 1)
         assert await view.dirs(root) == {root}  # the root domain's own directory stays
+        # A delete that leaves others of ours in its directory asks etcd to prune nothing.
+        conns = [await connect(server, f"service=many&port={p}") for p in range(1, 6)]
+        prunes = server.metrics.etcd_requests.copy()
+        for c in conns[:4]:
+            c.close()
+        await wait_until(lambda: _true(len(server.registry.slots) == 1), 1)
+        assert {k: n for k, n in server.metrics.etcd_requests.items() if k[0] == "prune"} == \
+            {k: n for k, n in prunes.items() if k[0] == "prune"}
+        conns[4].close()
+        await wait_until(lambda: _no_dir(view, root, f"{root}/services"), 1)
 
 
 async def _no_dir(view, root, d):
