@@ -26,7 +26,10 @@ Run (with the venv's bin on PATH, so `etcd` is found):
     PATH=/tmp/venv/bin:$PATH python bench_skyapi.py --churn 60       # plus a churn run
 
 Other useful options: --versions 3, --sizes 1000,5000, --timeout/--ping-interval/--ping-timeout
-(defaults 10/5/5), --clients (client processes, default 4), --server-log-level info (skyapi's
+(defaults 10/5/5), --clients (client processes, default 4), --instances 2 (two skyapis side by
+side, N and the client processes split between them: the same figures per instance, and the
+record counts over both), --cluster 3 (a 3-member etcd cluster, every member given to each
+skyapi; the churn test runs one skyapi against it), --server-log-level info (skyapi's
 log, with etcd's and the watcher's, is kept in the folder printed at start), --profile (run
 skyapi under py-spy; collapsed stacks per scenario in that folder).
 
@@ -176,11 +179,13 @@ def http(url: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[in
 
 
 class EtcdReader:
-    """What is in etcd under a service, the way SkyDNS (v2) or CoreDNS (v3) sees it.
-    It counts its own requests, so they can be told apart from skyapi's."""
+    """What is in etcd under a service, the way SkyDNS (v2) or CoreDNS (v3) sees it, read
+    from the member at url. It counts its own requests, so they can be told apart from
+    skyapi's; members: every member's URL, whose request counts are added up."""
 
-    def __init__(self, url: str, version: int):
+    def __init__(self, url: str, version: int, members: list[str] | None = None):
         self.url, self.version = url, version
+        self.members = members or [url]
         self.requests = 0
 
     def count(self, service: str) -> int:
@@ -215,10 +220,11 @@ class EtcdReader:
 
     def requests_seen_by_etcd(self) -> float:
         """etcd's own count of the client requests it has handled (v2 keys API, or v3 gRPC
-        through the JSON gateway), whoever sent them."""
-        _, body = http(self.url + "/metrics")
+        through the JSON gateway), whoever sent them, over all members."""
         total = 0.0
-        for line in body.decode().splitlines():
+        lines = [line for url in self.members
+                 for line in http(url + "/metrics")[1].decode().splitlines()]
+        for line in lines:
             if self.version == 2 and line.startswith("etcd_http_received_total{"):
                 total += float(line.rsplit(" ", 1)[1])
             if (self.version == 3 and line.startswith("grpc_server_handled_total{")
@@ -327,11 +333,11 @@ class WatchLog:
         return all(k in self.first_put for k in keys)
 
     def wait_gone(self, since: dict[str, float], service: str,
-                  timeout: float) -> tuple[dict[str, float], int]:
-        """({key: time its record went, after since[key]}, how many of those times came from
+                  timeout: float) -> tuple[dict[str, float], set[str]]:
+        """({key: time its record went, after since[key]}, the keys whose times came from
         listing etcd because the watch had been quiet for a second: upper bounds)."""
         gone: dict[str, float] = {}
-        polled = 0
+        polled: set[str] = set()
         deadline = time.monotonic() + timeout
         next_poll = time.monotonic() + 1
         while True:
@@ -349,7 +355,8 @@ class WatchLog:
                 now = time.monotonic()
                 for key in since:
                     if key not in gone and key not in present:
-                        gone[key], polled = now, polled + 1
+                        gone[key] = now
+                        polled.add(key)
                 next_poll = now + 0.5
             time.sleep(0.02)
 
@@ -605,14 +612,15 @@ def all_replies(workers: list[Worker], timeout: float,
 class SkyapiServer:
     """skyapi.py as a child process, and what /proc and /metrics say about it."""
 
-    def __init__(self, etcd_url: str, version: int, args: argparse.Namespace, log_path: str,
-                 profile_path: str | None = None):
+    def __init__(self, etcd_urls: list[str], version: int, args: argparse.Namespace,
+                 log_path: str, profile_path: str | None = None):
         self.port = skyapi.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_base = f"ws://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, os.path.join(HERE, "skyapi.py"),
-               "--listen-addr", f"127.0.0.1:{self.port}", "--etcd-api", etcd_url,
+               "--listen-addr", f"127.0.0.1:{self.port}",
+               *(arg for url in etcd_urls for arg in ("--etcd-api", url)),
                "--etcd-version", str(version), "--timeout", str(args.timeout),
                "--ping-interval", str(args.ping_interval), "--ping-timeout", str(args.ping_timeout),
                "--log-level", args.server_log_level]
@@ -764,50 +772,114 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return True
 
 
-class Scenario:
-    """One skyapi, its watcher and its client processes, for one (version, N)."""
+class Instance:
+    """One skyapi of a scenario and the client processes that connect to it, with its own
+    figures. With a single instance, its figures are the scenario's result itself."""
 
-    def __init__(self, etcd: skyapi.DevEtcd, version: int, n: int, args: argparse.Namespace,
-                 workdir: str):
-        etcd_url, self.etcd_pid = etcd.url, etcd.proc.pid
+    def __init__(self, index: int, n: int, server: SkyapiServer, workers: list[Worker],
+                 result: dict[str, Any]):
+        self.index, self.n, self.server, self.workers = index, n, server, workers
+        self.result = result
+        self.opened: dict[str, float] = {}   # key -> handshake time, in the storm
+        self.errors: collections.Counter = collections.Counter()
+        self.closed: dict[str, float] = {}   # key -> close time, in the teardown
+        self.frozen_keys: list[str] = []     # the sockets of its frozen client process
+
+
+def merged(instances: list[Instance], attr: str) -> dict:
+    """The union of one dict attribute of several instances (their keys are distinct)."""
+    return {k: v for inst in instances for k, v in getattr(inst, attr).items()}
+
+
+class Scenario:
+    """One (version, N): args.instances skyapis (N and the client processes split between
+    them), the etcd member(s) they all use, and a watcher."""
+
+    def __init__(self, etcds: list[skyapi.DevEtcd], version: int, n: int,
+                 args: argparse.Namespace, workdir: str):
+        etcd_urls = [e.url for e in etcds]
+        self.etcd_pids = [e.proc.pid for e in etcds]
         self.version, self.n, self.args = version, n, args
-        self.label = f"v{version} N={n}"
+        count = args.instances
+        self.label = f"v{version} N={n}" + (f", {count} instances" if count > 1 else "")
         self.result: dict[str, Any] = {"label": self.label, "version": version, "n": n}
-        self.reader = EtcdReader(etcd_url, version)
-        profile = os.path.join(workdir, f"profile-v{version}-{n}.txt") if args.profile else None
-        self.server = SkyapiServer(etcd_url, version, args,
-                                   os.path.join(workdir, f"skyapi-v{version}-{n}.log"), profile)
-        self.result["profile"] = profile
-        self.watch = WatchLog(etcd_url, version, os.path.join(workdir, f"watch-v{version}-{n}.log"),
-                              self.reader)
-        self.workers = [Worker(self.server.ws_base, i) for i in range(args.clients)]
+        self.reader = EtcdReader(etcd_urls[0], version, etcd_urls)
+        self.instances: list[Instance] = []
+        worker_ids = iter(range(args.clients))  # distinct hosts in every record
+        for i, (share, clients) in enumerate(zip(spread(n, count), spread(args.clients, count))):
+            name = f"v{version}-{n}" + (f"-{i + 1}" if count > 1 else "")
+            profile = os.path.join(workdir, f"profile-{name}.txt") if args.profile else None
+            server = SkyapiServer(etcd_urls, version, args,
+                                  os.path.join(workdir, f"skyapi-{name}.log"), profile)
+            result = self.result if count == 1 else {
+                "label": f"v{version} N={n} #{i + 1}", "instance": i + 1, "version": version,
+                "n": share}
+            result["profile"] = profile
+            workers = [Worker(server.ws_base, next(worker_ids)) for _ in range(clients)]
+            self.instances.append(Instance(i, share, server, workers, result))
+        if count > 1:
+            self.result["instances"] = [inst.result for inst in self.instances]
+        self.workers = [w for inst in self.instances for w in inst.workers]
+        self.watch = WatchLog(etcd_urls[0], version,
+                              os.path.join(workdir, f"watch-v{version}-{n}.log"), self.reader)
+
+    def views(self) -> list[tuple[dict[str, Any], list[Instance]]]:
+        """Where the figures about sockets go: (result, the instances it covers). Each
+        instance's own; with several, also the scenario's over all of them."""
+        own = [(inst.result, [inst]) for inst in self.instances]
+        return own if len(own) == 1 else [(self.result, self.instances), *own]
+
+    def by_instance(self, replies: list[dict]) -> list[list[dict]]:
+        """The replies to a command sent to self.workers, grouped by instance."""
+        groups, start = [], 0
+        for inst in self.instances:
+            groups.append(replies[start:start + len(inst.workers)])
+            start += len(inst.workers)
+        return groups
+
+    def add_up(self, *fields: str) -> None:
+        """With several instances, the scenario's figure is the sum of theirs."""
+        if len(self.instances) == 1:
+            return
+        for field in fields:
+            values = [inst.result.get(field) for inst in self.instances]
+            if all(isinstance(v, dict) for v in values):
+                total: collections.Counter = collections.Counter()
+                for v in values:
+                    total.update(v)
+                self.result[field] = {k: round(v, 2) for k, v in total.items()}
+            else:
+                self.result[field] = round(sum(v or 0 for v in values), 2)
 
     def close(self) -> None:
         for w in self.workers:
             w.stop()
-        if self.server.proc.poll() is None:
-            self.server.stop()
+        for inst in self.instances:
+            if inst.server.proc.poll() is None:
+                inst.server.stop()
         self.watch.stop()
 
     def run(self) -> dict:
         time.sleep(1)  # let the fresh server settle before its baseline
-        self.result["rss_before_kb"] = self.server.rss_kb()
-        keys = self.measured("storm", self.connect_storm)
-        self.measured("hold", self.hold, keys)
+        for inst in self.instances:
+            inst.result["rss_before_kb"] = inst.server.rss_kb()
+        self.measured("storm", self.connect_storm)
+        self.measured("hold", self.hold)
         self.freeze()
-        self.measured("teardown", self.teardown, keys)
-        code, seconds = self.server.stop()
-        self.result.update(sigterm_exit_code=code, sigterm_seconds=round(seconds, 3))
-        lines = self.server.log_lines()
-        self.result["server_log_lines"] = len(lines)
-        self.result["server_log_sample"] = lines[:5]
+        self.measured("teardown", self.teardown)
+        for inst in self.instances:
+            code, seconds = inst.server.stop()
+            inst.result.update(sigterm_exit_code=code, sigterm_seconds=round(seconds, 3))
+            lines = inst.server.log_lines()
+            inst.result["server_log_lines"] = len(lines)
+            inst.result["server_log_sample"] = lines[:5]
         self.result["watch_notes"] = self.watch.notes
         return self.result
 
     def measured(self, phase: str, fn: Callable, *args: Any) -> Any:
         """Run one phase; note the CPU seconds each process used in it (on this machine
         the clients, etcd and skyapi share the cores)."""
-        pids = {"skyapi": [self.server.pid], "etcd": [self.etcd_pid],
+        pids = {"skyapi": [inst.server.pid for inst in self.instances], "etcd": self.etcd_pids,
                 "clients": [w.proc.pid for w in self.workers],
                 "bench": [os.getpid(), self.watch.proc.pid]}
         before = {name: sum(map(cpu_seconds, ps)) for name, ps in pids.items()}
@@ -824,12 +896,13 @@ class Scenario:
 
     # -- 1. connect storm ------------------------------------------------------
 
-    def connect_storm(self) -> dict[str, float]:
-        """All N sockets at once. Returns {key: handshake time} of the opened ones."""
+    def connect_storm(self) -> None:
+        """All N sockets at once; each instance's opened ones in inst.opened."""
         r = self.result
         started = time.monotonic()
-        for w, count in zip(self.workers, spread(self.n, len(self.workers))):
-            w.send("connect", service=SERVICE, count=count)
+        for inst in self.instances:
+            for w, count in zip(inst.workers, spread(inst.n, len(inst.workers))):
+                w.send("connect", service=SERVICE, count=count)
         counted_at, next_count, most = 0.0, started + 0.25, 0
 
         def count_records() -> None:  # every 250 ms until the count reaches N
@@ -841,14 +914,12 @@ class Scenario:
                 if count == self.n:
                     counted_at = time.monotonic()
         replies = all_replies(self.workers, self.args.storm_timeout, count_records)
-        opened = {record_key(SERVICE, h, p): t for reply in replies
-                  for h, p, t in reply["opened"] if t is not None}
-        errors: collections.Counter = collections.Counter()
-        for reply in replies:
-            errors.update(reply["errors"])
-        r["opened"] = len(opened)
-        r["connect_errors"] = dict(errors)
-        r["handshakes_s"] = round(max(opened.values(), default=started) - started, 3)
+        for inst, group in zip(self.instances, self.by_instance(replies)):
+            inst.opened = {record_key(SERVICE, h, p): t for reply in group
+                           for h, p, t in reply["opened"] if t is not None}
+            for reply in group:
+                inst.errors.update(reply["errors"])
+        opened = merged(self.instances, "opened")
         # Records: the time the watcher saw the last of them, or else when the count reached N.
         deadline = time.monotonic() + 30
         while not counted_at and not self.watch.has_puts(opened) and time.monotonic() < deadline:
@@ -856,11 +927,25 @@ class Scenario:
             count_records()
         if not counted_at and self.reader.count(SERVICE) == self.n:
             counted_at = time.monotonic()
+        for result, instances in self.views():
+            self.storm_figures(result, instances, started, counted_at)
+        r["records_counted_at_s"] = round(counted_at - started, 3) if counted_at else None
+        r["records_most_counted"] = max(most, self.n if counted_at else 0)
+        for inst in self.instances:
+            inst.result["peak_rss_storm_kb"] = inst.server.peak_rss_kb()
+
+    def storm_figures(self, r: dict[str, Any], instances: list[Instance], started: float,
+                      counted_at: float) -> None:
+        opened = merged(instances, "opened")
+        errors: collections.Counter = collections.Counter()
+        for inst in instances:
+            errors.update(inst.errors)
+        r["opened"] = len(opened)
+        r["connect_errors"] = dict(errors)
+        r["handshakes_s"] = round(max(opened.values(), default=started) - started, 3)
         puts = [self.watch.first_put[k] for k in opened if k in self.watch.first_put]
         r["records_in_etcd_s"] = (round(max(puts) - started, 3) if len(puts) == len(opened)
                                   else round(counted_at - started, 3) if counted_at else None)
-        r["records_counted_at_s"] = round(counted_at - started, 3) if counted_at else None
-        r["records_most_counted"] = max(most, self.n if counted_at else 0)
         # skyapi means to write each record before completing the handshake; count sockets
         # that were open more than 50 ms before the watcher saw their record (when every core
         # is busy, the watcher itself may lag: compare with the count of keys above).
@@ -869,110 +954,139 @@ class Scenario:
         r["opened_before_record"], r["opened_before_record_max_s"] = (
             len(late), round(max(late), 2) if late else None)
         r["opened_record_unseen"] = sum(1 for k in opened if k not in self.watch.first_put)
-        r["peak_rss_storm_kb"] = self.server.peak_rss_kb()
-        return opened
 
     # -- 2. steady state -------------------------------------------------------
 
-    def hold(self, keys: dict[str, float]) -> None:
+    def hold(self) -> None:
         """Hold every socket for the window; poll the record count every poll interval."""
-        r, server = self.result, self.server
+        r = self.result
         window = max(self.args.hold, 2 * self.args.timeout)
         time.sleep(1)  # the storm's stragglers (writes, prunes) are not steady state
-        m0, cpu0 = server.metrics(), server.cpu_seconds()
+        before = [(inst.server.metrics(), inst.server.cpu_seconds()) for inst in self.instances]
         etcd0 = self.reader.requests_seen_by_etcd()
         own0, t0 = self.reader.requests, time.monotonic()
         lowest, polls, poll_time = None, 0, 0.0
         while time.monotonic() - t0 < window:
-            before = time.monotonic()
+            started = time.monotonic()
             count = self.reader.count(SERVICE)
-            poll_time += time.monotonic() - before
+            poll_time += time.monotonic() - started
             polls += 1
             lowest = count if lowest is None else min(lowest, count)
-            time.sleep(max(0.0, self.args.poll_interval - (time.monotonic() - before)))
+            time.sleep(max(0.0, self.args.poll_interval - (time.monotonic() - started)))
         t1, own1 = time.monotonic(), self.reader.requests
-        m1, cpu1 = server.metrics(), server.cpu_seconds()
+        after = [(inst.server.metrics(), inst.server.cpu_seconds()) for inst in self.instances]
         etcd1 = self.reader.requests_seen_by_etcd()
         seconds = t1 - t0
-        ops0, ops1 = etcd_requests_by_op(m0), etcd_requests_by_op(m1)
-        by_op = {op: round((ops1[op] - ops0.get(op, 0)) / seconds, 1) for op in ops1
-                 if ops1[op] - ops0.get(op, 0)}
-        statuses = [w.call("status") for w in self.workers]
+        for inst, (m0, cpu0), (m1, cpu1) in zip(self.instances, before, after):
+            self.hold_figures(inst, seconds, m0, m1, cpu1 - cpu0)
+        self.add_up("hold_client_open", "hold_dropped_by_server", "cpu_s_per_min",
+                    "etcd_rps_skyapi", "etcd_rps_by_op", "skyapi_records_gauge",
+                    "skyapi_connections_open")
         r.update(
             hold_s=round(seconds, 1), hold_polls=polls, hold_lowest_records=lowest,
             hold_poll_ms=round(1000 * poll_time / max(polls, 1), 1),
+            # etcd's own count, minus the benchmark's polls (and its 2 metrics reads)
+            etcd_rps_etcd_side=round((etcd1 - etcd0 - (own1 - own0)) / seconds, 1))
+
+    def hold_figures(self, inst: Instance, seconds: float, m0: dict[str, float],
+                     m1: dict[str, float], cpu: float) -> None:
+        ops0, ops1 = etcd_requests_by_op(m0), etcd_requests_by_op(m1)
+        by_op = {op: round((ops1[op] - ops0.get(op, 0)) / seconds, 1) for op in ops1
+                 if ops1[op] - ops0.get(op, 0)}
+        statuses = [w.call("status") for w in inst.workers]
+        r, server = inst.result, inst.server
+        r.update(
             hold_client_open=sum(s["open"] for s in statuses),
             hold_dropped_by_server=sum(s["server_closed"] for s in statuses),
             rss_held_kb=server.rss_kb(), open_fds=server.open_fds(),
-            cpu_s_per_min=round((cpu1 - cpu0) / seconds * 60, 2),
+            cpu_s_per_min=round(cpu / seconds * 60, 2),
             etcd_rps_skyapi=round(sum(by_op.values()), 1), etcd_rps_by_op=by_op,
-            # etcd's own count, minus the benchmark's polls (and its 2 metrics reads)
-            etcd_rps_etcd_side=round((etcd1 - etcd0 - (own1 - own0)) / seconds, 1),
             skyapi_records_gauge=m1.get("skyapi_records"),
             skyapi_connections_open=m1.get("skyapi_connections_open"),
         )
-        r["rss_per_conn_kb"] = round((r["rss_held_kb"] - r["rss_before_kb"]) / max(len(keys), 1), 2)
+        r["rss_per_conn_kb"] = round((r["rss_held_kb"] - r["rss_before_kb"])
+                                     / max(len(inst.opened), 1), 2)
 
     # -- 3. teardown -----------------------------------------------------------
 
     def freeze(self) -> None:
-        """SIGSTOP a client process holding a few sockets; time until their records go."""
-        r, count = self.result, self.args.freeze
+        """SIGSTOP a client process per instance holding a few sockets; time until their
+        records go."""
+        count = self.args.freeze
         if not count:
             return
-        frozen = Worker(self.server.ws_base, 200)
+        frozen = [Worker(inst.server.ws_base, 200 + inst.index) for inst in self.instances]
         try:
-            reply = frozen.call("connect", timeout=60, service=FREEZE_SERVICE, count=count)
-            keys = [record_key(FREEZE_SERVICE, h, p) for h, p, t in reply["opened"] if t]
+            for w in frozen:
+                w.send("connect", service=FREEZE_SERVICE, count=count)
+            for inst, reply in zip(self.instances, all_replies(frozen, 60)):
+                inst.frozen_keys = [record_key(FREEZE_SERVICE, h, p)
+                                    for h, p, t in reply["opened"] if t]
+            keys = [k for inst in self.instances for k in inst.frozen_keys]
             wait_until(lambda: self.watch.has_puts(keys)
                        or self.reader.count(FREEZE_SERVICE) == len(keys), 15, 0.05)
             time.sleep(0.5)
             present = self.reader.keys(FREEZE_SERVICE)  # only these can go when it freezes
             stopped = time.monotonic()
-            os.kill(frozen.proc.pid, signal.SIGSTOP)
+            for w in frozen:
+                os.kill(w.proc.pid, signal.SIGSTOP)
             limit = self.args.ping_interval + self.args.ping_timeout + 15
             gone, polled = self.watch.wait_gone({k: stopped for k in keys if k in present},
                                                 FREEZE_SERVICE, limit)
-            after = [t - stopped for t in gone.values()]
-            r.update(freeze_sockets=len(keys), freeze_present=len(present & set(keys)),
-                     freeze_gone=len(gone), freeze_polled=polled,
-                     freeze_min_s=round(min(after), 2) if after else None,
-                     freeze_p50_s=round(percentile(after, 50), 2) if after else None,
-                     freeze_max_s=round(max(after), 2) if after else None)
+            for r, instances in self.views():
+                mine = {k for inst in instances for k in inst.frozen_keys}
+                after = [t - stopped for k, t in gone.items() if k in mine]
+                r.update(freeze_sockets=len(mine), freeze_present=len(present & mine),
+                         freeze_gone=len(after), freeze_polled=len(polled & mine),
+                         freeze_min_s=round(min(after), 2) if after else None,
+                         freeze_p50_s=round(percentile(after, 50), 2) if after else None,
+                         freeze_max_s=round(max(after), 2) if after else None)
         finally:
-            frozen.proc.kill()   # SIGKILL ends a stopped process too
-            frozen.proc.join(5)
-            frozen.conn.close()
+            for w in frozen:
+                w.proc.kill()   # SIGKILL ends a stopped process too
+                w.proc.join(5)
+                w.conn.close()
 
-    def teardown(self, keys: dict[str, float]) -> None:
+    def teardown(self) -> None:
         """Every socket closes at once; per record, time from its close to its delete."""
-        r = self.result
         present = self.reader.keys(SERVICE)  # records that expired already cannot go at close
-        ops_before = etcd_requests_by_op(self.server.metrics())
+        ops_before = [etcd_requests_by_op(inst.server.metrics()) for inst in self.instances]
         for w in self.workers:
             w.send("close_all")
         replies = all_replies(self.workers, 60, self.watch.read)
-        closed = {record_key(s, h, p): t for reply in replies for s, h, p, t in reply["closed"]}
-        first_close = min(closed.values(), default=time.monotonic())
+        for inst, group in zip(self.instances, self.by_instance(replies)):
+            inst.closed = {record_key(s, h, p): t for reply in group
+                           for s, h, p, t in reply["closed"]}
+        closed = merged(self.instances, "closed")
         since = {k: t for k, t in closed.items() if k in present}
         gone, polled = self.watch.wait_gone(since, SERVICE, 60)
+        for r, instances in self.views():
+            self.close_figures(r, merged(instances, "closed"), present, gone, polled)
+        wait_until(lambda: self.reader.count(SERVICE) == 0, 10, 0.2)
+        self.result["records_left_after_teardown"] = self.reader.count(SERVICE)
+        for inst, ops0 in zip(self.instances, ops_before):
+            metrics = inst.server.metrics()
+            inst.result["etcd_latency_ms_by_op"] = etcd_latency_by_op(metrics)
+            inst.result["teardown_etcd_requests"] = {
+                op: n - ops0.get(op, 0) for op, n in etcd_requests_by_op(metrics).items()
+                if n - ops0.get(op, 0)}
+
+    @staticmethod
+    def close_figures(r: dict[str, Any], closed: dict[str, float], present: set[str],
+                      gone: dict[str, float], polled: set[str]) -> None:
+        first_close = min(closed.values(), default=time.monotonic())
+        since = {k: t for k, t in closed.items() if k in present}
+        gone = {k: t for k, t in gone.items() if k in since}
         latencies = [gone[k] - t for k, t in since.items() if k in gone]
         ms = lambda v: round(1000 * v, 1) if v is not None else None  # noqa: E731
         r.update(closed=len(closed), close_absent_before=len(closed) - len(since),
-                 close_seen_gone=len(gone), close_gone_polled=polled,
+                 close_seen_gone=len(gone), close_gone_polled=len(polled & since.keys()),
                  close_spread_ms=ms(max(closed.values(), default=first_close) - first_close),
                  first_gone_ms=ms(min(gone.values()) - first_close) if gone else None,
                  close_gone_p50_ms=ms(percentile(latencies, 50)),
                  close_gone_p99_ms=ms(percentile(latencies, 99)),
                  close_gone_max_ms=ms(max(latencies, default=None)),
                  all_gone_s=round(max(gone.values(), default=first_close) - first_close, 3))
-        wait_until(lambda: self.reader.count(SERVICE) == 0, 10, 0.2)
-        r["records_left_after_teardown"] = self.reader.count(SERVICE)
-        metrics = self.server.metrics()
-        r["etcd_latency_ms_by_op"] = etcd_latency_by_op(metrics)
-        r["teardown_etcd_requests"] = {op: n - ops_before.get(op, 0) for op, n in
-                                       etcd_requests_by_op(metrics).items()
-                                       if n - ops_before.get(op, 0)}
 
 
 # ---------------------------------------------------------------------------
@@ -980,11 +1094,12 @@ class Scenario:
 # ---------------------------------------------------------------------------
 
 
-def run_churn(etcd_url: str, version: int, args: argparse.Namespace, workdir: str) -> dict:
-    """Churn for args.churn seconds, let it settle, then compare the set of records in etcd
-    with the set of open sockets: they must be equal."""
-    reader = EtcdReader(etcd_url, version)
-    server = SkyapiServer(etcd_url, version, args,
+def run_churn(etcd_urls: list[str], version: int, args: argparse.Namespace,
+              workdir: str) -> dict:
+    """Churn for args.churn seconds against one skyapi, let it settle, then compare the set of
+    records in etcd with the set of open sockets: they must be equal."""
+    reader = EtcdReader(etcd_urls[0], version)
+    server = SkyapiServer(etcd_urls, version, args,
                           os.path.join(workdir, f"skyapi-churn-v{version}.log"))
     workers = [Worker(server.ws_base, i) for i in range(args.clients)]
     rnd = random.Random(args.seed)
@@ -1138,7 +1253,14 @@ def cpu_row(cpu: dict) -> str:
     return " / ".join(f"{cpu[k]:g}" for k in names)
 
 
+def columns(scenarios: list[dict]) -> list[dict]:
+    """A column per scenario; one with several instances is followed by one per instance
+    (its own column then has the figures over all of them, and the record counts)."""
+    return [c for s in scenarios for c in (s, *s.get("instances", ()))]
+
+
 def render_table(scenarios: list[dict]) -> str:
+    scenarios = columns(scenarios)
     header = ["metric"] + [s["label"] for s in scenarios]
     rows = [header]
     for name, get in TABLE_ROWS:
@@ -1162,7 +1284,7 @@ def evaluate_targets(scenarios: list[dict], churns: list[dict], args: argparse.N
     def check(target: str, label: str, value: Any, ok: bool | None) -> None:
         out.append((target, label, value, "n/a" if ok is None else "met" if ok else "MISSED"))
 
-    for s in scenarios:
+    for s in scenarios:  # the record counts, over all instances
         done = "hold_lowest_records" in s
         if s["n"] >= 10000:
             check("10,000 concurrent registrations held", s["label"],
@@ -1173,17 +1295,18 @@ def evaluate_targets(scenarios: list[dict], churns: list[dict], args: argparse.N
         check("no record missing during hold", s["label"],
               f"lowest {s.get('hold_lowest_records')} of {s.get('opened')}",
               done and s["hold_lowest_records"] == s["opened"])
-        if s["n"] == 1000 and s.get("close_gone_p99_ms") is not None:
-            check("p99 close->gone < 100 ms (1,000 closes)", s["label"],
-                  f"{s['close_gone_p99_ms']} ms", s["close_gone_p99_ms"] < 100)
-        if s.get("rss_per_conn_kb") is not None:
-            check("RSS < 25 KB per connection", s["label"], f"{s['rss_per_conn_kb']} KB",
-                  s["rss_per_conn_kb"] < 25)
-        if s.get("freeze_max_s") is not None:
-            limit = args.ping_interval + args.ping_timeout + 1
-            check(f"freeze->gone <= ping_interval + ping_timeout + 1 s ({limit:g} s)", s["label"],
-                  f"max {s['freeze_max_s']} s", s["freeze_max_s"] <= limit
-                  and s["freeze_gone"] == s["freeze_present"])
+        for i in s.get("instances", [s]):  # the figures of each skyapi
+            if s["n"] == 1000 and i.get("close_gone_p99_ms") is not None:
+                check("p99 close->gone < 100 ms (1,000 closes)", i["label"],
+                      f"{i['close_gone_p99_ms']} ms", i["close_gone_p99_ms"] < 100)
+            if i.get("rss_per_conn_kb") is not None:
+                check("RSS < 25 KB per connection", i["label"], f"{i['rss_per_conn_kb']} KB",
+                      i["rss_per_conn_kb"] < 25)
+            if i.get("freeze_max_s") is not None:
+                limit = args.ping_interval + args.ping_timeout + 1
+                check(f"freeze->gone <= ping_interval + ping_timeout + 1 s ({limit:g} s)",
+                      i["label"], f"max {i['freeze_max_s']} s", i["freeze_max_s"] <= limit
+                      and i["freeze_gone"] == i["freeze_present"])
     v3 = sorted((s for s in scenarios if s["version"] == 3 and "etcd_rps_skyapi" in s),
                 key=lambda s: s["n"])
     if len(v3) >= 2:
@@ -1213,6 +1336,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--versions", default="2,3", help="etcd API versions (default 2,3)")
     p.add_argument("--sizes", default=None, help="socket counts (default 1000,10000; quick: 1000)")
     p.add_argument("--clients", type=int, default=4, help="client processes (default 4)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="skyapi processes side by side, N and the client processes split "
+                        "between them; figures per instance (default 1)")
+    p.add_argument("--cluster", type=int, default=1,
+                   help="etcd members: 1 (default) or a cluster on loopback, every member "
+                        "given to each skyapi with --etcd-api")
     p.add_argument("--timeout", type=int, default=10, help="skyapi --timeout (default 10)")
     p.add_argument("--ping-interval", type=float, default=5.0, help="skyapi --ping-interval (5)")
     p.add_argument("--ping-timeout", type=float, default=5.0, help="skyapi --ping-timeout (5)")
@@ -1246,6 +1375,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_seconds = 150 + args.churn * 2 if args.quick else 1200 + args.churn * 2
     if args.ping_timeout > args.ping_interval:
         p.error("--ping-timeout must not exceed --ping-interval")
+    if not 1 <= args.instances <= args.clients:
+        p.error("--instances must be between 1 and --clients")
+    if args.cluster < 1:
+        p.error("--cluster must be at least 1")
     return args
 
 
@@ -1282,12 +1415,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {results['machine']}; logs in {workdir}", file=sys.stderr)
     try:
         for version in args.versions:
-            etcd = skyapi.DevEtcd(data_dir=os.path.join(workdir, f"etcd-v{version}"))
-            CHILDREN.etcds.append(etcd)
-            etcd.start()
+            if args.cluster == 1:
+                etcds = [skyapi.DevEtcd(data_dir=os.path.join(workdir, f"etcd-v{version}"))]
+                CHILDREN.etcds += etcds
+                etcds[0].start()
+            else:  # members in their own temporary folders, their logs beside them
+                etcds = skyapi.DevEtcd.cluster(args.cluster)
+                CHILDREN.etcds += etcds
             for n in args.sizes:
                 print(f"bench: v{version} N={n} ...", file=sys.stderr, flush=True)
-                scenario = Scenario(etcd, version, n, args, workdir)
+                scenario = Scenario(etcds, version, n, args, workdir)
                 try:
                     results["scenarios"].append(scenario.result)
                     scenario.run()
@@ -1297,9 +1434,11 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
             if args.churn:
                 print(f"bench: v{version} churn {args.churn:g} s ...", file=sys.stderr, flush=True)
-                results["churn"].append(run_churn(etcd.url, version, args, workdir))
-            etcd.stop()
-            CHILDREN.etcds.remove(etcd)
+                results["churn"].append(run_churn([e.url for e in etcds], version, args,
+                                                  workdir))
+            for etcd in etcds:
+                etcd.stop()
+                CHILDREN.etcds.remove(etcd)
     except (BenchTimeout, KeyboardInterrupt, Exception) as e:
         results["error"] = f"{type(e).__name__}: {e}"
         print(f"bench: stopped early: {results['error']}", file=sys.stderr)
@@ -1319,7 +1458,9 @@ def main(argv: list[str] | None = None) -> int:
           f"Tornado {m['tornado']}, {m['etcd']}; skyapi {m['skyapi']}")
     print(f"timeout {args.timeout}, ping_interval {args.ping_interval:g}, "
           f"ping_timeout {args.ping_timeout:g}, {args.clients} client processes; "
-          f"wall time {results['wall_seconds']} s\n")
+          + (f"{args.instances} skyapi instances; " if args.instances > 1 else "")
+          + (f"etcd cluster of {args.cluster}; " if args.cluster > 1 else "")
+          + f"wall time {results['wall_seconds']} s\n")
     print(render_table(results["scenarios"]))
     for c in results["churn"]:
         print(f"\n{c['label']} ({c['seconds']:g} s, ~{c['target_sockets']} sockets): "
