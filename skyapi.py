@@ -1038,7 +1038,6 @@ class EtcdV2:
         code, err, message = await self._form("refresh", "PUT", slot.key, ttl=self.ttl,
                                               refresh="true", prevValue=slot.value)
         if code < 300:
-            slot.acked_at = time.monotonic()
             return True
         if err in (100, 101):  # gone; or changed: another instance owns it now
             return False
@@ -1359,9 +1358,7 @@ class Registry:
 
     # -- keeping records alive -------------------------------------------------
 
-    def _due(self, share: int, fresh_since: float) -> list[Slot]:
-        """The next share of the ring that needs a refresh: not one etcd confirmed after
-        fresh_since (just put, as in a connect storm: its TTL has barely begun)."""
+    def _due(self, share: int) -> list[Slot]:
         due = []
         for _ in range(min(share, len(self._ring))):
             slot = self._ring.popleft()
@@ -1371,8 +1368,7 @@ class Registry:
             if slot.busy:
                 continue
             if slot.holders and slot.stored:
-                if slot.acked_at < fresh_since:
-                    due.append(slot)
+                due.append(slot)
             elif slot.key not in self._dirty:
                 self._mark(slot)  # e.g. a put etcd refused: try again once a period
         return due
@@ -1392,11 +1388,7 @@ class Registry:
             credit -= share
             last = now
             try:
-                # A record confirmed within half a period still has most of its TTL (three
-                # periods); after an outage (full) every record is checked regardless.
-                fresh_since = -math.inf if full else now - period / 2
-                lost = await self.backend.keep_alive(self._due(share, fresh_since), self.slots,
-                                                     full)
+                lost = await self.backend.keep_alive(self._due(share), self.slots, full)
             except EtcdUnavailable as e:
                 self._outage(e)
                 continue
