@@ -2098,9 +2098,9 @@ def provide_main(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------------------
 # Development etcd
 #
-# A throwaway single-member etcd on loopback, v2 enabled, data in a temporary
-# folder: for --dev, so a newcomer sees records within a minute, and for the
-# tests, which start, kill, freeze and wipe it.
+# A throwaway etcd on loopback, v2 enabled, data in a temporary folder: one
+# member for --dev, so a newcomer sees records within a minute; one or a small
+# cluster for the tests and the benchmark, which start, kill, freeze and wipe them.
 # ---------------------------------------------------------------------------
 
 

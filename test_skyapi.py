@@ -26,7 +26,6 @@ import posixpath
 import re
 import shutil
 import signal
-import socket
 import ssl
 import struct
 import subprocess
