@@ -362,16 +362,21 @@ def make_config(values: Mapping[str, Any], flags: Mapping[str, Any] = {}) -> Any
             raise ConfigError(f"{s.name}: has no value")
         try:
             checked[s.name] = s.check(_typed(s, raw, from_flag))
+        except Refusal as e:  # a label or host rule: its problem, under the setting's name
+            raise ConfigError(f"{s.name}: {e.problem}") from None
         except ValueError as e:
             raise ConfigError(f"{s.name}: {e}") from None
     if checked["ping_timeout"] > checked["ping_interval"]:
         raise ConfigError("ping_timeout: must not exceed ping_interval "
                           f"({checked['ping_timeout']} > {checked['ping_interval']})")
-    if checked["etcd_version"] == 2:
-        for name in ("default_category", "dns_root"):
-            for label in checked[name].strip(".").split(","  if name == "default_category" else "."):
-                if label.startswith("_"):
-                    raise ConfigError(f"{name}: {label!r} starts with '_', which etcd v2 hides")
+    if checked["etcd_version"] == 2:  # check_label's rule for v2: no label starting with '_'
+        try:
+            for label in checked["default_category"].split(","):
+                check_label("default_category", label, 2)
+            for label in root_labels(checked["dns_root"]):
+                check_label("dns_root", label, 2)
+        except Refusal as e:
+            raise ConfigError(str(e)) from None
     for cert, key in (("tls_cert_file", "tls_key_file"), ("etcd_cert_file", "etcd_key_file")):
         if bool(checked[cert]) != bool(checked[key]):
             given, missing = (cert, key) if checked[cert] else (key, cert)
@@ -489,6 +494,7 @@ class Refusal(ValueError):
     def __init__(self, param: str, problem: str, reason: str = "invalid"):
         super().__init__(f"{param}: {problem}")
         self.param = param
+        self.problem = problem
         self.reason = reason  # the metrics label of this kind of refusal
 
 
@@ -531,11 +537,11 @@ def check_host(value: str, peer: str) -> str:
     host = value.strip().lower()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if host == "":
-        return canonical_ip(peer) or peer
     ip = canonical_ip(host)
+    if host == "" or ip is not None and ipaddress.ip_address(ip).is_unspecified:
+        return canonical_ip(peer) or peer
     if ip is not None:
-        return canonical_ip(peer) or peer if ipaddress.ip_address(ip).is_unspecified else ip
+        return ip
     name = host[:-1] if host.endswith(".") else host
     labels = name.split(".")
     if (len(name) > 253 or not all(HOST_LABEL.fullmatch(x) for x in labels)

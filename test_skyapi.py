@@ -258,6 +258,7 @@ def test_bad_config_names_the_key(values, named):
     with pytest.raises(skyapi.ConfigError) as e:
         skyapi.make_config(values)
     assert str(e.value).startswith(named + ":")
+    assert not str(e.value).startswith(f"{named}: {named}:")  # named once
 
 
 def test_bad_flag_value_names_the_key():
