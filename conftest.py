@@ -1,0 +1,411 @@
+"""Test support for test_skyapi.py and bench_skyapi.py: real etcds, real skyapi servers.
+
+One way to start each thing: TestEtcd (one member or a cluster, optionally TLS), running()
+for a skyapi in this process, SkyapiProcess for one that gets signals, provide_process for
+the client. EtcdView reads etcd as SkyDNS or CoreDNS would, without skyapi's code.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime
+import functools
+import inspect
+import ipaddress
+import itertools
+import json
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+import types
+import urllib.parse
+from typing import Any, Callable, Sequence
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from tornado import websocket
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+import skyapi
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Small timeouts (records live 3 s, pings every second) so lifetimes are seen in seconds.
+FAST = {"timeout": 3, "ping_interval": 1.0, "ping_timeout": 1.0, "etcd_timeout": 1.0}
+free_port = skyapi.free_port
+_names = itertools.count()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; "
+                                       "pytest -m 'not slow' is the inner loop")
+
+
+def async_test(fn):
+    """Run an async test on a fresh event loop, bounded in time."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        async def bounded():
+            return await asyncio.wait_for(fn(*args, **kwargs), 120)
+        return asyncio.run(bounded())
+    return wrapper
+
+
+async def wait_until(poll: Callable[[], Any], timeout: float, interval: float = 0.02,
+                     until: Callable[[Any], Any] = bool, what: str = "") -> Any:
+    """Call poll (plain or async) until until(its value) is true, and return that value;
+    fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = poll()
+        if inspect.isawaitable(value):
+            value = await value
+        if until(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what or inspect.getsource(poll).strip()}")
+        await asyncio.sleep(interval)
+
+
+# --- etcd ------------------------------------------------------------------------------
+
+
+class TestEtcd(skyapi.DevEtcd):
+    """The dev launcher, plus what tests and the benchmark do to etcd: a data folder of
+    their choosing, clusters, TLS with client certificates, restarts, wipes."""
+
+    __test__ = False  # not a test class, though its name starts with Test
+
+    def __init__(self, data_dir: str | None = None, extra_args: Sequence[str] = (),
+                 name: str = "default", tls: tuple[str, str, str] | None = None):
+        """tls: (cert, key, ca) files: serve https with cert and want client certificates
+        signed by ca. The health probe presents cert as its client certificate, and so does
+        etcd's own JSON gateway, so cert must be good for client auth too."""
+        super().__init__()
+        if data_dir is not None:
+            os.rmdir(self.data_dir)
+            os.makedirs(data_dir, exist_ok=True)
+            self.data_dir, self.logfile = data_dir, os.path.join(data_dir, "etcd.log")
+        self.owns_dir = data_dir is None
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
+        self.extra_args = list(extra_args)
+        self.name = name
+        self.initial_cluster = f"{name}={self.peer_url}"
+
+    @classmethod
+    def cluster(cls, size: int) -> list["TestEtcd"]:
+        """size members that form one cluster on loopback; started, with a leader."""
+        members = [cls(name=f"m{i}") for i in range(size)]
+        for m in members:
+            m.initial_cluster = ",".join(f"{x.name}={x.peer_url}" for x in members)
+            m.launch()  # all first: none is healthy before a quorum runs
+        for m in members:
+            m.wait_healthy()
+        return members
+
+    def command(self) -> list[str]:
+        args = super().command()
+        args[args.index("--initial-cluster") + 1] = self.initial_cluster
+        args += ["--name", self.name]
+        if self.tls:
+            cert, key, ca = self.tls
+            args += ["--cert-file", cert, "--key-file", key, "--client-cert-auth",
+                     "--trusted-ca-file", ca]
+        return args + self.extra_args
+
+    def health_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        cert, key, ca = self.tls
+        context = ssl.create_default_context(cafile=ca)
+        context.load_cert_chain(cert, key)
+        return context
+
+    def wipe(self) -> None:
+        shutil.rmtree(self.data_dir + "/data", ignore_errors=True)
+
+    def stop(self) -> None:
+        if self.owns_dir:
+            super().stop()
+        else:
+            self.kill(15)
+
+
+@pytest.fixture(scope="session")
+def etcd():
+    """One etcd the whole session shares: each test keeps to a dns_root of its own."""
+    server = TestEtcd().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_etcd():
+    """An etcd of this test's own, to kill, freeze and wipe."""
+    server = TestEtcd().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=[2, 3], ids=["v2", "v3"])
+def version(request):
+    return request.param
+
+
+def b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def unb64(s: str) -> str:
+    return base64.b64decode(s).decode()
+
+
+class EtcdView:
+    """Reads etcd the way SkyDNS (v2) or CoreDNS (v3) would, independent of skyapi's code."""
+
+    def __init__(self, url: str, version: int):
+        self.url, self.version = url, version
+        self.http = AsyncHTTPClient()
+
+    async def _fetch(self, path, method="GET", body=None):
+        try:
+            r = await self.http.fetch(self.url + path, method=method, body=body, request_timeout=5)
+            return r.code, json.loads(r.body)
+        except HTTPClientError as e:
+            return e.code, json.loads(e.response.body) if e.response is not None else {}
+
+    async def records(self, prefix: str) -> dict[str, str]:
+        """key -> value of every record below prefix."""
+        if self.version == 2:
+            code, doc = await self._fetch("/v2/keys" + prefix + "?recursive=true")
+            out = {}
+
+            def walk(node):
+                for child in node.get("nodes", []):
+                    if child.get("dir"):
+                        walk(child)
+                    else:
+                        out[child["key"]] = child["value"]
+            if code == 200:
+                walk(doc["node"])
+            return out
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        code, doc = await self._fetch("/v3/kv/range", "POST", json.dumps(
+            {"key": b64(prefix), "range_end": b64(end)}))
+        return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in doc.get("kvs", [])}
+
+    async def dirs(self, prefix: str) -> set[str]:
+        code, doc = await self._fetch("/v2/keys" + prefix + "?recursive=true")
+        out = set()
+
+        def walk(node):
+            if node.get("dir"):
+                out.add(node.get("key", "/"))
+                for child in node.get("nodes", []):
+                    walk(child)
+        if code == 200:
+            walk(doc["node"])
+        return out
+
+    async def delete(self, key: str) -> None:
+        if self.version == 2:
+            await self._fetch("/v2/keys" + key, "DELETE")
+        else:
+            await self._fetch("/v3/kv/deleterange", "POST", json.dumps({"key": b64(key)}))
+
+    async def put(self, key: str, value: str) -> None:
+        if self.version == 2:
+            await self._fetch("/v2/keys" + key, "PUT", urllib.parse.urlencode({"value": value}))
+        else:
+            await self._fetch("/v3/kv/put", "POST", json.dumps({"key": b64(key), "value": b64(value)}))
+
+    # Predicates on a test's records (those below its root), for wait_until.
+
+    async def empty(self, cfg) -> bool:
+        return not await self.records(prefix_of(cfg))
+
+    async def has(self, cfg, key: str) -> bool:
+        return key in await self.records(prefix_of(cfg))
+
+    async def lacks(self, key: str) -> bool:
+        return key not in await self.records(key.rsplit("/", 1)[0] + "/")
+
+    async def keys_are(self, cfg, keys) -> bool:
+        return set(await self.records(prefix_of(cfg))) == set(keys)
+
+    async def count_is(self, cfg, n: int) -> bool:
+        return len(await self.records(prefix_of(cfg))) == n
+
+    async def lacks_dir(self, root: str, directory: str) -> bool:
+        return directory not in await self.dirs(root)
+
+    async def owned_by(self, cfg, key: str, owner: str) -> bool:
+        value = (await self.records(prefix_of(cfg))).get(key)
+        return value is not None and json.loads(value)["owner"] == owner
+
+
+# --- certificates ---
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A CA; a certificate for 127.0.0.1 and localhost, good for client auth too (etcd's
+    JSON gateway presents its server certificate to etcd itself); and a client certificate
+    without a CommonName (with auth on, etcd's gateway refuses one that has a CommonName)."""
+    folder = tmp_path_factory.mktemp("certs")
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(subject, key, issuer, issuer_key, *extensions):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(name, cert, key):
+        (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (folder / f"{name}-key.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        return str(folder / f"{name}.pem"), str(folder / f"{name}-key.pem")
+
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "skyapi test CA")])
+    ca = issue(ca_name, ca_key, ca_name, ca_key,
+               (x509.BasicConstraints(ca=True, path_length=None), True))
+    usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    server = issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), server_key,
+                   ca_name, ca_key, (usage, False), (x509.SubjectAlternativeName(
+                       [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       False))
+    client = issue(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "skyapi")]), client_key,
+                   ca_name, ca_key, (usage, False))
+    ca_file, _ = write("ca", ca, ca_key)
+    server_cert, server_key_file = write("server", server, server_key)
+    client_cert, client_key_file = write("client", client, client_key)
+    return types.SimpleNamespace(ca=ca_file, server_cert=server_cert, server_key=server_key_file,
+                                 client_cert=client_cert, client_key=client_key_file,
+                                 etcd=(server_cert, server_key_file, ca_file),
+                                 client={"ca_certs": ca_file, "client_cert": client_cert,
+                                         "client_key": client_key_file})
+
+
+# --- skyapi ----------------------------------------------------------------------------
+
+
+def unique_root() -> str:
+    """A dns_root of its own per test, so tests sharing one etcd never see each other."""
+    return f"t{next(_names)}x{os.getpid()}.test."
+
+
+def config(etcd_urls, version=2, **overrides):
+    values = {"listen_addr": "127.0.0.1:0", "etcd_api": list(etcd_urls), "etcd_version": version,
+              "dns_root": unique_root(), "log_level": "debug", **FAST}
+    values.update(overrides)
+    return skyapi.make_config(values)
+
+
+def prefix_of(cfg) -> str:
+    return skyapi.root_dir(cfg) + "/"
+
+
+@contextlib.asynccontextmanager
+async def running(cfg):
+    """skyapi in this process, stopped at the end."""
+    server = skyapi.Skyapi(cfg)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=2)
+
+
+def process_args(cfg) -> list[str]:
+    """The flags that give a child skyapi cfg's etcd and lifetimes."""
+    args = []
+    for name in ("dns_root", "etcd_version", "timeout", "ping_interval", "ping_timeout",
+                 "etcd_timeout"):
+        args += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
+    for url in cfg.etcd_api:
+        args += ["--etcd-api", url]
+    return args
+
+
+class SkyapiProcess:
+    """skyapi as a child process (for signals), its log in a file."""
+
+    def __init__(self, tmp_path, *args: str):
+        self.port = free_port()
+        self.log = tmp_path / f"skyapi-{self.port}.log"
+        with open(self.log, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "skyapi.py"), "--listen-addr",
+                 f"127.0.0.1:{self.port}", *args], stderr=stderr, cwd=HERE)
+
+    async def started(self) -> None:
+        await wait_until(lambda: logged(self.log, "start") or self.proc.poll() is not None, 15)
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def provide_process(port: int, *args: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """The provide client as a child process, to skyapi at port."""
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "skyapi.py"), "provide",
+         "--url", f"ws://127.0.0.1:{port}", *args],
+        stdout=subprocess.PIPE, stderr=stderr, cwd=HERE)
+
+
+async def connect(server, query: str, headers=None):
+    url = f"ws://127.0.0.1:{server.port}/provide?{query}"
+    return await websocket.websocket_connect(HTTPRequest(url, headers=headers or {}))
+
+
+async def refusal(server, query: str, headers=None) -> tuple[str, int]:
+    """The ERROR message and close code a refused request gets."""
+    conn = await connect(server, query, headers)
+    message = await asyncio.wait_for(conn.read_message(), 5)
+    assert await asyncio.wait_for(conn.read_message(), 5) is None
+    return message, conn.close_code
+
+
+# --- logs ------------------------------------------------------------------------------
+
+LOG_LINE = re.compile(r'time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=(debug|info|warn|error)'
+                      r'( [a-z_]+=("([^"\\]|\\.)*"|[^\s"]+))+')
+
+
+def log_events(path) -> list[dict]:
+    """Each line of a skyapi log as its key=value pairs (quoted values are JSON strings)."""
+    out = []
+    for line in path.read_text().splitlines():
+        assert LOG_LINE.fullmatch(line), line
+        out.append({k: json.loads(v) if v.startswith('"') else v
+                    for k, v in re.findall(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^\s"]+)', line)})
+    return out
+
+
+def events_named(path, *names) -> list[dict]:
+    return [e for e in log_events(path) if e["event"] in names]
+
+
+def logged(path, name: str, n: int = 1) -> bool:
+    """At least n lines of event name in the log (read as text, whatever else it holds)."""
+    return len(re.findall(rf" event={name}(?= |$)", path.read_text(), re.M)) >= n
