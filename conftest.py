@@ -38,7 +38,8 @@ import skyapi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Small timeouts (records live 3 s, pings every second) so lifetimes are seen in seconds.
-FAST = {"timeout": 3, "ping_interval": 1.0, "ping_timeout": 1.0, "etcd_timeout": 1.0}
+FAST = {"timeout": 3, "ping_interval": 1.0, "ping_timeout": 1.0, "etcd_timeout": 1.0,
+        "drain_grace": 0}
 free_port = skyapi.free_port
 _names = itertools.count()
 
@@ -327,7 +328,7 @@ async def running(cfg):
     try:
         yield server
     finally:
-        await server.stop(grace=2)
+        await server.stop()
 
 
 def process_args(cfg) -> list[str]:

@@ -28,14 +28,16 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
 import dataclasses
+import enum
+import functools
 import fnmatch
 import hashlib
 import hmac
 import ipaddress
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -52,7 +54,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 import yaml
 from tornado import httputil, iostream, netutil, tcpclient, web, websocket
@@ -256,16 +258,22 @@ def go_category_string(categories: Sequence[str]) -> str:
     return "[]string{" + ", ".join(f'"{c}"' for c in categories) + "}"
 
 
-def record_id(reg: Registration) -> str:
-    """The Go original's id, so both write the same key for the same process."""
-    text = f"{reg.service}{go_category_string(reg.categories)}{reg.host}{reg.port}"
+def record_id(reg: Registration, collision_free: bool = False) -> str:
+    """The Go original's id, so both write the same key for the same process. Its hashed
+    text has no separators, so two endpoints can share it (127.0.0.1 port 11 and 127.0.0.11
+    port 1): the one that finds its Go id held by another endpoint takes the collision-free
+    id instead, the same hash with separators, of the same length and shape."""
+    parts = [reg.service, go_category_string(reg.categories), reg.host, str(reg.port)]
+    text = "\0".join(parts) if collision_free else "".join(parts)
     digest = hashlib.sha1(text.encode()).hexdigest()
     return f"{reg.prefix}-{digest[:20]}" if reg.prefix else digest
 
 
-def record_key(reg: Registration, etcd_prefix: str, dns_root: str) -> str:
+def record_key(reg: Registration, etcd_prefix: str, dns_root: str,
+               collision_free: bool = False) -> str:
     """etcd_prefix, the root's labels reversed, the categories reversed, service, id."""
-    labels = [*root_labels(dns_root)[::-1], *reg.categories[::-1], reg.service, record_id(reg)]
+    labels = [*root_labels(dns_root)[::-1], *reg.categories[::-1], reg.service,
+              record_id(reg, collision_free)]
     return etcd_prefix + "/" + "/".join(labels)
 
 
@@ -275,6 +283,17 @@ def record_value(reg: Registration, dns_ttl: int, owner: str) -> str:
     return json.dumps({"host": reg.host, "port": reg.port, "priority": reg.priority,
                        "weight": reg.weight, "ttl": dns_ttl, "owner": owner},
                       separators=(",", ":"))
+
+
+def read_record(value: str) -> tuple[tuple[str, int], str] | None:
+    """The endpoint (host, port) and the owner of a record's value; None if it is not a
+    record skyapi or the Go original would write (then it is someone else's data)."""
+    try:
+        doc = json.loads(value)
+        endpoint = (str(doc["host"]), int(doc["port"]))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return endpoint, str(doc.get("owner", ""))
 
 
 def instance_name() -> str:
@@ -542,6 +561,8 @@ SETTINGS: tuple[Setting, ...] = (
             secret=True),
     Setting("etcd_password_env", "", str, "environment variable that holds the password"),
     Setting("etcd_password_file", "", str, "file that holds the password", _readable),
+    Setting("drain_grace", 5.0, float, "seconds SIGTERM keeps the records of the sockets it "
+            "closes, while their clients reconnect to another instance", _at_least(0)),
     Setting("dev", False, bool, "start a throwaway etcd child (from PATH) and use it"),
 )
 
@@ -816,20 +837,17 @@ def admit(cfg: Any, query: Mapping[str, list[bytes]], headers: Mapping[str, str]
 # EtcdClient speaks HTTP/1.1 to etcd over kept-alive connections, at most
 # etcd_concurrency requests at once (the rest queue), failing over from one
 # endpoint to the next and sticking to the one that answers. Above it, two
-# backends give the registry the same small interface:
-#
-#   batch_limit                  how many record writes one apply() may carry
-#   apply(puts, deletes)         write and delete the slots' records
-#   keep_alive(due, slots, full) keep records from expiring; return the slots
-#                                whose record is gone or is no longer ours
-#   ping(), close()              health; give everything up on shutdown
+# backends give the registry one small interface (Backend): ops in, outcomes
+# out, keep-alive their own way, and a watch of the root.
 #
 # Several skyapi instances may hold the same record (a client that moved from
-# one to another). So a new socket's put is unconditional (the newest socket
-# is the truth), but refreshes and deletes only touch a record this instance
-# still owns (v2: the value, which names its owner; v3: the key's lease), and
-# a record found lost is claimed back only if absent (slot.claim). A record
-# another instance owns is "foreign": never deleted, checked once a period.
+# one to another, or holds sockets to two). A new socket's put takes a record
+# over from another instance (the newest socket is the truth), but never from
+# another endpoint; refreshes, replaces and deletes touch only a record that is
+# still ours (its value names its owner), and a record found gone is claimed
+# back only if absent. An instance that holds a record another owns leaves a
+# marker beside it, so that the owner, letting go, hands the record over to it
+# rather than deleting it: DNS never misses it.
 #
 # EtcdUnavailable means no endpoint answered: the registry treats it as an
 # outage and retries. EtcdError means etcd answered no.
@@ -842,6 +860,10 @@ class EtcdUnavailable(Exception):
 
 class EtcdError(Exception):
     """etcd answered, and the answer was an error that retrying will not fix."""
+
+    def __init__(self, message: str, body: bytes = b""):
+        super().__init__(message)
+        self.body = body  # etcd's answer, where the message alone does not tell enough
 
 
 class EtcdClient:
@@ -902,26 +924,76 @@ class EtcdClient:
                                             authorization)
             except (iostream.StreamClosedError, httputil.HTTPInputError):
                 continue
-        e = self.endpoints[index]
-        https = e.scheme == "https"
-        stream = await self._tcp.connect(e.hostname, e.port or (443 if https else 80),
-                                         ssl_options=self.ssl_context if https else None,
-                                         timeout=self.timeout)
-        stream.set_nodelay(True)
-        return await self._exchange(index, stream, method, path, body, content_type, authorization)
+        return await self._exchange(index, await self._connect(index), method, path, body,
+                                    content_type, authorization)
 
-    async def _exchange(self, index: int, stream: iostream.IOStream, method: str, path: str,
-                        body: bytes, content_type: str, authorization: str) -> tuple[int, bytes]:
-        """One request and its response, by hand: every record costs etcd requests, and
-        Tornado's general HTTP machinery cost three times as much CPU per request."""
+    async def stream(self, op: str, method: str, path: str, body: bytes = b"",
+                     content_type: str = "application/json",
+                     authorization: str | None = None) -> AsyncIterator[bytes]:
+        """A long answer (a watch), on a connection of its own, as its data arrives; it
+        ends when etcd ends it. EtcdUnavailable if no endpoint answers; EtcdError, with
+        etcd's answer, if it refuses."""
+        authorization = self.authorization if authorization is None else authorization
+        errors = []
+        n = len(self.endpoints)
+        for index in [(self.current + i) % n for i in range(n)]:
+            try:
+                stream = await self._connect(index)
+                stream.write(self._head(index, method, path, body, content_type, authorization))
+                code, length, chunked, _ = _response_head(await asyncio.wait_for(
+                    stream.read_until(b"\r\n\r\n", max_bytes=65536), self.timeout))
+            except (OSError, iostream.StreamClosedError, httputil.HTTPInputError,
+                    asyncio.TimeoutError) as e:
+                errors.append(f"{self.url(index)}: {str(e) or type(e).__name__}")
+                continue
+            break
+        else:
+            self._on_request(op, "unavailable", 0.0)
+            raise EtcdUnavailable("; ".join(errors))
+        self._on_request(op, "ok" if code < 300 else f"http_{code}", 0.0)
+        try:
+            if code >= 300 or not chunked:
+                data = (await _read_chunked(stream) if chunked else
+                        await stream.read_bytes(length) if length else b"")
+                if code >= 300:
+                    raise EtcdError(f"{path}: HTTP {code} {data[:200]!r}", data)
+                yield data
+                return
+            while True:
+                size = int((await stream.read_until(b"\r\n", max_bytes=1024)).split(b";")[0], 16)
+                if size == 0:
+                    return
+                yield (await stream.read_bytes(size + 2))[:-2]
+        except (iostream.StreamClosedError, ValueError):
+            return  # etcd went, or said something we cannot read: the caller starts again
+        finally:
+            stream.close()
+
+    def _head(self, index: int, method: str, path: str, body: bytes, content_type: str,
+              authorization: str) -> bytes:
         head = [f"{method} {path} HTTP/1.1", f"Host: {self.endpoints[index].netloc}",
                 f"Content-Length: {len(body)}"]
         if body:
             head.append(f"Content-Type: {content_type}")
         if authorization:
             head.append(f"Authorization: {authorization}")
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+    async def _connect(self, index: int) -> iostream.IOStream:
+        e = self.endpoints[index]
+        https = e.scheme == "https"
+        stream = await self._tcp.connect(e.hostname, e.port or (443 if https else 80),
+                                         ssl_options=self.ssl_context if https else None,
+                                         timeout=self.timeout)
+        stream.set_nodelay(True)
+        return stream
+
+    async def _exchange(self, index: int, stream: iostream.IOStream, method: str, path: str,
+                        body: bytes, content_type: str, authorization: str) -> tuple[int, bytes]:
+        """One request and its response, by hand: every record costs etcd requests, and
+        Tornado's general HTTP machinery cost three times as much CPU per request."""
         try:
-            stream.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+            stream.write(self._head(index, method, path, body, content_type, authorization))
             code, length, chunked, keep = _response_head(
                 await stream.read_until(b"\r\n\r\n", max_bytes=65536))
             if chunked:
@@ -985,166 +1057,405 @@ async def _read_chunked(stream: iostream.IOStream) -> bytes:
         parts.append((await stream.read_bytes(size + 2))[:-2])
 
 
-def _etcd_v2_error(data: bytes) -> tuple[int, str]:
-    try:
-        doc = json.loads(data)
-        return int(doc.get("errorCode", 0)), str(doc.get("message", ""))
-    except (ValueError, AttributeError):
-        return 0, data[:200].decode("utf-8", "replace")
+# etcd v2's error codes that skyapi acts on (etcd's api/v2error).
+KEY_NOT_FOUND = 100
+COMPARE_FAILED = 101
+NODE_EXISTS = 105
+EVENT_INDEX_CLEARED = 401
+
+
+class Write(enum.Enum):
+    """What the registry asks a backend to do to one record."""
+    TAKE = "take"  # a new socket's record: create it, or take it over from another instance
+    #                that holds the same endpoint (the newest socket is the truth)
+    CLAIM = "claim"  # a record found gone: put it back only if absent or still ours
+    REPLACE = "replace"  # ours, with another holder's value (old: ours now)
+    DELETE = "delete"  # ours, no longer held: delete it if still ours, or hand it over
+    MARK = "mark"  # another instance owns a record we hold too: say so beside it
+    UNMARK = "unmark"  # ... no longer
+    PRUNE = "prune"  # v2: remove the directories the record's going left empty
+
+
+class Found(enum.Enum):
+    """What a write met."""
+    DONE = "done"  # done as asked (a DELETE also when there was nothing of ours to delete)
+    GONE = "gone"  # REPLACE: nothing was there any more
+    OTHERS = "others"  # another instance's record for the same endpoint is there
+    COLLISION = "collision"  # another endpoint's record is there: their Go ids collide
+
+
+@dataclasses.dataclass
+class Op:
+    write: Write
+    key: str
+    value: str  # what to write; DELETE, UNMARK: what we wrote, to touch it only if still so
+    endpoint: tuple[str, int] = ("", 0)  # whose record it is: tells OTHERS from a COLLISION
+    old: str = ""  # REPLACE: our value there now
+    shared: bool = False  # DELETE: another instance may hold it too: hand it over if one does
+    prune: bool = False  # DELETE: no other record of ours in its directory (v2 prunes it)
+
+
+@dataclasses.dataclass
+class Outcome:
+    found: Found
+    took_over: bool = False  # it was another instance's, which may hold it too
+
+
+class Lost(NamedTuple):
+    """What keep-alive found gone or no longer ours, by record key."""
+    records: list[str]
+    markers: list[str]
+
+
+Change = tuple[str, "str | None"]  # a key below the root, and its value (None: it went)
+
+
+class Backend(Protocol):
+    """What the registry needs of etcd. A backend turns ops into requests and says what
+    came of each; only the registry decides what that means for a record."""
+
+    batch_limit: int  # the most ops one apply() carries
+
+    async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
+        """Each op's outcome. EtcdUnavailable: no answer (some may be done); EtcdError:
+        etcd refused them."""
+
+    async def keep_alive(self, full: bool) -> Lost:
+        """Keep what apply() wrote from expiring, this backend's way; called every tick
+        (full: at once, after an outage)."""
+
+    def changes(self) -> AsyncIterator[list[Change] | None]:
+        """Changes below the root as etcd makes them; None whenever some may have been
+        missed: the registry then compares everything with scan()."""
+
+    async def scan(self) -> dict[str, str]:
+        """Every key and value below the root; changes() goes on from here."""
+
+    async def ping(self) -> None:
+        """EtcdUnavailable or EtcdError unless etcd answers."""
+
+    async def close(self) -> None:
+        """Delete what is still ours (v2: each key by its value; v3: revoke the lease)."""
+
+
+def marker_prefix(cfg: Any, key: str) -> str:
+    """Where instances that hold a record another instance owns say so: outside every zone
+    (no DNS server reads it), under etcd_prefix (the same permissions)."""
+    return f"{cfg.etcd_prefix}/_skyapi/holders/{hashlib.sha1(key.encode()).hexdigest()[:24]}."
+
+
+def _may_write(there: str, op: Op, owner: str) -> Found:
+    """DONE if op may write over the value there: ours, or a TAKE of the same endpoint;
+    OTHERS if it is another instance's for the same endpoint; else a COLLISION."""
+    record = read_record(there)
+    if record is None or record[0] != op.endpoint:
+        return Found.COLLISION
+    return Found.DONE if op.write is Write.TAKE or record[1] == owner else Found.OTHERS
+
+
+def _lines(buffer: bytearray, data: bytes) -> list[bytes]:
+    """The complete lines data adds to buffer (watch streams send one JSON per line)."""
+    buffer += data
+    *lines, rest = buffer.split(b"\n")
+    buffer[:] = rest
+    return [line for line in lines if line.strip()]
 
 
 class EtcdV2:
     """SkyDNS's layout on the v2 keys API: one key per record, each with its own TTL.
 
-    Keep-alive refreshes each key with refresh=true&prevValue=<ours>, so watchers
-    see no event, and a key that has gone or changed hands is never recreated or
-    extended by a refresh (the registry claims it again instead)."""
+    Keep-alive refreshes each key this backend wrote with refresh=true, compared on its
+    value (watchers see no event; a key that went or changed hands is not recreated),
+    spread evenly so that each comes round once per timeout/3."""
 
     batch_limit = 1
 
-    def __init__(self, client: EtcdClient, cfg: Any):
+    def __init__(self, client: EtcdClient, cfg: Any, owner: str):
         self.client = client
-        self.ttl = cfg.timeout
-        self.keep_dir = root_dir(cfg)
-        # Our keys that may be in etcd, and how many per directory: a delete prunes only a
-        # directory it leaves empty of ours, not with a request that fails 'not empty'.
-        self._mine: set[str] = set()
-        self._per_dir: collections.Counter[str] = collections.Counter()
+        self.cfg = cfg
+        self.owner = owner
+        self.period = cfg.timeout / 3  # two refreshes may fail before a record expires
+        self.root = root_dir(cfg)
+        self.holders = f"{cfg.etcd_prefix}/_skyapi/holders"
+        self._kept: dict[str, tuple[str, str]] = {}  # key -> (our value, its record's key)
+        self._ring: deque[str] = deque()  # kept keys in refresh order
+        self._credit = 0.0  # refreshes owed, carried between ticks so the rate stays even
+        self._last = time.monotonic()
+        self._index = 0  # the etcd index changes() goes on from; 0: not known yet
 
-    def _count(self, key: str, mine: bool) -> None:
-        if mine != (key in self._mine):
-            (self._mine.add if mine else self._mine.discard)(key)
-            directory = key.rsplit("/", 1)[0]
-            self._per_dir[directory] += 1 if mine else -1
-            if not self._per_dir[directory]:
-                del self._per_dir[directory]
-
-    async def _form(self, op: str, method: str, key: str, query: Mapping[str, str] = {},
-                    **fields: Any) -> tuple[int, int, str]:
-        body = urllib.parse.urlencode(fields).encode()
+    async def _request(self, op: str, method: str, key: str, query: Mapping[str, str] = {},
+                       **form: Any) -> tuple[int, int, dict]:
+        """(HTTP status, etcd's error code or 0, the answer)."""
         path = "/v2/keys" + urllib.parse.quote(key)
         if query:
             path += "?" + urllib.parse.urlencode(query)
-        code, data = await self.client.request(op, method, path, body,
-                                               "application/x-www-form-urlencoded")
-        return (code, 0, "") if code < 300 else (code, *_etcd_v2_error(data))
+        code, data = await self.client.request(op, method, path, urllib.parse.urlencode(
+            form).encode(), "application/x-www-form-urlencoded")
+        try:
+            doc = json.loads(data) if data else {}
+        except ValueError:
+            doc = {"message": data[:200].decode("utf-8", "replace")}
+        return code, int(doc.get("errorCode", 0)) if code >= 300 else 0, doc
 
-    async def apply(self, puts: Sequence["Slot"], deletes: Sequence["Slot"]) -> None:
-        for slot in puts:
-            self._count(slot.key, True)
-            claim = {"prevExist": "false"} if slot.claim else {}
-            code, err, message = await self._form("put", "PUT", slot.key, value=slot.value,
-                                                  ttl=self.ttl, **claim)
-            if slot.claim and err == 105:  # it exists: ours if its value (owner and all) is
-                code, err, message = await self._form("put", "PUT", slot.key, value=slot.value,
-                                                      ttl=self.ttl, prevValue=slot.value)
-            slot.foreign = slot.claim and err == 101  # another instance's
-            self._count(slot.key, not slot.foreign)
-            if code >= 300 and not slot.foreign:
-                raise EtcdError(f"put {slot.key}: {message} (etcd error {err})")
-        for slot in deletes:
-            if not slot.foreign:
-                await self._delete(slot.key, slot.value)
-            self._count(slot.key, False)
+    @staticmethod
+    def _refused(what: str, key: str, doc: dict) -> EtcdError:
+        return EtcdError(f"{what} {key}: {doc.get('message')} (etcd error {doc.get('errorCode')})")
+
+    def _keep(self, key: str, value: str, record: str) -> None:
+        if key not in self._kept:
+            self._ring.append(key)
+        self._kept[key] = (value, record)
+
+    async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
+        return await asyncio.gather(*(self._apply(op) for op in ops))
+
+    async def _apply(self, op: Op) -> Outcome:
+        if op.write in (Write.TAKE, Write.CLAIM, Write.REPLACE):
+            return await self._write(op)
+        marker = marker_prefix(self.cfg, op.key) + self.owner
+        if op.write is Write.DELETE:
+            if not (op.shared and await self._hand_over(op)):
+                await self._delete(op.key, op.value)
+            if op.prune:
+                await self._prune(op.key.rsplit("/", 1)[0])
+        elif op.write is Write.MARK:
+            await self._put(marker, op.value, {})
+            self._keep(marker, op.value, op.key)
+        elif op.write is Write.UNMARK:
+            await self._delete(marker, op.value)
+        else:
+            await self._prune(op.key.rsplit("/", 1)[0])
+        return Outcome(Found.DONE)
+
+    async def _write(self, op: Op) -> Outcome:
+        # A put that creates, or one compared on the value read just before it: so another
+        # endpoint's record is never written over, and another instance's only by a TAKE.
+        compare = {"prevValue": op.old} if op.write is Write.REPLACE else {"prevExist": "false"}
+        there = None  # the value read, that the next put writes over
+        for _ in range(3):  # the record may change between our read and our write
+            code, _, _ = await self._put(op.key, op.value, compare)
+            if code < 300:
+                self._keep(op.key, op.value, op.key)
+                return Outcome(Found.DONE, took_over=there is not None
+                               and read_record(there)[1] != self.owner)
+            code, error, doc = await self._request("get", "GET", op.key)
+            if error == KEY_NOT_FOUND:
+                if op.write is Write.REPLACE:
+                    return Outcome(Found.GONE)
+                there, compare = None, {"prevExist": "false"}
+                continue
+            if code >= 300:
+                raise self._refused("get", op.key, doc)
+            there = doc["node"].get("value", "")
+            found = _may_write(there, op, self.owner)
+            if found is not Found.DONE:
+                return Outcome(found)
+            compare = {"prevValue": there}
+        return Outcome(Found.OTHERS)  # it keeps changing hands: others are at work on it
+
+    async def _put(self, key: str, value: str, compare: Mapping[str, str]) -> tuple[int, int, dict]:
+        code, error, doc = await self._request("put", "PUT", key, value=value,
+                                               ttl=self.cfg.timeout, **compare)
+        if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED, NODE_EXISTS):
+            raise self._refused("put", key, doc)
+        return code, error, doc
 
     async def _delete(self, key: str, value: str) -> None:
-        code, err, message = await self._form("delete", "DELETE", key, {"prevValue": value})
-        if code >= 300 and err not in (100, 101):  # gone, or another instance's now: leave it
-            raise EtcdError(f"delete {key}: {message} (etcd error {err})")
-        # Prune directories the delete left empty, so DNS says NXDOMAIN, not an empty answer.
-        # dir=true deletes only an empty directory, so a record put meanwhile is safe.
-        directory = key.rsplit("/", 1)[0]
-        if self._per_dir[directory] > (key in self._mine):
-            return  # other records of ours live here
-        while directory.startswith(self.keep_dir + "/"):
-            code, err, _ = await self._form("prune", "DELETE", directory, {"dir": "true"})
+        self._kept.pop(key, None)
+        code, error, doc = await self._request("delete", "DELETE", key, {"prevValue": value})
+        if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):  # gone; not ours
+            raise self._refused("delete", key, doc)
+
+    async def _prune(self, directory: str) -> None:
+        """Remove directory and those above it while they are empty, so DNS says NXDOMAIN
+        rather than an empty answer; never the root domain's own. dir=true deletes only an
+        empty directory, so a record put meanwhile is safe."""
+        while directory.startswith(self.root + "/"):
+            code, _, _ = await self._request("prune", "DELETE", directory, {"dir": "true"})
             if code >= 300:
-                break  # 108: not empty (others still live here); 100: someone pruned it
+                break  # not empty (others live here), or already gone
             directory = directory.rsplit("/", 1)[0]
 
-    async def keep_alive(self, due: Sequence["Slot"], slots: Mapping[str, "Slot"],
-                         full: bool) -> list["Slot"]:
-        results = await asyncio.gather(*(self._refresh(s) for s in due), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return [s for s, ours in zip(due, results) if not ours]
+    async def _hand_over(self, op: Op) -> bool:
+        """Give the record to an instance that holds it too (its marker has its value), so
+        DNS never misses it. False if none does."""
+        code, _, doc = await self._request("holders", "GET", self.holders)
+        prefix = marker_prefix(self.cfg, op.key)
+        for node in doc["node"].get("nodes", []) if code < 300 else []:
+            if node["key"].startswith(prefix) and node["key"] != prefix + self.owner:
+                await self._put(op.key, node["value"], {"prevValue": op.value})
+                self._kept.pop(op.key, None)
+                return True  # handed over, or no longer ours to give
+        return False
 
-    async def _refresh(self, slot: "Slot") -> bool:
-        """Extend our record's TTL. False if it is gone or not ours (a foreign record is
-        never refreshed: False sends it to a claim, which takes it only if absent)."""
-        if slot.foreign:
-            return False
-        code, err, message = await self._form("refresh", "PUT", slot.key, ttl=self.ttl,
-                                              refresh="true", prevValue=slot.value)
+    async def keep_alive(self, full: bool) -> Lost:
+        now = time.monotonic()
+        owed = len(self._ring) if full else len(self._ring) * (now - self._last) / self.period
+        self._credit = min(self._credit + owed, len(self._ring))
+        self._last = now
+        due = []
+        while self._credit >= 1 and self._ring:
+            self._credit -= 1
+            key = self._ring.popleft()
+            if key in self._kept:
+                self._ring.append(key)
+                due.append(key)
+        kept = await asyncio.gather(*(self._refresh(key) for key in due))
+        lost = Lost([], [])
+        for key, ok in zip(due, kept):
+            if not ok and key in self._kept:
+                record = self._kept.pop(key)[1]
+                (lost.records if key == record else lost.markers).append(record)
+        return lost
+
+    async def _refresh(self, key: str) -> bool:
+        """False if the key is gone or not ours (and still kept as it was)."""
+        value = self._kept[key][0]
+        code, error, doc = await self._request("refresh", "PUT", key, ttl=self.cfg.timeout,
+                                               refresh="true", prevValue=value)
         if code < 300:
             return True
-        if err in (100, 101):  # gone; or changed: another instance owns it now
-            return False
-        raise EtcdError(f"refresh {slot.key}: {message} (etcd error {err})")
+        if error not in (KEY_NOT_FOUND, COMPARE_FAILED):
+            raise self._refused("refresh", key, doc)
+        return self._kept.get(key, ("",))[0] != value  # rewritten or let go meanwhile
+
+    async def scan(self) -> dict[str, str]:
+        # etcd says its current index in every error answer: read it first, so that
+        # changes() rather replays what the listing already shows than misses anything.
+        _, _, doc = await self._request("scan", "GET", self.root + "/-")
+        index = int(doc.get("index", 0))
+        code, error, doc = await self._request("scan", "GET", self.root, {"recursive": "true"})
+        if code >= 300 and error != KEY_NOT_FOUND:
+            raise self._refused("scan", self.root, doc)
+        found: dict[str, str] = {}
+        stack = [doc["node"]] if code < 300 else []
+        while stack:
+            node = stack.pop()
+            if node.get("dir"):
+                stack.extend(node.get("nodes", []))
+            else:
+                found[node["key"]] = node.get("value", "")
+        self._index = index + 1
+        return found
+
+    async def changes(self) -> AsyncIterator[list[Change] | None]:
+        while True:
+            if not self._index:
+                yield None  # the registry scans, which sets the index
+                continue
+            path = (f"/v2/keys{urllib.parse.quote(self.root)}?wait=true&recursive=true"
+                    f"&stream=true&waitIndex={self._index}")
+            buffer = bytearray()
+            try:
+                async with contextlib.aclosing(self.client.stream("watch", "GET", path)) as stream:
+                    async for data in stream:
+                        batch: list[Change] = []
+                        for line in _lines(buffer, data):
+                            event = json.loads(line)
+                            node = event["node"]
+                            self._index = node["modifiedIndex"] + 1
+                            if not node.get("dir"):
+                                batch.append((node["key"], node.get("value") if event["action"]
+                                              in ("set", "create", "update", "compareAndSwap")
+                                              else None))
+                        if batch:
+                            yield batch
+            except EtcdError as e:
+                if f'"errorCode":{EVENT_INDEX_CLEARED}'.encode() not in e.body:
+                    raise
+                self._index = 0  # we fell behind the 1,000 events etcd keeps: scan again
 
     async def ping(self) -> None:
         await self.client.ping()
 
     async def close(self) -> None:
-        pass  # every record was deleted one by one; what was not expires by its TTL
+        kept = [(key, value) for key, (value, _) in self._kept.items()]
+        await asyncio.gather(*(self._delete(key, value) for key, value in kept))
+        await asyncio.gather(*(self._prune(d) for d in {k.rsplit("/", 1)[0] for k, _ in kept}))
 
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def _unb64(text: str) -> str:
+    return base64.b64decode(text).decode("utf-8", "replace")
+
+
+def _prefix_end(prefix: str) -> str:
+    """The end of the v3 range of the keys that start with prefix."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _txn(compare: list[dict], success: list[dict], failure: Sequence[dict] = ()) -> dict:
+    """A nested transaction: per record, in a batch of them."""
+    return {"request_txn": {"compare": compare, "success": success, "failure": list(failure)}}
+
+
+def _compare(key: str, target: str, value: str) -> dict:
+    field = {"VERSION": "version", "VALUE": "value", "MOD": "mod_revision"}[target]
+    return {"key": _b64(key), "target": target, "result": "EQUAL",
+            field: _b64(value) if target == "VALUE" else value}
+
+
+def _range(key: str) -> dict:
+    return {"request_range": {"key": _b64(key)}}
+
+
 # What etcd answers when a v3 auth token is no longer good (not: a wrong password).
-TOKEN_REJECTED = ("invalid auth token", "revision of auth store is old")
+AUTH_TOKEN_REJECTED = ("invalid auth token", "revision of auth store is old")
 
 
 class EtcdV3:
     """CoreDNS's layout on the v3 API: the same keys as v2, all on one lease.
 
-    One keep-alive request per period holds every record, whatever their
-    number; a lease time-to-live query (with keys) per period finds records
-    deleted behind our back. Writes go in transactions of up to batch_limit
-    operations."""
+    One keep-alive request per period holds every record, whatever their number. Writes
+    go in transactions of up to batch_limit ops, each a nested transaction that compares
+    first and otherwise reads the record, so one record never fails a batch."""
 
     batch_limit = 64  # etcd's default --max-txn-ops is 128
 
-    def __init__(self, client: EtcdClient, cfg: Any):
+    def __init__(self, client: EtcdClient, cfg: Any, owner: str):
         self.client = client
-        self.ttl = cfg.timeout
+        self.cfg = cfg
+        self.owner = owner
         self.period = cfg.timeout / 3
-        self.lease = ""  # "" until granted; int64 as a string, as the JSON gateway has it
-        self.lost_at = 0.0  # when a lease was last found lost: records stored before are gone
+        self.root = root_dir(cfg) + "/"
+        self.lease = ""  # "" until granted; an int64 as a string, as the JSON gateway has it
         self.last_beat = 0.0
+        self._kept: dict[str, str] = {}  # keys on our lease -> their record's key
+        self._lost = Lost([], [])  # what a lease found lost took, for keep_alive to say
         self._granting = asyncio.Lock()  # workers put concurrently; one lease for all of them
+        self._revision = 0  # where changes() goes on from; 0: not known yet
         self.credentials = ({"name": cfg.etcd_username, "password": cfg.etcd_password}
                             if cfg.etcd_username else None)
-        self.token = ""  # etcd's auth token for credentials, once authenticated
+        self.auth_token = ""  # etcd's token for the credentials, once authenticated
         self._authenticating = asyncio.Lock()  # one authentication (bcrypt: costly) for all
 
     async def _call(self, op: str, path: str, doc: dict) -> dict:
-        token = await self._token()
+        auth_token = await self._auth_token()
         try:
-            return await self._post(op, path, doc, token)
+            return await self._post(op, path, doc, auth_token)
         except EtcdError as e:
-            if not token or not any(m in str(e) for m in TOKEN_REJECTED):
+            if not auth_token or not any(m in str(e) for m in AUTH_TOKEN_REJECTED):
                 raise
         # etcd forgot the token (it restarted, the token expired, auth changed): a new one, once.
-        return await self._post(op, path, doc, await self._token(stale=token))
+        return await self._post(op, path, doc, await self._auth_token(stale=auth_token))
 
-    async def _token(self, stale: str = "") -> str:
+    async def _auth_token(self, stale: str = "") -> str:
         """The auth token ("" without credentials); a new one if it is still the stale one."""
         if not self.credentials:
             return ""
         async with self._authenticating:
-            if not self.token or self.token == stale:
+            if not self.auth_token or self.auth_token == stale:
                 reply = await self._post("authenticate", "auth/authenticate", self.credentials, "")
-                self.token = reply["token"]
+                self.auth_token = reply["token"]
                 log_event(logging.DEBUG, "etcd_authenticated", user=self.credentials["name"])
-        return self.token
+        return self.auth_token
 
-    async def _post(self, op: str, path: str, doc: dict, token: str) -> dict:
+    async def _post(self, op: str, path: str, doc: dict, auth_token: str) -> dict:
         code, data = await self.client.request(op, "POST", "/v3/" + path,
-                                               json.dumps(doc).encode(), authorization=token)
+                                               json.dumps(doc).encode(), authorization=auth_token)
         try:
             reply = json.loads(data.split(b"\n", 1)[0]) if data else {}
         except ValueError:
@@ -1159,59 +1470,176 @@ class EtcdV3:
     async def _lease_id(self) -> str:
         async with self._granting:
             if not self.lease:
-                reply = await self._call("lease_grant", "lease/grant", {"TTL": self.ttl})
+                reply = await self._call("lease_grant", "lease/grant", {"TTL": self.cfg.timeout})
                 self.lease, self.last_beat = reply["ID"], time.monotonic()
-                log_event(logging.DEBUG, "lease_granted", lease=self.lease, ttl=self.ttl)
+                log_event(logging.DEBUG, "lease_granted", lease=self.lease, ttl=self.cfg.timeout)
         return self.lease
 
-    async def apply(self, puts: Sequence["Slot"], deletes: Sequence["Slot"]) -> None:
-        # Nothing of ours is on etcd without a lease: then there is nothing to delete.
-        deletes = [s for s in deletes if not s.foreign] if self.lease else []
-        for attempt in range(2):
-            lease = await self._lease_id() if puts else self.lease
-            ops = []
-            for s in puts:
-                put = {"request_put": {"key": _b64(s.key), "value": _b64(s.value), "lease": lease}}
-                # A claim takes the key if it is absent, or if it is on our lease already.
-                ops.append(_if(s.key, "VERSION", "version", "0", put,
-                               _if(s.key, "LEASE", "lease", lease, put)) if s.claim else put)
-            ops += [_if(s.key, "LEASE", "lease", lease, {"request_delete_range": {"key": _b64(s.key)}})
-                    for s in deletes]
-            if not ops:
-                return
-            try:
-                reply = await self._call("txn", "kv/txn", {"success": ops})
+    def _lease_lost(self, lease: str) -> None:
+        if lease == self.lease:  # not a lease another task has already replaced
+            log_event(logging.WARNING, "lease_lost", lease=lease)
+            self.lease = ""
+            for key, record in self._kept.items():
+                (self._lost.records if key == record else self._lost.markers).append(record)
+            self._kept.clear()
+
+    def _marker(self, op: Op) -> str:
+        return marker_prefix(self.cfg, op.key) + self.owner
+
+    @staticmethod
+    def _put(key: str, value: str, lease: str) -> dict:
+        return {"request_put": {"key": _b64(key), "value": _b64(value), "lease": lease}}
+
+    def _first(self, op: Op, lease: str) -> dict:
+        """An op as one nested transaction: done if its compare holds; otherwise the record
+        is read, in the same revision, to tell what is there."""
+        if op.write in (Write.TAKE, Write.CLAIM):
+            return _txn([_compare(op.key, "VERSION", "0")], [self._put(op.key, op.value, lease)],
+                        [_range(op.key)])
+        if op.write is Write.REPLACE:
+            return _txn([_compare(op.key, "VALUE", op.old)], [self._put(op.key, op.value, lease)],
+                        [_range(op.key)])
+        if op.write is Write.MARK:
+            return self._put(self._marker(op), op.value, lease)
+        key = self._marker(op) if op.write is Write.UNMARK else op.key
+        return _txn([_compare(key, "VALUE", op.value)], [{"request_delete_range": {"key": _b64(key)}}])
+
+    async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(ops)
+        for i, op in enumerate(ops):
+            if op.write is Write.PRUNE or (op.write is Write.DELETE and op.shared
+                                           and await self._hand_over(op)):
+                outcomes[i] = Outcome(Found.DONE)  # (v3 has no directories to prune)
+        # A TAKE of another instance's record, or a CLAIM of our own, is written in a next
+        # round, compared on the revision the round before read.
+        seen: dict[int, tuple[str, str]] = {}  # op index -> (mod revision, value) read
+        for _ in range(3):
+            todo = [i for i, o in enumerate(outcomes) if o is None]
+            if not todo:
                 break
+            replies = await self._transact(lambda lease: [
+                self._first(ops[i], lease) if i not in seen else
+                _txn([_compare(ops[i].key, "MOD", seen[i][0])],
+                     [self._put(ops[i].key, ops[i].value, lease)], [_range(ops[i].key)])
+                for i in todo])
+            for i, reply in zip(todo, replies):
+                outcomes[i] = self._outcome(ops[i], reply, seen, i)
+        for i, op in enumerate(ops):
+            if outcomes[i] is None:
+                outcomes[i] = Outcome(Found.OTHERS)  # it keeps changing hands
+            elif outcomes[i].found is Found.DONE:
+                self._track(op)
+        return outcomes  # type: ignore[return-value]
+
+    async def _transact(self, build: Callable[[str], list[dict]]) -> list[dict]:
+        """One transaction of the ops build() makes for the lease; their responses."""
+        for attempt in range(2):
+            lease = await self._lease_id()
+            try:
+                return (await self._call("txn", "kv/txn", {"success": build(lease)})
+                        ).get("responses", [])
             except EtcdError as e:
                 if "lease not found" not in str(e) or attempt:
                     raise
-                self._lost(lease)  # the next attempt grants a new one
-        for s, r in zip(puts, reply.get("responses", [])):
-            r = r.get("response_txn", {})
-            inner = (r.get("responses") or [{}])[0].get("response_txn", {})
-            s.foreign = s.claim and not (r.get("succeeded") or inner.get("succeeded"))
+                self._lease_lost(lease)  # revoked or expired: the next attempt grants another
+        return []
 
-    async def keep_alive(self, due: Sequence["Slot"], slots: Mapping[str, "Slot"],
-                         full: bool) -> list["Slot"]:
-        now = time.monotonic()
+    def _outcome(self, op: Op, reply: dict, seen: dict[int, tuple[str, str]],
+                 i: int) -> Outcome | None:
+        """What one op's response says; None: write again in the next round."""
+        txn = reply.get("response_txn")
+        if txn is None or txn.get("succeeded"):  # a plain put (MARK), or the compare held
+            return Outcome(Found.DONE, took_over=i in seen and
+                           read_record(seen[i][1])[1] != self.owner)  # type: ignore[index]
+        if op.write in (Write.DELETE, Write.UNMARK):
+            return Outcome(Found.DONE)  # nothing of ours there to delete
+        kvs = (txn.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
+        if not kvs:
+            if op.write is Write.REPLACE:
+                return Outcome(Found.GONE)
+            seen.pop(i, None)  # gone meanwhile: create it
+            return None
+        there = _unb64(kvs[0].get("value", ""))
+        found = _may_write(there, op, self.owner)
+        if found is not Found.DONE:
+            return Outcome(found)
+        seen[i] = (kvs[0]["mod_revision"], there)
+        return None
+
+    def _track(self, op: Op) -> None:
+        """Note what is on our lease, to say what a lost lease took."""
+        if op.write in (Write.TAKE, Write.CLAIM, Write.REPLACE):
+            self._kept[op.key] = op.key
+        elif op.write is Write.MARK:
+            self._kept[self._marker(op)] = op.key
+        elif op.write in (Write.DELETE, Write.UNMARK):
+            self._kept.pop(self._marker(op) if op.write is Write.UNMARK else op.key, None)
+
+    async def _hand_over(self, op: Op) -> bool:
+        """Give the record to an instance that holds it too: put its marker's value on its
+        lease, so DNS never misses it. False if no other instance holds it."""
+        prefix = marker_prefix(self.cfg, op.key)
+        reply = await self._call("holders", "kv/range",
+                                 {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
+        for kv in reply.get("kvs", []):
+            if _unb64(kv["key"]) == prefix + self.owner or not kv.get("lease"):
+                continue
+            try:
+                await self._call("hand_over", "kv/txn", {
+                    "compare": [_compare(op.key, "VALUE", op.value)],
+                    "success": [self._put(op.key, _unb64(kv["value"]), kv["lease"])]})
+            except EtcdError as e:
+                if "lease not found" in str(e):
+                    continue  # that instance is gone: try the next
+                raise
+            self._kept.pop(op.key, None)
+            return True  # handed over, or no longer ours to give
+        return False
+
+    async def keep_alive(self, full: bool) -> Lost:
         lease = self.lease
-        if lease and (full or now - self.last_beat >= self.period):
-            self.last_beat = now
+        if lease and (full or time.monotonic() - self.last_beat >= self.period):
+            self.last_beat = time.monotonic()
             beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": lease})
-            live = await self._call("lease_ttl", "lease/timetolive", {"ID": lease, "keys": True})
-            if int(beat.get("TTL", 0)) <= 0 or int(live.get("TTL", -1)) <= 0:
-                self._lost(lease)
-            else:
-                ours = {base64.b64decode(k).decode() for k in live.get("keys", [])}
-                # Only puts acknowledged before the lease was read can be missing from it.
-                return [s for s in slots.values()
-                        if s.stored and s.acked_at < now and (s.foreign or s.key not in ours)]
-        return [s for s in slots.values() if s.stored and s.stored_at < self.lost_at]
+            if int(beat.get("TTL", 0)) <= 0:
+                self._lease_lost(lease)
+        lost, self._lost = self._lost, Lost([], [])
+        return lost
 
-    def _lost(self, lease: str) -> None:
-        if lease == self.lease:  # not a lease another task has already replaced
-            log_event(logging.WARNING, "lease_lost", lease=lease)
-            self.lease, self.lost_at = "", time.monotonic()
+    async def scan(self) -> dict[str, str]:
+        reply = await self._call("scan", "kv/range",
+                                 {"key": _b64(self.root), "range_end": _b64(_prefix_end(self.root))})
+        self._revision = int(reply["header"]["revision"]) + 1
+        return {_unb64(kv["key"]): _unb64(kv.get("value", "")) for kv in reply.get("kvs", [])}
+
+    async def changes(self) -> AsyncIterator[list[Change] | None]:
+        while True:
+            if not self._revision:
+                yield None  # the registry scans, which sets the revision
+                continue
+            watch = {"create_request": {"key": _b64(self.root),
+                                        "range_end": _b64(_prefix_end(self.root)),
+                                        "start_revision": str(self._revision)}}
+            buffer = bytearray()
+            async with contextlib.aclosing(self.client.stream(
+                    "watch", "POST", "/v3/watch", json.dumps(watch).encode(),
+                    authorization=await self._auth_token())) as stream:
+                async for data in stream:
+                    batch: list[Change] = []
+                    for line in _lines(buffer, data):
+                        result = json.loads(line).get("result", {})
+                        if int(result.get("compact_revision", 0)) or result.get("canceled"):
+                            self._revision = 0  # compacted past us, or refused: scan again
+                            break
+                        for event in result.get("events", []):
+                            kv = event["kv"]
+                            self._revision = int(kv["mod_revision"]) + 1
+                            batch.append((_unb64(kv["key"]), None if event.get("type") == "DELETE"
+                                          else _unb64(kv.get("value", ""))))
+                    if batch:
+                        yield batch
+                    if not self._revision:
+                        break
 
     async def ping(self) -> None:
         await self.client.ping()
@@ -1222,137 +1650,230 @@ class EtcdV3:
             self.lease = ""
 
 
-def _if(key: str, target: str, field: str, value: str, op: dict, otherwise: dict | None = None) -> dict:
-    """A nested transaction: op if the key's target equals value, else otherwise (per key,
-    in a batch)."""
-    return {"request_txn": {"compare": [{"target": target, "key": _b64(key), field: value,
-                                         "result": "EQUAL"}], "success": [op],
-                            "failure": [otherwise] if otherwise else []}}
-
-
-def make_backend(cfg: Any, on_request: Callable[[str, str, float], None]) -> EtcdV2 | EtcdV3:
+def make_backend(cfg: Any, owner: str, on_request: Callable[[str, str, float], None]) -> Backend:
     # etcd v2 auth is basic auth on every request; v3 authenticates for a token (EtcdV3._call).
     basic = ("Basic " + _b64(f"{cfg.etcd_username}:{cfg.etcd_password}")
              if cfg.etcd_username and cfg.etcd_version == 2 else "")
     client = EtcdClient(cfg.etcd_api, cfg.etcd_timeout, cfg.etcd_concurrency, on_request,
                         etcd_ssl_context(cfg), basic)
-    return (EtcdV2 if cfg.etcd_version == 2 else EtcdV3)(client, cfg)
+    return (EtcdV2 if cfg.etcd_version == 2 else EtcdV3)(client, cfg, owner)
 
 
 # ---------------------------------------------------------------------------
 # The registry
 #
-# Who holds which record, and making etcd agree. Sockets only change the
-# wanted state (hold, release); a fixed set of workers reconcile etcd with it,
-# one request per key at a time, so no per-connection task piles up when etcd
-# is slow or down: the backlog is a set of keys, each at most once. One
-# scheduler keeps stored records alive, spreading v2 refreshes evenly over the
-# period. When etcd stops answering, everything pauses, one prober retries
-# with capped backoff, and on its return every record is checked and put back.
+# Who holds which record, and making etcd agree. Each socket has a Holding;
+# the Holdings of one identity share a Slot: one record. Sockets only change
+# what is wanted (hold, release); a fixed set of workers reconcile etcd with
+# it, one op per record at a time, so no per-connection task piles up when
+# etcd is slow or down: the backlog is a set of slots, each at most once. A
+# watch on the root hears at once of a record that went or changed hands; the
+# backend keeps what it wrote alive. When etcd stops answering, everything
+# pauses, one prober retries with capped backoff, and on its return everything
+# is compared with etcd and put right. Only the registry changes a slot.
 # ---------------------------------------------------------------------------
 
 
+class State(enum.Enum):
+    """What etcd holds at a slot's key, as far as this instance knows. An event moves a
+    slot to one state; what the worker does next follows from the state alone:
+
+        state    etcd has                        held               not held
+        ABSENT   nothing of ours                 TAKE               drop the slot
+        LOST     nothing: ours went              CLAIM              drop; prune if last
+        STORED   ours, slot.written              REPLACE if the     DELETE, or hand it to
+                                                 value changed      another holder
+        UNKNOWN  ours or nothing: a request      TAKE               DELETE
+                 went unanswered
+        OTHERS   another instance's, for the     MARK (once)        UNMARK if marked; drop
+                 same endpoint
+
+    Events: an op's outcome; the watch or a scan saw the key go, change hands, or come
+    back to us; keep-alive found it gone; etcd did not answer or refused."""
+    ABSENT = "absent"
+    LOST = "lost"
+    STORED = "stored"
+    UNKNOWN = "unknown"
+    OTHERS = "others"
+
+
 class Slot:
-    """One record in etcd and the sockets that hold it."""
+    """One record (one key) and the sockets of this instance that hold it."""
 
-    __slots__ = ("key", "value", "holders", "stored", "stored_at", "acked_at", "busy", "ready",
-                 "claim", "foreign")
+    __slots__ = ("key", "endpoint", "holders", "state", "written", "marker", "shared",
+                 "inflight", "recheck", "waiters", "retry_at")
 
-    def __init__(self, key: str, value: str):
+    def __init__(self, key: str, endpoint: tuple[str, int]):
         self.key = key
-        self.value = value
-        self.holders = 0
-        self.stored: bool | None = False  # in etcd? None: unknown (a request failed midway)
-        self.stored_at = 0.0  # monotonic time the last successful put was sent
-        self.acked_at = 0.0  # ... and the time etcd's answer to it came
-        self.busy = False  # a worker has a request for this key in flight
-        self.ready: asyncio.Future | None = None  # resolved at the first put: None or an error
-        self.claim = False  # found lost: the next put takes the key only if it is absent
-        self.foreign = False  # in etcd, but another instance's: not refreshed, not deleted
+        self.endpoint = endpoint
+        self.holders: list[Holding] = []  # oldest first; the newest's value is the record's
+        self.state = State.ABSENT
+        self.written = ""  # the value we last wrote (STORED: what etcd has)
+        self.marker = ""  # the value of our marker in etcd (we hold it too), or ""
+        self.shared = False  # it was another instance's before ours: it may hold it still
+        self.inflight: Write | None = None  # the op a worker has in flight for it
+        self.recheck = False  # the watch saw it change while an op was in flight
+        self.waiters: list[asyncio.Future] = []  # handshakes waiting for it to be in etcd
+        self.retry_at = 0.0  # after etcd refused it: not before then
+
+    @property
+    def value(self) -> str:
+        return self.holders[-1].value if self.holders else self.written
+
+    @property
+    def directory(self) -> str:
+        return self.key.rsplit("/", 1)[0]
 
     def resolve(self, error: str | None) -> None:
-        """Tell sockets waiting for the first put how it went."""
-        if self.ready is not None:
-            self.ready.set_result(error)
-            self.ready = None
+        """Tell waiting handshakes: in etcd (None), or why not."""
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(error)
+        self.waiters.clear()
 
-    def needs_work(self) -> bool:
-        return self.stored is not True if self.holders else self.stored is not False
+
+class Holding:
+    """One socket's hold on a record."""
+
+    __slots__ = ("reg", "value", "slot")
+
+    def __init__(self, reg: Registration, value: str, slot: Slot):
+        self.reg, self.value, self.slot = reg, value, slot
+
+    @property
+    def key(self) -> str:
+        return self.slot.key
+
+    @property
+    def stored(self) -> bool:
+        """In DNS: our record, or another instance's for the same endpoint."""
+        return self.slot.state in (State.STORED, State.OTHERS)
 
 
 class Registry:
-    def __init__(self, backend: EtcdV2 | EtcdV3, cfg: Any):
+    def __init__(self, backend: Backend, cfg: Any, owner: str):
         self.backend = backend
         self.cfg = cfg
+        self.owner = owner
         self.slots: dict[str, Slot] = {}
-        self.closing = False
+        self.per_dir: collections.Counter[str] = collections.Counter()  # the last out prunes
+        self.draining = False
         self.outage_since: float | None = None
         self.outage_error = ""
-        self._dirty: dict[str, None] = {}  # an ordered set of keys to reconcile
+        self._keep: set[Slot] = set()  # while draining: records that outlive their sockets
+        self._dirty: dict[Slot, None] = {}  # an ordered set of slots to reconcile
+        self._prunes: list[Op] = []  # directories to prune, of slots already gone
+        self._refused: set[Slot] = set()  # to try again at their retry_at
         self._work = asyncio.Event()
         self._healthy = asyncio.Event()
         self._healthy.set()
-        self._ring: deque[Slot] = deque()  # keep-alive order; each slot comes round once a period
-        self._full_round = False
+        self._full = False  # the next keep-alive does everything at once (after an outage)
         self._tasks: list[asyncio.Task] = []
+        self._watch: asyncio.Task | None = None
 
     # -- what sockets do -------------------------------------------------------
 
-    def hold(self, key: str, value: str) -> Slot:
-        slot = self.slots.get(key)
-        if slot is None:
-            slot = self.slots[key] = Slot(key, value)
-            self._ring.append(slot)
-        elif slot.value != value:
-            slot.value = value  # same identity, new priority/weight: write it again
-            if slot.stored:
-                slot.stored = None
-        slot.holders += 1
+    def hold(self, reg: Registration) -> Holding:
+        endpoint = (reg.host, reg.port)
+        slot = self._slot(reg, endpoint)
+        holding = Holding(reg, record_value(reg, self.cfg.dns_ttl, self.owner), slot)
+        slot.holders.append(holding)
         self._mark(slot)
-        return slot
+        return holding
 
-    def release(self, slot: Slot) -> None:
-        if self.closing:
-            return
-        slot.holders -= 1
-        self._mark(slot)
+    def release(self, holding: Holding) -> None:
+        holding.slot.holders.remove(holding)
+        if self.draining:  # closed for the hand-over: the record waits for the next instance
+            self._keep.add(holding.slot)
+        self._mark(holding.slot)
 
-    async def wait_stored(self, slot: Slot, timeout: float) -> str | None:
-        """Wait until the slot's record is in etcd. An error message if etcd refused it;
-        None when stored, or when etcd is not answering (the record is written on its return)."""
-        if slot.stored and not slot.busy:  # (busy and stored: its delete is in flight)
+    async def wait_stored(self, holding: Holding, timeout: float) -> str | None:
+        """Wait until the record is in etcd. An error message if etcd refused it; None when
+        it is, or when etcd does not answer in time (it is written on etcd's return)."""
+        slot = holding.slot
+        if holding.stored and slot.inflight is not Write.DELETE:
             return None
-        if slot.ready is None:
-            slot.ready = asyncio.get_running_loop().create_future()
+        waiter = asyncio.get_running_loop().create_future()
+        slot.waiters.append(waiter)  # (a slot that moves to another key takes its waiters)
         try:
-            return await asyncio.wait_for(asyncio.shield(slot.ready), timeout)
+            return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
             return None
 
     @property
     def records(self) -> int:
-        """Records this instance holds in etcd (not counting ones another instance owns)."""
-        return sum(1 for s in self.slots.values() if s.holders and s.stored and not s.foreign)
+        """Records of live sockets this instance has in etcd."""
+        return sum(1 for s in self.slots.values() if s.holders and s.state is State.STORED)
+
+    def _slot(self, reg: Registration, endpoint: tuple[str, int],
+              collision_free: bool = False) -> Slot:
+        """The slot of reg's record: at its Go id, unless that is another endpoint's."""
+        key = record_key(reg, self.cfg.etcd_prefix, self.cfg.dns_root, collision_free)
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = Slot(key, endpoint)
+            self.per_dir[slot.directory] += 1
+        elif slot.endpoint != endpoint:
+            return self._slot(reg, endpoint, collision_free=True)
+        return slot
 
     # -- reconciling -------------------------------------------------------------
 
-    def _mark(self, slot: Slot) -> None:
-        if slot.busy:
-            return  # the worker re-marks it when its request is done
-        if slot.needs_work():
-            self._dirty[slot.key] = None
-            self._work.set()
-        elif not slot.holders and self.slots.get(slot.key) is slot:
-            del self.slots[slot.key]
+    def _next_op(self, slot: Slot) -> Op | None:
+        """What etcd needs next for the slot to be as wanted; None: nothing."""
+        state, held = slot.state, bool(slot.holders)
+        if held and slot.retry_at > time.monotonic():
+            return None
+        op = functools.partial(Op, key=slot.key, endpoint=slot.endpoint)
+        if slot.marker and not (held and state is State.OTHERS):
+            return op(Write.UNMARK, value=slot.marker)
+        if held:
+            if state in (State.ABSENT, State.UNKNOWN):
+                return op(Write.TAKE, value=slot.value)
+            if state is State.LOST:
+                return op(Write.CLAIM, value=slot.value)
+            if state is State.STORED and slot.written != slot.value:
+                return op(Write.REPLACE, value=slot.value, old=slot.written)
+            if state is State.OTHERS and slot.marker != slot.value:
+                return op(Write.MARK, value=slot.value)
+            return None
+        if state in (State.STORED, State.UNKNOWN) and slot not in self._keep:
+            return op(Write.DELETE, value=slot.written, shared=slot.shared,
+                      prune=self.per_dir[slot.directory] == 1)
+        return None
 
-    def _take(self, limit: int) -> list[Slot]:
-        batch = []
+    def _mark(self, slot: Slot) -> None:
+        if slot.inflight:
+            return  # the worker marks it again when its op is done
+        if self._next_op(slot) is not None:
+            self._dirty[slot] = None
+            self._work.set()
+        elif not slot.holders and (slot.state is not State.STORED or slot not in self._keep):
+            self._drop(slot)
+
+    def _drop(self, slot: Slot) -> None:
+        if self.slots.get(slot.key) is not slot:
+            return
+        del self.slots[slot.key]
+        self._refused.discard(slot)
+        self.per_dir[slot.directory] -= 1
+        if not self.per_dir[slot.directory]:
+            del self.per_dir[slot.directory]
+            if slot.state is State.LOST:  # it went without our delete, which would prune
+                self._prunes.append(Op(Write.PRUNE, slot.key, ""))
+                self._work.set()
+
+    def _take(self, limit: int) -> list[tuple[Slot | None, Op]]:
+        batch: list[tuple[Slot | None, Op]] = []
+        while self._prunes and len(batch) < limit:
+            batch.append((None, self._prunes.pop()))
         while self._dirty and len(batch) < limit:
-            key = next(iter(self._dirty))
-            del self._dirty[key]
-            slot = self.slots.get(key)
-            if slot is not None and not slot.busy and slot.needs_work():
-                batch.append(slot)
+            slot = next(iter(self._dirty))
+            del self._dirty[slot]
+            op = None if slot.inflight else self._next_op(slot)
+            if op is not None and self.slots.get(slot.key) is slot:
+                slot.inflight = op.write
+                batch.append((slot, op))
         return batch
 
     async def _worker(self) -> None:
@@ -1363,84 +1884,190 @@ class Registry:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            puts = [s for s in batch if s.holders]
-            deletes = [s for s in batch if not s.holders]
-            for s in batch:
-                s.busy = True
-            sent = time.monotonic()
-            refused: list[Slot] = []
             try:
-                await self.backend.apply(puts, deletes)
-                acked = time.monotonic()
+                outcomes = await self.backend.apply([op for _, op in batch])
             except EtcdUnavailable as e:
-                for s in batch:
-                    s.stored = None
+                for slot, op in batch:
+                    if slot is not None:
+                        self._unanswered(slot, op)
                 self._outage(e)
             except EtcdError as e:
                 log_event(logging.ERROR, "etcd_refused", error=e, keys=len(batch))
-                refused = puts  # retried when the keep-alive ring comes round, not in a loop
-                for s in puts:
-                    s.stored = False
-                    s.resolve(str(e))
-                for s in deletes:
-                    s.stored = False  # nothing more we can do; its TTL or lease takes it
+                for slot, op in batch:
+                    if slot is not None:
+                        self._refuse(slot, op, str(e))
             else:
-                for s in puts:
-                    s.stored, s.stored_at, s.acked_at, s.claim = True, sent, acked, False
-                    s.resolve(None)
-                for s in deletes:
-                    s.stored = s.foreign = False
+                for (slot, op), outcome in zip(batch, outcomes):
+                    if slot is not None:
+                        self._done(slot, op, outcome)
             finally:
-                for s in batch:
-                    s.busy = False
-                    if s not in refused:
-                        self._mark(s)
+                for slot, _ in batch:
+                    if slot is not None:
+                        slot.inflight = None
+                        if slot.recheck:
+                            slot.recheck = False
+                            if slot.state in (State.STORED, State.OTHERS) and slot.holders:
+                                slot.state = State.LOST  # a claim finds out what is there
+                        self._mark(slot)
+
+    def _done(self, slot: Slot, op: Op, outcome: Outcome) -> None:
+        """What an op's outcome means for its slot."""
+        write, found = op.write, outcome.found
+        if write is Write.MARK:
+            slot.marker = op.value
+        elif write is Write.UNMARK:
+            slot.marker = ""
+        elif write is Write.DELETE:
+            slot.state, slot.shared = State.ABSENT, False
+        elif found is Found.DONE:
+            slot.state, slot.written = State.STORED, op.value
+            slot.shared = slot.shared or outcome.took_over
+            slot.resolve(None)
+        elif found is Found.GONE:
+            slot.state = State.LOST
+        elif found is Found.OTHERS:
+            slot.state = State.OTHERS
+            slot.resolve(None)  # in DNS, by another instance
+        else:
+            self._collided(slot)
+
+    def _collided(self, slot: Slot) -> None:
+        """Another endpoint's record sits on the slot's key: its holders move to their
+        collision-free key, and neither endpoint evicts the other."""
+        holders, slot.holders = slot.holders, []
+        slot.state = State.ABSENT  # not ours (if it was, another endpoint wrote over it)
+        if not holders:
+            return
+        for holding in holders:
+            moved = self._slot(holding.reg, slot.endpoint, collision_free=True)
+            if moved is slot:  # even the collision-free key is taken: try again later
+                slot.holders = holders
+                self._refuse(slot, Op(Write.TAKE, slot.key, slot.value),
+                             f"{slot.key} holds another endpoint's record")
+                return
+            holding.slot = moved
+            moved.holders.append(holding)
+            moved.waiters += slot.waiters
+            slot.waiters.clear()
+            self._mark(moved)
+        log_event(logging.INFO, "id_collision", key=slot.key, moved_to=moved.key)
+
+    def _unanswered(self, slot: Slot, op: Op) -> None:
+        """etcd did not answer: the op may or may not have been done."""
+        if op.write in (Write.TAKE, Write.CLAIM, Write.REPLACE, Write.DELETE):
+            slot.state = State.UNKNOWN
+            slot.written = op.value if op.write is not Write.DELETE else slot.written
+        elif op.write is Write.MARK:
+            slot.marker = ""  # marked again (a put) when etcd is back
+        elif op.write is Write.UNMARK:
+            slot.marker = op.value
+
+    def _refuse(self, slot: Slot, op: Op, error: str) -> None:
+        """etcd answered no: tell waiting handshakes; try again once a period."""
+        if op.write in (Write.TAKE, Write.CLAIM, Write.DELETE):
+            slot.state = State.ABSENT  # (a DELETE: its TTL or lease takes it)
+        elif op.write is Write.UNMARK and not slot.holders:
+            slot.marker = ""  # its TTL or lease takes it
+        slot.resolve(error)
+        if slot.holders:
+            slot.retry_at = time.monotonic() + self.cfg.timeout / 3
+            self._refused.add(slot)
+
+    # -- what etcd says ------------------------------------------------------------
+
+    def _changed(self, key: str, value: str | None) -> None:
+        """The watch or a scan says key's value is now value (None: it went)."""
+        slot = self.slots.get(key)
+        record = None if value is None else read_record(value)
+        if slot is None:
+            if record is not None and record[1] == self.owner:
+                self._orphan(key, value, record[0])  # type: ignore[arg-type]
+            return
+        ours = record is not None and record[1] == self.owner
+        if slot.inflight:  # its outcome comes first; then a claim checks what is there
+            slot.recheck |= not ours and not (value is None and slot.inflight is Write.DELETE)
+            return
+        state = slot.state
+        if value is None:
+            if state in (State.STORED, State.OTHERS) or not slot.holders:
+                slot.state = State.LOST
+        elif ours:
+            if state is not State.STORED and slot.holders:
+                slot.state = State.LOST  # handed back to us, or landed: a claim keeps it ours
+            elif state is not State.STORED:
+                slot.state, slot.written = State.STORED, value  # deleted by this value
+        elif record is not None and record[0] == slot.endpoint:
+            if state in (State.STORED, State.LOST, State.UNKNOWN):
+                slot.state = State.OTHERS  # another instance's socket took it over
+        elif slot.holders:
+            self._collided(slot)
+        else:
+            slot.state = State.ABSENT
+        self._mark(slot)
+
+    def _orphan(self, key: str, value: str, endpoint: tuple[str, int]) -> None:
+        """A record of ours no socket holds (a hand-back we no longer want, an unanswered
+        delete): delete it, by its value."""
+        slot = self.slots[key] = Slot(key, endpoint)
+        self.per_dir[slot.directory] += 1
+        slot.state, slot.written = State.STORED, value
+        self._mark(slot)
+
+    def _compare(self, found: Mapping[str, str]) -> None:
+        """Everything below the root, as a scan found it."""
+        for key, slot in list(self.slots.items()):
+            if key not in found:
+                self._changed(key, None)
+        for key, value in found.items():
+            self._changed(key, value)
+
+    async def _watch_loop(self) -> None:
+        """Hear of every change below the root; compare everything where the watch could
+        not go on from where it was (a start, an outage, a gap in etcd's history)."""
+        try:
+            async with contextlib.aclosing(self.backend.changes()) as changes:
+                async for batch in changes:
+                    if batch is None:
+                        self._compare(await self.backend.scan())
+                        continue
+                    for key, value in batch:
+                        self._changed(key, value)
+        except EtcdUnavailable as e:
+            self._outage(e)
+        except EtcdError as e:
+            log_event(logging.ERROR, "watch_failed", error=e)
+            await asyncio.sleep(self.cfg.etcd_timeout)
+            self._watch = asyncio.ensure_future(self._watch_loop())
 
     # -- keeping records alive -------------------------------------------------
 
-    def _due(self, share: int) -> list[Slot]:
-        due = []
-        for _ in range(min(share, len(self._ring))):
-            slot = self._ring.popleft()
-            if self.slots.get(slot.key) is not slot:
-                continue  # gone for good
-            self._ring.append(slot)
-            if slot.busy:
-                continue
-            if slot.holders and slot.stored:
-                due.append(slot)
-            elif slot.key not in self._dirty:
-                self._mark(slot)  # e.g. a put etcd refused: try again once a period
-        return due
-
     async def _keep_alive_loop(self) -> None:
-        period = self.cfg.timeout / 3  # two refreshes may fail before a record expires
-        tick = min(1.0, period / 5)
-        last = time.monotonic()
-        credit = 0.0  # slots owed a refresh, carried between ticks so the rate stays even
+        tick = min(1.0, self.cfg.timeout / 15)
         while True:
             await asyncio.sleep(tick)
             await self._healthy.wait()
-            now = time.monotonic()
-            full, self._full_round = self._full_round, False
-            credit = len(self._ring) if full else credit + len(self._ring) * (now - last) / period
-            share = math.floor(credit)
-            credit -= share
-            last = now
+            full, self._full = self._full, False
             try:
-                lost = await self.backend.keep_alive(self._due(share), self.slots, full)
+                lost = await self.backend.keep_alive(full)
             except EtcdUnavailable as e:
                 self._outage(e)
                 continue
             except EtcdError as e:
                 log_event(logging.ERROR, "keep_alive_failed", error=e)
                 continue
-            for slot in lost:
-                if slot.holders and slot.stored and not slot.busy and self.slots.get(slot.key) is slot:
-                    if not slot.foreign:
-                        log_event(logging.INFO, "record_lost", key=slot.key)
-                    slot.stored, slot.claim = False, True
-                    self._mark(slot)
+            for key in lost.records:
+                slot = self.slots.get(key)
+                if slot is not None and slot.state is State.STORED:
+                    log_event(logging.INFO, "record_lost", key=key)
+                    self._changed(key, None)
+            for key in lost.markers:
+                if key in self.slots:
+                    self.slots[key].marker = ""
+                    self._mark(self.slots[key])
+            now = time.monotonic()
+            for slot in [s for s in self._refused if s.retry_at <= now]:
+                self._refused.discard(slot)
+                self._mark(slot)
 
     # -- outages ---------------------------------------------------------------
 
@@ -1451,6 +2078,8 @@ class Registry:
         self._healthy.clear()
         self.outage_since = time.monotonic()
         log_event(logging.WARNING, "etcd_outage_began", error=error)
+        if self._watch is not None:
+            self._watch.cancel()
         self._tasks.append(asyncio.ensure_future(self._probe()))
 
     async def _probe(self) -> None:
@@ -1467,10 +2096,11 @@ class Registry:
                   seconds=round(time.monotonic() - (self.outage_since or 0), 3))
         self.outage_since = None
         # While etcd was away, records may have expired or etcd may have lost its data:
-        # the next keep-alive round checks every record at once and puts back what is gone.
-        self._full_round = True
+        # keep everything alive at once, and compare everything (the watch starts with it).
+        self._full = True
         self._healthy.set()
         self._work.set()
+        self._watch = asyncio.ensure_future(self._watch_loop())
         self._tasks = [t for t in self._tasks if not t.done()]
 
     # -- life ------------------------------------------------------------------
@@ -1483,23 +2113,33 @@ class Registry:
             await self.backend.ping()
         except (EtcdUnavailable, EtcdError) as e:
             self._outage(e)
+        else:
+            self._watch = asyncio.ensure_future(self._watch_loop())
 
-    async def shutdown(self, deadline: float) -> None:
-        """Delete every record (until the monotonic deadline), then give up the rest."""
-        for slot in list(self.slots.values()):
-            slot.holders = 0
-            self._mark(slot)
-        self.closing = True
-        while self.slots and self._healthy.is_set() and time.monotonic() < deadline:
+    def begin_drain(self) -> None:
+        """SIGTERM: from now on records outlive their sockets, until drain() ends, so a
+        client that moves to another instance is never out of DNS."""
+        self.draining = True
+
+    async def drain(self, grace: float, deadline: float) -> None:
+        """Keep the records of closed sockets while another instance's put takes each over,
+        at most grace seconds; finish other work, then delete what is still ours (until
+        the monotonic deadline) and stop."""
+        until = time.monotonic() + grace
+        while (time.monotonic() < until and self._healthy.is_set()
+               and any(s.state is State.STORED for s in self._keep)):
+            await asyncio.sleep(0.02)
+        while ((self._dirty or self._prunes or any(s.inflight for s in self.slots.values()))
+               and self._healthy.is_set() and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
-        for task in self._tasks:
-            task.cancel()
+        for task in [*self._tasks, self._watch]:
+            if task is not None:
+                task.cancel()
         try:
             await asyncio.wait_for(self.backend.close(), max(0.1, deadline - time.monotonic()))
         except (EtcdUnavailable, EtcdError, asyncio.TimeoutError) as e:
             log_event(logging.WARNING, "shutdown_incomplete", error=e or "timeout",
                       left=len(self.slots))
-        self.backend.client.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1597,7 +2237,7 @@ NOT_THE_REQUESTS_FAULT = {
 class ProvideHandler(websocket.WebSocketHandler):
     def initialize(self, server: "Skyapi") -> None:
         self.server = server
-        self.slot: Slot | None = None
+        self.holding: Holding | None = None
         self.reg: Registration | None = None
         self.refusal: Refusal | None = None
         self.etcd_error: str | None = None
@@ -1623,7 +2263,7 @@ class ProvideHandler(websocket.WebSocketHandler):
         peer = self.request.remote_ip or ""  # with xheaders, as the proxy says
         peer = canonical_ip(peer) or peer
         try:
-            if registry.closing:
+            if registry.draining:
                 raise Refusal("server", "is shutting down", "shutting_down")
             self.reg, self.token = admit(cfg, self.request.query_arguments, self.request.headers,
                                          peer, server.held, server.held_by_peer.get(peer, 0))
@@ -1632,30 +2272,28 @@ class ProvideHandler(websocket.WebSocketHandler):
             return
         self.peer = peer
         server.count_peer(peer, 1)  # until on_closing, which releases the slot held next
-        key = record_key(self.reg, cfg.etcd_prefix, cfg.dns_root)
-        self.slot = registry.hold(key, record_value(self.reg, cfg.dns_ttl, self.server.owner))
+        self.holding = registry.hold(self.reg)
         self.since = time.time()
-        self.etcd_error = await registry.wait_stored(self.slot, cfg.etcd_timeout)
+        self.etcd_error = await registry.wait_stored(self.holding, cfg.etcd_timeout)
 
     def open(self) -> None:
-        if self.refusal is None and self.server.registry.closing:
-            # stop() began during the handshake and has deleted every record: go with the rest.
-            self.slot = None
+        if self.refusal is None and self.server.registry.draining:
+            # stop() began during the handshake: go with the rest (the record stays a while).
             self.refusal = Refusal("server", "is shutting down", "shutting_down")
         if self.refusal is not None:
             e = self.refusal
             if e.reason in NOT_THE_REQUESTS_FAULT:
                 return self._refuse(str(e), e.reason, *NOT_THE_REQUESTS_FAULT[e.reason])
             return self._refuse(str(e), e.reason, 1008, f"invalid {e.param}"[:100])
-        if self.slot is None:
+        if self.holding is None:
             return  # closed during the handshake
         if self.etcd_error:
             return self._refuse(f"etcd refused the record: {self.etcd_error}", "etcd_refused",
                                 1011, "etcd refused the record")
         self.server.sockets.add(self)
         self.server.metrics.connections_total += 1
-        log_event(logging.INFO, "connect", key=self.slot.key, peer=self.request.remote_ip,
-                  stored=bool(self.slot.stored),
+        log_event(logging.INFO, "connect", key=self.holding.key, peer=self.request.remote_ip,
+                  stored=self.holding.stored,
                   **({"token": self.token.number} if self.token else {}))
 
     def _refuse(self, message: str, reason: str, code: int, close_reason: str) -> None:
@@ -1672,15 +2310,15 @@ class ProvideHandler(websocket.WebSocketHandler):
         pass  # clients never need to send; oversized messages are closed by Tornado (1009)
 
     def on_closing(self, code: int | None, reason: str | None) -> None:
-        slot, self.slot = self.slot, None
-        if slot is None:
+        holding, self.holding = self.holding, None
+        if holding is None:
             return
-        self.server.registry.release(slot)
+        self.server.registry.release(holding)
         self.server.count_peer(self.peer, -1)
         self.server.sockets.discard(self)
         if reason == "ping timed out":
             self.server.metrics.dropped_peers += 1
-        log_event(logging.INFO, "disconnect", key=slot.key, peer=self.request.remote_ip,
+        log_event(logging.INFO, "disconnect", key=holding.key, peer=self.request.remote_ip,
                   seconds=round(time.time() - self.since, 3), code=code or "",
                   reason=reason or "")
 
@@ -1689,10 +2327,10 @@ class ProvideHandler(websocket.WebSocketHandler):
 
     def describe(self) -> dict:
         reg = self.reg
-        assert reg is not None and self.slot is not None
+        assert reg is not None and self.holding is not None
         return {"service": reg.service, "categories": list(reg.categories), "host": reg.host,
                 "port": reg.port, "priority": reg.priority, "weight": reg.weight,
-                "key": self.slot.key, "peer": self.request.remote_ip,
+                "key": self.holding.key, "peer": self.request.remote_ip,
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))}
 
 
@@ -1739,17 +2377,17 @@ class HealthHandler(_ServerHandler):
 class ReadyHandler(_ServerHandler):
     def get(self) -> None:
         registry = self.server.registry
-        if registry.outage_since is None and not registry.closing:
+        if registry.outage_since is None and not registry.draining:
             return self.write("ok\n")
         self.set_status(503)
-        self.write("shutting down\n" if registry.closing else
+        self.write("shutting down\n" if registry.draining else
                    f"etcd unreachable: {registry.outage_error}\n")
 
 
 class ServicesHandler(_AdminHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        live = sorted((h.describe() for h in self.server.sockets if h.slot),
+        live = sorted((h.describe() for h in self.server.sockets if h.holding),
                       key=lambda d: (d["key"], d["since"]))
         self.write(json.dumps(live, indent=1))
 
@@ -1760,6 +2398,10 @@ class MetricsHandler(_AdminHandler):
         self.write(self.server.metrics.render(self.server))
 
 
+# Seconds a hand-over may take beyond drain_grace to delete what is still ours.
+DELETE_TIME = 4.0
+
+
 class Skyapi:
     """One running server: its registry, its HTTP listener and the sockets it holds."""
 
@@ -1767,7 +2409,9 @@ class Skyapi:
         self.cfg = cfg
         self.owner = instance_name()
         self.metrics = Metrics()
-        self.registry = Registry(make_backend(cfg, self.metrics.on_etcd_request), cfg)
+        self.registry = Registry(make_backend(cfg, self.owner, self.metrics.on_etcd_request),
+                                 cfg, self.owner)
+        self._self: Holding | None = None  # this instance's own registration (self_register)
         self.sockets: set[ProvideHandler] = set()
         self.held = 0  # registrations held, from admission (before the handshake) to close
         self.held_by_peer: dict[str, int] = {}  # the same by peer address; no entry at zero
@@ -1815,23 +2459,30 @@ class Skyapi:
         host, port = split_advertised(self.cfg.self_register)
         reg = Registration("skyapi", tuple(self.cfg.default_category.split(",")), host,
                            port or self.port)
-        key = record_key(reg, self.cfg.etcd_prefix, self.cfg.dns_root)
-        slot = self.registry.hold(key, record_value(reg, self.cfg.dns_ttl, self.owner))
-        await self.registry.wait_stored(slot, self.cfg.etcd_timeout)  # started: findable
-        log_event(logging.INFO, "self_register", key=key, host=reg.host, port=reg.port,
-                  stored=bool(slot.stored))
+        self._self = self.registry.hold(reg)
+        await self.registry.wait_stored(self._self, self.cfg.etcd_timeout)  # started: findable
+        log_event(logging.INFO, "self_register", key=self._self.key, host=reg.host, port=reg.port,
+                  stored=self._self.stored)
 
-    async def stop(self, grace: float = 4.0) -> None:
-        """Stop accepting, delete every record, then close every socket with 1001."""
-        deadline = time.monotonic() + grace
-        if self._http is not None:
-            self._http.stop()
+    async def stop(self) -> None:
+        """A hand-over (SIGTERM, SIGINT): /readyz says 503 and new registrations are
+        refused; every socket is closed with 1001 "going away", so its client reconnects to
+        another instance at once; the records stay for drain_grace while that instance's
+        put takes each over; then what is still ours is deleted. A rolling restart never
+        takes a live client out of DNS."""
+        if self._self is not None:  # no new client should pick this instance
+            self.registry.release(self._self)
+            self._self = None
+        self.registry.begin_drain()
         held = list(self.sockets)
-        log_event(logging.INFO, "stopping", sockets=len(held), records=len(self.registry.slots))
-        await self.registry.shutdown(deadline)
+        log_event(logging.INFO, "stopping", sockets=len(held), records=self.registry.records,
+                  grace=self.cfg.drain_grace)
         for handler in held:
             handler.close(1001, "going away")
-        await asyncio.sleep(0.05)  # let the close frames reach the wire
+        await self.registry.drain(self.cfg.drain_grace,
+                                  time.monotonic() + self.cfg.drain_grace + DELETE_TIME)
+        if self._http is not None:
+            self._http.stop()
         log_event(logging.INFO, "stopped")
 
 

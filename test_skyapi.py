@@ -730,7 +730,7 @@ async def test_a_handshake_that_completes_during_shutdown_is_closed_going_away()
         etcd.kill()  # the handshake now waits etcd_timeout for its record
         pending = asyncio.ensure_future(connect(server, "service=late&port=1"))
         await wait_until(lambda: server.registry.slots, 2)
-        await server.stop(grace=1)
+        await server.stop()
         conn = await asyncio.wait_for(pending, 5)
         assert await asyncio.wait_for(conn.read_message(), 5) == "ERROR: server: is shutting down"
         assert await asyncio.wait_for(conn.read_message(), 5) is None
@@ -1224,7 +1224,7 @@ def test_any_query_string_is_refused_cleanly_or_registered_inside_the_root(priva
         loop.run_until_complete(asyncio.wait_for(finally_(), 60))
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     finally:
-        loop.run_until_complete(server.stop(grace=2))
+        loop.run_until_complete(server.stop())
         loop.close()
 
 
@@ -1771,10 +1771,13 @@ async def test_failover_past_a_dead_endpoint_and_a_black_hole(etcd, version):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @async_test
-async def test_sigterm_and_sigint_drain_200_sockets(etcd, version, sig, tmp_path):
+async def test_sigterm_and_sigint_hand_over_200_sockets(etcd, version, sig, tmp_path):
+    """Alone, an instance's hand-over closes every socket with 1001 at once, keeps their
+    records for drain_grace (no other instance takes them over), and they are gone by its exit."""
     cfg = config([etcd.url], version)
     view = EtcdView(etcd.url, version)
-    sky = SkyapiProcess(tmp_path, *process_args(cfg))
+    grace = 1.5
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", str(grace))
     try:
         await sky.started()
         conns = await asyncio.gather(*(
@@ -1786,13 +1789,15 @@ async def test_sigterm_and_sigint_drain_200_sockets(etcd, version, sig, tmp_path
         closes = await asyncio.gather(*(c.read_message() for c in conns))
         assert closes == [None] * 200
         assert {(c.close_code, c.close_reason) for c in conns} == {(1001, "going away")}
-        with pytest.raises((OSError, HTTPClientError, websocket.WebSocketClosedError)):
-            await websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}/provide?service=d&port=1")
-        assert await view.records(prefix_of(cfg)) == {}
-        while sky.proc.poll() is None and time.monotonic() - signalled < 5:
-            await asyncio.sleep(0.05)
+        assert time.monotonic() - signalled < grace
+        assert len(await view.records(prefix_of(cfg))) == 200  # kept for the next instance
+        assert await get(sky.port, "/readyz") == (503, "shutting down\n")
+        message, code = await refusal(types.SimpleNamespace(port=sky.port), "service=d&port=1")
+        assert (message, code) == ("ERROR: server: is shutting down", 1001)
+        await wait_until(sky.exited, grace + skyapi.DELETE_TIME + 1)
         assert sky.proc.returncode == 0
-        assert time.monotonic() - signalled < 5
+        assert await view.records(prefix_of(cfg)) == {}
+        assert time.monotonic() - signalled >= grace
     finally:
         sky.kill()
 
@@ -2059,10 +2064,10 @@ async def test_a_claim_that_meets_our_own_record_keeps_it_ours(etcd, version):
     async with running(cfg) as server:
         conn = await connect(server, "service=mine&port=1")
         (slot,) = server.registry.slots.values()
-        slot.stored, slot.claim = False, True  # as the keep-alive does with a lost record
+        slot.state = skyapi.State.LOST  # as the keep-alive or the watch does with a lost record
         server.registry._mark(slot)
-        await wait_until(lambda: slot.stored is True and not slot.busy, 2)
-        assert not slot.foreign and server.registry.records == 1
+        await wait_until(lambda: slot.state is skyapi.State.STORED and not slot.inflight, 2)
+        assert server.registry.records == 1
         conn.close()
         await wait_until(lambda: view.empty(cfg), 1)
 
@@ -2223,7 +2228,7 @@ async def test_instances_self_register_and_the_client_finds_them_by_srv(etcd, ve
         await wait_until(lambda: view.records(found), 10)
         first, other = (a, b) if a.sockets else (b, a)
         assert len(first.sockets) == 1 and not other.sockets
-        await first.stop(grace=2)  # it deletes its own skyapi record, then closes with 1001
+        await first.stop()  # it deletes its own skyapi record, then closes with 1001
         await wait_until(lambda: len(other.sockets) == 1, 10)
         assert len(await view.records(found)) == 1
         assert list((await view.records(prefix_of(cfg) + "services/skyapi/")).values()) == \
