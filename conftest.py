@@ -21,9 +21,12 @@ import shutil
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import types
+import urllib.error
 import urllib.parse
+import urllib.request
 from typing import Any, Callable, Sequence
 
 import pytest
@@ -299,6 +302,57 @@ def certs(tmp_path_factory):
                                  etcd=(server_cert, server_key_file, ca_file),
                                  client={"ca_certs": ca_file, "client_cert": client_cert,
                                          "client_key": client_key_file})
+
+
+class EtcdPoller(threading.Thread):
+    """Counts the records below prefix every interval, from a thread of its own, so that
+    neither the test's event loop nor skyapi's can hide a gap: (time, count) samples."""
+
+    def __init__(self, url: str, version: int, prefix: str, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.url, self.version, self.prefix, self.interval = url, version, prefix, interval
+        self.samples: list[tuple[float, int]] = []
+        self._done = threading.Event()
+
+    def count(self) -> int:
+        if self.version == 2:
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/keys{self.prefix}?recursive=true",
+                                            timeout=5) as r:
+                    stack = [json.load(r)["node"]]
+            except urllib.error.HTTPError as e:
+                if e.code == 404:
+                    return 0
+                raise
+            n = 0
+            while stack:
+                node = stack.pop()
+                stack += node.get("nodes", [])
+                n += not node.get("dir")
+            return n
+        body = json.dumps({"key": b64(self.prefix), "range_end": b64(
+            self.prefix[:-1] + chr(ord(self.prefix[-1]) + 1)), "count_only": True}).encode()
+        with urllib.request.urlopen(self.url + "/v3/kv/range", body, timeout=5) as r:
+            return int(json.load(r).get("count", 0))
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.samples.append((time.monotonic(), self.count()))
+            self._done.wait(self.interval)
+
+    def __enter__(self) -> "EtcdPoller":
+        self.start()
+        while not self.samples:
+            time.sleep(0.001)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self.join(10)
+
+    @property
+    def lowest(self) -> int:
+        return min(n for _, n in self.samples)
 
 
 # --- skyapi ----------------------------------------------------------------------------

@@ -928,11 +928,12 @@ class EtcdClient:
                                     content_type, authorization)
 
     async def stream(self, op: str, method: str, path: str, body: bytes = b"",
-                     content_type: str = "application/json",
-                     authorization: str | None = None) -> AsyncIterator[bytes]:
+                     content_type: str = "application/json", authorization: str | None = None,
+                     head: dict[str, str] | None = None) -> AsyncIterator[bytes]:
         """A long answer (a watch), on a connection of its own, as its data arrives; it
-        ends when etcd ends it. EtcdUnavailable if no endpoint answers; EtcdError, with
-        etcd's answer, if it refuses."""
+        ends when etcd ends it. head, if given, gets the answer's header fields (lower-case
+        names) before the first data. EtcdUnavailable if no endpoint answers; EtcdError,
+        with etcd's answer, if it refuses."""
         authorization = self.authorization if authorization is None else authorization
         errors = []
         n = len(self.endpoints)
@@ -940,7 +941,7 @@ class EtcdClient:
             try:
                 stream = await self._connect(index)
                 stream.write(self._head(index, method, path, body, content_type, authorization))
-                code, length, chunked, _ = _response_head(await asyncio.wait_for(
+                code, length, chunked, _, fields = _response_head(await asyncio.wait_for(
                     stream.read_until(b"\r\n\r\n", max_bytes=65536), self.timeout))
             except (OSError, iostream.StreamClosedError, httputil.HTTPInputError,
                     asyncio.TimeoutError) as e:
@@ -951,6 +952,8 @@ class EtcdClient:
             self._on_request(op, "unavailable", 0.0)
             raise EtcdUnavailable("; ".join(errors))
         self._on_request(op, "ok" if code < 300 else f"http_{code}", 0.0)
+        if head is not None:
+            head.update(fields)
         try:
             if code >= 300 or not chunked:
                 data = (await _read_chunked(stream) if chunked else
@@ -994,7 +997,7 @@ class EtcdClient:
         Tornado's general HTTP machinery cost three times as much CPU per request."""
         try:
             stream.write(self._head(index, method, path, body, content_type, authorization))
-            code, length, chunked, keep = _response_head(
+            code, length, chunked, keep, _ = _response_head(
                 await stream.read_until(b"\r\n\r\n", max_bytes=65536))
             if chunked:
                 data = await _read_chunked(stream)
@@ -1023,8 +1026,8 @@ class EtcdClient:
             idle.clear()
 
 
-def _response_head(head: bytes) -> tuple[int, int | None, bool, bool]:
-    """Status, Content-Length, chunked, keep-alive of an HTTP/1.1 response head."""
+def _response_head(head: bytes) -> tuple[int, int | None, bool, bool, dict[str, str]]:
+    """Status, Content-Length, chunked, keep-alive and the fields of a response head."""
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
@@ -1039,7 +1042,7 @@ def _response_head(head: bytes) -> tuple[int, int | None, bool, bool]:
         raise httputil.HTTPInputError(f"bad Content-Length {length[:20]!r}")
     chunked = "chunked" in fields.get("transfer-encoding", "").lower()
     keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
-    return int(rest[:3]), None if length is None else int(length), chunked, keep
+    return int(rest[:3]), None if length is None else int(length), chunked, keep, fields
 
 
 async def _read_chunked(stream: iostream.IOStream) -> bytes:
@@ -1062,6 +1065,7 @@ KEY_NOT_FOUND = 100
 COMPARE_FAILED = 101
 NODE_EXISTS = 105
 EVENT_INDEX_CLEARED = 401
+WATCH_CATCH_UP = 100  # v2 events a watch catches up one by one; further behind, it scans
 
 
 class Write(enum.Enum):
@@ -1345,10 +1349,19 @@ class EtcdV2:
                 continue
             path = (f"/v2/keys{urllib.parse.quote(self.root)}?wait=true&recursive=true"
                     f"&stream=true&waitIndex={self._index}")
+            head: dict[str, str] = {}
             buffer = bytearray()
             try:
-                async with contextlib.aclosing(self.client.stream("watch", "GET", path)) as stream:
+                async with contextlib.aclosing(self.client.stream("watch", "GET", path,
+                                                                  head=head)) as stream:
                     async for data in stream:
+                        # etcd's index when the watch began: an event at or below it came from
+                        # its history, and then etcd sends that one only; the stream is live
+                        # once we are past it. Far behind, a scan catches up at once.
+                        began = int(head.get("x-etcd-index", 0))
+                        if began - self._index > WATCH_CATCH_UP:
+                            self._index = 0
+                            break
                         batch: list[Change] = []
                         for line in _lines(buffer, data):
                             event = json.loads(line)
@@ -1360,6 +1373,8 @@ class EtcdV2:
                                               else None))
                         if batch:
                             yield batch
+                        if self._index <= began + 1:  # (the event was at began or before)
+                            break
             except EtcdError as e:
                 if f'"errorCode":{EVENT_INDEX_CLEARED}'.encode() not in e.body:
                     raise

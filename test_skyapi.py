@@ -41,7 +41,7 @@ from tornado import httputil, web, websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 import skyapi
-from conftest import (HERE, EtcdView, SkyapiProcess, TestEtcd, async_test, b64, config,
+from conftest import (HERE, EtcdPoller, EtcdView, SkyapiProcess, TestEtcd, async_test, b64, config,
                       connect, events_named, free_port, log_events, logged, prefix_of,
                       process_args, provide_process, refusal, running, unb64, unique_root,
                       wait_until)
@@ -381,17 +381,23 @@ async def test_v2_refresh_emits_no_watch_event(etcd):
 
 
 @async_test
-async def test_record_deleted_by_hand_comes_back_within_timeout(etcd, version):
-    cfg = config([etcd.url], version)
+async def test_live_records_deleted_by_hand_are_back_within_a_second(etcd, version):
+    """The watch hears of it at once, whatever the refresh period (here timeout 15: 5 s)."""
+    cfg = config([etcd.url], version, timeout=15)
     view = EtcdView(etcd.url, version)
     async with running(cfg) as server:
-        conn = await connect(server, "service=stubborn&port=1")
-        (key,) = await view.records(prefix_of(cfg))
-        await view.delete(key)
+        conns = [await connect(server, f"service=stubborn&port={p}") for p in range(1, 6)]
+        keys = set(await view.records(prefix_of(cfg)))
+        assert len(keys) == 5
+        for key in keys:
+            await view.delete(key)
         deleted_at = time.monotonic()
-        await wait_until(lambda: view.has(cfg, key), cfg.timeout)
-        assert time.monotonic() - deleted_at <= cfg.timeout
-        conn.close()
+        await wait_until(lambda: view.keys_are(cfg, keys), 2, interval=0.01)
+        assert time.monotonic() - deleted_at <= 1.0
+        assert server.registry.records == 5
+        for c in conns:
+            c.close()
+        await wait_until(lambda: view.empty(cfg), 2)
 
 
 @async_test
@@ -2237,3 +2243,173 @@ async def test_instances_self_register_and_the_client_finds_them_by_srv(etcd, ve
         stop.set()
         await asyncio.wait_for(client, 5)
         await wait_until(lambda: view.records(found), 2, until=lambda r: not r)
+
+
+# Hand-over: clients move between instances without leaving DNS
+
+
+def record_of(cfg, service: str, port: int, host: str = "127.0.0.1", **kw) -> str:
+    return skyapi.record_key(skyapi.Registration(service, ("services",), host, port, **kw),
+                             cfg.etcd_prefix, cfg.dns_root)
+
+
+async def follow_to(conn, url: str):
+    """A client as the provide client is: when its socket closes 1001, it connects to the
+    next instance at once."""
+    while await conn.read_message() is not None:
+        pass
+    assert (conn.close_code, conn.close_reason) == (1001, "going away")
+    return await websocket.websocket_connect(url)
+
+
+@pytest.mark.slow
+@async_test
+async def test_sigterm_hands_250_clients_to_another_instance_without_a_gap(etcd, version,
+                                                                           tmp_path):
+    cfg = config([etcd.url], version)
+    n = 250
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", "5")
+    try:
+        await sky.started()
+        async with running(cfg) as b:
+            query = "/provide?service=mover&port={}"
+            on_a = await asyncio.gather(*(websocket.websocket_connect(
+                f"ws://127.0.0.1:{sky.port}" + query.format(p)) for p in range(1, n + 1)))
+            moved = [asyncio.ensure_future(follow_to(c, f"ws://127.0.0.1:{b.port}" + query.format(p)))
+                     for p, c in enumerate(on_a, 1)]
+            with EtcdPoller(etcd.url, version, prefix_of(cfg)) as poller:
+                assert poller.samples[-1][1] == n
+                sky.proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                on_b = await asyncio.gather(*moved)
+                await wait_until(sky.exited, 5 + skyapi.DELETE_TIME + 1)
+                exited = time.monotonic()
+                await asyncio.sleep(0.2)  # the poller's view after A is gone
+            assert sky.proc.returncode == 0
+            assert poller.lowest == n, [s for s in poller.samples if s[1] < n][:5]
+            assert exited - signalled < 5  # every record was taken over: A did not wait it out
+            records = await EtcdView(etcd.url, version).records(prefix_of(cfg))
+            assert set(records) == {record_of(cfg, "mover", p) for p in range(1, n + 1)}
+            assert {json.loads(v)["owner"] for v in records.values()} == {b.owner}
+            for c in on_b:
+                c.close()
+    finally:
+        sky.kill()
+
+
+@async_test
+async def test_one_identity_through_two_instances_is_never_missing_whichever_goes_first(
+        etcd, version):
+    """A socket to A, then one of the same identity to B, which takes the record over: A
+    marks that it holds it too. B's goes first: B hands the record back to A rather than
+    deleting it; then A's goes first: the record stays B's, untouched."""
+    root = unique_root()
+    cfg = config([etcd.url], version, dns_root=root)
+    view = EtcdView(etcd.url, version)
+    key = record_of(cfg, "both", 1)
+    async with running(cfg) as a, running(cfg) as b:
+        for first, second in [(a, b), (b, a)]:
+            old = await connect(first, "service=both&port=1&weight=5")
+            new = await connect(second, "service=both&port=1&weight=7")
+            assert await view.owned_by(cfg, key, second.owner)
+            await wait_until(lambda: first.registry.slots[key].marker, 2)
+            with EtcdPoller(etcd.url, version, prefix_of(cfg)) as poller:
+                new.close()  # the newest, the owner, goes first
+                await wait_until(lambda: view.owned_by(cfg, key, first.owner), 2)
+                record = json.loads((await view.records(prefix_of(cfg)))[key])
+                assert record["weight"] == 5  # the live holder's value
+                await asyncio.sleep(cfg.timeout)  # a whole TTL: kept alive by its new owner
+            assert poller.lowest == 1
+            with EtcdPoller(etcd.url, version, prefix_of(cfg)) as poller:
+                again = await connect(second, "service=both&port=1")  # the owner again
+                await wait_until(lambda: view.owned_by(cfg, key, second.owner), 2)
+                old.close()  # not the owner: nothing to do but drop its marker
+                await wait_until(lambda: key not in first.registry.slots, 2)
+                await asyncio.sleep(cfg.timeout / 2)
+            assert poller.lowest == 1
+            assert await view.owned_by(cfg, key, second.owner)
+            again.close()  # the last socket anywhere: gone at once
+            await wait_until(lambda: view.empty(cfg), 1)
+        markers = await EtcdView(etcd.url, version).records(cfg.etcd_prefix + "/_skyapi/")
+        assert markers == {}
+
+
+@async_test
+async def test_endpoints_whose_go_ids_collide_never_evict_each_other(etcd, version):
+    """127.0.0.1 port 11 and 127.0.0.11 port 1 hash to one Go id: the second, in this
+    instance or another, takes the collision-free id; each record stays its endpoint's."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    one = skyapi.Registration("svc", ("services",), "127.0.0.1", 11)
+    other = skyapi.Registration("svc", ("services",), "127.0.0.11", 1)
+    go_key = skyapi.record_key(one, cfg.etcd_prefix, cfg.dns_root)
+    assert go_key == skyapi.record_key(other, cfg.etcd_prefix, cfg.dns_root)
+    free_key = skyapi.record_key(other, cfg.etcd_prefix, cfg.dns_root, collision_free=True)
+    assert len(free_key) == len(go_key) and free_key != go_key
+
+    def endpoints(records):
+        return {k: (json.loads(v)["host"], json.loads(v)["port"]) for k, v in records.items()}
+    async with running(cfg) as a, running(cfg) as b:
+        for first, second in [(a, a), (a, b)]:
+            c1 = await connect(first, "service=svc&host=127.0.0.1&port=11")
+            c2 = await connect(second, "service=svc&host=127.0.0.11&port=1")
+            assert endpoints(await view.records(prefix_of(cfg))) == {
+                go_key: ("127.0.0.1", 11), free_key: ("127.0.0.11", 1)}
+            c2.close()
+            await wait_until(lambda: view.lacks(free_key), 2)
+            assert endpoints(await view.records(prefix_of(cfg))) == {go_key: ("127.0.0.1", 11)}
+            c2 = await connect(second, "service=svc&host=127.0.0.11&port=1")
+            c1.close()
+            await wait_until(lambda: view.lacks(go_key), 2)
+            assert endpoints(await view.records(prefix_of(cfg))) == {free_key: ("127.0.0.11", 1)}
+            c2.close()
+            await wait_until(lambda: view.empty(cfg), 2)
+
+
+@async_test
+async def test_the_record_shows_a_live_holders_value(etcd, version):
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    key = record_of(cfg, "valued", 1)
+
+    async def weight():
+        records = await view.records(prefix_of(cfg))
+        return json.loads(records[key])["weight"] if key in records else None
+    async with running(cfg) as server:
+        light = await connect(server, "service=valued&port=1&weight=5")
+        heavy = await connect(server, "service=valued&port=1&weight=7")
+        assert await weight() == 7  # the newest holder's
+        heavy.close()
+        await wait_until(weight, 2, until=lambda w: w == 5)
+        heavy = await connect(server, "service=valued&port=1&weight=7")
+        light.close()
+        await asyncio.sleep(0.3)
+        assert await weight() == 7
+        heavy.close()
+        await wait_until(lambda: view.empty(cfg), 2)
+
+
+@async_test
+async def test_the_watch_starts_over_from_a_full_compare_when_etcd_cannot_resume_it(
+        private_etcd, version):
+    """v2 keeps the last 1,000 events; v3 compacts its history. A watch that falls behind
+    compares everything instead: a record deleted meanwhile comes back."""
+    cfg = config([private_etcd.url], version, timeout=15)
+    view = EtcdView(private_etcd.url, version)
+    async with running(cfg) as server:
+        conn = await connect(server, "service=behind&port=1")
+        (key,) = await view.records(prefix_of(cfg))
+        server.registry._watch.cancel()  # the watch falls behind...
+        backend = server.registry.backend
+        await view.delete(key)
+        for i in range(1100):  # ... past what etcd keeps
+            await view.put(prefix_of(cfg) + f"noise/{i % 7}", str(i))
+        if version == 3:
+            _, doc = await view._fetch("/v3/kv/range", "POST", json.dumps({"key": b64("\0")}))
+            await view._fetch("/v3/kv/compaction", "POST", json.dumps(
+                {"revision": doc["header"]["revision"]}))
+        server.registry._watch = asyncio.ensure_future(server.registry._watch_loop())
+        await wait_until(lambda: view.has(cfg, key), 2)
+        assert backend.changes  # (the watch resumed from its index, and found it cleared)
+        conn.close()
+        await wait_until(lambda: view.has(cfg, key), 2, until=lambda present: not present)
