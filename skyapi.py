@@ -32,6 +32,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
@@ -49,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
@@ -693,7 +695,8 @@ def read_config_file(path: str) -> dict:
 def server_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="skyapi.py", description="Keep SkyDNS/CoreDNS records in etcd for live websockets.",
-        epilog="Run 'skyapi.py provide --help' for the client.")
+        epilog="Run 'skyapi.py provide --help' for the client, 'skyapi.py healthcheck --help' "
+               "for the health check.")
     p.add_argument("-c", "--config", help="YAML file of settings (flags win over it)")
     for s in SETTINGS:
         kw: dict[str, Any] = {"dest": s.name, "default": None, "help": f"{s.help} (default {s.default})"}
@@ -1839,10 +1842,14 @@ class Skyapi:
 # The client
 #
 # provide() holds one registration for a process that cannot speak websocket
-# itself: it connects, keeps the socket (pings both ways), reconnects after a
-# drop with capped, jittered backoff, and stops for good on a refusal that
-# retrying cannot fix. With check_tcp it registers only while host:port
-# accepts connections. provide_main() is its command line.
+# itself: it connects, keeps the socket (pings both ways) and counts itself
+# registered once the server has answered a ping, since a refusal always comes
+# first. After a drop it reconnects with capped, jittered backoff; a server
+# going away (close 1001, a restart) sends it to the next URL at once; a
+# refusal that retrying cannot fix stops it for good. With check_tcp it
+# registers only while host:port accepts connections. ProvideState says where
+# it stands, for the optional health listener; provide_main() is the command
+# line.
 # ---------------------------------------------------------------------------
 
 
@@ -1854,8 +1861,21 @@ class ProvideGaveUp(Exception):
     """The reconnect attempts ran out."""
 
 
+class ProvideState:
+    """Where provide() stands: whether the server has confirmed the registration (held),
+    and in words what it is doing, as the client's /readyz answers."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.reason = "starting"
+
+    def now(self, reason: str, held: bool = False) -> None:
+        self.held, self.reason = held, reason
+
+
 CHECK_TCP_INTERVAL = 1.0  # seconds between checks that the check_tcp listener accepts
 STABLE = 5.0  # seconds a registration must hold for the backoff to start again from its shortest
+TOKEN_ENV = "SKYAPI_TOKEN"  # the client's token, when no flag gives one
 
 
 def provide_url(url: str, params: Mapping[str, Any]) -> str:
@@ -1886,35 +1906,57 @@ async def _first(*aws: Any) -> None:
 
 
 async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] | None,
-                     ping_interval: float, headers: Mapping[str, str]) -> tuple[str, float]:
-    """One connection, held until it ends, stop is set or check_tcp's listener goes. Returns
-    how it ended ("stopped", "withdrawn", "dropped" after a registration, "failed" without
-    one) and the seconds it was open. Raises ProvideRefused."""
+                     ping_interval: float, headers: Mapping[str, str],
+                     state: ProvideState) -> tuple[str, float | None, str]:
+    """One connection, held until it ends, stop is set or check_tcp's listener goes.
+    Returns how it ended ("stopped", "withdrawn", "going_away" on close 1001, "dropped"
+    after a registration, "failed" without one), the seconds it was registered (None: the
+    server never confirmed it) and what went wrong. Raises ProvideRefused."""
+    state.now(f"connecting to {url}")
+    error = None  # the server's ERROR message, if it sent one
+    closed, registered = asyncio.Event(), asyncio.Event()
+
+    def on_message(message: str | bytes | None) -> None:
+        nonlocal error
+        if message is None:
+            closed.set()
+        elif isinstance(message, str) and message.startswith("ERROR:"):
+            error = message
+
     connecting = websocket.websocket_connect(
         HTTPRequest(url, headers=dict(headers), connect_timeout=10, request_timeout=10),
-        ping_interval=ping_interval, ping_timeout=ping_interval)
+        on_message_callback=on_message, ping_interval=ping_interval, ping_timeout=ping_interval)
     await _first(asyncio.shield(connecting), stop.wait())
     if not connecting.done():  # stopped mid-connect: close the socket if it still opens
         connecting.add_done_callback(lambda f: f.exception() or f.result().close())
-        return "stopped", 0.0
+        return "stopped", None, ""
     try:
         conn = connecting.result()
     except Exception as e:  # refused, reset, timed out, not a websocket (HTTP 404)...
-        log_event(logging.WARNING, "provide_failed", url=url, error=str(e) or type(e).__name__)
-        return "failed", 0.0
-    opened = time.monotonic()
-    log_event(logging.INFO, "provide_connected", url=url)
-    error = None
-    listener_gone = asyncio.Event()
+        why = str(e) or type(e).__name__
+        log_event(logging.WARNING, "provide_failed", url=url, error=why)
+        return "failed", None, why
+    state.now(f"connected to {url}, waiting for the server to accept")
+    since = 0.0
 
-    async def read() -> None:
-        nonlocal error
-        while True:
-            message = await conn.read_message()
-            if message is None:
-                return
-            if isinstance(message, str) and message.startswith("ERROR:"):
-                error = message
+    def on_pong(data: bytes) -> None:
+        # Frames arrive in order, and the server sends a refusal (ERROR, then its close)
+        # before it reads any frame of ours: a pong with neither before it proves that
+        # the registration is held.
+        nonlocal since
+        if not registered.is_set() and error is None and not closed.is_set():
+            registered.set()
+            since = time.monotonic()
+            log_event(logging.INFO, "provide_registered", url=url)
+            state.now(f"registered at {url}", held=True)
+
+    conn.on_pong = on_pong  # Tornado calls the connection's on_pong for each pong
+    try:
+        conn.ping(b"registered?")
+    except (websocket.WebSocketClosedError, iostream.StreamClosedError):
+        pass  # the server has closed already: on_message(None) said so
+
+    listener_gone = asyncio.Event()
 
     async def watch_listener() -> None:
         while check_tcp is not None:
@@ -1924,28 +1966,37 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
                 return
         await asyncio.Event().wait()
 
-    await _first(read(), stop.wait(), watch_listener())
+    await _first(closed.wait(), stop.wait(), watch_listener())
     ended = "stopped" if stop.is_set() else "withdrawn" if listener_gone.is_set() else ""
     if ended:
+        state.now("stopping" if ended == "stopped" else "withdrawing: {}:{} stopped "
+                  "accepting".format(*check_tcp))
         conn.close(1000, "listener gone" if ended == "withdrawn" else "stopping")
-        await _first(read(), asyncio.sleep(2))  # the server's close frame: the record is gone
+        await _first(closed.wait(), asyncio.sleep(2))  # the server's close frame: the record is gone
     else:
         conn.close()  # the server closed, or the stream broke: let go of the protocol
-    held = time.monotonic() - opened
-    if conn.close_code == 1008:  # policy violation: the same request would be refused again
-        raise ProvideRefused(error or f"refused with close code 1008 {conn.close_reason or ''}")
-    if error:  # the server could not register us this time (e.g. etcd refused the record)
-        log_event(logging.WARNING, "provide_failed", url=url, error=error,
-                  code=conn.close_code or "none")
-        return "failed", held
+    held = time.monotonic() - since if registered.is_set() else None
+    code, reason = conn.close_code, conn.close_reason or ""
+    if code == 1008:  # policy violation: the same request would be refused again
+        why = error or f"refused with close code 1008 {reason}"
+        state.now(f"refused: {why}")
+        raise ProvideRefused(why)
     if ended == "withdrawn":
         log_event(logging.INFO, "provide_withdrawn", url=url, check_tcp="{}:{}".format(*check_tcp))
-    elif not ended:  # code=none: a reset, or our ping went unanswered (server or path died)
-        log_event(logging.WARNING, "provide_dropped", url=url, seconds=round(held, 3),
-                  code=conn.close_code or "none", reason=conn.close_reason or "")
-    return ended or "dropped", held
-
-
+    if ended:
+        return ended, held, ""
+    why = error or f"closed with code {code or 'none'} {reason}".strip()
+    if code == 1001:  # a restart or a drain: another instance will take the registration
+        log_event(logging.INFO, "provide_going_away", url=url, reason=error or reason,
+                  seconds=round(held or 0.0, 3))
+        return "going_away", held, why
+    if held is None:  # refused for now (e.g. 1013 try again later), or closed before a pong
+        log_event(logging.WARNING, "provide_failed", url=url, error=why, code=code or "none")
+        return "failed", None, why
+    # code=none: a reset, or our ping went unanswered (the server or the path died)
+    log_event(logging.WARNING, "provide_dropped", url=url, seconds=round(held, 3),
+              code=code or "none", reason=reason)
+    return "dropped", held, why
 def _dns_name(msg: bytes, offset: int) -> tuple[str, int]:
     """A possibly compressed name at offset, and the offset after it (RFC 1035 4.1.4)."""
     labels, end = [], None
@@ -2028,78 +2079,168 @@ async def server_url(url: str, dns_server: tuple[str, int] | None) -> str:
     return f"ws://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
-async def provide(url: str, service: str, port: int, stop: asyncio.Event, *,
+async def provide(urls: str | Sequence[str], service: str, port: int, stop: asyncio.Event, *,
                   host: str | None = None, category: str | None = None,
                   priority: int | None = None, weight: int | None = None,
                   prefix: str | None = None, token: str | None = None, reconnect: int = -1,
                   check_tcp: tuple[str, int] | None = None, ping_interval: float = 10.0,
-                  backoff_cap: float = 30.0, dns_server: tuple[str, int] | None = None) -> None:
-    """Hold the registration until stop is set. After a drop or a failed attempt, reconnect
-    with capped, jittered backoff; more than `reconnect` attempts in a row without a
-    registration (-1: no limit) raise ProvideGaveUp. A refusal raises ProvideRefused.
-    With check_tcp, register only while that host:port accepts TCP connections. url may be
-    srv://NAME: every attempt then connects to an instance an SRV lookup of NAME gives."""
+                  backoff_cap: float = 30.0, dns_server: tuple[str, int] | None = None,
+                  state: ProvideState | None = None) -> None:
+    """Hold the registration until stop is set. urls (one, or several tried in turn) are
+    ws:// or wss:// URLs, or srv://NAME: every attempt then connects to an instance an SRV
+    lookup of NAME gives. A server going away (close 1001) sends the client to the next
+    URL at once; after a drop or a failed attempt it reconnects with capped, jittered
+    backoff. More than `reconnect` attempts in a row without a registration (-1: no limit)
+    raise ProvideGaveUp; a refusal raises ProvideRefused. With check_tcp, register only
+    while that host:port accepts TCP connections. state, if given, follows where it stands."""
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    state = state or ProvideState()
     params = {"service": service, "port": port, "host": host, "category": category,
               "priority": priority, "weight": weight, "prefix": prefix}
-    target = url  # the last URL tried (for srv:// the instance it led to)
+    target = urls[0]  # the last URL tried (for srv:// the instance it led to)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    turn = 0  # which of urls the next attempt goes to
     attempts = 0  # reconnect attempts since the last registration
     step = 0  # backoff exponent: only a registration that held STABLE seconds resets it,
     #           so a server that accepts and drops at once is not hammered
+    moves = 0  # servers gone away in a row without a registration: past one per URL, back off
     waiting = False
     while not stop.is_set():
         if check_tcp is not None and not await tcp_accepts(*check_tcp):
             if not waiting:
                 log_event(logging.INFO, "provide_waiting", check_tcp="{}:{}".format(*check_tcp))
+                state.now("waiting for {}:{} to accept TCP connections "
+                          "(--check-tcp)".format(*check_tcp))
                 waiting = True
             await _first(stop.wait(), asyncio.sleep(CHECK_TCP_INTERVAL))
             continue
         waiting = False
+        url = target = urls[turn % len(urls)]
         try:
             target = provide_url(await server_url(url, dns_server), params)
         except (OSError, ValueError, IndexError, asyncio.TimeoutError) as e:  # no answer, none
+            ended, held, why = "failed", None, f"no server for {url}: {str(e) or type(e).__name__}"
             log_event(logging.WARNING, "provide_no_server", url=url, error=str(e) or type(e).__name__)
-            ended, held = "failed", 0.0
         else:
-            ended, held = await _hold_once(target, stop, check_tcp, ping_interval, headers)
-        if ended in ("dropped", "withdrawn"):  # it was registered
-            attempts = 0
+            ended, held, why = await _hold_once(target, stop, check_tcp, ping_interval, headers,
+                                                state)
+        if held is not None:  # it was registered
+            attempts = moves = 0
             if held >= STABLE:
                 step = 0
         if ended in ("stopped", "withdrawn"):
             continue  # a withdrawal waits for the listener, not for a backoff
         if 0 <= reconnect <= attempts:
+            state.now(f"gave up: {why}")
             raise ProvideGaveUp(f"gave up after {attempts} reconnect attempt(s) to {target}")
         attempts += 1
+        turn += 1
+        if ended == "going_away" and moves < len(urls):
+            moves += 1
+            continue  # at once: the next instance takes the registration over
         delay = min(backoff_cap, 0.5 * 2 ** step) * random.uniform(0.5, 1.0)
         step += 1
         log_event(logging.INFO, "provide_retry", attempt=attempts, delay=round(delay, 3))
+        state.now(f"reconnecting in {delay:.1f} s; last attempt: {why}")
         await _first(stop.wait(), asyncio.sleep(delay))
-    log_event(logging.INFO, "provide_stopped", url=url)
+    state.now("stopped")
+    log_event(logging.INFO, "provide_stopped", url=target)
+
+
+class ProvideHealthHandler(web.RequestHandler):
+    """/healthz: 200 while the client runs its loop (the loop answers). /readyz: 200 while
+    the registration is held, else 503; both say in words where the client stands."""
+
+    def initialize(self, state: ProvideState) -> None:
+        self.state = state
+
+    def get(self, path: str) -> None:
+        if path == "readyz" and not self.state.held:
+            self.set_status(503)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.write(("ok" if path == "healthz" else self.state.reason) + "\n")
+
+
+def serve_provide_health(addr: str, state: ProvideState) -> HTTPServer:
+    """The client's health listener on addr (host:port). Raises OSError."""
+    host, port = split_host_port(addr)
+    sockets = netutil.bind_sockets(port, host or None)
+    app = web.Application([(r"/(healthz|readyz)", ProvideHealthHandler, {"state": state})],
+                          log_function=lambda handler: None)  # a probe is not an event
+    server = HTTPServer(app)
+    server.add_sockets(sockets)
+    return server
+
+
+def provide_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="skyapi.py provide",
+        description="Register a service with skyapi and hold the registration until "
+                    "SIGTERM/SIGINT; the record goes when this stops.",
+        epilog=f"The token may also come from the environment variable {TOKEN_ENV} "
+               "(a flag wins over it).")
+    p.add_argument("--url", required=True, action="append",
+                   help="skyapi address, e.g. ws://skyapi:8053 (wss:// with TLS), or "
+                   "srv://skyapi.services.skydns.local to find one by SRV (see self_register). "
+                   "Repeat for several: they are tried in turn, and one going away (close "
+                   "1001) sends the client to the next at once")
+    p.add_argument("--dns-server", metavar="HOST[:PORT]",
+                   help="DNS server for srv:// lookups (default: the first in /etc/resolv.conf)")
+    p.add_argument("--service", required=True,
+                   help="the service to register: one DNS label, e.g. web (required)")
+    p.add_argument("--port", required=True, type=int,
+                   help="the port the service listens on, 1-65535 (required)")
+    p.add_argument("--host", help="address to register (default: the address skyapi sees "
+                   "the connection come from)")
+    p.add_argument("--category", help="comma list of categories, left to right as in the "
+                   "DNS name (default: the server's default_category)")
+    p.add_argument("--priority", type=int,
+                   help="SRV priority, 0-65535, lower is tried first (default 1)")
+    p.add_argument("--weight", type=int,
+                   help="SRV weight among equal priorities, 0-65535 (default 100)")
+    p.add_argument("--prefix", help="label prepended to the record id, e.g. a datacenter")
+    p.add_argument("--token-file", metavar="PATH",
+                   help="file holding the bearer token, if the server wants one (a final "
+                   f"newline is ignored); or set {TOKEN_ENV}")
+    p.add_argument("--token", help="the bearer token itself: visible to every user of the "
+                   f"host in ps, so prefer --token-file or {TOKEN_ENV}")
+    p.add_argument("--reconnect", type=int, default=-1,
+                   help="reconnect attempts in a row without registering before giving up "
+                   "(default -1: forever)")
+    p.add_argument("--check-tcp", metavar="HOST:PORT",
+                   help="register only while HOST:PORT accepts TCP connections")
+    p.add_argument("--health-addr", metavar="HOST:PORT",
+                   help="serve /healthz (200 while running) and /readyz (200 while registered, "
+                   "else 503 and why) here, e.g. 127.0.0.1:8054 (default: none)")
+    p.add_argument("--ping-interval", type=float, default=10.0,
+                   help="seconds between pings to the server; one unanswered drops the socket "
+                   "(default 10)")
+    p.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"],
+                   help="(default info)")
+    return p
+
+
+def provide_token(a: argparse.Namespace) -> str | None:
+    """The token from --token-file, --token or the environment; raises ValueError naming
+    where it came from."""
+    if a.token_file and a.token is not None:
+        raise ValueError("--token: give only one of --token and --token-file")
+    if a.token_file:
+        source, name, given = "value_file", "--token-file", a.token_file
+    elif a.token is not None:
+        source, name, given = "value", "--token", a.token
+    elif TOKEN_ENV in os.environ:
+        source, name, given = "value_env", TOKEN_ENV, TOKEN_ENV
+    else:
+        return None
+    try:
+        return read_secret(source, given)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def provide_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="skyapi.py provide",
-                                description="Register this process with skyapi until stopped.")
-    p.add_argument("--url", required=True, help="skyapi address, e.g. ws://skyapi:8053, or "
-                   "srv://skyapi.services.skydns.local to find one by SRV (see self_register)")
-    p.add_argument("--dns-server", metavar="HOST[:PORT]",
-                   help="DNS server for srv:// lookups (default: the first in /etc/resolv.conf)")
-    p.add_argument("--service", required=True)
-    p.add_argument("--port", required=True, type=int)
-    p.add_argument("--host", help="address to register (default: the address skyapi sees)")
-    p.add_argument("--category", help="comma list of categories (default: the server's)")
-    p.add_argument("--prefix", help="label prepended to the record id, e.g. a datacenter")
-    p.add_argument("--token", help="bearer token, if the server wants one")
-    p.add_argument("--priority", type=int)
-    p.add_argument("--weight", type=int)
-    p.add_argument("--reconnect", type=int, default=-1,
-                   help="reconnect attempts in a row without registering (-1: forever)")
-    p.add_argument("--check-tcp", metavar="HOST:PORT",
-                   help="register only while HOST:PORT accepts TCP connections")
-    p.add_argument("--ping-interval", type=float, default=10.0,
-                   help="seconds between pings to the server; one unanswered drops the socket")
-    p.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"])
+    p = provide_arg_parser()
     a = p.parse_args(argv)
     setup_logging(a.log_level)
     check_tcp = None
@@ -2116,20 +2257,39 @@ def provide_main(argv: Sequence[str]) -> int:
         except ValueError as e:
             p.error(f"--dns-server: {e}")
         dns_server = (dns_server[0], dns_server[1] or 53)
+    if a.health_addr:
+        try:
+            split_host_port(a.health_addr)
+        except ValueError as e:
+            p.error(f"--health-addr: {e}")
+    try:
+        token = provide_token(a)
+    except ValueError as e:
+        p.error(str(e))
 
     async def run() -> int:
+        state = ProvideState()
+        try:
+            health = serve_provide_health(a.health_addr, state) if a.health_addr else None
+        except OSError as e:
+            print(f"skyapi provide: --health-addr {a.health_addr}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
             await provide(a.url, a.service, a.port, stop, host=a.host, category=a.category,
-                          priority=a.priority, weight=a.weight, prefix=a.prefix, token=a.token,
+                          priority=a.priority, weight=a.weight, prefix=a.prefix, token=token,
                           reconnect=a.reconnect, check_tcp=check_tcp,
-                          ping_interval=a.ping_interval, dns_server=dns_server)
+                          ping_interval=a.ping_interval, dns_server=dns_server, state=state)
         except (ProvideRefused, ProvideGaveUp) as e:
             print(f"skyapi provide: {e}", file=sys.stderr)
             return 1
+        finally:
+            if health is not None:
+                health.stop()
         return 0
 
     return asyncio.run(run())
@@ -2227,6 +2387,10 @@ class DevEtcd:
 
 # ---------------------------------------------------------------------------
 # main
+#
+# The command line: the server (the default), `provide` (the client above) and
+# `healthcheck`, which asks a server or a client on this machine whether it is
+# alive, given the arguments that started it, or its pid to read them from.
 # ---------------------------------------------------------------------------
 
 
@@ -2257,10 +2421,105 @@ async def serve(cfg: Any) -> int:
     return 0
 
 
+HEALTHCHECK_TIMEOUT = 3.0  # seconds: inside the image's HEALTHCHECK --timeout=5s, start-up included
+
+HEALTHCHECK_USAGE = f"""\
+usage: skyapi.py healthcheck [-c FILE] [SERVER FLAGS ...]
+       skyapi.py healthcheck provide [CLIENT FLAGS ...]
+       skyapi.py healthcheck --pid PID
+
+Ask a skyapi server or provide client on this machine whether it is alive: GET its /healthz
+within {HEALTHCHECK_TIMEOUT:g} s. Give the arguments it was started with: the server's (the check reads the same
+configuration, so it follows listen_addr, a wildcard host meaning loopback, and uses https
+with tls_cert_file, whoever signed the certificate) or the client's (it needs --health-addr).
+Or give --pid to read them from that process's command line (the image's HEALTHCHECK uses
+--pid 1: whatever the container runs). Prints one line; exit 0 when /healthz answered 200,
+1 otherwise. Liveness only: /readyz says whether etcd answers or the registration is held.
+"""
+
+
+def local_url(scheme: str, addr: str, path: str) -> str:
+    """The URL, from this machine, of a listener bound to addr (host:port): a wildcard
+    host (empty, 0.0.0.0, ::) is on loopback too."""
+    host, port = split_host_port(addr)
+    if port == 0:
+        raise ValueError(f"{addr!r}: port 0 is chosen at start, so there is none to check")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}{path}"
+
+
+def arguments_of(pid: int) -> list[str]:
+    """The arguments a running skyapi.py was started with (those after the script)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        words = [w.decode(errors="replace") for w in f.read().split(b"\0")[:-1]]
+    for i, word in enumerate(words):
+        if os.path.basename(word) == "skyapi.py":
+            return words[i + 1:]
+    raise ValueError(f"process {pid} does not run skyapi.py: {' '.join(words)}")
+
+
+def health_target(argv: Sequence[str]) -> tuple[str, ssl.SSLContext | None]:
+    """The /healthz URL of the process these arguments start, and the TLS context to
+    reach it with. Raises ConfigError or ValueError."""
+    if argv[:1] == ["provide"]:
+        addr = provide_arg_parser().parse_args(argv[1:]).health_addr
+        if not addr:
+            raise ValueError("this provide client serves no health: start it with "
+                             "--health-addr, e.g. 127.0.0.1:8054")
+        return local_url("http", addr, "/healthz"), None
+    cfg = load_config(argv)
+    if not cfg.tls_cert_file:
+        return local_url("http", cfg.listen_addr, "/healthz"), None
+    # A liveness check of a listener on this machine: whether its certificate's names and
+    # issuer suit remote clients is not what it checks, so a private CA or a self-signed
+    # certificate is fine here.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return local_url("https", cfg.listen_addr, "/healthz"), context
+
+
+def healthcheck_main(argv: Sequence[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(HEALTHCHECK_USAGE, end="")
+        return 0
+    try:
+        if argv[:1] == ["--pid"]:
+            if len(argv) != 2 or not argv[1].isdigit():
+                raise ValueError("--pid takes one process id and nothing else")
+            pid = int(argv[1])
+            argv = arguments_of(pid)
+            os.chdir(f"/proc/{pid}/cwd")  # its relative paths (-c skyapi.yaml) start there
+        url, context = health_target(argv)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"unhealthy: {e}")
+        return 1
+    except SystemExit:  # argparse has said what is wrong with the arguments
+        return 1
+    # No proxy from the environment: the listener is on this machine.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(url, timeout=HEALTHCHECK_TIMEOUT) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (OSError, http.client.HTTPException) as e:  # refused, timed out, not HTTP(S)
+        print(f"unhealthy: {url}: {getattr(e, 'reason', None) or e}")
+        return 1
+    if status != 200:
+        print(f"unhealthy: {url} answered {status}")
+        return 1
+    print(f"healthy: {url} answered 200")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["provide"]:
         return provide_main(argv[1:])
+    if argv[:1] == ["healthcheck"]:
+        return healthcheck_main(argv[1:])
     try:
         cfg = load_config(argv)
     except ConfigError as e:

@@ -42,9 +42,9 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 import skyapi
 from conftest import (HERE, EtcdView, SkyapiProcess, TestEtcd, async_test, b64, config,
-                      connect, events_named, free_port, log_events, logged, prefix_of,
-                      process_args, provide_process, refusal, running, unb64, unique_root,
-                      wait_until)
+                      connect, events_named, free_port, healthcheck, log_events, logged,
+                      prefix_of, probe, process_args, provide_process, refusal, running, unb64,
+                      unique_root, wait_until)
 
 # --- configuration ----------------------------------------------------------
 
@@ -624,7 +624,9 @@ def test_provide_client_stops_on_a_refusal(etcd):
             return proc
     proc = asyncio.run(asyncio.wait_for(run(), 30))
     assert proc.returncode == 1
-    assert "ERROR: service:" in proc.stderr.read().decode()
+    err = proc.stderr.read().decode()
+    assert "ERROR: service:" in err
+    assert "provide_registered" not in err  # the log never said it was registered
 
 
 @async_test
@@ -633,19 +635,27 @@ async def test_provide_in_process_holds_until_the_stop_event(etcd, version):
     view = EtcdView(etcd.url, version)
     async with running(cfg) as server:
         url = f"ws://127.0.0.1:{server.port}"
-        stop = asyncio.Event()
-        held = asyncio.ensure_future(skyapi.provide(url, "inproc", 4242, stop, host="10.0.0.9",
-                                                    category="a,b", priority=3, weight=4))
+        stop, state = asyncio.Event(), skyapi.ProvideState()
+        held = asyncio.ensure_future(skyapi.provide([url], "inproc", 4242, stop, host="10.0.0.9",
+                                                    category="a,b", priority=3, weight=4,
+                                                    state=state))
         records = await wait_until(lambda: view.records(prefix_of(cfg)), 5)
         reg = skyapi.Registration("inproc", ("a", "b"), "10.0.0.9", 4242, 3, 4)
         assert records == {skyapi.record_key(reg, "/skydns", cfg.dns_root):
                            skyapi.record_value(reg, cfg.dns_ttl, server.owner)}
+        await wait_until(lambda: state.held, 5)
+        assert state.reason == (f"registered at {url}/provide?service=inproc&port=4242"
+                                "&host=10.0.0.9&category=a%2Cb&priority=3&weight=4")
         stop.set()
         assert await asyncio.wait_for(held, 5) is None
+        assert (state.held, state.reason) == (False, "stopped")
         await wait_until(lambda: view.empty(cfg), 0.5)
 
+        refused = skyapi.ProvideState()
         with pytest.raises(skyapi.ProvideRefused, match="^ERROR: service: 'no/slash'"):
-            await asyncio.wait_for(skyapi.provide(url, "no/slash", 1, asyncio.Event()), 5)
+            await asyncio.wait_for(skyapi.provide(url, "no/slash", 1, asyncio.Event(),
+                                                  state=refused), 5)
+        assert not refused.held and refused.reason.startswith("refused: ERROR: service: ")
         brief = asyncio.ensure_future(skyapi.provide(url, "brief", 1, asyncio.Event(),
                                                      reconnect=0))
         await wait_until(lambda: view.records(prefix_of(cfg)), 5)
@@ -672,8 +682,11 @@ async def test_provide_client_reconnects_after_the_server_restarts(etcd):
             await wait_until(lambda: proc.poll() is not None, 5)
         assert proc.returncode == 0
         err = proc.stderr.read().decode()
-        assert 'event=provide_dropped' in err and 'code=1001 reason="going away"' in err
-        assert "event=provide_retry attempt=1 " in err
+        # Going away, the client tried again at once (the same URL: no other was given);
+        # nothing listened yet, and a failure backs off.
+        assert 'event=provide_going_away' in err and 'reason="going away"' in err
+        after = err[err.index("event=provide_going_away"):].splitlines()
+        assert "event=provide_failed" in after[1] and "event=provide_retry attempt=2 " in after[2]
     finally:
         if proc is not None:
             proc.kill()
@@ -800,6 +813,218 @@ async def test_provide_client_keeps_its_registration_across_server_pings(etcd):
             assert server.metrics.dropped_peers == 0
         finally:
             proc.kill()
+
+
+def test_provide_help_explains_every_flag_and_its_default(capsys):
+    flags = {a.option_strings[-1]: a.help for a in skyapi.provide_arg_parser()._actions}
+    assert all(flags.values()), [f for f, h in flags.items() if not h]
+    assert "(required)" in flags["--service"] and "(required)" in flags["--port"]
+    assert flags["--priority"].endswith("(default 1)")
+    assert flags["--weight"].endswith("(default 100)")
+    assert "SKYAPI_TOKEN" in flags["--token-file"] and "ps" in flags["--token"]
+    assert skyapi.main(["healthcheck", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: skyapi.py healthcheck ")
+
+
+@async_test
+async def test_provide_reads_its_token_from_a_file_or_the_environment(etcd, tmp_path,
+                                                                      monkeypatch):
+    token = "client-token-0123456789abcdef"
+    cfg = config([etcd.url], tokens=[{"value": token}])
+    view = EtcdView(etcd.url, 2)
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")  # a final newline, as editors and echo leave one
+
+    async def holds(*args: str) -> None:
+        proc = provide_process(server.port, "--service", "secret", "--port", "1", *args)
+        try:
+            await wait_until(lambda: view.records(prefix_of(cfg)), 15)
+            proc.send_signal(signal.SIGTERM)
+            await wait_until(lambda: view.empty(cfg), 2)
+            assert await wait_until(proc.poll, 5, until=lambda code: code is not None) == 0
+        finally:
+            proc.kill()
+
+    async def ends(*args: str) -> tuple[int, str]:
+        proc = provide_process(server.port, "--service", "secret", "--port", "1", *args)
+        code = await wait_until(proc.poll, 15, until=lambda code: code is not None)
+        return code, proc.stderr.read().decode().splitlines()[-1]
+
+    async with running(cfg) as server:
+        await holds("--token-file", str(token_file))
+        monkeypatch.setenv("SKYAPI_TOKEN", token)
+        await holds()
+        monkeypatch.setenv("SKYAPI_TOKEN", "wrong-token-0123456789abcdef")
+        code, last = await ends()
+        assert code == 1 and last.startswith("skyapi provide: ERROR: token: ")
+        assert await ends("--token", token, "--token-file", str(token_file)) == (
+            2, "skyapi.py provide: error: --token: give only one of --token and --token-file")
+        assert await ends("--token-file", str(tmp_path / "missing")) == (
+            2, f"skyapi.py provide: error: --token-file: cannot read {tmp_path / 'missing'}: "
+               "No such file or directory")
+        assert await view.records(prefix_of(cfg)) == {}
+
+
+@async_test
+async def test_provide_moves_to_the_next_url_at_once_when_a_server_goes_away(etcd, tmp_path):
+    cfg_a = config([etcd.url], listen_addr=f"127.0.0.1:{free_port()}")
+    cfg_b = dataclasses.replace(cfg_a, listen_addr=f"127.0.0.1:{free_port()}")
+    view = EtcdView(etcd.url, 2)
+    log = tmp_path / "provide.log"
+    a, b = skyapi.Skyapi(cfg_a), skyapi.Skyapi(cfg_b)
+    await a.start()
+    await b.start()
+    servers = [a, b]
+    with open(log, "wb") as stderr:
+        proc = provide_process(a.port, "--url", f"ws://127.0.0.1:{b.port}", "--service",
+                               "mover", "--port", "1", stderr=stderr)
+
+    def events() -> list[tuple[str, str]]:
+        return [(e["event"], e.get("url", "")[:len("ws://127.0.0.1:00000")]) for e in
+                events_named(log, "provide_registered", "provide_going_away", "provide_failed",
+                             "provide_retry")]
+    at_a, at_b = f"ws://127.0.0.1:{a.port}", f"ws://127.0.0.1:{b.port}"
+    try:
+        await wait_until(lambda: logged(log, "provide_registered"), 15)
+        assert len(a.sockets) == 1 and not b.sockets  # the first URL first
+        await a.stop(grace=2)  # closes the socket with 1001 "going away"
+        servers.remove(a)
+        await wait_until(lambda: logged(log, "provide_registered", 2), 5)
+        assert len(b.sockets) == 1 and len(await view.records(prefix_of(cfg_a))) == 1
+        assert events() == [("provide_registered", at_a), ("provide_going_away", at_a),
+                            ("provide_registered", at_b)]  # at once: no retry, no backoff
+
+        # B goes away too. The next URL, A, is down: that is a failure, and it backs off.
+        await b.stop(grace=2)
+        servers.remove(b)
+        await wait_until(lambda: logged(log, "provide_retry"), 5)
+        a = skyapi.Skyapi(cfg_a)  # A is back, on its port
+        await a.start()
+        servers.append(a)
+        await wait_until(lambda: logged(log, "provide_registered", 3), 15)
+        after = events()[3:]
+        assert after[:3] == [("provide_going_away", at_b), ("provide_failed", at_a),
+                             ("provide_retry", "")]
+        assert after[-1] == ("provide_registered", at_a)
+        assert events_named(log, "provide_retry")[0]["attempt"] == "2"  # the move was 1
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_until(proc.poll, 5, until=lambda code: code is not None) == 0
+    finally:
+        proc.kill()
+        for server in servers:
+            await server.stop(grace=2)
+
+
+@async_test
+async def test_provide_health_listener_is_ready_only_while_registered(private_etcd, tmp_path):
+    # max_connections 1 refuses a second client for now (1013, try again later); an
+    # etcd_timeout of 4 s holds a handshake that long while etcd is down.
+    cfg = config([private_etcd.url], listen_addr=f"127.0.0.1:{free_port()}",
+                 max_connections=1, etcd_timeout=4.0)
+    port = int(cfg.listen_addr.rsplit(":", 1)[1])
+    health = free_port()
+    log = tmp_path / "provide.log"
+    url = f"ws://127.0.0.1:{port}/provide?service=second&port=2"
+
+    async def readyz_says(text: str, timeout: float = 15) -> tuple[int, str]:
+        return await wait_until(lambda: probe(health, "/readyz"), timeout,
+                                until=lambda r: text in r[1], what=f"/readyz says {text!r}")
+
+    proc = None
+    try:
+        async with running(cfg) as server:
+            blocker = await connect(server, "service=first&port=1")
+            with open(log, "wb") as stderr:
+                proc = provide_process(port, "--service", "second", "--port", "2",
+                                       "--health-addr", f"127.0.0.1:{health}", stderr=stderr)
+            # Refused for now: alive, not ready, and never logged as registered.
+            code, body = await readyz_says("max_connections")
+            assert code == 503 and body.startswith("reconnecting in ")
+            assert "last attempt: ERROR: max_connections: " in body
+            assert await probe(health, "/healthz") == (200, "ok\n")
+            assert not logged(log, "provide_registered")
+            blocker.close()
+            assert await readyz_says("registered at") == (200, f"registered at {url}\n")
+            (failed,) = events_named(log, "provide_failed")[:1]
+            assert "max_connections" in failed["error"]
+        # The server went away: reconnecting, and nothing listens yet.
+        code, body = await readyz_says("Connection refused")
+        assert code == 503 and body.startswith("reconnecting in ")
+        assert await probe(health, "/healthz") == (200, "ok\n")
+
+        # Back, but with etcd down its handshake waits etcd_timeout: not accepted yet.
+        private_etcd.kill()
+        async with running(cfg):
+            assert await readyz_says("connecting to") == (503, f"connecting to {url}\n")
+            private_etcd.start()
+            assert await readyz_says("registered at") == (200, f"registered at {url}\n")
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_until(proc.poll, 5, until=lambda code: code is not None) == 0
+        assert (await probe(health, "/healthz"))[0] is None  # it went with the client
+    finally:
+        if proc is not None:
+            proc.kill()
+
+
+@async_test
+async def test_healthcheck_follows_the_servers_listen_addr_and_tls(etcd, certs, tmp_path):
+    port, tls_port, other = free_port(), free_port(), free_port()
+    conf = tmp_path / "skyapi.yaml"
+    conf.write_text(f"listen_addr: '0.0.0.0:{port}'\netcd_api: [{etcd.url}]\n"
+                    f"dns_root: {unique_root()}\n")
+    tls = ["--listen-addr", f"[::]:{tls_port}", "--tls-cert-file", certs.server_cert,
+           "--tls-key-file", certs.server_key]  # signed by a private CA, for 127.0.0.1
+    async with running(skyapi.load_config(["-c", str(conf)])):
+        assert await healthcheck("-c", str(conf)) == (
+            0, f"healthy: http://127.0.0.1:{port}/healthz answered 200\n")
+    async with running(skyapi.load_config(["-c", str(conf), *tls])):
+        assert await healthcheck("-c", str(conf), *tls) == (
+            0, f"healthy: https://[::1]:{tls_port}/healthz answered 200\n")
+        code, out = await healthcheck("-c", str(conf), "--listen-addr", f"[::]:{tls_port}")
+        assert code == 1 and out.startswith(f"unhealthy: http://[::1]:{tls_port}/healthz: ")
+
+    code, out = await healthcheck("-c", str(conf))  # nothing listens now
+    assert (code, out) == (
+        1, f"unhealthy: http://127.0.0.1:{port}/healthz: [Errno 111] Connection refused\n")
+    http = web.Application([]).listen(other, "127.0.0.1")  # answers, but 404
+    try:
+        assert await healthcheck("--listen-addr", f"127.0.0.1:{other}") == (
+            1, f"unhealthy: http://127.0.0.1:{other}/healthz answered 404\n")
+    finally:
+        http.stop()
+    assert await healthcheck("--listen-addr", "8053") == (
+        1, "unhealthy: listen_addr: '8053' is not host:port\n")
+
+    sky = SkyapiProcess(tmp_path, *process_args(config([etcd.url])))  # its own command line
+    try:
+        await sky.started()
+        assert await healthcheck("--pid", str(sky.proc.pid)) == (
+            0, f"healthy: http://127.0.0.1:{sky.port}/healthz answered 200\n")
+    finally:
+        sky.kill()
+
+
+@async_test
+async def test_healthcheck_of_a_client_asks_its_health_listener():
+    health, nobody = free_port(), free_port()  # no server: alive, but not registered
+    args = ["--service", "hc", "--port", "1", "--health-addr", f":{health}"]
+    client = provide_process(nobody, *args, stderr=subprocess.DEVNULL)
+    bare = provide_process(nobody, "--service", "hc", "--port", "2", stderr=subprocess.DEVNULL)
+    healthy = (0, f"healthy: http://127.0.0.1:{health}/healthz answered 200\n")
+    try:
+        await wait_until(lambda: probe(health, "/readyz"), 15, until=lambda r: r[0] == 503)
+        assert await healthcheck("provide", "--url", f"ws://127.0.0.1:{nobody}", *args) == healthy
+        assert await healthcheck("--pid", str(client.pid)) == healthy
+        assert await healthcheck("--pid", str(bare.pid)) == (
+            1, "unhealthy: this provide client serves no health: start it with --health-addr, "
+               "e.g. 127.0.0.1:8054\n")
+        client.send_signal(signal.SIGTERM)
+        assert client.wait(5) == 0
+        code, out = await healthcheck("provide", "--url", f"ws://127.0.0.1:{nobody}", *args)
+        assert code == 1 and out.endswith("Connection refused\n")
+    finally:
+        client.kill()
+        bare.kill()
 
 
 @async_test
