@@ -8,6 +8,7 @@ with TTLs, or v3 keys on one lease); when the socket ends, the record goes.
     python skyapi.py -c skyapi.yaml             # the server
     python skyapi.py --dev                      # the server with a throwaway etcd
     python skyapi.py provide --url ws://h:8053 --service foo --port 9999
+    python skyapi.py healthcheck -c skyapi.yaml # is the server alive? exit 0 or 1
 
 The file reads top to bottom, each section using only what stands above it:
 
@@ -20,7 +21,7 @@ The file reads top to bottom, each section using only what stands above it:
     HTTP handlers       /provide and the operating endpoints; the running server
     The client          `provide`: hold a registration for a process
     Dev etcd            --dev's throwaway etcd
-    main                the command line
+    main                the command line: the server, provide, healthcheck
 """
 from __future__ import annotations
 
@@ -1974,6 +1975,7 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
         conn.close(1000, "listener gone" if ended == "withdrawn" else "stopping")
         await _first(closed.wait(), asyncio.sleep(2))  # the server's close frame: the record is gone
     else:
+        state.now(f"disconnected from {url}")
         conn.close()  # the server closed, or the stream broke: let go of the protocol
     held = time.monotonic() - since if registered.is_set() else None
     code, reason = conn.close_code, conn.close_reason or ""
@@ -1997,6 +1999,8 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
     log_event(logging.WARNING, "provide_dropped", url=url, seconds=round(held, 3),
               code=code or "none", reason=reason)
     return "dropped", held, why
+
+
 def _dns_name(msg: bytes, offset: int) -> tuple[str, int]:
     """A possibly compressed name at offset, and the offset after it (RFC 1035 4.1.4)."""
     labels, end = [], None
@@ -2094,6 +2098,8 @@ async def provide(urls: str | Sequence[str], service: str, port: int, stop: asyn
     raise ProvideGaveUp; a refusal raises ProvideRefused. With check_tcp, register only
     while that host:port accepts TCP connections. state, if given, follows where it stands."""
     urls = [urls] if isinstance(urls, str) else list(urls)
+    if not urls:
+        raise ValueError("provide: needs at least one URL")
     state = state or ProvideState()
     params = {"service": service, "port": port, "host": host, "category": category,
               "priority": priority, "weight": weight, "prefix": prefix}
