@@ -847,7 +847,10 @@ async def test_provide_reads_its_token_from_a_file_or_the_environment(etcd, tmp_
 
     async def ends(*args: str) -> tuple[int, str]:
         proc = provide_process(server.port, "--service", "secret", "--port", "1", *args)
-        code = await wait_until(proc.poll, 15, until=lambda code: code is not None)
+        try:
+            code = await wait_until(proc.poll, 15, until=lambda code: code is not None)
+        finally:
+            proc.kill()
         return code, proc.stderr.read().decode().splitlines()[-1]
 
     async with running(cfg) as server:
