@@ -217,7 +217,8 @@ class Registration:
 PROVIDE_PARAMS = ("service", "port", "category", "host", "priority", "weight", "prefix")
 
 
-def registration_from_query(query: Mapping[str, list[bytes]], peer: str, cfg: Any) -> Registration:
+def registration_from_query(query: Mapping[str, list[bytes]], peer: str,
+                            cfg: Config) -> Registration:
     """Check a /provide query string (as Tornado's request.query_arguments) against SPEC §2."""
     given: dict[str, str] = {}
     for name in PROVIDE_PARAMS:
@@ -282,7 +283,7 @@ def instance_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{random.getrandbits(32):08x}"
 
 
-def root_dir(cfg: Any) -> str:
+def root_dir(cfg: Config) -> str:
     """The root domain's own directory: records live below it; it is never pruned."""
     return cfg.etcd_prefix + "/" + "/".join(root_labels(cfg.dns_root)[::-1])
 
@@ -290,12 +291,14 @@ def root_dir(cfg: Any) -> str:
 # ---------------------------------------------------------------------------
 # Configuration
 #
-# Every setting has one entry in SETTINGS: its default, its type and the check
-# of its value. The YAML file and the command line are two spellings of the
-# same table (``dns_root`` <-> ``--dns-root``); a flag wins over the file. All
-# of this is pure but for reading the files and environment variables settings
-# name (secrets, certificates), so bad configurations are tested without
-# starting anything, and a file that cannot be read stops start-up.
+# Config is the one table of settings: each field carries its Setting (default,
+# help, check of its value) as metadata, and SETTINGS, the YAML keys, the flags
+# and --help are all derived from it (``dns_root`` <-> ``--dns-root``); a flag
+# wins over the file. Checks across settings are small functions make_config
+# calls in order. All of this is pure but for reading the files and
+# environment variables settings name (secrets, certificates), so bad
+# configurations are tested without starting anything, and a file that cannot
+# be read stops start-up.
 # ---------------------------------------------------------------------------
 
 
@@ -305,17 +308,29 @@ class ConfigError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    name: str
+    """How one setting is given, shown and checked: the metadata of its Config field.
+    Its kind, what the YAML file and a flag must give, is its default's type: int, float,
+    str, bool or list."""
     default: Any
-    kind: type  # int, float, str, bool or list
     help: str
     check: Callable[[Any], Any] = lambda v: v  # normalises, or raises ValueError(reason)
     item: type = str  # what a list holds: str, or dict (a flag gives each as YAML/JSON text)
     secret: bool = False  # its value is never shown: not in errors, not in the Config's repr
+    name: str = ""  # its Config field's (SETTINGS fills it in)
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+def setting(*args: Any, **kwargs: Any) -> Any:
+    """A Config field declared by its Setting (the arguments are Setting's)."""
+    s = Setting(*args, **kwargs)
+    return dataclasses.field(repr=not s.secret, metadata={"setting": s})
 
 
 def _at_least(low: float) -> Callable[[Any], Any]:
@@ -490,65 +505,75 @@ def _urls(v: list) -> list:
     return urls
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("listen_addr", ":8053", str, "host:port websocket clients connect to", _listen_addr),
-    Setting("dns_root", "skydns.local.", str, "root domain SkyDNS/CoreDNS serves", _dns_root),
-    Setting("default_category", "services", str, "category (comma list) when a client gives none",
-            _categories),
-    Setting("etcd_api", ["http://127.0.0.1:2379"], list,
-            "etcd endpoint, tried in order (repeat the flag for several)", _urls),
-    Setting("etcd_version", 2, int, "2: v2 keys with TTLs (SkyDNS); 3: v3 keys on a lease (CoreDNS)",
-            _one_of(2, 3)),
-    Setting("etcd_prefix", "/skydns", str, "path all records live under", _etcd_prefix),
-    Setting("timeout", 30, int, "seconds a record outlives skyapi (etcd TTL / lease TTL)",
-            _at_least(2)),
-    Setting("ping_interval", 10.0, float, "seconds between websocket pings to each client",
-            _at_least(0.1)),
-    Setting("ping_timeout", 10.0, float, "seconds a client has to answer a ping", _at_least(0.1)),
-    Setting("dns_ttl", 30, int, "the ttl field of each record (DNS cache time)", _at_least(0)),
-    Setting("log_level", "info", str, "error, warn, info or debug",
-            _one_of("error", "warn", "info", "debug")),
-    Setting("etcd_timeout", 5.0, float, "seconds one etcd request may take before failing over",
-            _at_least(0.1)),
-    Setting("etcd_concurrency", 16, int, "most etcd requests in flight at once", _at_least(1)),
-    Setting("self_register", "", str, "register this skyapi as service 'skyapi' at this "
-            "host[:port] (port: the listening one), so clients find every instance by SRV",
-            _advertised),
-    Setting("tokens", [], list, "a token clients must present, and what it may register, as "
-            "YAML/JSON: {value_file: PATH, services: [web-*], categories: [prod], admin: false} "
-            "(repeat the flag for several; none: anyone may register anything)", _tokens,
-            item=dict, secret=True),
-    Setting("host_policy", "any", str, "any: a client may register any host; peer: only "
-            "its own address", _one_of("any", "peer")),
-    Setting("xheaders", False, bool, "take the peer's address from X-Forwarded-For/X-Real-IP "
-            "(only behind a proxy that sets them)"),
-    Setting("max_connections", 0, int, "most registrations held at once (0: no limit)",
-            _at_least(0)),
-    Setting("max_connections_per_ip", 0, int, "most registrations held for one peer address "
-            "(0: no limit)", _at_least(0)),
-    Setting("allowed_origins", [], list, "browser origins (https://host[:port]) that may "
-            "connect; a request without an Origin header is not from a browser and may",
-            _origins),
-    Setting("tls_cert_file", "", str, "PEM certificate (chain) to serve wss:// and https://",
-            _readable),
-    Setting("tls_key_file", "", str, "PEM private key of tls_cert_file", _readable),
-    Setting("etcd_ca_file", "", str, "PEM CA bundle that signed etcd's certificate "
-            "(default: the system's)", _readable),
-    Setting("etcd_cert_file", "", str, "PEM client certificate for etcd's client-cert-auth",
-            _readable),
-    Setting("etcd_key_file", "", str, "PEM private key of etcd_cert_file", _readable),
-    Setting("etcd_username", "", str, "etcd user (etcd auth); needs a password"),
-    Setting("etcd_password", "", str, "its password, inline (prefer etcd_password_file)",
-            secret=True),
-    Setting("etcd_password_env", "", str, "environment variable that holds the password"),
-    Setting("etcd_password_file", "", str, "file that holds the password", _readable),
-    Setting("dev", False, bool, "start a throwaway etcd child (from PATH) and use it"),
-)
+def _yaml_text(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # then not a mapping: refused as such
 
-Config = dataclasses.make_dataclass(
-    "Config", [(s.name, s.kind, dataclasses.field(default=None, repr=not s.secret))
-               for s in SETTINGS], frozen=True)
-Config.__doc__ = "The checked settings, one attribute each (see SETTINGS)."
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The checked settings, one field each; make_config() makes one. A field's Setting is
+    the one place its setting is declared: SETTINGS, the YAML keys, the flags and --help
+    are all derived from these fields, in this order."""
+    listen_addr: str = setting(":8053", "host:port websocket clients connect to", _listen_addr)
+    dns_root: str = setting("skydns.local.", "root domain SkyDNS/CoreDNS serves", _dns_root)
+    default_category: str = setting("services", "category (comma list) when a client gives none",
+                                    _categories)
+    etcd_api: list[str] = setting(["http://127.0.0.1:2379"],
+                                  "etcd endpoint, tried in order (repeat the flag for several)",
+                                  _urls)
+    etcd_version: int = setting(2, "2: v2 keys with TTLs (SkyDNS); 3: v3 keys on a lease "
+                                "(CoreDNS)", _one_of(2, 3))
+    etcd_prefix: str = setting("/skydns", "path all records live under", _etcd_prefix)
+    timeout: int = setting(30, "seconds a record outlives skyapi (etcd TTL / lease TTL)",
+                           _at_least(2))
+    ping_interval: float = setting(10.0, "seconds between websocket pings to each client",
+                                   _at_least(0.1))
+    ping_timeout: float = setting(10.0, "seconds a client has to answer a ping", _at_least(0.1))
+    dns_ttl: int = setting(30, "the ttl field of each record (DNS cache time)", _at_least(0))
+    log_level: str = setting("info", "error, warn, info or debug",
+                             _one_of("error", "warn", "info", "debug"))
+    etcd_timeout: float = setting(5.0, "seconds one etcd request may take before failing over",
+                                  _at_least(0.1))
+    etcd_concurrency: int = setting(16, "most etcd requests in flight at once", _at_least(1))
+    self_register: str = setting("", "register this skyapi as service 'skyapi' at this "
+                                 "host[:port] (port: the listening one), so clients find every "
+                                 "instance by SRV", _advertised)
+    tokens: tuple[Token, ...] = setting(
+        [], "a token clients must present, and what it may register, as YAML/JSON: "
+        "{value_file: PATH, services: [web-*], categories: [prod], admin: false} (repeat the "
+        "flag for several; none: anyone may register anything)", _tokens, item=dict, secret=True)
+    host_policy: str = setting("any", "any: a client may register any host; peer: only its own "
+                               "address", _one_of("any", "peer"))
+    xheaders: bool = setting(False, "take the peer's address from X-Forwarded-For/X-Real-IP "
+                             "(only behind a proxy that sets them)")
+    max_connections: int = setting(0, "most registrations held at once (0: no limit)",
+                                   _at_least(0))
+    max_connections_per_ip: int = setting(0, "most registrations held for one peer address "
+                                          "(0: no limit)", _at_least(0))
+    allowed_origins: list[str] = setting([], "browser origins (https://host[:port]) that may "
+                                         "connect; a request without an Origin header is not "
+                                         "from a browser and may", _origins)
+    tls_cert_file: str = setting("", "PEM certificate (chain) to serve wss:// and https://",
+                                 _readable)
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file", _readable)
+    etcd_ca_file: str = setting("", "PEM CA bundle that signed etcd's certificate (default: the "
+                                "system's)", _readable)
+    etcd_cert_file: str = setting("", "PEM client certificate for etcd's client-cert-auth",
+                                  _readable)
+    etcd_key_file: str = setting("", "PEM private key of etcd_cert_file", _readable)
+    etcd_username: str = setting("", "etcd user (etcd auth); needs a password")
+    etcd_password: str = setting("", "its password, inline (prefer etcd_password_file)",
+                                 secret=True)
+    etcd_password_env: str = setting("", "environment variable that holds the password")
+    etcd_password_file: str = setting("", "file that holds the password", _readable)
+    dev: bool = setting(False, "start a throwaway etcd child (from PATH) and use it")
+
+
+SETTINGS: tuple[Setting, ...] = tuple(dataclasses.replace(f.metadata["setting"], name=f.name)
+                                      for f in dataclasses.fields(Config))
 
 
 def _typed(setting: Setting, value: Any, from_flag: bool) -> Any:
@@ -579,72 +604,80 @@ def _typed(setting: Setting, value: Any, from_flag: bool) -> Any:
     raise ConfigError(f"{setting.name}: expected {names[kind]}{shown}")
 
 
-def _yaml_text(text: str) -> Any:
+def _checked(s: Setting, values: Mapping[str, Any], flags: Mapping[str, Any]) -> Any:
+    """One setting's value, typed and checked: its flag's, else the file's, else its default."""
+    from_flag = s.name in flags
+    raw = flags[s.name] if from_flag else values.get(s.name, s.default)
+    if raw is None and not from_flag and s.name in values:
+        raise ConfigError(f"{s.name}: has no value")
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text  # then not a mapping: refused as such
+        return s.check(_typed(s, raw, from_flag))
+    except Refusal as e:  # a label or host rule: its problem, under the setting's name
+        raise ConfigError(f"{s.name}: {e.problem}") from None
+    except ValueError as e:
+        raise ConfigError(f"{s.name}: {e}") from None
 
 
-def make_config(values: Mapping[str, Any], flags: Mapping[str, Any] = {}) -> Any:
-    """Check file values, then flag values over them; unknown keys and bad values are errors."""
-    by_name = {s.name: s for s in SETTINGS}
-    for name in values:
-        if name not in by_name:
-            raise ConfigError(f"{name}: unknown setting")
-    checked = {}
-    for s in SETTINGS:
-        from_flag = s.name in flags
-        raw = flags[s.name] if from_flag else values.get(s.name, s.default)
-        if raw is None and not from_flag and s.name in values:
-            raise ConfigError(f"{s.name}: has no value")
-        try:
-            checked[s.name] = s.check(_typed(s, raw, from_flag))
-        except Refusal as e:  # a label or host rule: its problem, under the setting's name
-            raise ConfigError(f"{s.name}: {e.problem}") from None
-        except ValueError as e:
-            raise ConfigError(f"{s.name}: {e}") from None
-    if checked["ping_timeout"] > checked["ping_interval"]:
+# Checks across settings, each naming the setting to change.
+
+
+def _pings_fit(cfg: Config) -> None:
+    if cfg.ping_timeout > cfg.ping_interval:
         raise ConfigError("ping_timeout: must not exceed ping_interval "
-                          f"({checked['ping_timeout']} > {checked['ping_interval']})")
-    if checked["etcd_version"] == 2:  # check_label's rule for v2: no label starting with '_'
-        try:
-            for label in checked["default_category"].split(","):
-                check_label("default_category", label, 2)
-            for label in root_labels(checked["dns_root"]):
-                check_label("dns_root", label, 2)
-        except Refusal as e:
-            raise ConfigError(str(e)) from None
+                          f"({cfg.ping_timeout} > {cfg.ping_interval})")
+
+
+def _v2_labels_visible(cfg: Config) -> None:
+    """check_label's rule for v2, on the configured names: no label starting with '_'."""
+    if cfg.etcd_version != 2:
+        return
+    try:
+        for label in cfg.default_category.split(","):
+            check_label("default_category", label, 2)
+        for label in root_labels(cfg.dns_root):
+            check_label("dns_root", label, 2)
+    except Refusal as e:
+        raise ConfigError(str(e)) from None
+
+
+def _key_pairs_complete(cfg: Config) -> None:
     for cert, key in (("tls_cert_file", "tls_key_file"), ("etcd_cert_file", "etcd_key_file")):
-        if bool(checked[cert]) != bool(checked[key]):
-            given, missing = (cert, key) if checked[cert] else (key, cert)
+        if bool(getattr(cfg, cert)) != bool(getattr(cfg, key)):
+            given, missing = (cert, key) if getattr(cfg, cert) else (key, cert)
             raise ConfigError(f"{missing}: is needed with {given}")
-    if ((checked["etcd_ca_file"] or checked["etcd_cert_file"])
-            and not any(u.startswith("https://") for u in checked["etcd_api"])):
-        raise ConfigError(f"{'etcd_ca_file' if checked['etcd_ca_file'] else 'etcd_cert_file'}: "
+
+
+def _etcd_tls_has_https(cfg: Config) -> None:
+    """etcd's CA and client certificate are for https:// endpoints: without one, a mistake."""
+    if (cfg.etcd_ca_file or cfg.etcd_cert_file) and not any(
+            u.startswith("https://") for u in cfg.etcd_api):
+        raise ConfigError(f"{'etcd_ca_file' if cfg.etcd_ca_file else 'etcd_cert_file'}: "
                           "is set, but no etcd_api endpoint is https://")
-    passwords = [n for n in ("etcd_password", "etcd_password_env", "etcd_password_file")
-                 if checked[n]]
-    if len(passwords) > 1:
-        raise ConfigError(f"{passwords[1]}: give only one of {' and '.join(passwords)}")
-    if checked["etcd_username"] and not passwords:
+
+
+PASSWORD_SOURCES = ("etcd_password", "etcd_password_env", "etcd_password_file")
+
+
+def _with_etcd_password(cfg: Config) -> Config:
+    """cfg with etcd_password read from where it is given: one source, with etcd_username."""
+    given = [name for name in PASSWORD_SOURCES if getattr(cfg, name)]
+    if len(given) > 1:
+        raise ConfigError(f"{given[1]}: give only one of {' and '.join(given)}")
+    if cfg.etcd_username and not given:
         raise ConfigError("etcd_username: needs etcd_password, etcd_password_env or "
                           "etcd_password_file")
-    if passwords and not checked["etcd_username"]:
-        raise ConfigError(f"{passwords[0]}: is set without etcd_username")
-    if passwords:
-        try:
-            checked["etcd_password"] = read_secret(passwords[0], checked[passwords[0]])
-        except ValueError as e:
-            raise ConfigError(f"{passwords[0]}: {e}") from None
-    cfg = Config(**checked)
-    # A certificate or key that does not load stops start-up here, not at the first connection.
-    server_ssl_context(cfg)
-    etcd_ssl_context(cfg)
-    return cfg
+    if not given:
+        return cfg
+    if not cfg.etcd_username:
+        raise ConfigError(f"{given[0]}: is set without etcd_username")
+    try:
+        password = read_secret(given[0], getattr(cfg, given[0]))
+    except ValueError as e:
+        raise ConfigError(f"{given[0]}: {e}") from None
+    return dataclasses.replace(cfg, etcd_password=password)
 
 
-def server_ssl_context(cfg: Any) -> ssl.SSLContext | None:
+def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
     """What wss:// is served with, or None: plain ws://."""
     if not cfg.tls_cert_file:
         return None
@@ -653,7 +686,7 @@ def server_ssl_context(cfg: Any) -> ssl.SSLContext | None:
     return context
 
 
-def etcd_ssl_context(cfg: Any) -> ssl.SSLContext | None:
+def etcd_ssl_context(cfg: Config) -> ssl.SSLContext | None:
     """What https:// etcd endpoints are reached with, or None when there are none."""
     if not any(u.startswith("https://") for u in cfg.etcd_api):
         return None
@@ -671,6 +704,24 @@ def _load_pair(context: ssl.SSLContext, name: str, cert: str, key: str) -> None:
         context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as e:
         raise ConfigError(f"{name}: cannot load {cert} with its key {key}: {e}") from None
+
+
+def make_config(values: Mapping[str, Any], flags: Mapping[str, Any] = {}) -> Config:
+    """Check file values, then flag values over them; unknown keys and bad values are errors."""
+    names = [s.name for s in SETTINGS]
+    for name in values:
+        if name not in names:
+            raise ConfigError(f"{name}: unknown setting")
+    cfg = Config(**{s.name: _checked(s, values, flags) for s in SETTINGS})
+    _pings_fit(cfg)
+    _v2_labels_visible(cfg)
+    _key_pairs_complete(cfg)
+    _etcd_tls_has_https(cfg)
+    cfg = _with_etcd_password(cfg)
+    # A certificate or key that does not load stops start-up here, not at the first connection.
+    server_ssl_context(cfg)
+    etcd_ssl_context(cfg)
+    return cfg
 
 
 def read_config_file(path: str) -> dict:
@@ -707,7 +758,7 @@ def server_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(argv: Sequence[str]) -> Any:
+def load_config(argv: Sequence[str]) -> Config:
     args = vars(server_arg_parser().parse_args(argv))
     values = read_config_file(args.pop("config")) if args.get("config") else {}
     return make_config(values, {k: v for k, v in args.items() if v is not None})
@@ -785,7 +836,7 @@ def check_browser_origin(origin: str | None, allowed: Sequence[str]) -> None:
         raise Refusal("origin", f"{_shown(origin)} is not in allowed_origins", "origin")
 
 
-def check_limits(cfg: Any, peer: str, held: int, held_by_peer: int) -> None:
+def check_limits(cfg: Config, peer: str, held: int, held_by_peer: int) -> None:
     """Room for one more registration: held now in all, and by this peer."""
     if cfg.max_connections and held >= cfg.max_connections:
         raise Refusal("max_connections", f"skyapi holds its limit of {cfg.max_connections} "
@@ -796,7 +847,7 @@ def check_limits(cfg: Any, peer: str, held: int, held_by_peer: int) -> None:
                       "max_connections_per_ip")
 
 
-def admit(cfg: Any, query: Mapping[str, list[bytes]], headers: Mapping[str, str], peer: str,
+def admit(cfg: Config, query: Mapping[str, list[bytes]], headers: Mapping[str, str], peer: str,
           held: int, held_by_peer: int) -> tuple[Registration, Token | None]:
     """Every check of a /provide request, in the order a client should hear of them: where
     it comes from, who it is, what it asks for, whether it may, whether there is room.
@@ -2239,7 +2290,7 @@ def raise_open_file_limit() -> int:
     return hard
 
 
-async def serve(cfg: Any) -> int:
+async def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT, then stop cleanly."""
     log_event(logging.DEBUG, "open_file_limit", limit=raise_open_file_limit())
     server = Skyapi(cfg)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import types
+import typing
 import urllib.parse
 
 import hypothesis
@@ -121,6 +122,17 @@ def test_bad_config_file_stops_startup_with_one_line(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "not valid YAML" in r.stderr
+
+
+def test_each_setting_is_one_typed_field_of_config():
+    hints = typing.get_type_hints(skyapi.Config)
+    cfg = skyapi.make_config({})
+    assert [s.name for s in skyapi.SETTINGS] == [f.name for f in dataclasses.fields(skyapi.Config)]
+    for s in skyapi.SETTINGS:
+        declared = typing.get_origin(hints[s.name]) or hints[s.name]
+        assert isinstance(getattr(cfg, s.name), declared), s.name  # 10 for a float would fail
+        assert s.flag == "--" + s.name.replace("_", "-") and s.help
+    assert "etcd_password=" not in repr(cfg) and "tokens=" not in repr(cfg)
 
 
 def test_shipped_yaml_is_every_setting_at_its_default():
