@@ -29,6 +29,7 @@ import asyncio
 import base64
 import collections
 import dataclasses
+import difflib
 import fnmatch
 import hashlib
 import hmac
@@ -52,7 +53,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 import yaml
 from tornado import httputil, iostream, netutil, tcpclient, web, websocket
@@ -316,6 +317,7 @@ class Setting:
     check: Callable[[Any], Any] = lambda v: v  # normalises, or raises ValueError(reason)
     item: type = str  # what a list holds: str, or dict (a flag gives each as YAML/JSON text)
     secret: bool = False  # its value is never shown: not in errors, not in the Config's repr
+    metavar: str = ""  # how --help names its value; empty: by its kind
     name: str = ""  # its Config field's (SETTINGS fills it in)
 
     @property
@@ -517,69 +519,111 @@ class Config:
     """The checked settings, one field each; make_config() makes one. A field's Setting is
     the one place its setting is declared: SETTINGS, the YAML keys, the flags and --help
     are all derived from these fields, in this order."""
-    listen_addr: str = setting(":8053", "host:port websocket clients connect to", _listen_addr)
-    dns_root: str = setting("skydns.local.", "root domain SkyDNS/CoreDNS serves", _dns_root)
-    default_category: str = setting("services", "category (comma list) when a client gives none",
-                                    _categories)
-    etcd_api: list[str] = setting(["http://127.0.0.1:2379"],
-                                  "etcd endpoint, tried in order (repeat the flag for several)",
-                                  _urls)
-    etcd_version: int = setting(2, "2: v2 keys with TTLs (SkyDNS); 3: v3 keys on a lease "
-                                "(CoreDNS)", _one_of(2, 3))
-    etcd_prefix: str = setting("/skydns", "path all records live under", _etcd_prefix)
-    timeout: int = setting(30, "seconds a record outlives skyapi (etcd TTL / lease TTL)",
-                           _at_least(2))
+    listen_addr: str = setting(":8053", "host:port where websocket clients connect; "
+                               ":8053 is every address", _listen_addr, metavar="HOST:PORT")
+    dns_root: str = setting("skydns.local.", "the root domain SkyDNS/CoreDNS serves", _dns_root,
+                            metavar="DOMAIN")
+    default_category: str = setting("services", "the category when a client gives none (a comma "
+                                    "list, left to right as in the DNS name)", _categories,
+                                    metavar="LABELS")
+    etcd_api: list[str] = setting(["http://127.0.0.1:2379"], "an etcd endpoint; repeat the flag "
+                                  "for several, tried in order", _urls, metavar="URL")
+    etcd_version: int = setting(2, "2: etcd v2 keys with TTLs (SkyDNS); 3: etcd v3 keys on one "
+                                "lease (CoreDNS)", _one_of(2, 3), metavar="2|3")
+    etcd_prefix: str = setting("/skydns", "the path all records live under", _etcd_prefix,
+                               metavar="PATH")
+    timeout: int = setting(30, "seconds a record outlives skyapi if skyapi dies (the etcd TTL or "
+                           "lease TTL)", _at_least(2), metavar="SECONDS")
     ping_interval: float = setting(10.0, "seconds between websocket pings to each client",
-                                   _at_least(0.1))
-    ping_timeout: float = setting(10.0, "seconds a client has to answer a ping", _at_least(0.1))
-    dns_ttl: int = setting(30, "the ttl field of each record (DNS cache time)", _at_least(0))
+                                   _at_least(0.1), metavar="SECONDS")
+    ping_timeout: float = setting(10.0, "seconds a client has to answer a ping, at most "
+                                  "ping_interval; a client that does not is dropped",
+                                  _at_least(0.1), metavar="SECONDS")
+    dns_ttl: int = setting(30, "the ttl field of each record: seconds a DNS answer may be cached",
+                           _at_least(0), metavar="SECONDS")
     log_level: str = setting("info", "error, warn, info or debug",
-                             _one_of("error", "warn", "info", "debug"))
-    etcd_timeout: float = setting(5.0, "seconds one etcd request may take before failing over",
-                                  _at_least(0.1))
-    etcd_concurrency: int = setting(16, "most etcd requests in flight at once", _at_least(1))
-    self_register: str = setting("", "register this skyapi as service 'skyapi' at this "
-                                 "host[:port] (port: the listening one), so clients find every "
-                                 "instance by SRV", _advertised)
+                             _one_of("error", "warn", "info", "debug"), metavar="LEVEL")
+    etcd_timeout: float = setting(5.0, "seconds one etcd request may take before the next "
+                                  "endpoint is tried", _at_least(0.1), metavar="SECONDS")
+    etcd_concurrency: int = setting(16, "the most etcd requests in flight at once; more wait "
+                                    "their turn", _at_least(1))
+    self_register: str = setting("", "register this skyapi as service 'skyapi' at HOST[:PORT] "
+                                 "(no port: the one it listens on), so clients find every "
+                                 "instance by SRV; empty: off", _advertised,
+                                 metavar="HOST[:PORT]")
     tokens: tuple[Token, ...] = setting(
-        [], "a token clients must present, and what it may register, as YAML/JSON: "
-        "{value_file: PATH, services: [web-*], categories: [prod], admin: false} (repeat the "
-        "flag for several; none: anyone may register anything)", _tokens, item=dict, secret=True)
+        [], "a token clients must present and what it may register, as YAML or JSON: "
+        "'{value_file: PATH, services: [web-*], categories: [prod], admin: false}'; repeat the "
+        "flag for several. Without tokens, anyone may register anything", _tokens, item=dict,
+        secret=True, metavar="MAPPING")
     host_policy: str = setting("any", "any: a client may register any host; peer: only its own "
-                               "address", _one_of("any", "peer"))
-    xheaders: bool = setting(False, "take the peer's address from X-Forwarded-For/X-Real-IP "
+                               "address", _one_of("any", "peer"), metavar="any|peer")
+    xheaders: bool = setting(False, "take the peer's address from X-Real-IP/X-Forwarded-For "
                              "(only behind a proxy that sets them)")
-    max_connections: int = setting(0, "most registrations held at once (0: no limit)",
+    max_connections: int = setting(0, "the most registrations held at once (0: no limit)",
                                    _at_least(0))
-    max_connections_per_ip: int = setting(0, "most registrations held for one peer address "
+    max_connections_per_ip: int = setting(0, "the most registrations held for one peer address "
                                           "(0: no limit)", _at_least(0))
-    allowed_origins: list[str] = setting([], "browser origins (https://host[:port]) that may "
-                                         "connect; a request without an Origin header is not "
-                                         "from a browser and may", _origins)
-    tls_cert_file: str = setting("", "PEM certificate (chain) to serve wss:// and https://",
-                                 _readable)
-    tls_key_file: str = setting("", "PEM private key of tls_cert_file", _readable)
-    etcd_ca_file: str = setting("", "PEM CA bundle that signed etcd's certificate (default: the "
-                                "system's)", _readable)
-    etcd_cert_file: str = setting("", "PEM client certificate for etcd's client-cert-auth",
-                                  _readable)
-    etcd_key_file: str = setting("", "PEM private key of etcd_cert_file", _readable)
-    etcd_username: str = setting("", "etcd user (etcd auth); needs a password")
-    etcd_password: str = setting("", "its password, inline (prefer etcd_password_file)",
-                                 secret=True)
-    etcd_password_env: str = setting("", "environment variable that holds the password")
-    etcd_password_file: str = setting("", "file that holds the password", _readable)
-    dev: bool = setting(False, "start a throwaway etcd child (from PATH) and use it")
+    allowed_origins: list[str] = setting([], "a browser origin (https://host[:port]) that may "
+                                         "connect; repeat the flag for several. Requests without "
+                                         "an Origin header come from programs, not browsers, and "
+                                         "are not affected", _origins, metavar="ORIGIN")
+    tls_cert_file: str = setting("", "PEM certificate (chain): serve wss:// and https:// instead "
+                                 "of ws:// and http://", _readable, metavar="FILE")
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file", _readable, metavar="FILE")
+    etcd_ca_file: str = setting("", "PEM CA bundle that signed the certificates of https:// etcd "
+                                "endpoints; empty: the system's CAs", _readable, metavar="FILE")
+    etcd_cert_file: str = setting("", "PEM client certificate for etcd's --client-cert-auth",
+                                  _readable, metavar="FILE")
+    etcd_key_file: str = setting("", "PEM private key of etcd_cert_file", _readable,
+                                 metavar="FILE")
+    etcd_username: str = setting("", "etcd user (etcd auth, v2 or v3); needs one of the three "
+                                 "password settings", metavar="NAME")
+    etcd_password: str = setting("", "etcd_username's password, inline (anyone who reads the "
+                                 "file or the command line sees it)", secret=True,
+                                 metavar="PASSWORD")
+    etcd_password_env: str = setting("", "the environment variable that holds the password",
+                                     metavar="VARIABLE")
+    etcd_password_file: str = setting("", "the file that holds the password (a final newline "
+                                      "is ignored)", _readable, metavar="FILE")
+    dev: bool = setting(False, "start a throwaway etcd child on loopback (etcd from PATH or "
+                        "beside this Python) and use it instead of etcd_api")
 
 
 SETTINGS: tuple[Setting, ...] = tuple(dataclasses.replace(f.metadata["setting"], name=f.name)
                                       for f in dataclasses.fields(Config))
 
 
+def unknown(name: str, known: Iterable[str], what: str = "setting") -> str:
+    """'unknown setting', naming the likely one when a known name is close."""
+    near = difflib.get_close_matches(name, list(known), n=1)
+    return f"unknown {what}" + (f"; did you mean {near[0]}?" if near
+                                else " (skyapi.py --help lists them all)")
+
+
+def as_yaml(value: Any) -> str:
+    """A value as the YAML file spells it (JSON is YAML): 8053, "8053", true, [a, b]."""
+    return json.dumps(value, default=str)
+
+
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _from_text(kind: type, text: str) -> Any:
+    """A flag's text as kind, or None if it is not one."""
+    try:
+        if kind is bool:
+            return {"true": True, "yes": True, "1": True,
+                    "false": False, "no": False, "0": False}.get(text.lower())
+        return int(text, 10) if kind is int else kind(text)
+    except ValueError:
+        return None
+
+
 def _typed(setting: Setting, value: Any, from_flag: bool) -> Any:
-    """The value as the setting's type. Flags arrive as text; YAML must already be typed."""
+    """The value as the setting's kind. Flags arrive as text; YAML must already be typed."""
     kind = setting.kind
-    shown = "" if setting.secret else f", got {value!r}"
+    shown = "" if setting.secret else f", got {as_yaml(value)}"
     if kind is list:
         items = [value] if isinstance(value, (str, dict)) else value
         if from_flag and setting.item is dict:
@@ -589,19 +633,22 @@ def _typed(setting: Setting, value: Any, from_flag: bool) -> Any:
         what = "mappings" if setting.item is dict else "URLs"
         raise ConfigError(f"{setting.name}: expected a list of {what}{shown}")
     if from_flag and isinstance(value, str):
-        try:
-            if kind is bool:
-                return {"true": True, "yes": True, "1": True,
-                        "false": False, "no": False, "0": False}[value.lower()]
-            return kind(value) if kind is not int else int(value, 10)
-        except (ValueError, KeyError):
-            pass
+        parsed = _from_text(kind, value)
+        if parsed is not None:
+            return parsed
     elif isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
         return value
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    raise ConfigError(f"{setting.name}: expected {names[kind]}{shown}")
+    # What the user probably meant, spelt as YAML: 3 for "3"; for a string, the default
+    # where there is one (":8053" for 8053, which alone would not do), else the value quoted.
+    expected, hint = f"{setting.name}: expected {KIND_NAMES[kind]}", ""
+    if not from_flag and not setting.secret:
+        if isinstance(value, str) and (meant := _from_text(kind, value)) is not None:
+            hint = f" (write it without quotes: {as_yaml(meant)})"
+        elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            expected += f" such as {as_yaml(setting.default or str(value))}"
+    raise ConfigError(f"{expected}{shown}{hint}")
 
 
 def _checked(s: Setting, values: Mapping[str, Any], flags: Mapping[str, Any]) -> Any:
@@ -609,7 +656,7 @@ def _checked(s: Setting, values: Mapping[str, Any], flags: Mapping[str, Any]) ->
     from_flag = s.name in flags
     raw = flags[s.name] if from_flag else values.get(s.name, s.default)
     if raw is None and not from_flag and s.name in values:
-        raise ConfigError(f"{s.name}: has no value")
+        raise ConfigError(f"{s.name}: has no value (leave the key out for its default)")
     try:
         return s.check(_typed(s, raw, from_flag))
     except Refusal as e:  # a label or host rule: its problem, under the setting's name
@@ -711,7 +758,7 @@ def make_config(values: Mapping[str, Any], flags: Mapping[str, Any] = {}) -> Con
     names = [s.name for s in SETTINGS]
     for name in values:
         if name not in names:
-            raise ConfigError(f"{name}: unknown setting")
+            raise ConfigError(f"{name}: {unknown(str(name), names)}")
     cfg = Config(**{s.name: _checked(s, values, flags) for s in SETTINGS})
     _pings_fit(cfg)
     _v2_labels_visible(cfg)
@@ -741,27 +788,62 @@ def read_config_file(path: str) -> dict:
     return data
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Its mistakes are ConfigErrors: one line and exit code 2, like a bad setting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message.removeprefix("argument "))
+
+
+def shown_default(s: Setting) -> str:
+    """' (default: X)' with X as a user writes it, or nothing when the default is empty."""
+    d = s.default
+    if d == "" or d == []:
+        return ""  # off, none: the help says what empty means
+    text = (", ".join(d) if isinstance(d, list) else as_yaml(d) if isinstance(d, bool)
+            else f"{d:g}" if isinstance(d, float) else str(d))
+    return f" (default: {text})"
+
+
 def server_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="skyapi.py", description="Keep SkyDNS/CoreDNS records in etcd for live websockets.",
-        epilog="Run 'skyapi.py provide --help' for the client.")
-    p.add_argument("-c", "--config", help="YAML file of settings (flags win over it)")
+    p = _ArgumentParser(
+        prog="skyapi.py", usage="%(prog)s [-c FILE] [--SETTING VALUE ...]",
+        description="Keep SkyDNS/CoreDNS records in etcd for live websockets. Every setting is "
+        "a flag and a key of the YAML file (--dns-root <-> dns_root); a flag wins over the file.",
+        epilog="To try it: 'skyapi.py --dev' runs a throwaway etcd. The client that holds a "
+        "registration for a process: 'skyapi.py provide --help'.")
+    p.add_argument("-c", "--config", metavar="FILE", help="YAML file of settings (skyapi.yaml "
+                   "lists every one)")
     for s in SETTINGS:
-        kw: dict[str, Any] = {"dest": s.name, "default": None, "help": f"{s.help} (default {s.default})"}
+        kw: dict[str, Any] = {"dest": s.name, "default": None, "help": s.help + shown_default(s)}
         if s.kind is list:
-            kw.update(action="append", metavar="MAPPING" if s.item is dict else "URL")
+            kw.update(action="append", metavar=s.metavar or "ITEM")
         elif s.kind is bool:
-            kw.update(nargs="?", const="true", metavar="BOOL")
+            kw.update(nargs="?", const="true", metavar=s.metavar or "BOOL")
         else:
-            kw.update(metavar=s.kind.__name__.upper())
+            kw.update(metavar=s.metavar or {int: "N", float: "NUMBER"}.get(s.kind, "TEXT"))
         p.add_argument(s.flag, **kw)
     return p
 
 
+def _unexpected(arg: str) -> str:
+    """The error for a command-line word that is no flag of the server's."""
+    if not arg.startswith("-"):
+        hint = f"; did you mean -c {arg}?" if arg.endswith((".yaml", ".yml")) else ""
+        return f"{arg}: unexpected argument{hint}"
+    flag = arg.split("=", 1)[0]
+    flags = ["--config", "--help", *(s.flag for s in SETTINGS)]
+    return f"{flag}: {unknown(flag, flags, 'flag')}"
+
+
 def load_config(argv: Sequence[str]) -> Config:
-    args = vars(server_arg_parser().parse_args(argv))
-    values = read_config_file(args.pop("config")) if args.get("config") else {}
-    return make_config(values, {k: v for k, v in args.items() if v is not None})
+    args, extra = server_arg_parser().parse_known_args(argv)
+    if extra:
+        raise ConfigError(_unexpected(extra[0]))
+    given = vars(args)
+    values = read_config_file(given.pop("config")) if given.get("config") else {}
+    return make_config(values, {k: v for k, v in given.items() if v is not None})
+
 
 
 # ---------------------------------------------------------------------------

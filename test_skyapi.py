@@ -116,12 +116,61 @@ def test_bad_config_file_stops_startup_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"), "-c", str(path)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
-    assert r.stderr.strip() == "skyapi: timout: unknown setting"
+    assert r.stderr.strip() == "skyapi: timout: unknown setting; did you mean timeout?"
     path.write_text("a: [unclosed\n")
     r = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"), "-c", str(path)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "not valid YAML" in r.stderr
+
+
+def skyapi_command(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """skyapi.py run as a user runs it; its exit code and what it printed."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"), *args],
+                          capture_output=True, text=True, timeout=60, **kwargs)
+
+
+@pytest.mark.parametrize("yaml_text,args,error", [
+    ("", ["--listen-adr", ":1"], "--listen-adr: unknown flag; did you mean --listen-addr?"),
+    ("", ["--dsn-root=x.com"], "--dsn-root: unknown flag; did you mean --dns-root?"),
+    ("", ["skyapi.yaml"], "skyapi.yaml: unexpected argument; did you mean -c skyapi.yaml?"),
+    ("", ["--timeout"], "--timeout: expected one argument"),
+    ("", ["--etcd-version", "4"], "etcd_version: must be one of 2, 3"),
+    ("listen_adr: ':1'", [], "listen_adr: unknown setting; did you mean listen_addr?"),
+    ("listen-addr: ':1'", [], "listen-addr: unknown setting; did you mean listen_addr?"),
+    ("colour: blue", [], "colour: unknown setting (skyapi.py --help lists them all)"),
+    ("listen_addr: 8053", [], 'listen_addr: expected a string such as ":8053", got 8053'),
+    ("etcd_username: 1234", [], 'etcd_username: expected a string such as "1234", got 1234'),
+    ("etcd_version: '3'", [], 'etcd_version: expected an integer, got "3" '
+                              '(write it without quotes: 3)'),
+    ("xheaders: 'yes'", [], 'xheaders: expected true or false, got "yes" '
+                            '(write it without quotes: true)'),
+    ("etcd_api: [5]", [], "etcd_api: expected a list of URLs, got [5]"),
+    ("listen_addr:", [], "listen_addr: has no value (leave the key out for its default)"),
+])
+def test_a_configuration_mistake_is_one_line_and_exit_code_2(tmp_path, yaml_text, args, error):
+    path = tmp_path / "skyapi.yaml"
+    path.write_text(yaml_text + "\n")
+    r = skyapi_command("-c", str(path), *args)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"skyapi: {error}\n")
+
+
+def test_help_names_every_setting_with_its_default_as_written_in_yaml():
+    r = skyapi_command("--help")
+    assert r.returncode == 0 and r.stderr == ""
+    # One entry per option: its first line starts with two spaces and a dash.
+    entries = {m.group(1): " ".join(m.group(2).split()) for m in re.finditer(
+        r"^  (-[-\w]+)(.*?)(?=^  -|^\S|\Z)", r.stdout, re.M | re.S)}
+    for s in skyapi.SETTINGS:
+        text = entries[s.flag]
+        assert text.count("default") <= 1 and "(default )" not in text, text
+        assert not any(python in text for python in ("['", "True", "False", "None")), text
+        assert ("(default: " in text) == (s.default not in ("", [])), text  # empty: off, none
+    assert entries["--etcd-api"].endswith("(default: http://127.0.0.1:2379)")
+    assert entries["--ping-timeout"].endswith("(default: 10)")
+    assert entries["--dev"].endswith("(default: false)")
+    assert entries["--allowed-origins"].endswith("are not affected")
+    assert "skyapi.py --dev" in r.stdout and "skyapi.py provide --help" in r.stdout
 
 
 def test_each_setting_is_one_typed_field_of_config():
