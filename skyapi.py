@@ -60,6 +60,8 @@ from tornado import httputil, iostream, netutil, tcpclient, web, websocket
 from tornado.httpclient import HTTPRequest
 from tornado.httpserver import HTTPServer
 
+__version__ = "1.0.0.dev0"  # skyapi.py --version
+
 # ---------------------------------------------------------------------------
 # Logging
 #
@@ -814,6 +816,7 @@ def server_arg_parser() -> argparse.ArgumentParser:
         "registration for a process: 'skyapi.py provide --help'.")
     p.add_argument("-c", "--config", metavar="FILE", help="YAML file of settings (skyapi.yaml "
                    "lists every one)")
+    p.add_argument("--version", action="version", version=f"skyapi {__version__}")
     for s in SETTINGS:
         kw: dict[str, Any] = {"dest": s.name, "default": None, "help": s.help + shown_default(s)}
         if s.kind is list:
@@ -832,7 +835,7 @@ def _unexpected(arg: str) -> str:
         hint = f"; did you mean -c {arg}?" if arg.endswith((".yaml", ".yml")) else ""
         return f"{arg}: unexpected argument{hint}"
     flag = arg.split("=", 1)[0]
-    flags = ["--config", "--help", *(s.flag for s in SETTINGS)]
+    flags = ["--config", "--help", "--version", *(s.flag for s in SETTINGS)]
     return f"{flag}: {unknown(flag, flags, 'flag')}"
 
 

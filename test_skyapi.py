@@ -173,6 +173,12 @@ def test_help_names_every_setting_with_its_default_as_written_in_yaml():
     assert "skyapi.py --dev" in r.stdout and "skyapi.py provide --help" in r.stdout
 
 
+def test_version():
+    r = skyapi_command("--version")
+    assert (r.returncode, r.stdout) == (0, f"skyapi {skyapi.__version__}\n")
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+)?", skyapi.__version__)
+
+
 def test_each_setting_is_one_typed_field_of_config():
     hints = typing.get_type_hints(skyapi.Config)
     cfg = skyapi.make_config({})
