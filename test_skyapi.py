@@ -51,7 +51,7 @@ from conftest import (HERE, EtcdView, SkyapiProcess, TestEtcd, async_test, b64, 
                       process_args, provide_process, refusal, running, unb64, unique_root,
                       wait_until)
 
-# --- configuration ----------------------------------------------------------
+# --- configuration, --help, --dev: what a user meets first ----------------------------
 
 
 def test_defaults_are_the_spec_table():
@@ -199,6 +199,115 @@ def test_shipped_yaml_is_every_setting_at_its_default():
         shipped = yaml.safe_load(f)
     assert set(shipped) == {s.name for s in skyapi.SETTINGS}
     assert skyapi.make_config(shipped) == skyapi.make_config({})
+
+
+# The security settings: tokens and etcd passwords are never shown.
+
+TOKEN = "web-token-0123456789abcdef"
+ADMIN = "admin-token-0123456789abcdef"
+WRONG = "wrong-token-0123456789abcdef"
+PASSWORD = "etcd-pass-0123456789"
+
+
+def test_security_settings_default_to_open_and_read_secrets_from_env_or_file(tmp_path,
+                                                                             monkeypatch):
+    cfg = skyapi.make_config({})
+    assert (cfg.tokens, cfg.host_policy, cfg.xheaders, cfg.allowed_origins) == ((), "any", False, [])
+    assert (cfg.max_connections, cfg.max_connections_per_ip) == (0, 0)
+    path = tmp_path / "token"
+    path.write_text("file-token-0123456789abcdef\n")  # as `echo` writes it
+    monkeypatch.setenv("SKYAPI_TEST_TOKEN", "env-token-0123456789abcdef")
+    cfg = skyapi.make_config({"tokens": [
+        {"value": TOKEN, "services": ["Web-*"]}, {"value_env": "SKYAPI_TEST_TOKEN"},
+        {"value_file": str(path), "admin": True, "categories": ["prod,*"]}]})
+    for number, text in enumerate([TOKEN, "env-token-0123456789abcdef",
+                                   "file-token-0123456789abcdef"], 1):
+        assert skyapi.authenticate(cfg.tokens, f"Bearer {text}", {}).number == number
+        assert text not in repr(cfg) and text.encode() not in pickle.dumps(cfg.tokens)
+    assert [(t.services, t.categories, t.admin) for t in cfg.tokens] == [
+        (("web-*",), ("*",), False), (("*",), ("*",), False), (("*",), ("prod,*",), True)]
+    # On the command line each --tokens is one mapping, as YAML or JSON.
+    cfg = skyapi.load_config(["--tokens", '{"value_env": "SKYAPI_TEST_TOKEN", "services": ["db"]}',
+                              "--tokens", f"{{value_file: {path}, admin: true}}"])
+    assert [(t.number, t.services, t.admin) for t in cfg.tokens] == [(1, ("db",), False),
+                                                                     (2, ("*",), True)]
+    path.write_text(PASSWORD + "\n")
+    for source, given in [("etcd_password", PASSWORD), ("etcd_password_file", str(path))]:
+        cfg = skyapi.make_config({"etcd_username": "root", source: given})
+        assert cfg.etcd_password == PASSWORD and PASSWORD not in repr(cfg)
+    monkeypatch.setenv("SKYAPI_TEST_PASSWORD", PASSWORD)
+    assert skyapi.load_config(["--etcd-username", "root", "--etcd-password-env",
+                               "SKYAPI_TEST_PASSWORD"]).etcd_password == PASSWORD
+
+
+@pytest.mark.parametrize("values,named", [
+    ({"tokens": [{"valeu": TOKEN}]}, "tokens"),
+    ({"tokens": [{}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN, "value_env": "SKYAPI_TEST_TOKEN"}]}, "tokens"),
+    ({"tokens": [{"value_env": "SKYAPI_NO_SUCH_VARIABLE"}]}, "tokens"),
+    ({"tokens": [{"value_file": "/nonexistent/token"}]}, "tokens"),
+    ({"tokens": [{"value": "short"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN + " x"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN, "services": "web-*"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN, "admin": "yes"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN}, {"value": TOKEN, "admin": True}]}, "tokens"),
+    ({"tokens": TOKEN}, "tokens"),
+    ({"host_policy": "mine"}, "host_policy"),
+    ({"xheaders": "yes"}, "xheaders"),
+    ({"max_connections": -1}, "max_connections"),
+    ({"max_connections_per_ip": 1.5}, "max_connections_per_ip"),
+    ({"allowed_origins": ["app.example.com"]}, "allowed_origins"),
+    ({"allowed_origins": ["https://app.example.com/page"]}, "allowed_origins"),
+    ({"tls_cert_file": "/nonexistent/cert.pem", "tls_key_file": "/nonexistent/key.pem"},
+     "tls_cert_file"),
+    ({"etcd_api": ["https://127.0.0.1:2379"], "etcd_ca_file": "/nonexistent/ca.pem"},
+     "etcd_ca_file"),
+    ({"etcd_username": "root"}, "etcd_username"),
+    ({"etcd_password": PASSWORD}, "etcd_password"),
+    ({"etcd_username": "root", "etcd_password": PASSWORD, "etcd_password_env": "X"},
+     "etcd_password_env"),
+    ({"etcd_username": "root", "etcd_password_env": "SKYAPI_NO_SUCH_VARIABLE"},
+     "etcd_password_env"),
+    ({"etcd_username": "root", "etcd_password_file": "/nonexistent/password"},
+     "etcd_password_file"),
+])
+def test_bad_security_config_names_the_key_and_never_the_secret(values, named):
+    with pytest.raises(skyapi.ConfigError) as e:
+        skyapi.make_config(values)
+    assert str(e.value).startswith(named + ":"), e.value
+    assert TOKEN not in str(e.value) and PASSWORD not in str(e.value)
+
+
+def test_bad_certificates_stop_startup_naming_the_key(certs, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    https = {"etcd_api": ["https://127.0.0.1:2379"]}
+    for values, named in [
+        ({"tls_key_file": certs.server_key}, "tls_cert_file"),
+        ({"tls_cert_file": certs.server_cert}, "tls_key_file"),
+        ({"tls_cert_file": certs.server_cert, "tls_key_file": certs.client_key}, "tls_cert_file"),
+        ({"tls_cert_file": str(garbage), "tls_key_file": certs.server_key}, "tls_cert_file"),
+        ({"etcd_cert_file": certs.client_cert, "etcd_key_file": certs.client_key}, "etcd_cert_file"),
+        ({"etcd_ca_file": certs.ca}, "etcd_ca_file"),  # etcd_api is http://: a mistake
+        ({**https, "etcd_cert_file": certs.client_cert}, "etcd_key_file"),
+        ({**https, "etcd_ca_file": str(garbage)}, "etcd_ca_file"),
+        ({**https, "etcd_cert_file": certs.client_cert, "etcd_key_file": certs.server_key},
+         "etcd_cert_file"),
+    ]:
+        with pytest.raises(skyapi.ConfigError) as e:
+            skyapi.make_config(values)
+        assert str(e.value).startswith(named + ":"), (values, e.value)
+    assert skyapi.make_config({**https, "etcd_ca_file": certs.ca, "etcd_cert_file": certs.client_cert,
+                               "etcd_key_file": certs.client_key})
+    r = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"),
+                        "--tokens", "{value_file: /nonexistent/token}"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr == ("skyapi: tokens: entry 1: value_file: cannot read /nonexistent/token: "
+                        "No such file or directory\n")
+
+
+# --dev and start-up errors
 
 
 def running_pid(pid: int) -> bool:
@@ -983,12 +1092,6 @@ async def test_provide_client_keeps_its_registration_across_server_pings(etcd):
 
 # --- security and limits ------------------------------------------------------------
 
-TOKEN = "web-token-0123456789abcdef"
-ADMIN = "admin-token-0123456789abcdef"
-WRONG = "wrong-token-0123456789abcdef"
-PASSWORD = "etcd-pass-0123456789"
-
-
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
@@ -1041,107 +1144,6 @@ async def keys_ever_written(view: EtcdView) -> set[str]:
         seen.add(event["node"]["key"])
         index = event["node"]["modifiedIndex"] + 1
     return seen
-
-
-# Configuration
-
-
-def test_security_settings_default_to_open_and_read_secrets_from_env_or_file(tmp_path,
-                                                                             monkeypatch):
-    cfg = skyapi.make_config({})
-    assert (cfg.tokens, cfg.host_policy, cfg.xheaders, cfg.allowed_origins) == ((), "any", False, [])
-    assert (cfg.max_connections, cfg.max_connections_per_ip) == (0, 0)
-    path = tmp_path / "token"
-    path.write_text("file-token-0123456789abcdef\n")  # as `echo` writes it
-    monkeypatch.setenv("SKYAPI_TEST_TOKEN", "env-token-0123456789abcdef")
-    cfg = skyapi.make_config({"tokens": [
-        {"value": TOKEN, "services": ["Web-*"]}, {"value_env": "SKYAPI_TEST_TOKEN"},
-        {"value_file": str(path), "admin": True, "categories": ["prod,*"]}]})
-    for number, text in enumerate([TOKEN, "env-token-0123456789abcdef",
-                                   "file-token-0123456789abcdef"], 1):
-        assert skyapi.authenticate(cfg.tokens, f"Bearer {text}", {}).number == number
-        assert text not in repr(cfg) and text.encode() not in pickle.dumps(cfg.tokens)
-    assert [(t.services, t.categories, t.admin) for t in cfg.tokens] == [
-        (("web-*",), ("*",), False), (("*",), ("*",), False), (("*",), ("prod,*",), True)]
-    # On the command line each --tokens is one mapping, as YAML or JSON.
-    cfg = skyapi.load_config(["--tokens", '{"value_env": "SKYAPI_TEST_TOKEN", "services": ["db"]}',
-                              "--tokens", f"{{value_file: {path}, admin: true}}"])
-    assert [(t.number, t.services, t.admin) for t in cfg.tokens] == [(1, ("db",), False),
-                                                                     (2, ("*",), True)]
-    path.write_text(PASSWORD + "\n")
-    for source, given in [("etcd_password", PASSWORD), ("etcd_password_file", str(path))]:
-        cfg = skyapi.make_config({"etcd_username": "root", source: given})
-        assert cfg.etcd_password == PASSWORD and PASSWORD not in repr(cfg)
-    monkeypatch.setenv("SKYAPI_TEST_PASSWORD", PASSWORD)
-    assert skyapi.load_config(["--etcd-username", "root", "--etcd-password-env",
-                               "SKYAPI_TEST_PASSWORD"]).etcd_password == PASSWORD
-
-
-@pytest.mark.parametrize("values,named", [
-    ({"tokens": [{"valeu": TOKEN}]}, "tokens"),
-    ({"tokens": [{}]}, "tokens"),
-    ({"tokens": [{"value": TOKEN, "value_env": "SKYAPI_TEST_TOKEN"}]}, "tokens"),
-    ({"tokens": [{"value_env": "SKYAPI_NO_SUCH_VARIABLE"}]}, "tokens"),
-    ({"tokens": [{"value_file": "/nonexistent/token"}]}, "tokens"),
-    ({"tokens": [{"value": "short"}]}, "tokens"),
-    ({"tokens": [{"value": TOKEN + " x"}]}, "tokens"),
-    ({"tokens": [{"value": TOKEN, "services": "web-*"}]}, "tokens"),
-    ({"tokens": [{"value": TOKEN, "admin": "yes"}]}, "tokens"),
-    ({"tokens": [{"value": TOKEN}, {"value": TOKEN, "admin": True}]}, "tokens"),
-    ({"tokens": TOKEN}, "tokens"),
-    ({"host_policy": "mine"}, "host_policy"),
-    ({"xheaders": "yes"}, "xheaders"),
-    ({"max_connections": -1}, "max_connections"),
-    ({"max_connections_per_ip": 1.5}, "max_connections_per_ip"),
-    ({"allowed_origins": ["app.example.com"]}, "allowed_origins"),
-    ({"allowed_origins": ["https://app.example.com/page"]}, "allowed_origins"),
-    ({"tls_cert_file": "/nonexistent/cert.pem", "tls_key_file": "/nonexistent/key.pem"},
-     "tls_cert_file"),
-    ({"etcd_api": ["https://127.0.0.1:2379"], "etcd_ca_file": "/nonexistent/ca.pem"},
-     "etcd_ca_file"),
-    ({"etcd_username": "root"}, "etcd_username"),
-    ({"etcd_password": PASSWORD}, "etcd_password"),
-    ({"etcd_username": "root", "etcd_password": PASSWORD, "etcd_password_env": "X"},
-     "etcd_password_env"),
-    ({"etcd_username": "root", "etcd_password_env": "SKYAPI_NO_SUCH_VARIABLE"},
-     "etcd_password_env"),
-    ({"etcd_username": "root", "etcd_password_file": "/nonexistent/password"},
-     "etcd_password_file"),
-])
-def test_bad_security_config_names_the_key_and_never_the_secret(values, named):
-    with pytest.raises(skyapi.ConfigError) as e:
-        skyapi.make_config(values)
-    assert str(e.value).startswith(named + ":"), e.value
-    assert TOKEN not in str(e.value) and PASSWORD not in str(e.value)
-
-
-def test_bad_certificates_stop_startup_naming_the_key(certs, tmp_path):
-    garbage = tmp_path / "garbage.pem"
-    garbage.write_text("not a certificate\n")
-    https = {"etcd_api": ["https://127.0.0.1:2379"]}
-    for values, named in [
-        ({"tls_key_file": certs.server_key}, "tls_cert_file"),
-        ({"tls_cert_file": certs.server_cert}, "tls_key_file"),
-        ({"tls_cert_file": certs.server_cert, "tls_key_file": certs.client_key}, "tls_cert_file"),
-        ({"tls_cert_file": str(garbage), "tls_key_file": certs.server_key}, "tls_cert_file"),
-        ({"etcd_cert_file": certs.client_cert, "etcd_key_file": certs.client_key}, "etcd_cert_file"),
-        ({"etcd_ca_file": certs.ca}, "etcd_ca_file"),  # etcd_api is http://: a mistake
-        ({**https, "etcd_cert_file": certs.client_cert}, "etcd_key_file"),
-        ({**https, "etcd_ca_file": str(garbage)}, "etcd_ca_file"),
-        ({**https, "etcd_cert_file": certs.client_cert, "etcd_key_file": certs.server_key},
-         "etcd_cert_file"),
-    ]:
-        with pytest.raises(skyapi.ConfigError) as e:
-            skyapi.make_config(values)
-        assert str(e.value).startswith(named + ":"), (values, e.value)
-    assert skyapi.make_config({**https, "etcd_ca_file": certs.ca, "etcd_cert_file": certs.client_cert,
-                               "etcd_key_file": certs.client_key})
-    r = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"),
-                        "--tokens", "{value_file: /nonexistent/token}"],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2
-    assert r.stderr == ("skyapi: tokens: entry 1: value_file: cannot read /nonexistent/token: "
-                        "No such file or directory\n")
 
 
 # Access, as pure functions
