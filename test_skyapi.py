@@ -201,6 +201,21 @@ def test_shipped_yaml_is_every_setting_at_its_default():
     assert skyapi.make_config(shipped) == skyapi.make_config({})
 
 
+def test_readme_settings_table_and_commands_as_a_newcomer_runs_them():
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    first = readme[readme.index("## Try it"):readme.index("## The /provide endpoint")]
+    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \|", first, re.M)
+    assert {name for row in rows for name in re.findall(r"`(\w+)`", row)} == {
+        s.name for s in skyapi.SETTINGS}
+    commands = re.findall(r"^    (\S.*)$", first, re.M)
+    test_it = ".venv/bin/python -m pytest -q test_skyapi.py"
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        assert test_it in commands and test_it in f.read().splitlines()  # CI runs it as written
+    for command in commands:  # after "Try it", python is the venv's: nothing is activated
+        assert not re.match(r"python3? (?!-m venv)", command), command
+
+
 # The security settings: tokens and etcd passwords are never shown.
 
 TOKEN = "web-token-0123456789abcdef"
