@@ -853,7 +853,6 @@ def load_config(argv: Sequence[str]) -> Config:
     return make_config(values, {k: v for k, v in given.items() if v is not None})
 
 
-
 # ---------------------------------------------------------------------------
 # Access
 #
