@@ -90,7 +90,7 @@ class TestEtcd(skyapi.DevEtcd):
         etcd's own JSON gateway, so cert must be good for client auth too."""
         super().__init__()
         if data_dir is not None:
-            os.rmdir(self.data_dir)
+            self.remove()  # the temporary folder DevEtcd made
             os.makedirs(data_dir, exist_ok=True)
             self.data_dir, self.logfile = data_dir, os.path.join(data_dir, "etcd.log")
         self.owns_dir = data_dir is None

