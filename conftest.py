@@ -94,7 +94,7 @@ class TestEtcd(skyapi.DevEtcd):
         etcd's own JSON gateway, so cert must be good for client auth too."""
         super().__init__()
         if data_dir is not None:
-            os.rmdir(self.data_dir)
+            self.remove()  # the temporary folder DevEtcd made
             os.makedirs(data_dir, exist_ok=True)
             self.data_dir, self.logfile = data_dir, os.path.join(data_dir, "etcd.log")
         self.owns_dir = data_dir is None
@@ -426,6 +426,25 @@ def provide_process(port: int, *args: str, stderr=subprocess.PIPE) -> subprocess
         [sys.executable, os.path.join(HERE, "skyapi.py"), "provide",
          "--url", f"ws://127.0.0.1:{port}", *args],
         stdout=subprocess.PIPE, stderr=stderr, cwd=HERE)
+
+
+async def healthcheck(*args: str) -> tuple[int, str]:
+    """`skyapi.py healthcheck ARGS` as a child process: its exit code and what it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.join(HERE, "skyapi.py"), "healthcheck", *args,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode, out.decode()
+
+
+async def probe(port: int, path: str) -> tuple[int | None, str]:
+    """GET http://127.0.0.1:port/path: (status, body), or (None, why) when nothing answers."""
+    try:
+        r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}{path}", raise_error=False,
+                                          request_timeout=5)
+    except (OSError, HTTPClientError) as e:  # refused, reset, timed out
+        return None, str(e)
+    return r.code, r.body.decode()
 
 
 async def connect(server, query: str, headers=None):

