@@ -15,7 +15,7 @@ The file reads top to bottom, each section using only what stands above it:
     Names and records   what a client may ask for, and the key and value it becomes (pure)
     Configuration       the SETTINGS table behind YAML, flags and --help (pure but for files)
     Access              who may register what: origins, tokens, host policy, limits (pure)
-    The etcd client     HTTP/1.1 to etcd: pipelined requests, failover
+    The etcd client     HTTP/1.1 to etcd: pipelined requests, failover, streams
     The etcd backends   v2 keys with TTLs, v3 keys on one lease
     The registry        who holds which record; keeping etcd in agreement with that
     HTTP handlers       /provide and the operating endpoints; the running server
@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
@@ -53,7 +54,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import yaml
 from tornado import netutil, web, websocket
@@ -823,7 +824,8 @@ def admit(cfg: Any, query: Mapping[str, list[bytes]], headers: Mapping[str, str]
 # server answers each connection's requests in order): a batch goes out in a
 # few writes and is awaited once, with no task or timer per request, and
 # nothing queues in skyapi. A request fails over from one endpoint to the next
-# and sticks to the one that answered.
+# and sticks to the one that answered. stream() gives one request a connection
+# of its own and its answer as it arrives: a watch.
 # ---------------------------------------------------------------------------
 
 
@@ -833,6 +835,20 @@ class EtcdUnavailable(Exception):
 
 class EtcdError(Exception):
     """etcd answered, and the answer was an error that retrying will not fix."""
+
+
+class StreamRefused(EtcdError):
+    """etcd answered a stream's request with an error status below 500: its status and
+    body say why (v2: a JSON errorCode such as V2_EVENT_INDEX_CLEARED)."""
+
+    def __init__(self, url: str, status: int, body: bytes):
+        super().__init__(f"{url}: HTTP {status} {body[:200]!r}")
+        self.status, self.body = status, body
+
+
+# The etcd v2 error a stream meets (the keys API's codes are the backends'): the watch's
+# waitIndex is older than the last 1,000 events etcd v2 remembers.
+V2_EVENT_INDEX_CLEARED = 401
 
 
 class BadResponse(ValueError):
@@ -1205,11 +1221,76 @@ class _Pool:
             connection.abort(_Lost("the client is closed"))
 
 
+class _Stream(asyncio.Protocol):
+    """A connection of its own for one request whose answer is read as it arrives;
+    iterated, the answer's data (a chunk at a time) until etcd ends it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.parser = ResponseParser()
+        self.parts: deque[ResponsePart | Exception] = deque()
+        self.transport: asyncio.BaseTransport | None = None
+        self.ended = False
+        self._wake: asyncio.Future | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parts.extend(self.parser.feed(data))
+        except BadResponse as e:
+            self.parts.append(e)
+            self.close()
+        self._woken()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self.parts.extend(self.parser.eof())
+        except BadResponse:
+            pass
+        self.parts.append(_Lost(_why(exc) if exc else "etcd closed the connection"))
+        self._woken()
+
+    def _woken(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def part(self) -> ResponsePart:
+        while not self.parts:
+            self._wake = asyncio.get_running_loop().create_future()
+            await self._wake
+        part = self.parts.popleft()
+        if isinstance(part, Exception):
+            raise part
+        self.ended = part.end
+        return part
+
+    def __aiter__(self) -> "_Stream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        """The next data; a caller that gives up waiting (a timeout) may ask again."""
+        while not self.ended:
+            try:
+                part = await self.part()
+            except (BadResponse, _Lost) as e:
+                raise EtcdUnavailable(f"{self.url}: {_why(e)}") from None
+            if part.data:
+                return part.data
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # type: ignore[attr-defined]
+
+
 class EtcdClient:
     """JSON/form over HTTP/1.1 to a list of etcd endpoints.
 
     concurrency bounds the connections to an endpoint (not the requests: those beyond
-    them are pipelined on the connections, so nothing queues in skyapi)."""
+    them are pipelined on the connections, so nothing queues in skyapi). Streams (watches)
+    get connections of their own, outside that bound."""
 
     def __init__(self, endpoints: Sequence[str], timeout: float, concurrency: int,
                  on_request: Callable[[str, str, float], None] = lambda op, outcome, secs: None,
@@ -1220,7 +1301,9 @@ class EtcdClient:
         self.timeout = timeout
         self.current = 0  # the endpoint that answered last; tried first
         self._pools = [_Pool(e, timeout, concurrency, ssl_context) for e in self.endpoints]
+        self._streams: set[_Stream] = set()
         self._on_request = on_request
+        self.closed = False
 
     def url(self, index: int | None = None) -> str:
         return self._pools[self.current if index is None else index].url
@@ -1279,15 +1362,79 @@ class EtcdClient:
             self._on_request(op, "unavailable", time.monotonic() - started)
         raise EtcdUnavailable("; ".join(errors))
 
+    @contextlib.asynccontextmanager
+    async def stream(self, op: str, method: str, path: str, body: bytes = b"",
+                     content_type: str = "application/json",
+                     authorization: str | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
+        """A request on a connection of its own, whose answer is read as it arrives: a
+        watch. Entered, the first endpoint that answered within timeout did so with a
+        status below 300, so a watch is in place; it yields an iterator of the body's data,
+        a chunk at a time, until etcd ends the answer (EtcdUnavailable if the connection
+        breaks first). StreamRefused for a status from 300 to 499; EtcdUnavailable if no
+        endpoint answered below 500. Leaving closes the connection.
+
+            async with client.stream("watch", "POST", "/v3/watch", body) as chunks:
+                async for data in chunks: ..."""
+        link = await self._open_stream(op, method, path, body, content_type, authorization)
+        try:
+            yield link
+        finally:
+            link.close()
+            self._streams.discard(link)
+
+    async def _open_stream(self, op: str, method: str, path: str, body: bytes,
+                           content_type: str, authorization: str | None) -> _Stream:
+        if self.closed:
+            raise EtcdUnavailable("the client is closed")
+        started = time.monotonic()
+        errors = []
+        for index in self._order():
+            pool = self._pools[index]
+            link = _Stream(pool.url)
+            try:
+                await asyncio.wait_for(pool.open(link), self.timeout)
+                link.transport.write(  # type: ignore[union-attr]
+                    self._encode(pool, method, path, body, content_type, authorization))
+                head = await asyncio.wait_for(link.part(), self.timeout)
+                data = [head.data]
+                while 300 <= head.status < 500 and not link.ended:  # refused: the answer says why
+                    data.append((await asyncio.wait_for(link.part(), self.timeout)).data)
+            except (OSError, asyncio.TimeoutError, BadResponse, _Lost) as e:
+                link.close()
+                errors.append(f"{pool.url}: " + (f"no answer within {self.timeout:g} s"
+                                                 if isinstance(e, asyncio.TimeoutError) else _why(e)))
+                continue
+            if head.status >= 500:
+                link.close()
+                errors.append(f"{pool.url}: HTTP {head.status}")
+                continue
+            self.current = index
+            self._on_request(op, "ok" if head.status < 300 else f"http_{head.status}",
+                             time.monotonic() - started)
+            if head.status >= 300:
+                link.close()
+                raise StreamRefused(pool.url, head.status, b"".join(data))
+            if head.data:  # an answer with a length comes whole: the iterator gives it
+                link.parts.appendleft(head)
+                link.ended = False
+            self._streams.add(link)
+            return link
+        self._on_request(op, "unavailable", time.monotonic() - started)
+        raise EtcdUnavailable("; ".join(errors))
+
     async def ping(self) -> None:
         code, data = await self.request("health", "GET", "/health")
         if code != 200:
             raise EtcdUnavailable(f"{self.url()}/health: HTTP {code} {data[:200]!r}")
 
     def close(self) -> None:
-        """Give up every connection; requests still waiting fail."""
+        """Give up every connection, streams too; requests still waiting fail."""
+        self.closed = True
         for pool in self._pools:
             pool.close()
+        for link in list(self._streams):
+            link.parts.append(_Lost("the client is closed"))
+            link.close()
 
 
 # ---------------------------------------------------------------------------

@@ -1877,7 +1877,7 @@ async def test_churn_converges_to_exactly_the_open_sockets(etcd, version):
         await wait_until(lambda: view.empty(cfg), 2)
 
 
-# --- the etcd client: its response reader (pure), pipelining, failover --------------
+# --- the etcd client: its response reader (pure), pipelining, failover, streams -------
 
 ANSWER = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Etcd-Index: 7\r\nContent-Length: 11\r\n\r\n{"a":"b c"}'
 CHUNKED = (b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -2047,11 +2047,71 @@ async def test_etcd_unreachable_says_why(caplog):
     client = skyapi.EtcdClient([dead], 1.0, 4)
     with pytest.raises(skyapi.EtcdUnavailable) as request_error:
         await client.request("health", "GET", "/health")
-    assert str(request_error.value) == why
+    with pytest.raises(skyapi.EtcdUnavailable) as stream_error:
+        async with client.stream("watch", "GET", "/v2/keys/?wait=true"):
+            pass
+    assert str(request_error.value) == str(stream_error.value) == why
     caplog.set_level("INFO", logger="skyapi")
     async with running(config([dead])):
         lines = await wait_until(lambda: outage_lines(caplog, "etcd_outage_began"), 5)
     assert f'error="{why}"' in lines[0].getMessage()
+
+
+@async_test
+async def test_etcd_client_stream_yields_a_v2_watchs_events_as_they_come(etcd):
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = skyapi.EtcdClient([etcd.url], 2.0, 4)
+    watcher = skyapi.EtcdClient([dead, proxy.url], 2.0, 4)
+    d = v2_dir()
+    # No waitIndex: etcd v2 streams every later event to a watcher it has registered, but
+    # answers a waitIndex still in its history with that one event and then nothing more.
+    async with watcher.stream("watch", "GET", f"/v2/keys{d}?wait=true&recursive=true&stream=true") \
+            as chunks:
+        assert watcher.url() == proxy.url  # past the dead endpoint
+        for i in range(3):
+            assert (await client.request("put", "PUT", f"/v2/keys{d}/b{i}", b"value=2", FORM))[0] == 201
+            event = json.loads(await asyncio.wait_for(anext(chunks), 5))
+            assert (event["action"], event["node"]["key"]) == ("set", f"{d}/b{i}")
+        with pytest.raises(asyncio.TimeoutError):  # a caller may stop waiting, and wait again
+            await asyncio.wait_for(anext(chunks), 0.1)
+        await client.request("delete", "DELETE", f"/v2/keys{d}/b0")
+        assert json.loads(await asyncio.wait_for(anext(chunks), 5))["action"] == "delete"
+        assert proxy.accepted == 1 and proxy.writers  # one connection, open
+    await wait_until(lambda: not proxy.writers, 2)  # closed once the caller left
+    client.close()
+    await proxy.cut()
+
+
+@async_test
+async def test_etcd_client_stream_yields_a_v3_watchs_events_as_they_come(etcd):
+    client = skyapi.EtcdClient([etcd.url], 2.0, 4)
+    prefix = v2_dir() + "/"
+    watch = {"create_request": {"key": b64(prefix), "range_end": b64(prefix[:-1] + "0")}}
+    async with client.stream("watch", "POST", "/v3/watch", json.dumps(watch).encode()) as chunks:
+        assert json.loads(await asyncio.wait_for(anext(chunks), 5))["result"]["created"]
+        put = {"key": b64(prefix + "x"), "value": b64("v")}
+        assert (await client.request("put", "POST", "/v3/kv/put", json.dumps(put).encode()))[0] == 200
+        events = json.loads(await asyncio.wait_for(anext(chunks), 5))["result"]["events"]
+        assert [(unb64(e["kv"]["key"]), unb64(e["kv"]["value"])) for e in events] == [(prefix + "x", "v")]
+        client.close()  # ends the stream too
+        with pytest.raises(skyapi.EtcdUnavailable, match="the client is closed"):
+            await anext(chunks)
+
+
+@async_test
+async def test_etcd_client_stream_is_refused_when_the_v2_watch_index_is_cleared(etcd):
+    client = skyapi.EtcdClient([etcd.url], 2.0, 4)
+    key = f"/v2/keys{v2_dir()}"
+    answers = await client.request_many("put", [("PUT", key + "/k", b"value=1", FORM)] * 1001)
+    first = min(json.loads(body)["node"]["modifiedIndex"] for _, body in answers)
+    with pytest.raises(skyapi.StreamRefused) as refused:
+        async with client.stream("watch", "GET", f"{key}?wait=true&recursive=true&waitIndex={first}"):
+            pass
+    assert refused.value.status == 400
+    assert json.loads(refused.value.body)["errorCode"] == skyapi.V2_EVENT_INDEX_CLEARED
+    client.close()
 
 
 # --- etcd v3: one lease, O(1) keep-alive ------------------------------------------
