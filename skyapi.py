@@ -512,7 +512,9 @@ SETTINGS: tuple[Setting, ...] = (
             _one_of("error", "warn", "info", "debug")),
     Setting("etcd_timeout", 5.0, float, "seconds etcd may leave requests unanswered before "
             "they fail over to the next endpoint", _at_least(0.1)),
-    Setting("etcd_concurrency", 16, int, "most connections to each etcd endpoint; requests "
+    # 64, not 16: 20,000 v2 deletes reached etcd at 17,200/s against 14,500/s, and etcd spent
+    # 38 us of CPU per delete against 47 us, its commits batching more (bench_etcdclient.py).
+    Setting("etcd_concurrency", 64, int, "most connections to each etcd endpoint; requests "
             "beyond them are pipelined on them", _at_least(1)),
     Setting("self_register", "", str, "register this skyapi as service 'skyapi' at this "
             "host[:port] (port: the listening one), so clients find every instance by SRV",
