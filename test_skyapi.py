@@ -2018,7 +2018,8 @@ async def test_etcd_v3_user_and_password_over_tls_renews_its_token(certs, monkey
 class TcpProxy:
     """A loopback TCP proxy that can cut every connection and refuse new ones, or freeze
     them (bytes stop flowing, sockets stay open), while the server behind it runs on:
-    a partition, as etcd or skyapi sees it."""
+    a partition, as etcd or skyapi sees it. It counts the connections it accepted, and
+    can cut the next few at the moment an answer comes back (drop_answers)."""
 
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
@@ -2027,6 +2028,8 @@ class TcpProxy:
         self.writers: set = set()
         self.flowing = asyncio.Event()
         self.flowing.set()
+        self.accepted = 0
+        self.drop_answers = 0
 
     def freeze(self):
         self.flowing.clear()
@@ -2045,6 +2048,7 @@ class TcpProxy:
             w.transport.abort()
 
     async def _serve(self, reader, writer):
+        self.accepted += 1
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
@@ -2056,6 +2060,10 @@ class TcpProxy:
             try:
                 while data := await r.read(65536):
                     await self.flowing.wait()
+                    if w is writer and self.drop_answers:
+                        self.drop_answers -= 1
+                        up_writer.transport.abort()
+                        break
                     w.write(data)
                     await w.drain()
             except (OSError, asyncio.CancelledError):
@@ -2288,6 +2296,243 @@ async def test_churn_converges_to_exactly_the_open_sockets(etcd, version):
         for _, conn in open_conns:
             conn.close()
         await wait_until(lambda: view.empty(cfg), 2)
+
+
+# --- the etcd client: its response reader (pure), pipelining, failover, streams -------
+
+ANSWER = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Etcd-Index: 7\r\nContent-Length: 11\r\n\r\n{"a":"b c"}'
+CHUNKED = (b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n6;name=value\r\n world\r\n0\r\nX-Trailer: yes\r\nX-More: 2\r\n\r\n")
+CLOSING = b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\nX-Etcd-Index: 8\r\n\r\n"
+TO_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the connection ends"
+
+
+def read_responses(*pieces: bytes, eof: bool = False) -> list[tuple[int, bytes, bool]]:
+    """(status, body, keep-alive) of each whole response in pieces, fed one after another."""
+    parser = skyapi.ResponseParser()
+    parts = [p for piece in pieces for p in parser.feed(piece)] + (parser.eof() if eof else [])
+    responses, body = [], b""
+    for part in parts:
+        body += part.data
+        if part.end:
+            responses.append((part.status, body, part.keep_alive))
+            body = b""
+    return responses
+
+
+def test_response_reader_reads_answers_that_came_in_one_read():
+    assert read_responses(ANSWER + CHUNKED + NO_CONTENT + ANSWER + CLOSING) == [
+        (200, b'{"a":"b c"}', True), (201, b"hello world", True), (204, b"", True),
+        (200, b'{"a":"b c"}', True), (404, b"{}", False)]
+
+
+def test_response_reader_gives_a_chunked_answer_chunk_by_chunk_past_its_trailers():
+    parser = skyapi.ResponseParser()
+    assert parser.feed(CHUNKED + ANSWER) == [
+        (201, b"", False, True), (201, b"hello", False, True), (201, b" world", False, True),
+        (201, b"", True, True), (200, b'{"a":"b c"}', True, True)]
+
+
+@pytest.mark.parametrize("stream", [ANSWER + CHUNKED + NO_CONTENT + CLOSING, TO_CLOSE],
+                         ids=["pipelined", "to-close"])
+def test_response_reader_reads_the_same_fed_one_byte_at_a_time(stream):
+    whole = read_responses(stream, eof=True)
+    assert whole and read_responses(*(stream[i:i + 1] for i in range(len(stream))), eof=True) == whole
+
+
+def test_response_reader_without_a_length_reads_until_the_connection_closes():
+    parser = skyapi.ResponseParser()
+    assert parser.feed(TO_CLOSE) == [(200, b"", False, False),
+                                     (200, b"until the connection ends", False, False)]
+    assert parser.feed(b", and more") == [(200, b", and more", False, False)]
+    assert parser.eof() == [(200, b"", True, False)]
+
+
+def test_response_reader_connection_close_and_http_1_0_end_keep_alive():
+    assert read_responses(CLOSING) == [(404, b"{}", False)]
+    assert read_responses(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok") == [(200, b"ok", False)]
+    assert read_responses(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n") \
+        == [(200, b"", True)]
+
+
+@pytest.mark.parametrize("stream, error", [
+    (b"HTTP/2 200 OK\r\n\r\n", "not an HTTP/1.x response: 'HTTP/2 200 OK'"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "not an HTTP/1.x response"),
+    (b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n", "not an HTTP/1.x response"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length '-1'"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size b'zz'"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n", "bad chunk size"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX", "not followed by CRLF"),
+], ids=["http2", "not-http", "no-status", "length", "chunk-size", "chunk-size-underscore", "chunk-end"])
+def test_response_reader_refuses_a_malformed_answer(stream, error):
+    with pytest.raises(skyapi.BadResponse, match=re.escape(error)):
+        skyapi.ResponseParser().feed(stream)
+
+
+def test_response_reader_refuses_a_connection_closed_mid_answer():
+    parser = skyapi.ResponseParser()
+    assert parser.feed(ANSWER[:-3]) == []
+    with pytest.raises(skyapi.BadResponse, match="closed in the middle of a response"):
+        parser.eof()
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("before, line, what, limit, end", [
+    (b"", b"HTTP/1.1 200 OK\r\nX-Long: ", "response head", 65536, b"\r\n\r\n"),
+    (CHUNKED_HEAD, b"5;name=", "chunk-size line", 1024, b"\r\n"),
+    (CHUNKED_HEAD + b"0\r\n", b"X-Long: ", "trailer line", 65536, b"\r\n"),
+], ids=["head", "chunk-size-line", "trailer"])
+def test_response_reader_refuses_an_oversized_head_or_line(before, line, what, limit, end):
+    skyapi.ResponseParser().feed(before + line + b"1" * (limit - len(line)) + end)  # as long as may be
+    with pytest.raises(skyapi.BadResponse, match=f"{what} over {limit} bytes"):
+        skyapi.ResponseParser().feed(before + line + b"1" * (limit + 1 - len(line)) + end)
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def v2_dir() -> str:
+    return "/client/" + unique_root().rstrip(".")
+
+
+@async_test
+async def test_etcd_client_pipelines_many_requests_on_few_connections(etcd):
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    seen = []
+    client = skyapi.EtcdClient([proxy.url], 5.0, 4, lambda op, outcome, secs: seen.append((op, outcome)))
+    d = v2_dir()
+    answers = await client.request_many("put", [("PUT", f"/v2/keys{d}/k{i}", f"value=v{i}".encode(),
+                                                 FORM) for i in range(300)])
+    assert {code for code, _ in answers} == {201}
+    assert [json.loads(body)["node"]["key"] for _, body in answers] == [f"{d}/k{i}" for i in range(300)]
+    assert seen == [("put", "ok")] * 300
+    answers = await asyncio.gather(*(client.request("get", "GET", f"/v2/keys{d}/k{i}")
+                                     for i in range(100)))
+    assert [json.loads(body)["node"]["value"] for _, body in answers] == [f"v{i}" for i in range(100)]
+    assert proxy.accepted <= 4  # the bound is on connections: requests beyond it are pipelined
+    code, body = await client.request("get", "GET", f"/v2/keys{d}/missing")
+    assert (code, json.loads(body)["errorCode"], seen[-1]) == (404, 100, ("get", "http_404"))
+    assert await client.request_many("get", []) == []
+    client.close()
+    with pytest.raises(skyapi.EtcdUnavailable, match="the client is closed"):
+        await client.request("get", "GET", f"/v2/keys{d}/k0")
+    await wait_until(lambda: not proxy.writers, 2)
+    await proxy.cut()
+
+
+@async_test
+async def test_etcd_client_sends_a_request_lost_with_its_connection_once_more(etcd):
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    client = skyapi.EtcdClient([proxy.url, etcd.url], 5.0, 4)
+    key = f"/v2/keys{v2_dir()}/k"
+    assert (await client.request("put", "PUT", key, b"value=ours", FORM))[0] == 201
+    refresh = b"ttl=60&refresh=true&prevValue=ours"
+    proxy.drop_answers = 1  # etcd applies the refresh, and its answer is lost with the connection
+    code, body = await client.request("refresh", "PUT", key, refresh, FORM)
+    assert (code, json.loads(body)["node"]["ttl"]) == (200, 60)  # sent again: the same outcome
+    assert proxy.accepted == 2 and client.url() == proxy.url
+    proxy.drop_answers = 2  # lost, and lost again on a third connection: the next endpoint answers
+    code, body = await client.request("refresh", "PUT", key, refresh, FORM)
+    assert code == 200 and proxy.accepted == 3 and client.url() == etcd.url
+    client.close()
+    await proxy.cut()
+
+
+@async_test
+async def test_etcd_client_gives_a_silent_endpoint_its_deadline_then_fails_over(etcd):
+    hole = BlackHole()
+    await hole.start()
+    hole_url = f"http://127.0.0.1:{hole.port}"
+    client = skyapi.EtcdClient([hole_url], 0.5, 4)
+    with pytest.raises(skyapi.EtcdUnavailable, match=re.escape(f"{hole_url}: no answer within 0.5 s")):
+        await client.request("health", "GET", "/health")
+    client = skyapi.EtcdClient([hole_url, etcd.url], 0.5, 4)
+    started = time.monotonic()
+    answers = await client.request_many("health", [("GET", "/health")] * 20)
+    assert [code for code, _ in answers] == [200] * 20
+    assert 0.5 <= time.monotonic() - started < 2.5 and client.url() == etcd.url
+    client.close()
+    hole.close()
+
+
+@async_test
+async def test_etcd_unreachable_says_why(caplog):
+    """Issue 15: not 'Stream is closed' but the cause, as the README's log example shows."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    why = f"{dead}: [Errno 111] Connection refused"
+    client = skyapi.EtcdClient([dead], 1.0, 4)
+    with pytest.raises(skyapi.EtcdUnavailable) as request_error:
+        await client.request("health", "GET", "/health")
+    with pytest.raises(skyapi.EtcdUnavailable) as stream_error:
+        async with client.stream("watch", "GET", "/v2/keys/?wait=true"):
+            pass
+    assert str(request_error.value) == str(stream_error.value) == why
+    caplog.set_level("INFO", logger="skyapi")
+    async with running(config([dead])):
+        lines = await wait_until(lambda: outage_lines(caplog, "etcd_outage_began"), 5)
+    assert f'error="{why}"' in lines[0].getMessage()
+
+
+@async_test
+async def test_etcd_client_stream_yields_a_v2_watchs_events_as_they_come(etcd):
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = skyapi.EtcdClient([etcd.url], 2.0, 4)
+    watcher = skyapi.EtcdClient([dead, proxy.url], 2.0, 4)
+    d = v2_dir()
+    # No waitIndex: etcd v2 streams every later event to a watcher it has registered, but
+    # answers a waitIndex still in its history with that one event and then nothing more.
+    async with watcher.stream("watch", "GET", f"/v2/keys{d}?wait=true&recursive=true&stream=true") \
+            as chunks:
+        assert watcher.url() == proxy.url  # past the dead endpoint
+        for i in range(3):
+            assert (await client.request("put", "PUT", f"/v2/keys{d}/b{i}", b"value=2", FORM))[0] == 201
+            event = json.loads(await asyncio.wait_for(anext(chunks), 5))
+            assert (event["action"], event["node"]["key"]) == ("set", f"{d}/b{i}")
+        with pytest.raises(asyncio.TimeoutError):  # a caller may stop waiting, and wait again
+            await asyncio.wait_for(anext(chunks), 0.1)
+        await client.request("delete", "DELETE", f"/v2/keys{d}/b0")
+        assert json.loads(await asyncio.wait_for(anext(chunks), 5))["action"] == "delete"
+        assert proxy.accepted == 1 and proxy.writers  # one connection, open
+    await wait_until(lambda: not proxy.writers, 2)  # closed once the caller left
+    client.close()
+    await proxy.cut()
+
+
+@async_test
+async def test_etcd_client_stream_yields_a_v3_watchs_events_as_they_come(etcd):
+    client = skyapi.EtcdClient([etcd.url], 2.0, 4)
+    prefix = v2_dir() + "/"
+    watch = {"create_request": {"key": b64(prefix), "range_end": b64(prefix[:-1] + "0")}}
+    async with client.stream("watch", "POST", "/v3/watch", json.dumps(watch).encode()) as chunks:
+        assert json.loads(await asyncio.wait_for(anext(chunks), 5))["result"]["created"]
+        put = {"key": b64(prefix + "x"), "value": b64("v")}
+        assert (await client.request("put", "POST", "/v3/kv/put", json.dumps(put).encode()))[0] == 200
+        events = json.loads(await asyncio.wait_for(anext(chunks), 5))["result"]["events"]
+        assert [(unb64(e["kv"]["key"]), unb64(e["kv"]["value"])) for e in events] == [(prefix + "x", "v")]
+        client.close()  # ends the stream too
+        with pytest.raises(skyapi.EtcdUnavailable, match="the client is closed"):
+            await anext(chunks)
+
+
+@async_test
+async def test_etcd_client_stream_is_refused_when_the_v2_watch_index_is_cleared(etcd):
+    client = skyapi.EtcdClient([etcd.url], 2.0, 4)
+    key = f"/v2/keys{v2_dir()}"
+    answers = await client.request_many("put", [("PUT", key + "/k", b"value=1", FORM)] * 1001)
+    first = min(json.loads(body)["node"]["modifiedIndex"] for _, body in answers)
+    with pytest.raises(skyapi.StreamRefused) as refused:
+        async with client.stream("watch", "GET", f"{key}?wait=true&recursive=true&waitIndex={first}"):
+            pass
+    assert refused.value.status == 400
+    assert json.loads(refused.value.body)["errorCode"] == skyapi.V2_EVENT_INDEX_CLEARED
+    client.close()
 
 
 # --- etcd v3: one lease, O(1) keep-alive ------------------------------------------
