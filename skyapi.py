@@ -1660,7 +1660,6 @@ class Op:
     endpoint: tuple[str, int] = ("", 0)  # whose record it is: tells OTHERS from a COLLISION
     old: str = ""  # REPLACE: our value there now
     shared: bool = False  # DELETE: another instance may hold it too: hand it over if one does
-    prune: bool = False  # DELETE: no other record of ours in its directory (v2 prunes it)
 
 
 @dataclasses.dataclass
@@ -1825,7 +1824,7 @@ class EtcdV2:
             self._kept.pop(op.key if op.write is Write.DELETE else self._marker(op), None)
             if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):  # gone; not ours
                 raise self._refused(op.write.value, op.key, doc)
-            return None if op.prune else Outcome(Found.DONE)
+            return Outcome(Found.DONE)
         if code < 300:
             marker = op.write is Write.MARK
             self._keep(self._marker(op) if marker else op.key, op.value, op.key)
@@ -1838,10 +1837,9 @@ class EtcdV2:
         if op.write in (Write.TAKE, Write.CLAIM, Write.REPLACE):
             return await self._write(op)
         if op.write is Write.DELETE and op.shared and not await self._hand_over(op):
-            code, error, doc = await self._request("delete", "DELETE", op.key,
-                                                   {"prevValue": op.value})
-            self._settle(dataclasses.replace(op, prune=False), (code, error, doc))
-        if op.prune or op.write is Write.PRUNE:
+            self._settle(op, await self._request("delete", "DELETE", op.key,
+                                                 {"prevValue": op.value}))
+        if op.write is Write.PRUNE:
             await self._prune(op.key.rsplit("/", 1)[0])
         return Outcome(Found.DONE)
 
@@ -2275,7 +2273,7 @@ class State(enum.Enum):
 
         state    etcd has                        held               not held
         ABSENT   nothing of ours                 TAKE               drop the slot
-        LOST     nothing: ours went              CLAIM              drop; prune if last
+        LOST     nothing: ours went              CLAIM              drop
         STORED   ours, slot.written              REPLACE if the     DELETE, or hand it to
                                                  value changed      another holder
         UNKNOWN  ours or nothing: a request      TAKE               DELETE
@@ -2284,7 +2282,8 @@ class State(enum.Enum):
                  same endpoint
 
     Events: an op's outcome; the watch or a scan saw the key go, change hands, or come
-    back to us; keep-alive found it gone; etcd did not answer or refused."""
+    back to us; keep-alive found it gone; etcd did not answer or refused. The last slot of
+    a directory to be dropped prunes it (v2), unless its record is another instance's."""
     ABSENT = "absent"
     LOST = "lost"
     STORED = "stored"
@@ -2296,7 +2295,7 @@ class Slot:
     """One record (one key) and the sockets of this instance that hold it."""
 
     __slots__ = ("key", "endpoint", "holders", "state", "written", "marker", "shared",
-                 "inflight", "recheck", "waiters", "retry_at")
+                 "inflight", "recheck", "waiters", "retry_at", "answered_at")
 
     def __init__(self, key: str, endpoint: tuple[str, int]):
         self.key = key
@@ -2310,6 +2309,7 @@ class Slot:
         self.recheck = False  # the watch saw it change while an op was in flight
         self.waiters: list[asyncio.Future] = []  # handshakes waiting for it to be in etcd
         self.retry_at = 0.0  # after etcd refused it: not before then
+        self.answered_at = 0.0  # when etcd last answered an op of it (a scan before knows less)
 
     @property
     def value(self) -> str:
@@ -2433,8 +2433,7 @@ class Registry:
                 return op(Write.MARK, value=slot.value)
             return None
         if state in (State.STORED, State.UNKNOWN) and slot not in self._keep:
-            return op(Write.DELETE, value=slot.written, shared=slot.shared,
-                      prune=self.per_dir[slot.directory] == 1)
+            return op(Write.DELETE, value=slot.written, shared=slot.shared)
         return None
 
     def _mark(self, slot: Slot) -> None:
@@ -2452,9 +2451,9 @@ class Registry:
         del self.slots[slot.key]
         self._refused.discard(slot)
         self.per_dir[slot.directory] -= 1
-        if not self.per_dir[slot.directory]:
-            del self.per_dir[slot.directory]
-            if slot.state is State.LOST:  # it went without our delete, which would prune
+        if not self.per_dir[slot.directory]:  # the last of ours in its directory: prune it,
+            del self.per_dir[slot.directory]  # however its record went (deleted, expired...)
+            if slot.state is not State.OTHERS:
                 self._prunes.append(Op(Write.PRUNE, slot.key, ""))
                 self._work.set()
 
@@ -2499,6 +2498,7 @@ class Registry:
                 for slot, _ in batch:
                     if slot is not None:
                         slot.inflight = None
+                        slot.answered_at = time.monotonic()
                         if slot.recheck:
                             slot.recheck = False
                             if slot.state in (State.STORED, State.OTHERS) and slot.holders:
@@ -2608,13 +2608,13 @@ class Registry:
         slot.state, slot.written = State.STORED, value
         self._mark(slot)
 
-    def _compare(self, found: Mapping[str, str]) -> None:
-        """Everything below the root, as a scan found it."""
-        for key, slot in list(self.slots.items()):
-            if key not in found:
-                self._changed(key, None)
-        for key, value in found.items():
-            self._changed(key, value)
+    def _compare(self, found: Mapping[str, str], since: float) -> None:
+        """Everything below the root, as a scan begun at since found it (it knows nothing of
+        what etcd answered since: the watch tells that)."""
+        for key, value in [*((k, None) for k in self.slots if k not in found), *found.items()]:
+            slot = self.slots.get(key)
+            if slot is None or slot.answered_at < since:
+                self._changed(key, value)
 
     async def _watch_loop(self) -> None:
         """Hear of every change below the root; compare everything where the watch could
@@ -2623,7 +2623,8 @@ class Registry:
             async with contextlib.aclosing(self.backend.changes()) as changes:
                 async for batch in changes:
                     if batch is None:
-                        self._compare(await self.backend.scan())
+                        since = time.monotonic()
+                        self._compare(await self.backend.scan(), since)
                         continue
                     for key, value in batch:
                         self._changed(key, value)

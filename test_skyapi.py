@@ -16,6 +16,7 @@ import functools
 import glob
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -2147,6 +2148,53 @@ async def test_client_that_gives_up_during_the_handshake_leaves_nothing(private_
         await wait_until(lambda: not server.registry.slots, cfg.timeout)
         assert await view.records(prefix_of(cfg)) == {}
         assert not server.sockets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [16, 61])
+@async_test
+async def test_v2_sockets_that_end_around_outages_leave_no_empty_directory(private_etcd, seed):
+    """Issue 16's reproduction: 150 sockets over 30 services; five times, etcd stops past the
+    TTL (records expire) while 10 sockets close, comes back while one closes every 40 ms, 40
+    new ones open. At the end every record is gone, and so is every directory below the root:
+    a socket that ended before its lost record was put back must still prune."""
+    import random
+    rng = random.Random(seed)
+    cfg = config([private_etcd.url], 2, timeout=4)
+    view = EtcdView(private_etcd.url, 2)
+    root = skyapi.root_dir(cfg)
+    async with running(cfg) as server:
+        conns: dict[int, object] = {}  # port -> its open socket
+        ports = itertools.count(1)
+
+        async def open_some(n):
+            for _ in range(n):
+                port = next(ports)
+                conns[port] = await connect(server, f"service=svc{port % 30}&port={port}")
+
+        def close_one():
+            conns.pop(rng.choice(list(conns))).close()
+        await open_some(150)
+        for _ in range(5):
+            private_etcd.kill()
+            stopped = time.monotonic()
+            for _ in range(10):
+                close_one()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(cfg.timeout + 1.5 - (time.monotonic() - stopped))
+            private_etcd.start()
+            for _ in range(30):  # 1.2 s
+                close_one()
+                await asyncio.sleep(0.04)
+            await open_some(40)
+            await asyncio.sleep(cfg.timeout)
+        want = {record_of(cfg, f"svc{port % 30}", port) for port in conns}
+        await wait_until(lambda: view.keys_are(cfg, want), cfg.timeout, interval=0.1)
+        for c in conns.values():
+            c.close()
+        await wait_until(lambda: view.dirs(root), 3 * cfg.timeout, interval=0.1,
+                         until=lambda dirs: dirs <= {root})
+        assert await view.records(prefix_of(cfg)) == {}
 
 
 @async_test
