@@ -1352,6 +1352,7 @@ def run_churn(etcd_urls: list[str], version: int, args: argparse.Namespace,
 # ---------------------------------------------------------------------------
 
 HANDOVER_POLL = 0.01  # seconds between record counts (a v2 listing of 10,000 takes longer)
+SETTLE_BOUND = 30     # seconds to wait, after the hand-over, for late records
 
 
 def poller_main(etcd_url: str, version: int, service: str, out_path: str,
@@ -1422,11 +1423,15 @@ def run_handover(etcd_urls: list[str], version: int, n: int, args: argparse.Name
         def all_on_b() -> bool:
             return sum(w.call("status")["reopened"] for w in workers) >= len(opened)
         wait_until(all_on_b, args.storm_timeout, 0.1)
-        time.sleep(1)  # and a second after it is all over
-        counts, poller = poller.stop(), None
+        time.sleep(1)  # a second after A's exit and all on B, every live record must be there
         statuses = [w.call("status", detail=True) for w in workers]
-        handover_figures(r, term, counts, statuses, reader.keys(SERVICE),
-                         b.metrics().get("skyapi_connections_open"))
+        keys, on_b = reader.keys(SERVICE), b.metrics().get("skyapi_connections_open")
+        # To tell late records from lost ones: when (within a bound) they are exactly right.
+        live = {record_key(*spec) for s in statuses for spec in s["specs"]}
+        exact = wait_until(lambda: reader.keys(SERVICE) == live, SETTLE_BOUND, 0.25)
+        r["exact_at_s"] = round(time.monotonic() - term, 3) if exact else None
+        counts, poller = poller.stop(), None
+        handover_figures(r, term, counts, statuses, keys, on_b)
     finally:
         if poller is not None:
             poller.stop()
@@ -1450,6 +1455,7 @@ def handover_figures(r: dict[str, Any], term: float, counts: list[tuple[float, i
         codes.update(s["close_codes"])
     during = [(t, c) for t, c in counts if t >= term and c >= 0]
     below = [(t1 - t0) for (t0, c), (t1, _) in zip(during, during[1:]) if c < len(live)]
+    last_below = max((i for i, (_, c) in enumerate(during) if c < len(live)), default=None)
     times = [t for t, _ in during]
     gaps = [t1 - t0 for t0, t1 in zip(times, times[1:])]
     after = lambda t: round(t - term, 3)  # noqa: E731
@@ -1462,12 +1468,14 @@ def handover_figures(r: dict[str, Any], term: float, counts: list[tuple[float, i
         records_before_term=min((c for t, c in counts if t < term and c >= 0), default=None),
         lowest_records=min((c for _, c in during), default=None),
         lowest_at_s=after(min(during, key=lambda tc: tc[1])[0]) if during else None,
+        records_back_s=(None if last_below is None or last_below + 1 == len(during)
+                        else after(during[last_below + 1][0])),
         below_live_s=round(sum(below), 3),
         counts=len(during), count_failures=sum(1 for t, c in counts if t >= term and c < 0),
         count_gap_ms_mean=round(1000 * sum(gaps) / len(gaps), 1) if gaps else None,
         count_gap_ms_max=round(1000 * max(gaps), 1) if gaps else None,
         records_after=len(keys), missing_after=len(expected - keys), stale_after=len(keys - expected),
-        exact_after=expected == keys and len(expected) == len(live))
+        exact_after=expected == keys)
 
 
 # ---------------------------------------------------------------------------
@@ -1476,7 +1484,7 @@ def handover_figures(r: dict[str, Any], term: float, counts: list[tuple[float, i
 
 
 def skyapi_version() -> str:
-    """skyapi.__version__, or while it has none, the git commit it was measured at."""
+    """skyapi.__version__, or while it has none, the last git commit that changed skyapi.py."""
     version = getattr(skyapi, "__version__", None)
     if version:
         return str(version)
@@ -1485,7 +1493,7 @@ def skyapi_version() -> str:
         return subprocess.run(["git", "-C", HERE, *args], capture_output=True, text=True,
                               check=False).stdout.strip()
     modified = " (skyapi.py modified)" if git("status", "--porcelain", "skyapi.py") else ""
-    return f"commit {git('log', '-1', '--format=%h') or '?'}{modified}"
+    return f"commit {git('log', '-1', '--format=%h', '--', 'skyapi.py') or '?'}{modified}"
 
 
 def describe_machine() -> dict:
@@ -1569,9 +1577,11 @@ TABLE_ROWS: list[tuple[str, Callable[[dict], Any]]] = [
 HANDOVER_ROWS: list[tuple[str, Callable[[dict], Any]]] = [
     ("sockets opened on A / N", lambda r: f"{r['opened']} / {r['n']}"),
     ("records before the SIGTERM", lambda r: r["records_before_term"]),
-    ("lowest record count, SIGTERM to 1 s after the end", lambda r: r["lowest_records"]),
+    ("lowest record count after SIGTERM", lambda r: r["lowest_records"]),
     ("  at (s after SIGTERM)", lambda r: r["lowest_at_s"]),
     ("time below the live clients (s)", lambda r: r["below_live_s"]),
+    ("SIGTERM to the count back at the live clients (s)",
+     lambda r: "never fell" if r["below_live_s"] == 0 else r["records_back_s"] or "not within"),
     ("counts / mean / max gap between them (ms)",
      lambda r: f"{r['counts']} / {fmt(r['count_gap_ms_mean'])} / {fmt(r['count_gap_ms_max'])}"
      + (f" ({r['count_failures']} failed)" if r["count_failures"] else "")),
@@ -1583,9 +1593,11 @@ HANDOVER_ROWS: list[tuple[str, Callable[[dict], Any]]] = [
     ("close codes from A", lambda r: ", ".join(f"{k}: {v}" for k, v in r["close_codes"].items())),
     ("live clients / B's connections_open", lambda r: f"{r['live_clients']} / "
      f"{fmt(r['b_connections_open'])}"),
-    ("records after: exactly the live clients'",
+    ("1 s after both: records exactly the live clients'",
      lambda r: f"{'yes' if r['exact_after'] else 'NO'} ({r['records_after']} records, "
                f"{r['missing_after']} missing, {r['stale_after']} stale)"),
+    ("  if not, exactly theirs at (s after SIGTERM)",
+     lambda r: "-" if r["exact_after"] else r["exact_at_s"] or f"not within {SETTLE_BOUND} s"),
 ]
 
 
