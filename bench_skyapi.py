@@ -510,6 +510,9 @@ class ClientWorker:
 
     async def serve(self) -> None:
         asyncio.get_running_loop().add_reader(self.conn.fileno(), self._on_command)
+        # uvloop (libuv) makes a watched fd non-blocking, and then a reply larger than the
+        # pipe's buffer fails half-sent while the main process is busy elsewhere.
+        os.set_blocking(self.conn.fileno(), True)
         await self.done.wait()
 
     def _on_command(self) -> None:
