@@ -21,9 +21,12 @@ import shutil
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import types
+import urllib.error
 import urllib.parse
+import urllib.request
 from typing import Any, Callable, Sequence
 
 import pytest
@@ -38,7 +41,8 @@ import skyapi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Small timeouts (records live 3 s, pings every second) so lifetimes are seen in seconds.
-FAST = {"timeout": 3, "ping_interval": 1.0, "ping_timeout": 1.0, "etcd_timeout": 1.0}
+FAST = {"timeout": 3, "ping_interval": 1.0, "ping_timeout": 1.0, "etcd_timeout": 1.0,
+        "drain_grace": 0}
 free_port = skyapi.free_port
 _names = itertools.count()
 
@@ -90,7 +94,7 @@ class TestEtcd(skyapi.DevEtcd):
         etcd's own JSON gateway, so cert must be good for client auth too."""
         super().__init__()
         if data_dir is not None:
-            os.rmdir(self.data_dir)
+            self.remove()  # the temporary folder DevEtcd made
             os.makedirs(data_dir, exist_ok=True)
             self.data_dir, self.logfile = data_dir, os.path.join(data_dir, "etcd.log")
         self.owns_dir = data_dir is None
@@ -300,6 +304,57 @@ def certs(tmp_path_factory):
                                          "client_key": client_key_file})
 
 
+class EtcdPoller(threading.Thread):
+    """Counts the records below prefix every interval, from a thread of its own, so that
+    neither the test's event loop nor skyapi's can hide a gap: (time, count) samples."""
+
+    def __init__(self, url: str, version: int, prefix: str, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.url, self.version, self.prefix, self.interval = url, version, prefix, interval
+        self.samples: list[tuple[float, int]] = []
+        self._done = threading.Event()
+
+    def count(self) -> int:
+        if self.version == 2:
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/keys{self.prefix}?recursive=true",
+                                            timeout=5) as r:
+                    stack = [json.load(r)["node"]]
+            except urllib.error.HTTPError as e:
+                if e.code == 404:
+                    return 0
+                raise
+            n = 0
+            while stack:
+                node = stack.pop()
+                stack += node.get("nodes", [])
+                n += not node.get("dir")
+            return n
+        body = json.dumps({"key": b64(self.prefix), "range_end": b64(
+            self.prefix[:-1] + chr(ord(self.prefix[-1]) + 1)), "count_only": True}).encode()
+        with urllib.request.urlopen(self.url + "/v3/kv/range", body, timeout=5) as r:
+            return int(json.load(r).get("count", 0))
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.samples.append((time.monotonic(), self.count()))
+            self._done.wait(self.interval)
+
+    def __enter__(self) -> "EtcdPoller":
+        self.start()
+        while not self.samples:
+            time.sleep(0.001)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self.join(10)
+
+    @property
+    def lowest(self) -> int:
+        return min(n for _, n in self.samples)
+
+
 # --- skyapi ----------------------------------------------------------------------------
 
 
@@ -327,7 +382,7 @@ async def running(cfg):
     try:
         yield server
     finally:
-        await server.stop(grace=2)
+        await server.stop()
 
 
 def process_args(cfg) -> list[str]:
@@ -371,6 +426,25 @@ def provide_process(port: int, *args: str, stderr=subprocess.PIPE) -> subprocess
         [sys.executable, os.path.join(HERE, "skyapi.py"), "provide",
          "--url", f"ws://127.0.0.1:{port}", *args],
         stdout=subprocess.PIPE, stderr=stderr, cwd=HERE)
+
+
+async def healthcheck(*args: str) -> tuple[int, str]:
+    """`skyapi.py healthcheck ARGS` as a child process: its exit code and what it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.join(HERE, "skyapi.py"), "healthcheck", *args,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode, out.decode()
+
+
+async def probe(port: int, path: str) -> tuple[int | None, str]:
+    """GET http://127.0.0.1:port/path: (status, body), or (None, why) when nothing answers."""
+    try:
+        r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}{path}", raise_error=False,
+                                          request_timeout=5)
+    except (OSError, HTTPClientError) as e:  # refused, reset, timed out
+        return None, str(e)
+    return r.code, r.body.decode()
 
 
 async def connect(server, query: str, headers=None):
