@@ -293,21 +293,28 @@ def watcher_main(etcd_url: str, version: int, out_path: str) -> None:
             if index is not None:
                 query += f"&waitIndex={index}"
             try:
-                r = urllib.request.urlopen(f"{etcd_url}/v2/keys{ETCD_PREFIX}{query}", timeout=None)
+                # A second without events and it asks again from where it was: etcd drops a
+                # stream whose reader falls behind, and at times the response never ends.
+                r = urllib.request.urlopen(f"{etcd_url}/v2/keys{ETCD_PREFIX}{query}", timeout=1)
             except urllib.error.HTTPError as e:  # 401: the index left etcd's history
                 emit("gap", str(e.code))
                 index = None
                 continue
+            except OSError:
+                continue
             if index is None:
                 emit("ready", "-")
-            for line in r:
-                event = json.loads(line)
-                node = event.get("node", {})
-                index = int(node.get("modifiedIndex", 0)) + 1
-                if node.get("dir"):
-                    continue
-                gone = event.get("action") in ("delete", "expire", "compareAndDelete")
-                emit("gone" if gone else "put", node["key"])
+            try:
+                for line in r:
+                    event = json.loads(line)
+                    node = event.get("node", {})
+                    index = int(node.get("modifiedIndex", 0)) + 1
+                    if node.get("dir"):
+                        continue
+                    gone = event.get("action") in ("delete", "expire", "compareAndDelete")
+                    emit("gone" if gone else "put", node["key"])
+            except TimeoutError:
+                continue
             emit("reconnect", str(index))
     else:
         body = {"create_request": {"key": _b64(ETCD_PREFIX + "/"),
@@ -1487,16 +1494,17 @@ def handover_figures(r: dict[str, Any], term: float, counts: list[tuple[float, i
 
 
 def skyapi_version() -> str:
-    """skyapi.__version__, or while it has none, the last git commit that changed skyapi.py."""
+    """skyapi.__version__ and, in a git checkout, the last commit that changed skyapi.py (a
+    development version names no one state of the code)."""
     version = getattr(skyapi, "__version__", None)
-    if version:
-        return str(version)
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", HERE, *args], capture_output=True, text=True,
                               check=False).stdout.strip()
-    modified = " (skyapi.py modified)" if git("status", "--porcelain", "skyapi.py") else ""
-    return f"commit {git('log', '-1', '--format=%h', '--', 'skyapi.py') or '?'}{modified}"
+    commit = git("log", "-1", "--format=%h", "--", "skyapi.py")
+    if commit and git("status", "--porcelain", "skyapi.py"):
+        commit += ", skyapi.py modified"
+    return " ".join(filter(None, [version, commit and f"(commit {commit})"])) or "?"
 
 
 def describe_machine() -> dict:
@@ -1757,9 +1765,10 @@ def evaluate_targets(results: list[dict], args: argparse.Namespace) -> list[dict
         mine = [r for r in results if r["kind"] == t.kind and r["version"] in t.versions
                 and (not t.sizes or r["n"] in t.sizes)]
         if mine and not t.stated_for(args):
-            settings = ", ".join(f"{k} {v:g}" for k, v in t.settings)
+            differ = ", ".join(f"{k} {v:g} (here {getattr(args, k):g})" for k, v in t.settings
+                               if getattr(args, k) != v)
             rows.append({"target": t.text, "issue": t.source, "result": "n/a", "scenario": "-",
-                         "value": f"stated for {settings} (--speed)"})
+                         "value": f"stated for --speed's settings: {differ}"})
             continue
         for r in mine:
             try:
