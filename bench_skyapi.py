@@ -1422,7 +1422,6 @@ def run_handover(etcd_urls: list[str], version: int, n: int, args: argparse.Name
         r["opened"] = len(opened)
         r["handshakes_s"] = round(max(opened, default=started) - started, 3)
         wait_until(lambda: reader.count(SERVICE) == len(opened), 60, 0.1)
-        r["records_before"] = reader.count(SERVICE)
         poller = CountPoller(etcd_urls[0], version, SERVICE,
                              os.path.join(workdir, f"counts-{name}.log"), HANDOVER_POLL)
         time.sleep(1)  # a second of counts before the SIGTERM
