@@ -792,75 +792,73 @@ async def _services_are(port, services):
 
 
 @async_test
-async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage():
-    etcd = TestEtcd().start()  # this test's own, to kill
-    try:
-        cfg = config([etcd.url])
-        async with running(cfg) as server:
-            m = await scrape(server.port)
-            assert {name: m["TYPE", name] for name in (
-                "skyapi_connections_open", "skyapi_records", "skyapi_etcd_up")} == dict.fromkeys(
-                ("skyapi_connections_open", "skyapi_records", "skyapi_etcd_up"), "gauge")
-            assert {m["TYPE", name] for name in (  # the parser names a counter without _total
-                "skyapi_refused", "skyapi_dropped_peers", "skyapi_etcd_requests",
-                "skyapi_connections")} == {"counter"}
-            assert m["TYPE", "skyapi_etcd_request_seconds"] == "histogram"
-            assert (sample(m, "skyapi_connections_open"), sample(m, "skyapi_records"),
-                    sample(m, "skyapi_etcd_up")) == (0, 0, 1)
+async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage(private_etcd):
+    etcd = private_etcd  # this test's own, to kill
+    cfg = config([etcd.url])
+    async with running(cfg) as server:
+        m = await scrape(server.port)
+        assert {name: m["TYPE", name] for name in (
+            "skyapi_connections_open", "skyapi_records", "skyapi_etcd_up")} == dict.fromkeys(
+            ("skyapi_connections_open", "skyapi_records", "skyapi_etcd_up"), "gauge")
+        assert {m["TYPE", name] for name in (  # the parser names a counter without _total
+            "skyapi_refused", "skyapi_dropped_peers", "skyapi_etcd_requests",
+            "skyapi_connections")} == {"counter"}
+        assert m["TYPE", "skyapi_etcd_request_seconds"] == "histogram"
+        assert (sample(m, "skyapi_connections_open"), sample(m, "skyapi_records"),
+                sample(m, "skyapi_etcd_up")) == (0, 0, 1)
 
-            conns = [await connect(server, f"service=m&port={p}") for p in (1, 2)]
-            m = await scrape(server.port)
-            assert sample(m, "skyapi_connections_open") == 2 and sample(m, "skyapi_records") == 2
-            assert sample(m, "skyapi_connections_total") == 2
-            puts = sample(m, "skyapi_etcd_requests_total", op="put", outcome="ok")
-            assert puts == 2
-            assert sample(m, "skyapi_etcd_request_seconds_count", op="put") == puts
-            assert sample(m, "skyapi_etcd_request_seconds_bucket", op="put", le="+Inf") == puts
-            assert 0 < sample(m, "skyapi_etcd_request_seconds_sum", op="put") < 2 * cfg.etcd_timeout
+        conns = [await connect(server, f"service=m&port={p}") for p in (1, 2)]
+        m = await scrape(server.port)
+        assert sample(m, "skyapi_connections_open") == 2 and sample(m, "skyapi_records") == 2
+        assert sample(m, "skyapi_connections_total") == 2
+        puts = sample(m, "skyapi_etcd_requests_total", op="put", outcome="ok")
+        assert puts == 2
+        assert sample(m, "skyapi_etcd_request_seconds_count", op="put") == puts
+        assert sample(m, "skyapi_etcd_request_seconds_bucket", op="put", le="+Inf") == puts
+        assert 0 < sample(m, "skyapi_etcd_request_seconds_sum", op="put") < 2 * cfg.etcd_timeout
 
-            await refusal(server, "service=m")  # no port
-            await refusal(server, "service=m&port=0")
-            m = await scrape(server.port)
-            assert sample(m, "skyapi_refused_total", reason="invalid") == 2
-            assert sample(m, "skyapi_connections_open") == 2
+        await refusal(server, "service=m")  # no port
+        await refusal(server, "service=m&port=0")
+        m = await scrape(server.port)
+        assert sample(m, "skyapi_refused_total", reason="invalid") == 2
+        assert sample(m, "skyapi_connections_open") == 2
 
-            conns.pop().close()
-            await wait_until(lambda: scrape(server.port), 2, until=lambda m: (
-                sample(m, "skyapi_connections_open"), sample(m, "skyapi_records")) == (1, 1))
+        conns.pop().close()
+        await wait_until(lambda: scrape(server.port), 2, until=lambda m: (
+            sample(m, "skyapi_connections_open"), sample(m, "skyapi_records")) == (1, 1))
 
-            mute = await mute_peer(server.port, "service=mute&port=3")
-            await wait_until(lambda: scrape(server.port), cfg.ping_interval + cfg.ping_timeout + 2,
-                             until=lambda m: sample(m, "skyapi_dropped_peers_total") == 1)
-            mute.close()
+        mute = await mute_peer(server.port, "service=mute&port=3")
+        await wait_until(lambda: scrape(server.port), cfg.ping_interval + cfg.ping_timeout + 2,
+                         until=lambda m: sample(m, "skyapi_dropped_peers_total") == 1)
+        mute.close()
 
-            etcd.kill()
-            # The registry learns of the outage from a failed request: this socket's put, or
-            # one that came first (a refresh, the mute peer's delete); the put then waits.
-            conns.append(await connect(server, "service=m&port=4"))
-            m = await scrape(server.port)
-            assert sample(m, "skyapi_etcd_up") == 0
-            assert sum(v for k, v in m.items() if k[0] == "skyapi_etcd_requests_total"
-                       and ("outcome", "unavailable") in k[1]) >= 1
-            assert sample(m, "skyapi_connections_open") == 2 and sample(m, "skyapi_records") == 1
-            code, reason = await get(server.port, "/readyz")
-            assert code == 503 and reason.startswith("etcd unreachable: ")
-            assert await get(server.port, "/healthz") == (200, "ok\n")
+        etcd.kill()
+        # The registry learns of the outage from a failed request: this socket's put, or
+        # one that came first (a refresh, the mute peer's delete); the put then waits.
+        conns.append(await connect(server, "service=m&port=4"))
+        m = await scrape(server.port)
+        assert sample(m, "skyapi_etcd_up") == 0
+        assert sum(v for k, v in m.items() if k[0] == "skyapi_etcd_requests_total"
+                   and ("outcome", "unavailable") in k[1]) >= 1
+        assert sample(m, "skyapi_connections_open") == 2 and sample(m, "skyapi_records") == 1
+        code, reason = await get(server.port, "/readyz")
+        assert code == 503 and reason.startswith("etcd unreachable: ")
+        assert await get(server.port, "/healthz") == (200, "ok\n")
 
-            etcd.start()
-            await wait_until(lambda: scrape(server.port), cfg.timeout, until=lambda m: (
-                sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records")) == (1, 2))
-            assert await get(server.port, "/readyz") == (200, "ok\n")
-            m = await scrape(server.port)
-            assert sample(m, "skyapi_etcd_requests_total", op="health", outcome="unavailable") >= 1
-            for c in conns:
-                c.close()
-    finally:
-        etcd.stop()
+        etcd.start()
+        await wait_until(lambda: scrape(server.port), cfg.timeout, until=lambda m: (
+            sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records")) == (1, 2))
+        assert await get(server.port, "/readyz") == (200, "ok\n")
+        m = await scrape(server.port)
+        assert sample(m, "skyapi_etcd_requests_total", op="health", outcome="unavailable") >= 1
+        for c in conns:
+            c.close()
 
 
 @async_test
-async def test_logs_are_one_key_value_line_per_event_and_none_per_refresh(tmp_path):
-    etcd = TestEtcd().start()
+async def test_logs_are_one_key_value_line_per_event_and_none_per_refresh(private_etcd,
+                                                                          tmp_path):
+    etcd = private_etcd
     sky = SkyapiProcess(tmp_path, *process_args(config([etcd.url])), "--log-level", "info")
     port, log, proc = sky.port, sky.log, sky.proc
     url = f"ws://127.0.0.1:{port}/provide?"
@@ -905,7 +903,6 @@ async def test_logs_are_one_key_value_line_per_event_and_none_per_refresh(tmp_pa
         assert began["level"] == ended["level"] == "warn" and float(ended["seconds"]) > 0
     finally:
         sky.kill()
-        etcd.stop()
 
 
 @async_test
@@ -1048,22 +1045,19 @@ async def test_provide_check_tcp_registers_only_while_the_listener_accepts(etcd,
 
 
 @async_test
-async def test_a_handshake_that_completes_during_shutdown_is_closed_going_away():
-    etcd = TestEtcd().start()  # this test's own, to kill
-    try:
-        server = skyapi.Skyapi(config([etcd.url]))
-        await server.start()
-        etcd.kill()  # the handshake now waits etcd_timeout for its record
-        pending = asyncio.ensure_future(connect(server, "service=late&port=1"))
-        await wait_until(lambda: server.registry.slots, 2)
-        await server.stop()
-        conn = await asyncio.wait_for(pending, 5)
-        assert await asyncio.wait_for(conn.read_message(), 5) == "ERROR: server: is shutting down"
-        assert await asyncio.wait_for(conn.read_message(), 5) is None
-        assert (conn.close_code, conn.close_reason) == (1001, "going away")
-        assert not server.sockets
-    finally:
-        etcd.stop()
+async def test_a_handshake_that_completes_during_shutdown_is_closed_going_away(private_etcd):
+    etcd = private_etcd  # this test's own, to kill
+    server = skyapi.Skyapi(config([etcd.url]))
+    await server.start()
+    etcd.kill()  # the handshake now waits etcd_timeout for its record
+    pending = asyncio.ensure_future(connect(server, "service=late&port=1"))
+    await wait_until(lambda: server.registry.slots, 2)
+    await server.stop()
+    conn = await asyncio.wait_for(pending, 5)
+    assert await asyncio.wait_for(conn.read_message(), 5) == "ERROR: server: is shutting down"
+    assert await asyncio.wait_for(conn.read_message(), 5) is None
+    assert (conn.close_code, conn.close_reason) == (1001, "going away")
+    assert not server.sockets
 
 
 class PingCounter(websocket.WebSocketHandler):
