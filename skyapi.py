@@ -160,9 +160,12 @@ def check_host(value: str, peer: str) -> str:
     host = value.strip().lower()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    if "%" in host:  # Python's ipaddress takes '::1%eth0', but DNS cannot carry the zone
+        raise Refusal("host", f"{_shown(value)} has a zone id ('%...'): an address in DNS "
+                              "cannot carry one")
     ip = canonical_ip(host)
     if host == "" or ip is not None and ipaddress.ip_address(ip).is_unspecified:
-        return canonical_ip(peer) or peer
+        return peer_as_host(peer)
     if ip is not None:
         return ip
     name = host[:-1] if host.endswith(".") else host
@@ -171,6 +174,26 @@ def check_host(value: str, peer: str) -> str:
             or labels[-1].isdigit()):
         raise Refusal("host", f"{_shown(value)} is not an IP address or host name")
     return name
+
+
+def check_peer(peer: str) -> str:
+    """The address a request comes from (with xheaders, as the proxy says), canonical. An
+    address no client can have (not an IP, or 0.0.0.0 / ::) means a proxy or a header is
+    wrong: nothing may be registered for it, nor counted against its limits."""
+    ip = canonical_ip(peer)
+    if ip is None or ipaddress.ip_address(ip).is_unspecified:
+        raise Refusal("peer", f"your address {_shown(peer)} is not one a client can have "
+                              "(behind a proxy: its X-Real-IP or X-Forwarded-For)")
+    return ip
+
+
+def peer_as_host(peer: str) -> str:
+    """The peer's own address as the host to register: a link-local peer's zone id
+    ('fe80::1%eth0') means nothing to others, so such a peer must name its host."""
+    if "%" in peer:
+        raise Refusal("host", f"is needed: your address {peer} has a zone id, which an address "
+                              "in DNS cannot carry")
+    return canonical_ip(peer) or peer
 
 
 def split_advertised(addr: str) -> tuple[str, int]:
@@ -214,11 +237,58 @@ class Registration:
         return ".".join([self.service, *self.categories, *root_labels(dns_root)])
 
 
+def go_category_string(categories: Sequence[str]) -> str:
+    """The category as the Go original hashed it: itself, or Go's %#v of the list."""
+    if len(categories) == 1:
+        return categories[0]
+    return "[]string{" + ", ".join(f'"{c}"' for c in categories) + "}"
+
+
+def record_id(reg: Registration) -> str:
+    """The Go original's id, so both write the same key for the same process."""
+    text = f"{reg.service}{go_category_string(reg.categories)}{reg.host}{reg.port}"
+    digest = hashlib.sha1(text.encode()).hexdigest()
+    return f"{reg.prefix}-{digest[:20]}" if reg.prefix else digest
+
+
+def check_dns_name(reg: Registration, dns_root: str, given: Sequence[str]) -> None:
+    """The whole name the record answers under, <id>.<service>.<categories>.<root>, must be
+    one DNS can carry: 253 characters, 63 a label. The labels are checked already but for
+    the id, which is 40 characters, or the prefix and 21 more. given: the parameters the
+    client sent of service, category and prefix; the longest is named as the cause."""
+    rid = record_id(reg)
+    if len(rid) > 63:
+        raise Refusal("prefix", f"{_shown(reg.prefix)} is too long: with '-' and the 20 "
+                                f"characters of the hash, the id label is {len(rid)} "
+                                "characters; DNS allows 63")
+    name = f"{rid}.{reg.dns_name(dns_root)}"
+    if len(name) > 253:
+        parts = {"service": reg.service, "category": ",".join(reg.categories),
+                 "prefix": reg.prefix}
+        param = max(given or ["service"], key=lambda n: len(parts[n]))
+        raise Refusal(param, f"makes the record's DNS name (<id>.<service>.<categories>.<root>) "
+                             f"{len(name)} characters long; DNS allows 253")
+
+
 PROVIDE_PARAMS = ("service", "port", "category", "host", "priority", "weight", "prefix")
+KNOWN_PARAMS = (*PROVIDE_PARAMS, "token")  # token: who the client is (see Access)
+PARAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def check_known_params(names: Iterable[str]) -> None:
+    """A parameter skyapi does not know is a mistake (a typo such as 'categroy' would
+    otherwise register under the default category): refuse it, naming it."""
+    for name in names:
+        if name not in KNOWN_PARAMS:
+            shown = name if PARAM_NAME.fullmatch(name) else _shown(name, 20)
+            raise Refusal(shown, "is not a parameter skyapi knows (it knows "
+                                 f"{', '.join(KNOWN_PARAMS)})")
 
 
 def registration_from_query(query: Mapping[str, list[bytes]], peer: str, cfg: Any) -> Registration:
-    """Check a /provide query string (as Tornado's request.query_arguments) against SPEC §2."""
+    """Check a /provide query string (as Tornado's request.query_arguments) against SPEC §2.
+    peer is the request's checked address (check_peer)."""
+    check_known_params(query)
     given: dict[str, str] = {}
     for name in PROVIDE_PARAMS:
         values = query.get(name, [])
@@ -243,24 +313,8 @@ def registration_from_query(query: Mapping[str, list[bytes]], peer: str, cfg: An
         weight=check_int("weight", given.get("weight", "100"), 0, 65535),
         prefix=check_label("prefix", given["prefix"], v) if given.get("prefix") else "",
     )
-    if len(reg.dns_name(cfg.dns_root)) > 253:
-        raise Refusal("service", "with its categories and the root, the name is longer "
-                                 "than 253 characters")
+    check_dns_name(reg, cfg.dns_root, [n for n in ("service", "category", "prefix") if n in given])
     return reg
-
-
-def go_category_string(categories: Sequence[str]) -> str:
-    """The category as the Go original hashed it: itself, or Go's %#v of the list."""
-    if len(categories) == 1:
-        return categories[0]
-    return "[]string{" + ", ".join(f'"{c}"' for c in categories) + "}"
-
-
-def record_id(reg: Registration) -> str:
-    """The Go original's id, so both write the same key for the same process."""
-    text = f"{reg.service}{go_category_string(reg.categories)}{reg.host}{reg.port}"
-    digest = hashlib.sha1(text.encode()).hexdigest()
-    return f"{reg.prefix}-{digest[:20]}" if reg.prefix else digest
 
 
 def record_key(reg: Registration, etcd_prefix: str, dns_root: str) -> str:
@@ -411,6 +465,7 @@ class Token:
     digest: bytes = dataclasses.field(repr=False)
     services: tuple[str, ...]  # fnmatch patterns the service must match
     categories: tuple[str, ...]  # ... and the comma list of categories, as in the query
+    prefixes: tuple[str, ...]  # ... and the prefix ("" when none is given)
     admin: bool  # may read /services and /metrics
     number: int  # its place in the tokens list (from 1): how logs name it
 
@@ -420,7 +475,7 @@ def token_digest(text: str) -> bytes:
 
 
 TOKEN_SOURCES = ("value", "value_env", "value_file")
-TOKEN_KEYS = (*TOKEN_SOURCES, "services", "categories", "admin")
+TOKEN_KEYS = (*TOKEN_SOURCES, "services", "categories", "prefixes", "admin")
 TOKEN_TEXT = re.compile(r"[!-~]{16,}")  # fits an HTTP header; too long to guess
 
 
@@ -443,7 +498,7 @@ def _tokens(entries: list) -> tuple[Token, ...]:
             raise ValueError(f"entry {n}: a token is at least 16 printable ASCII characters, "
                              "without spaces")
         patterns = {}
-        for key in ("services", "categories"):
+        for key in ("services", "categories", "prefixes"):
             given = entry.get(key, ["*"])
             if not isinstance(given, list) or not all(isinstance(p, str) for p in given):
                 raise ValueError(f"entry {n}: {key} must be a list of patterns such as web-*")
@@ -451,7 +506,7 @@ def _tokens(entries: list) -> tuple[Token, ...]:
         if not isinstance(entry.get("admin", False), bool):
             raise ValueError(f"entry {n}: admin must be true or false")
         token = Token(token_digest(text), patterns["services"], patterns["categories"],
-                      entry.get("admin", False), n)
+                      patterns["prefixes"], entry.get("admin", False), n)
         for other in tokens:
             if other.digest == token.digest:
                 raise ValueError(f"entries {other.number} and {n} have the same token")
@@ -758,16 +813,17 @@ def authenticate(tokens: Sequence[Token], authorization: str | None,
 
 
 def authorize(token: Token | None, reg: Registration) -> None:
-    """A token's patterns: the service must match one, and so must the categories."""
+    """A token's patterns: the service must match one, and so must the categories and the
+    prefix (a pattern "" allows none)."""
     if token is None:
         return
-    if not any(fnmatch.fnmatchcase(reg.service, p) for p in token.services):
-        raise Refusal("service", f"{_shown(reg.service)} is not allowed for this token",
-                      "forbidden")
     category = ",".join(reg.categories)
-    if not any(fnmatch.fnmatchcase(category, p) for p in token.categories):
-        raise Refusal("category", f"{_shown(category)} is not allowed for this token",
-                      "forbidden")
+    for param, value, patterns in [("service", reg.service, token.services),
+                                   ("category", category, token.categories),
+                                   ("prefix", reg.prefix, token.prefixes)]:
+        if not any(fnmatch.fnmatchcase(value, p) for p in patterns):
+            problem = f"{_shown(value)} is not allowed" if value else "must be given"
+            raise Refusal(param, f"{problem} for this token", "forbidden")
 
 
 def check_host_policy(policy: str, reg: Registration, peer: str) -> None:

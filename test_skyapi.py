@@ -163,7 +163,7 @@ def test_query_defaults_and_case():
     reg = parse("service=FoO&port=80&category=Prod,EU&weight=5")
     assert reg == skyapi.Registration("foo", ("prod", "eu"), "192.0.2.7", 80, 1, 5)
     assert parse("service=foo&port=80").categories == ("services",)
-    assert parse("service=foo&port=80&unknown=1&x=%2F").service == "foo"
+    assert parse(f"service=foo&port=80&token={TOKEN}").service == "foo"  # Access reads it
 
 
 @pytest.mark.parametrize("host,expected", [
@@ -210,12 +210,58 @@ def test_ipv6_peer_is_the_default_host():
     ("service=foo&port=80&host=not_a_host!", "host"),
     ("service=foo&port=80&host=1.2.3", "host"),
     ("service=foo&port=80&host=a..b", "host"),
-    ("service=foo&port=80&category=" + ",".join(["c" * 60] * 4), "service"),
+    ("service=foo&port=80&category=" + ",".join(["c" * 60] * 4), "category"),
+    ("service=foo&port=80&category=" + ",".join(["a"] * 100), "category"),  # 257 with the id
+    ("service=foo&port=80&prefix=" + "p" * 43, "prefix"),  # an id label of 64
+    ("service=foo&port=80&host=::1%25eth0", "host"),
+    ("service=foo&port=80&host=%3A%3A1%25%22%7D", "host"),  # ::1%"}
+    ("service=foo&port=80&host=::1%25" + "x" * 1000, "host"),
+    ("service=foo&port=80&host=[fe80::1%25eth0]", "host"),
+    ("service=foo&port=80&categroy=prod", "categroy"),
+    ("service=foo&port=80&Service=bar", "Service"),
+    ("service=foo&port=80&=x", "''"),
 ])
 def test_each_rule_names_its_parameter(query, param):
     with pytest.raises(skyapi.Refusal) as e:
         parse(query)
     assert str(e.value).startswith(param + ":")
+
+
+def test_the_whole_name_with_its_id_fits_in_253_and_every_label_in_63():
+    """<id>.<service>.<categories>.<root>: the id is 40 characters, or prefix-<20 hex>."""
+    assert len(skyapi.record_id(parse("service=foo&port=80&prefix=" + "p" * 42))) == 63
+    categories = ",".join(["a" * 63, "b" * 63, "c" * 63, "ddd"])
+    reg = parse("service=foo&port=80&category=" + categories)
+    assert len(f"{skyapi.record_id(reg)}.{reg.dns_name('skydns.local.')}") == 253
+    with pytest.raises(skyapi.Refusal, match="^category: makes the record's DNS name "
+                                             r"\(<id>.<service>.<categories>.<root>\) 254 "
+                                             "characters long; DNS allows 253$"):
+        parse("service=foo&port=80&category=" + categories + "d")
+    with pytest.raises(skyapi.Refusal, match=r"^prefix: 'p{40}\.\.\.' is too long: .* the id label "
+                                             "is 64 characters; DNS allows 63$"):
+        parse("service=foo&port=80&prefix=" + "p" * 43)
+
+
+def test_zone_ids_unusable_peers_and_unknown_parameters_are_refused():
+    for host in ["::1%eth0", '::1%"}', "::1%" + "x" * 1000, "[fe80::1%eth0]"]:
+        with pytest.raises(skyapi.Refusal, match="^host: .* has a zone id"):
+            parse("service=foo&port=80&host=" + urllib.parse.quote(host))
+    with pytest.raises(skyapi.Refusal, match="^host: is needed: your address fe80::1%eth0 has "
+                                             "a zone id"):
+        parse("service=foo&port=80", peer="fe80::1%eth0")
+    assert parse("service=foo&port=80&host=10.0.0.1", peer="fe80::1%eth0").host == "10.0.0.1"
+    for peer in ["0.0.0.0", "::", "", "unknown", "::ffff:0.0.0.0"]:
+        with pytest.raises(skyapi.Refusal, match="^peer: your address .* is not one a client "
+                                                 "can have"):
+            skyapi.check_peer(peer)
+    assert skyapi.check_peer("::ffff:10.0.0.1") == "10.0.0.1"
+    assert skyapi.check_peer("fe80::1%eth0") == "fe80::1%eth0"  # a peer, not a host to register
+    with pytest.raises(skyapi.Refusal, match="^categroy: is not a parameter skyapi knows "
+                                             r"\(it knows service, port, category, host, "
+                                             r"priority, weight, prefix, token\)$"):
+        parse("service=foo&port=80&categroy=prod")
+    with pytest.raises(skyapi.Refusal, match=r"^'a b=ca b=ca b=ca b=c\.\.\.': is not a parameter"):
+        parse("service=foo&port=80&" + urllib.parse.quote("a b=c" * 10) + "%20=1")
 
 
 def test_underscore_labels_are_fine_for_v3_only():
@@ -1057,6 +1103,29 @@ def test_token_patterns_limit_the_service_and_the_categories():
     skyapi.authorize(None, reg("service=anything&port=1"))  # no tokens: no patterns
 
 
+def test_a_token_may_limit_the_prefix_too():
+    cfg = skyapi.make_config({"tokens": [{"value": TOKEN, "prefixes": ["dc1", "dc2-*"]},
+                                         {"value": ADMIN, "prefixes": ["", "dc1"]}]})
+    dc, optional = cfg.tokens
+
+    def reg(query):
+        return skyapi.registration_from_query(query_args(query), "10.0.0.1", cfg)
+    for token, query in [(dc, "prefix=dc1"), (dc, "prefix=DC2-east"), (optional, ""),
+                         (optional, "prefix=dc1")]:
+        skyapi.authorize(token, reg("service=a&port=1&" + query))
+    for token, query, problem in [
+        (dc, "prefix=dc3", "prefix: 'dc3' is not allowed for this token"),
+        (dc, "", "prefix: must be given for this token"),
+        (optional, "prefix=dc2-x", "prefix: 'dc2-x' is not allowed for this token"),
+    ]:
+        with pytest.raises(skyapi.Refusal) as e:
+            skyapi.authorize(token, reg("service=a&port=1&" + query))
+        assert str(e.value) == problem and e.value.reason == "forbidden"
+    assert tokens_config().tokens[0].prefixes == ("*",)  # by default any prefix, or none
+    with pytest.raises(skyapi.ConfigError, match="^tokens: entry 1: prefixes must be a list"):
+        skyapi.make_config({"tokens": [{"value": TOKEN, "prefixes": "dc1"}]})
+
+
 def test_admit_checks_origin_token_name_policy_and_room_in_that_order():
     cfg = tokens_config(host_policy="peer", allowed_origins=["https://App.example.com"],
                         max_connections=10, max_connections_per_ip=2)
@@ -1086,7 +1155,9 @@ def test_admit_checks_origin_token_name_policy_and_room_in_that_order():
 
 # Property: what a client sends never leaves etcd_prefix/<root>/
 
-QUERY_NAMES = st.sampled_from([*skyapi.PROVIDE_PARAMS, "token", "Service", "x", ""])
+QUERY_NAMES = st.sampled_from(skyapi.KNOWN_PARAMS)
+UNKNOWN_NAMES = st.sampled_from(["Service", "x", "", "categroy"])
+SOMETIMES = st.sampled_from([False] * 7 + [True])  # 1 in 8, about
 NEAR_LABELS = st.text(alphabet="abcxyzABC019_-", min_size=1, max_size=70)
 QUERY_VALUES = st.one_of(
     NEAR_LABELS.map(str.encode),  # often valid: labels, numbers, lists of labels
@@ -1104,11 +1175,12 @@ QUERY_VALUES = st.one_of(
 @st.composite
 def queries(draw) -> dict[str, list[bytes]]:
     """A query as Tornado hands it over: names to lists of values, often almost valid."""
-    query = draw(st.sampled_from([{}, {"service": [b"web"], "port": [b"80"]}]))
+    query = draw(st.sampled_from([{}, *[{"service": [b"web"], "port": [b"80"]}] * 2]))
     once = QUERY_VALUES.map(lambda v: [v])
     extra = draw(st.dictionaries(QUERY_NAMES, st.one_of(once, once, once, st.lists(
         QUERY_VALUES, min_size=2, max_size=3)), max_size=3))
-    return {**query, **extra}
+    unknown = {draw(UNKNOWN_NAMES): [draw(QUERY_VALUES)]} if draw(SOMETIMES) else {}
+    return {**query, **extra, **unknown}
 
 
 def test_no_query_makes_a_key_outside_the_root():
@@ -1123,7 +1195,9 @@ def test_no_query_makes_a_key_outside_the_root():
         try:
             reg = skyapi.registration_from_query(query, "192.0.2.7", cfg)
         except skyapi.Refusal as e:
-            assert e.param in skyapi.PROVIDE_PARAMS and str(e).startswith(e.param + ": ")
+            known = e.param in skyapi.PROVIDE_PARAMS
+            assert known or set(query) - set(skyapi.KNOWN_PARAMS), e  # or an unknown one
+            assert str(e).startswith(e.param + ": ")
             seen["refused"] += 1
             return
         seen["accepted"] += 1
@@ -1132,8 +1206,8 @@ def test_no_query_makes_a_key_outside_the_root():
         *names, record_id = key[len(skyapi.root_dir(cfg)) + 1:].split("/")
         assert names == [*reg.categories[::-1], reg.service]
         assert all(skyapi.LABEL.fullmatch(n) and (version == 3 or n[0] != "_") for n in names)
-        assert re.fullmatch(r"[0-9a-f]{40}|[a-z0-9_-]{1,63}-[0-9a-f]{20}", record_id)
-        assert len(reg.dns_name(cfg.dns_root)) <= 253
+        assert re.fullmatch(r"[0-9a-f]{40}|[a-z0-9_-]{1,42}-[0-9a-f]{20}", record_id)
+        assert len(f"{record_id}.{reg.dns_name(cfg.dns_root)}") <= 253
 
     check()
     assert seen["refused"] > 50 and seen["accepted"] > 50, seen
@@ -1150,6 +1224,8 @@ def query_strings(draw) -> str:
                                   [("service", b"mail"), ("port", b"25"), ("category", b"prod,eu")],
                                   [("service", b"Api_1"), ("port", b"8080"), ("host", b"h.example")]]))
     pairs = pairs + draw(st.lists(st.tuples(QUERY_NAMES, QUERY_VALUES), max_size=2))
+    if draw(SOMETIMES):
+        pairs.append((draw(UNKNOWN_NAMES), draw(QUERY_VALUES)))
     fields = []
     for name, value in draw(st.permutations(pairs)):
         safe = QUERY_SAFE if draw(st.booleans()) else ""
@@ -1325,11 +1401,12 @@ async def test_tokens_and_query_strings_never_reach_the_log(etcd, tmp_path, monk
                         "--tokens", f'{{"value_file": "{secret_file}", "admin": true}}')
     try:
         await sky.started()
-        url = f"ws://127.0.0.1:{sky.port}/provide?service=web&port=80&marker={marker}"
+        url = f"ws://127.0.0.1:{sky.port}/provide?service=web&port=80"
         conns = [await websocket.websocket_connect(HTTPRequest(url, headers=bearer(TOKEN))),
                  await websocket.websocket_connect(f"{url}&token={TOKEN}")]
         for bad in [f"{url}&token={WRONG}", f"{url}&token={TOKEN}&token={TOKEN}",
-                    f"{url.replace('service=web', 'service=db')}&token={TOKEN}"]:
+                    f"{url.replace('service=web', 'service=db')}&token={TOKEN}",
+                    f"{url}&token={TOKEN}&marker={marker}"]:  # an unknown parameter: named only
             conn = await websocket.websocket_connect(bad)
             assert (await conn.read_message()).startswith("ERROR: ")
         http = AsyncHTTPClient()
@@ -1351,7 +1428,8 @@ async def test_tokens_and_query_strings_never_reach_the_log(etcd, tmp_path, monk
         events = tmp_path / "events.log"  # skyapi's own lines (at debug, asyncio adds its own)
         events.write_text("".join(line for line in text.splitlines(True) if " event=" in line))
         assert [e["token"] for e in events_named(events, "connect")] == ["1", "1"]
-        assert len(events_named(events, "refuse")) == 3
+        assert [e["error"].split(":")[0] for e in events_named(events, "refuse")] == [
+            "token", "token", "service", "marker"]
         assert [(e["status"], e["path"]) for e in events_named(events, "http_error")] == [
             ("400", "/provide"), ("404", "/nope"), ("403", "/metrics"), ("401", "/metrics")]
     finally:
