@@ -27,12 +27,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import dataclasses
 import fnmatch
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -69,8 +71,9 @@ from tornado.httpserver import HTTPServer
 log = logging.getLogger("skyapi")
 
 
-def log_event(level: int, event: str, **fields: Any) -> None:
-    """One line per event, as ``event=name key=value ...`` (values quoted when needed)."""
+def log_event(level: int, event: str, exc_info: Any = None, **fields: Any) -> None:
+    """One line per event, as ``event=name key=value ...`` (values quoted when needed);
+    exc_info adds a traceback, for a bug."""
     if log.isEnabledFor(level):
         parts = [f"event={event}"]
         for k, v in fields.items():
@@ -78,7 +81,20 @@ def log_event(level: int, event: str, **fields: Any) -> None:
             if not s or any(c in s for c in ' "=\\') or not s.isprintable():
                 s = json.dumps(s)
             parts.append(f"{k}={s}")
-        log.log(level, " ".join(parts))
+        log.log(level, " ".join(parts), exc_info=exc_info)
+
+
+QUERY_STRING = re.compile(r"(?:\?|%3[Ff])[^\s\"']*")
+
+
+def _without_query_strings(record: logging.LogRecord) -> bool:
+    """Others' lines (Tornado's, asyncio's) may quote a request's URI, and its query string
+    may carry a client's token: cut it out. skyapi's own lines never carry one."""
+    if record.name != log.name:
+        message = record.getMessage()
+        if QUERY_STRING.search(message):
+            record.msg, record.args = QUERY_STRING.sub("?<redacted>", message), ()
+    return True
 
 
 def setup_logging(level: str) -> None:
@@ -88,6 +104,7 @@ def setup_logging(level: str) -> None:
     formatter.converter = time.gmtime
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(_without_query_strings)
     wanted = {"warn": logging.WARNING}.get(level, getattr(logging, level.upper()))
     # Others (Tornado, asyncio) only from warnings up: their debug lines are not key=value.
     logging.basicConfig(handlers=[handler], level=max(wanted, logging.WARNING))
@@ -598,6 +615,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("etcd_password_env", "", str, "environment variable that holds the password"),
     Setting("etcd_password_file", "", str, "file that holds the password", _readable),
     Setting("dev", False, bool, "start a throwaway etcd child (from PATH) and use it"),
+    Setting("request_timeout", 10.0, float, "seconds a connection has to send its whole "
+            "request, and a kept-alive HTTP connection may idle, before it is closed",
+            _at_least(0.1)),
 )
 
 Config = dataclasses.make_dataclass(
@@ -1561,10 +1581,18 @@ class Registry:
 # ---------------------------------------------------------------------------
 # HTTP and websocket handlers
 #
-# /provide turns a socket into a held record: check the query, hold the
-# record, wait (bounded) until etcd has it, release it the moment the socket
-# starts to close. Around it: health, readiness, the registration list and
-# Prometheus metrics. Skyapi ties the pieces into one running server.
+# /provide turns a socket into a held record. prepare() checks the request (a
+# valid upgrade, then admit()), holds the record and waits (bounded) until
+# etcd has it, before Tornado answers: a client whose socket opens is in DNS.
+# A request Tornado then answers itself (400, 403, 426) never held anything,
+# and on_finish() gives back whatever is held by a response that is not a 101;
+# a hang-up, a close frame, a reset, a missed pong or our own close give it
+# back at once. Each count has one owner: Admissions (requests from admission
+# to their end, by peer: what the limits count), OpenSockets (the open ones,
+# pinged from one timer), Metrics (counters), the registry (records). Around
+# /provide: health, readiness, the registration list and Prometheus metrics.
+# No log line carries a query string, where a client's token may be. Skyapi
+# ties the pieces into one running server.
 # ---------------------------------------------------------------------------
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -1575,24 +1603,52 @@ def _sample(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+class Histogram:
+    """A Prometheus histogram: how many observations fell at or below each bound, their sum
+    and their count."""
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, the last one above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def samples(self, labels: str) -> list[tuple[str, float]]:
+        """The _bucket (cumulative), _sum and _count samples, labels as 'op="put"'."""
+        cumulative = list(itertools.accumulate(self.counts))
+        les = [*map(str, self.bounds), "+Inf"]
+        return [*((f'_bucket{{{labels},le="{le}"}}', n) for le, n in zip(les, cumulative)),
+                (f"_sum{{{labels}}}", self.sum), (f"_count{{{labels}}}", cumulative[-1])]
+
+
 class Metrics:
-    """Counters for /metrics; gauges are read from the server when rendered."""
+    """The counters of /metrics, each changed only here; gauges are read from their owners
+    (the open sockets, the registry) when rendered."""
 
     def __init__(self) -> None:
         self.refused: dict[str, int] = {}
         self.dropped_peers = 0
         self.connections_total = 0
         self.etcd_requests: dict[tuple[str, str], int] = {}
-        self.etcd_latency: dict[str, list[float]] = {}  # op -> bucket counts, then sum, count
+        self.etcd_latency: dict[str, Histogram] = {}
+
+    def count_refusal(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def count_connection(self) -> None:
+        self.connections_total += 1
+
+    def count_dropped_peer(self) -> None:
+        self.dropped_peers += 1
 
     def on_etcd_request(self, op: str, outcome: str, seconds: float) -> None:
         self.etcd_requests[op, outcome] = self.etcd_requests.get((op, outcome), 0) + 1
-        h = self.etcd_latency.setdefault(op, [0.0] * (len(LATENCY_BUCKETS) + 2))
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                h[i] += 1
-        h[-2] += seconds
-        h[-1] += 1
+        if op not in self.etcd_latency:
+            self.etcd_latency[op] = Histogram(LATENCY_BUCKETS)
+        self.etcd_latency[op].observe(seconds)
 
     def render(self, server: "Skyapi") -> str:
         out = []
@@ -1616,29 +1672,126 @@ class Metrics:
         family("skyapi_etcd_requests_total", "counter", "etcd requests by operation and outcome.",
                [(f'{{op="{op}",outcome="{o}"}}', n)
                 for (op, o), n in sorted(self.etcd_requests.items())])
-        samples = []
-        for op, h in sorted(self.etcd_latency.items()):
-            samples += [(f'_bucket{{op="{op}",le="{b}"}}', h[i]) for i, b in enumerate(LATENCY_BUCKETS)]
-            samples += [(f'_bucket{{op="{op}",le="+Inf"}}', h[-1]), (f'_sum{{op="{op}"}}', h[-2]),
-                        (f'_count{{op="{op}"}}', h[-1])]
-        family("skyapi_etcd_request_seconds", "histogram", "etcd request latency.", samples)
+        family("skyapi_etcd_request_seconds", "histogram", "etcd request latency.",
+               [s for op, h in sorted(self.etcd_latency.items()) for s in h.samples(f'op="{op}"')])
         return "".join(out)
 
 
-class _ProvideProtocol(websocket.WebSocketProtocol13):
-    """Tornado's protocol with two hooks: the record is written after Tornado's checks of
-    the upgrade request but before the handshake answer, so a client that sees the
-    connection open is in DNS; and the handler hears the moment a close starts (close
-    frame either way, reset, missed pong), not when the stream is torn down (5 s later)."""
+class Admissions:
+    """Requests admitted to hold a registration, from admission (before the handshake) to
+    their end, in all and by peer address: what max_connections and max_connections_per_ip
+    count, so a burst of handshakes cannot slip past them."""
 
-    async def accept_connection(self, handler: Any) -> None:
-        await handler.before_handshake()
-        if not handler.request.connection.stream.closed():
-            await super().accept_connection(handler)
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_peer: dict[str, int] = {}  # no entry at zero
 
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        self.handler.on_closing(code, reason or self.close_reason)
-        super().close(code, reason)
+    def of(self, peer: str) -> int:
+        return self.by_peer.get(peer, 0)
+
+    def add(self, peer: str) -> None:
+        self.total += 1
+        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+
+    def remove(self, peer: str) -> None:
+        self.total -= 1
+        if self.by_peer[peer] == 1:
+            del self.by_peer[peer]
+        else:
+            self.by_peer[peer] -= 1
+
+
+class OpenSockets:
+    """The open websockets, and their pings, from one timer for all of them: a ring of
+    ticks that goes round once per ping_interval, each socket in one tick of it (a new one
+    in the tick just pinged, so its first ping comes an interval after it opened), and the
+    pings awaiting their pong in a queue that is in time order by itself. A socket whose
+    pong is not back ping_timeout after its ping is dropped at the next tick: its record
+    goes within ping_interval + ping_timeout + a tick of the peer vanishing (SPEC §4)."""
+
+    def __init__(self, interval: float, timeout: float, on_missed_pong: Callable[[Any], None]):
+        ticks = max(4, math.ceil(interval / 0.1))  # a tick of at most 0.1 s (or a quarter)
+        self.tick = interval / ticks
+        self.timeout = timeout
+        self._on_missed_pong = on_missed_pong
+        self._ring: list[set] = [set() for _ in range(ticks)]
+        self._now = 0  # the tick of the ring pinged last
+        self._tick_of: dict[Any, int] = {}  # every open socket: its tick
+        self._pong_due: dict[Any, float] = {}  # sockets pinged and not answered: by when
+        self._awaited: deque[tuple[float, Any]] = deque()  # (pong due, socket), oldest first
+
+    def __len__(self) -> int:
+        return len(self._tick_of)
+
+    def __iter__(self) -> Any:
+        return iter(self._tick_of)
+
+    def add(self, handler: Any) -> None:
+        self._tick_of[handler] = self._now
+        self._ring[self._now].add(handler)
+
+    def discard(self, handler: Any) -> None:
+        tick = self._tick_of.pop(handler, None)
+        if tick is not None:
+            self._ring[tick].discard(handler)
+            self._pong_due.pop(handler, None)
+
+    def pong(self, handler: Any) -> None:
+        self._pong_due.pop(handler, None)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        at = loop.time()
+        while True:
+            at += self.tick
+            await asyncio.sleep(at - loop.time())  # late ticks catch up, none is skipped
+            now = loop.time()
+            self._drop_missed(now)  # before pinging: a ping must not hide a missed pong
+            self._now = (self._now + 1) % len(self._ring)
+            for handler in tuple(self._ring[self._now]):
+                self._ping(handler, now)
+
+    def _ping(self, handler: Any, now: float) -> None:
+        if handler in self._pong_due:
+            return  # its last ping is still awaited: that one's deadline stands
+        try:
+            handler.ping()
+        except (websocket.WebSocketClosedError, iostream.StreamClosedError):
+            return  # closing: its on_close follows
+        due = now + self.timeout
+        self._pong_due[handler] = due
+        self._awaited.append((due, handler))
+
+    def _drop_missed(self, now: float) -> None:
+        while self._awaited and self._awaited[0][0] <= now:
+            due, handler = self._awaited.popleft()
+            if self._pong_due.get(handler) == due:
+                del self._pong_due[handler]
+                self._on_missed_pong(handler)
+
+
+def upgrade_problem(method: str, headers: Mapping[str, str]) -> str | None:
+    """Why Tornado will not upgrade this request to a websocket (it answers 400, 403 or 426
+    itself), or None: the checks of Tornado 6.6's WebSocketHandler.get and accept_connection,
+    made first so that nothing is held for a request that never becomes a socket. (Tornado
+    6.5 also upgrades versions 7 and 8, and cross-site requests without an Origin: those
+    then hear ERROR + 1008. Either way nothing is held, and on_finish gives back anything
+    held for a request Tornado answers itself.)"""
+    if method != "GET":
+        return f"{method} is not GET"
+    if headers.get("Upgrade", "").lower() != "websocket":
+        return "needs 'Upgrade: websocket'"
+    if "upgrade" not in [s.strip().lower() for s in headers.get("Connection", "").split(",")]:
+        return "needs 'Connection: Upgrade'"
+    if headers.get("Sec-WebSocket-Version") != "13":
+        return "needs 'Sec-WebSocket-Version: 13'"
+    for name in ("Host", "Sec-WebSocket-Key"):
+        if not headers.get(name):
+            return f"needs a {name} header"
+    site = headers.get("Sec-Fetch-Site")
+    if site not in (None, "same-origin", "none") and not headers.get("Origin"):
+        return "a cross-site request needs an Origin header"
+    return None
 
 
 # Refusals a client may retry, elsewhere or later: the close code and reason that say so.
@@ -1650,76 +1803,107 @@ NOT_THE_REQUESTS_FAULT = {
 }
 
 
-class ProvideHandler(websocket.WebSocketHandler):
+def _retrieve(future: asyncio.Future) -> None:
+    """A write to a client that has gone: its StreamClosedError is no error worth a traceback."""
+    if not future.cancelled():
+        future.exception()
+
+
+class _QuietHandler:
+    """Tornado's own error lines quote the request's URI, where a client's token may be:
+    an error the client caused (an HTTPError) is logged by log_request, path only; anything
+    else is a bug, logged with its traceback but not the URI."""
+
+    request: httputil.HTTPServerRequest
+
+    def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
+        if not isinstance(value, web.HTTPError):
+            log_event(logging.ERROR, "handler_failed", path=self.request.path,
+                      error=f"{typ.__name__}: {value}", exc_info=(typ, value, tb))
+
+
+class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
     def initialize(self, server: "Skyapi") -> None:
         self.server = server
-        self.slot: Slot | None = None
         self.reg: Registration | None = None
-        self.refusal: Refusal | None = None
-        self.etcd_error: str | None = None
-        self.since = 0.0
         self.token: Token | None = None
-        self.peer = ""  # the canonical address, counted against max_connections_per_ip
-
-    def get_websocket_protocol(self) -> websocket.WebSocketProtocol | None:
-        protocol = super().get_websocket_protocol()
-        if protocol is not None:
-            protocol.__class__ = _ProvideProtocol
-        return protocol
+        self.refusal: Refusal | None = None  # said after the handshake, where the client reads it
+        self.etcd_error: str | None = None
+        self.peer = ""  # the checked address, counted in Admissions while anything is held
+        self.slot: Slot | None = None  # held from admission to the end, whatever ends it
+        self._waiting: asyncio.Future | None = None  # for etcd to store it, in the handshake
+        self.since = 0.0
+        self.opened = False
 
     def check_origin(self, origin: str) -> bool:
         # Tornado would answer a foreign origin with a bare 403; admit() refuses it with
         # ERROR + 1008 like any other refusal, saying why.
         return True
 
-    async def before_handshake(self) -> None:
-        """Check the request and hold its record; wait (bounded) until etcd has it. While
-        etcd is down the wait ends at etcd_timeout and the record follows when etcd is back."""
-        server, cfg, registry = self.server, self.server.cfg, self.server.registry
-        peer = self.request.remote_ip or ""  # with xheaders, as the proxy says
-        peer = canonical_ip(peer) or peer
+    async def prepare(self) -> None:
+        """Check the request and hold its record before Tornado answers it."""
+        server = self.server
         try:
-            if registry.closing:
+            problem = upgrade_problem(self.request.method or "", self.request.headers)
+            if problem:  # Tornado answers it (400, 403, 426): nothing is held
+                raise Refusal("upgrade", problem)
+            if server.registry.closing:
                 raise Refusal("server", "is shutting down", "shutting_down")
-            self.reg, self.token = admit(cfg, self.request.query_arguments, self.request.headers,
-                                         peer, server.held, server.held_by_peer.get(peer, 0))
+            peer = check_peer(self.request.remote_ip or "")  # with xheaders, as the proxy says
+            self.reg, self.token = admit(server.cfg, self.request.query_arguments,
+                                         self.request.headers, peer, server.admissions.total,
+                                         server.admissions.of(peer))
         except Refusal as e:
-            self.refusal = e  # said after the handshake, where the client can read it
+            self.refusal = e
             return
+        await self._hold(peer)
+
+    async def _hold(self, peer: str) -> None:
+        """Hold the record and wait (bounded) until etcd has it, so a client whose socket
+        opens is in DNS. While etcd is down the wait ends at etcd_timeout and the record
+        follows when etcd is back."""
+        server, cfg, registry = self.server, self.server.cfg, self.server.registry
+        assert self.reg is not None
         self.peer = peer
-        server.count_peer(peer, 1)  # until on_closing, which releases the slot held next
+        server.admissions.add(peer)
         key = record_key(self.reg, cfg.etcd_prefix, cfg.dns_root)
-        self.slot = registry.hold(key, record_value(self.reg, cfg.dns_ttl, self.server.owner))
+        self.slot = registry.hold(key, record_value(self.reg, cfg.dns_ttl, server.owner))
         self.since = time.time()
-        self.etcd_error = await registry.wait_stored(self.slot, cfg.etcd_timeout)
+        self._waiting = asyncio.ensure_future(registry.wait_stored(self.slot, cfg.etcd_timeout))
+        await asyncio.wait([self._waiting])  # or until _end cancels it: a hang-up
+        if self.slot is None:  # the client hung up meanwhile, and on_close gave it all back
+            raise web.Finish()  # nothing to answer: no upgrade, no open()
+        error = self._waiting.result()
+        if registry.closing:  # stop() began during the wait: this socket goes with the rest
+            self.refusal = Refusal("server", "is shutting down", "shutting_down")
+        elif error:
+            self.etcd_error = error
+        else:
+            return
+        self._give_back()  # open() refuses it, and says so
 
     def open(self) -> None:
-        if self.refusal is None and self.server.registry.closing:
-            # stop() began during the handshake and has deleted every record: go with the rest.
-            self.slot = None
-            self.refusal = Refusal("server", "is shutting down", "shutting_down")
         if self.refusal is not None:
             e = self.refusal
             if e.reason in NOT_THE_REQUESTS_FAULT:
                 return self._refuse(str(e), e.reason, *NOT_THE_REQUESTS_FAULT[e.reason])
-            return self._refuse(str(e), e.reason, 1008, f"invalid {e.param}"[:100])
-        if self.slot is None:
-            return  # closed during the handshake
+            return self._refuse(str(e), e.reason, 1008, f"invalid {e.param}")
         if self.etcd_error:
             return self._refuse(f"etcd refused the record: {self.etcd_error}", "etcd_refused",
                                 1011, "etcd refused the record")
+        assert self.slot is not None
+        self.opened = True
         self.server.sockets.add(self)
-        self.server.metrics.connections_total += 1
+        self.server.metrics.count_connection()
         log_event(logging.INFO, "connect", key=self.slot.key, peer=self.request.remote_ip,
                   stored=bool(self.slot.stored),
                   **({"token": self.token.number} if self.token else {}))
 
     def _refuse(self, message: str, reason: str, code: int, close_reason: str) -> None:
-        metrics = self.server.metrics
-        metrics.refused[reason] = metrics.refused.get(reason, 0) + 1
+        self.server.metrics.count_refusal(reason)
         log_event(logging.INFO, "refuse", peer=self.request.remote_ip, reason=reason, error=message)
         try:
-            self.write_message("ERROR: " + message)
+            self.write_message("ERROR: " + message).add_done_callback(_retrieve)
         except websocket.WebSocketClosedError:
             pass
         self.close(code, close_reason)
@@ -1727,21 +1911,41 @@ class ProvideHandler(websocket.WebSocketHandler):
     def on_message(self, message: str | bytes) -> None:
         pass  # clients never need to send; oversized messages are closed by Tornado (1009)
 
-    def on_closing(self, code: int | None, reason: str | None) -> None:
-        slot, self.slot = self.slot, None
-        if slot is None:
-            return
-        self.server.registry.release(slot)
-        self.server.count_peer(self.peer, -1)
-        self.server.sockets.discard(self)
-        if reason == "ping timed out":
-            self.server.metrics.dropped_peers += 1
-        log_event(logging.INFO, "disconnect", key=slot.key, peer=self.request.remote_ip,
-                  seconds=round(time.time() - self.since, 3), code=code or "",
-                  reason=reason or "")
+    def on_pong(self, data: bytes) -> None:
+        self.server.sockets.pong(self)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Our close (a refusal, a missed pong, stop()): the record goes now, not when the
+        client answers the close frame (Tornado waits up to 5 s for that)."""
+        self._end(code, reason)
+        super().close(code, reason)
 
     def on_close(self) -> None:
-        self.on_closing(self.close_code, self.close_reason)
+        """The connection ended: a close frame, a reset, or a hang-up before the upgrade."""
+        self._end(self.close_code, self.close_reason if self.opened else "hung up in the handshake")
+
+    def on_finish(self) -> None:
+        if self.get_status() != 101:  # Tornado answered the request itself: it never opened
+            self._end(None, "not upgraded")
+
+    def _end(self, code: int | None, reason: str | None) -> None:
+        slot = self._give_back()
+        if slot is not None:
+            log_event(logging.INFO, "disconnect", key=slot.key, peer=self.request.remote_ip,
+                      seconds=round(time.time() - self.since, 3), code=code or "",
+                      reason=reason or "")
+
+    def _give_back(self) -> Slot | None:
+        """Give back what this request holds, once: its record, its admission, its place
+        among the open sockets. The slot it held, if any."""
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            if self._waiting is not None:
+                self._waiting.cancel()  # a hang-up in the handshake: stop waiting for etcd
+            self.server.registry.release(slot)
+            self.server.admissions.remove(self.peer)
+            self.server.sockets.discard(self)
+        return slot
 
     def describe(self) -> dict:
         reg = self.reg
@@ -1752,7 +1956,7 @@ class ProvideHandler(websocket.WebSocketHandler):
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))}
 
 
-class _ServerHandler(web.RequestHandler):
+class _ServerHandler(_QuietHandler, web.RequestHandler):
     def initialize(self, server: "Skyapi") -> None:
         self.server = server
 
@@ -1777,13 +1981,24 @@ class _AdminHandler(_ServerHandler):
             self.finish("token: is not an admin token\n")
 
 
+class NotFoundHandler(_ServerHandler):
+    """Every other path: 404, logged without the path, which is the client's text."""
+
+    def prepare(self) -> None:
+        raise web.HTTPError(404)
+
+
 def log_request(handler: web.RequestHandler) -> None:
     """Tornado's access log, without the query string, where a client's token may be:
-    failed requests only (skyapi logs its own events, not one line per health check)."""
+    failed requests only (skyapi logs its own events, not one line per health check). The
+    path is one of skyapi's routes, or 'unknown'; the method one of HTTP's, or 'other'."""
     status = handler.get_status()
     if status >= 400:
+        method = handler.request.method
         log_event(logging.WARNING if status < 500 else logging.ERROR, "http_error",
-                  status=status, method=handler.request.method, path=handler.request.path,
+                  status=status,
+                  method=method if method in web.RequestHandler.SUPPORTED_METHODS else "other",
+                  path="unknown" if isinstance(handler, NotFoundHandler) else handler.request.path,
                   peer=handler.request.remote_ip)
 
 
@@ -1824,37 +2039,39 @@ class Skyapi:
         self.owner = instance_name()
         self.metrics = Metrics()
         self.registry = Registry(make_backend(cfg, self.metrics.on_etcd_request), cfg)
-        self.sockets: set[ProvideHandler] = set()
-        self.held = 0  # registrations held, from admission (before the handshake) to close
-        self.held_by_peer: dict[str, int] = {}  # the same by peer address; no entry at zero
+        self.admissions = Admissions()
+        self.sockets = OpenSockets(cfg.ping_interval, cfg.ping_timeout, self._drop)
         self.port = 0
         self._http: HTTPServer | None = None
+        self._pinging: asyncio.Task | None = None
 
-    def count_peer(self, peer: str, delta: int) -> None:
-        self.held += delta
-        n = self.held_by_peer.get(peer, 0) + delta
-        if n:
-            self.held_by_peer[peer] = n
-        else:
-            del self.held_by_peer[peer]
+    def _drop(self, handler: ProvideHandler) -> None:
+        """A peer that missed its pong has vanished (power loss, partition): drop it now."""
+        self.metrics.count_dropped_peer()
+        handler.close(None, "ping timed out")
 
     def application(self) -> web.Application:
         kw = {"server": self}
+        # No websocket_ping_interval: OpenSockets pings every socket from one timer.
         return web.Application(
             [("/provide", ProvideHandler, kw), ("/healthz", HealthHandler, kw),
              ("/readyz", ReadyHandler, kw), ("/services", ServicesHandler, kw),
              ("/metrics", MetricsHandler, kw)],
-            websocket_ping_interval=self.cfg.ping_interval,
-            websocket_ping_timeout=self.cfg.ping_timeout,
+            default_handler_class=NotFoundHandler, default_handler_args=kw,
             websocket_max_message_size=4096, log_function=log_request)
 
     async def start(self) -> None:
         host, port = split_host_port(self.cfg.listen_addr)
         sockets = netutil.bind_sockets(port, host or None, backlog=4096)
         self.port = sockets[0].getsockname()[1]
+        # A connection has request_timeout to send its request head (idle kept-alive ones
+        # too: the wait for the next request is the same read) and as much for a body.
         self._http = HTTPServer(self.application(), xheaders=self.cfg.xheaders,
-                                ssl_options=server_ssl_context(self.cfg))
+                                ssl_options=server_ssl_context(self.cfg),
+                                idle_connection_timeout=self.cfg.request_timeout,
+                                body_timeout=self.cfg.request_timeout)
         self._http.add_sockets(sockets)
+        self._pinging = asyncio.ensure_future(self.sockets.run())
         await self.registry.start()
         if self.cfg.self_register:
             await self._register_self()
@@ -1864,6 +2081,9 @@ class Skyapi:
         if not self.cfg.tokens:
             log_event(logging.WARNING, "no_tokens", risk="anyone who reaches skyapi may "
                       "register any name at any address: configure tokens")
+        elif not any(t.admin for t in self.cfg.tokens):
+            log_event(logging.WARNING, "no_admin_token", risk="/services and /metrics answer "
+                      "anyone: mark a token admin: true to limit them")
 
     async def _register_self(self) -> None:
         """Held like a client's record, for as long as this process serves (SPEC-style SRV:
@@ -1887,6 +2107,8 @@ class Skyapi:
         await self.registry.shutdown(deadline)
         for handler in held:
             handler.close(1001, "going away")
+        if self._pinging is not None:
+            self._pinging.cancel()
         await asyncio.sleep(0.05)  # let the close frames reach the wire
         log_event(logging.INFO, "stopped")
 
