@@ -23,6 +23,7 @@ import posixpath
 import re
 import shutil
 import signal
+import socket
 import ssl
 import struct
 import subprocess
@@ -1324,6 +1325,117 @@ def test_any_query_string_is_refused_cleanly_or_registered_inside_the_root(priva
 
 async def _settled(server, view):
     return not server.registry.slots and not await every_key(view)
+
+
+# Property: only open sockets hold anything, whatever clients do
+
+REFUSED_UPGRADES = [{"Sec_WebSocket_Key": None}, {"Sec_WebSocket_Version": "8"},
+                    {"Connection": "keep-alive"}, {"method": "POST"},
+                    {"Sec_Fetch_Site": "cross-site"}, {"Host": None}]
+CLIENT_STEPS = st.lists(st.tuples(
+    st.sampled_from(["open", "open", "close", "reset", "refused_upgrade", "hang_up"]),
+    st.integers(1, 4),  # the port: a small space, so identities repeat (duplicates)
+    st.integers(0, 2)),  # which of three peers
+    min_size=1, max_size=20)
+
+
+def reset(conn) -> None:
+    """Tear a client's TCP connection down with a reset (RST), not a close."""
+    sock = conn.protocol.stream.socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.protocol.stream.close()
+
+
+@pytest.mark.slow
+def test_any_sequence_of_client_actions_leaves_exactly_the_open_sockets_counted(etcd, version):
+    """Against a live server and a real etcd: clients open (admitted or refused by the
+    limits), close, reset, send upgrades Tornado refuses (their connections kept alive) and
+    hang up mid-handshake, from three peers, in any order. After every step the limits
+    count exactly the open sockets, so each open is admitted or refused as predicted; after
+    the sequence etcd holds exactly their records and /metrics says so; once they close,
+    every count is back to zero and etcd is empty."""
+    loop = asyncio.new_event_loop()
+    cfg = config([etcd.url], version, xheaders=True, max_connections=6, max_connections_per_ip=3)
+    server = skyapi.Skyapi(cfg)
+    loop.run_until_complete(server.start())
+    view = EtcdView(etcd.url, version)
+    peers = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    seen = collections.Counter()
+
+    def key(peer: str, port: int) -> str:
+        reg = skyapi.Registration("prop", ("services",), peer, port)
+        return skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+
+    def counts_are(opened) -> bool:
+        return (server.admissions.by_peer == collections.Counter(p for p, _, _ in opened)
+                and len(server.sockets) == len(opened))
+
+    async def run(steps) -> None:
+        opened: list = []  # (peer, port, connection) of the open sockets
+        kept = []  # connections of refused upgrades, kept alive
+        refused = collections.Counter()
+        refused_before = collections.Counter(server.metrics.refused)
+        try:
+            for action, port, p in steps:
+                peer, query = peers[p], f"service=prop&port={port}"
+                room = (len(opened) < cfg.max_connections and
+                        sum(o[0] == peer for o in opened) < cfg.max_connections_per_ip)
+                if action == "open":
+                    conn = await connect(server, query, {"X-Real-IP": peer})
+                    if room:
+                        opened.append((peer, port, conn))
+                    else:
+                        reason = ("max_connections" if len(opened) == cfg.max_connections
+                                  else "max_connections_per_ip")
+                        message = await asyncio.wait_for(conn.read_message(), 5)
+                        assert message.startswith(f"ERROR: {reason}: "), message
+                        refused[reason] += 1
+                elif action in ("close", "reset") and opened:
+                    _, _, conn = opened.pop(port % len(opened))
+                    conn.close() if action == "close" else reset(conn)
+                elif action == "refused_upgrade":
+                    variant = REFUSED_UPGRADES[(port + p) % len(REFUSED_UPGRADES)]
+                    reader, writer = await raw_request(server.port, upgrade_request(
+                        query, X_Real_IP=peer, **variant))
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    assert head.split()[1] in (b"400", b"403", b"405", b"426"), head
+                    kept.append(writer)
+                elif action == "hang_up" and room:  # once held: in the handshake, or just after
+                    _, writer = await raw_request(server.port, upgrade_request(
+                        query, X_Real_IP=peer))
+                    held = sum(o[0] == peer for o in opened) + 1
+                    await wait_until(lambda: server.admissions.of(peer) == held, 5)
+                    writer.transport.abort()
+                seen[action] += 1
+                await wait_until(lambda: counts_are(opened), 5)
+            want = {key(peer, port) for peer, port, _ in opened}
+            await wait_until(lambda: view.keys_are(cfg, want), 5)
+            # (a slot stays until etcd's answer to its delete is in: a moment after etcd)
+            await wait_until(lambda: set(server.registry.slots) == want, 2)
+            m = await scrape(server.port)
+            assert (sample(m, "skyapi_connections_open"), sample(m, "skyapi_records")) == (
+                len(opened), len(want))
+            assert collections.Counter(server.metrics.refused) - refused_before == refused
+        finally:
+            for _, _, conn in opened:
+                conn.close()
+            for writer in kept:
+                writer.close()
+        await wait_until(lambda: counts_are([]) and not server.registry.slots, 5)
+        await wait_until(lambda: view.empty(cfg), 5)
+
+    try:
+        @hypothesis.settings(max_examples=60, deadline=None, database=None,
+                             suppress_health_check=[hypothesis.HealthCheck.too_slow])
+        @hypothesis.given(steps=CLIENT_STEPS)
+        def check(steps):
+            loop.run_until_complete(asyncio.wait_for(run(steps), 60))
+        check()
+        assert all(seen[a] >= 10 for a in ("open", "close", "reset", "refused_upgrade",
+                                           "hang_up")), seen
+    finally:
+        loop.run_until_complete(server.stop(grace=2))
+        loop.close()
 
 
 # Tokens, live
