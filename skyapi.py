@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import contextlib
 import ctypes
@@ -43,8 +44,10 @@ import hashlib
 import hmac
 import http.client
 import ipaddress
+import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -67,7 +70,7 @@ from typing import (Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, N
                     NoReturn, Protocol, Sequence)
 
 import yaml
-from tornado import iostream, netutil, web, websocket
+from tornado import httputil, iostream, netutil, web, websocket
 from tornado.httpclient import HTTPRequest
 from tornado.httpserver import HTTPServer
 
@@ -83,8 +86,9 @@ __version__ = "1.0.0.dev0"  # skyapi.py --version
 log = logging.getLogger("skyapi")
 
 
-def log_event(level: int, event: str, **fields: Any) -> None:
-    """One line per event, as ``event=name key=value ...`` (values quoted when needed)."""
+def log_event(level: int, event: str, exc_info: Any = None, **fields: Any) -> None:
+    """One line per event, as ``event=name key=value ...`` (values quoted when needed);
+    exc_info adds a traceback, for a bug."""
     if log.isEnabledFor(level):
         parts = [f"event={event}"]
         for k, v in fields.items():
@@ -92,7 +96,20 @@ def log_event(level: int, event: str, **fields: Any) -> None:
             if not s or any(c in s for c in ' "=\\') or not s.isprintable():
                 s = json.dumps(s)
             parts.append(f"{k}={s}")
-        log.log(level, " ".join(parts))
+        log.log(level, " ".join(parts), exc_info=exc_info)
+
+
+QUERY_STRING = re.compile(r"(?:\?|%3[Ff])[^\s\"']*")
+
+
+def _without_query_strings(record: logging.LogRecord) -> bool:
+    """Others' lines (Tornado's, asyncio's) may quote a request's URI, and its query string
+    may carry a client's token: cut it out. skyapi's own lines never carry one."""
+    if record.name != log.name:
+        message = record.getMessage()
+        if QUERY_STRING.search(message):
+            record.msg, record.args = QUERY_STRING.sub("?<redacted>", message), ()
+    return True
 
 
 def setup_logging(level: str) -> None:
@@ -102,6 +119,7 @@ def setup_logging(level: str) -> None:
     formatter.converter = time.gmtime
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(_without_query_strings)
     wanted = {"warn": logging.WARNING}.get(level, getattr(logging, level.upper()))
     # Others (Tornado, asyncio) only from warnings up: their debug lines are not key=value.
     logging.basicConfig(handlers=[handler], level=max(wanted, logging.WARNING))
@@ -174,9 +192,12 @@ def check_host(value: str, peer: str) -> str:
     host = value.strip().lower()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    if "%" in host:  # Python's ipaddress takes '::1%eth0', but DNS cannot carry the zone
+        raise Refusal("host", f"{_shown(value)} has a zone id ('%...'): an address in DNS "
+                              "cannot carry one")
     ip = canonical_ip(host)
     if host == "" or ip is not None and ipaddress.ip_address(ip).is_unspecified:
-        return canonical_ip(peer) or peer
+        return peer_as_host(peer)
     if ip is not None:
         return ip
     name = host[:-1] if host.endswith(".") else host
@@ -185,6 +206,26 @@ def check_host(value: str, peer: str) -> str:
             or labels[-1].isdigit()):
         raise Refusal("host", f"{_shown(value)} is not an IP address or host name")
     return name
+
+
+def check_peer(peer: str) -> str:
+    """The address a request comes from (with xheaders, as the proxy says), canonical. An
+    address no client can have (not an IP, or 0.0.0.0 / ::) means a proxy or a header is
+    wrong: nothing may be registered for it, nor counted against its limits."""
+    ip = canonical_ip(peer)
+    if ip is None or ipaddress.ip_address(ip).is_unspecified:
+        raise Refusal("peer", f"your address {_shown(peer)} is not one a client can have "
+                              "(behind a proxy: its X-Real-IP or X-Forwarded-For)")
+    return ip
+
+
+def peer_as_host(peer: str) -> str:
+    """The peer's own address as the host to register: a link-local peer's zone id
+    ('fe80::1%eth0') means nothing to others, so such a peer must name its host."""
+    if "%" in peer:
+        raise Refusal("host", f"is needed: your address {peer} has a zone id, which an address "
+                              "in DNS cannot carry")
+    return canonical_ip(peer) or peer
 
 
 def split_advertised(addr: str) -> tuple[str, int]:
@@ -228,12 +269,63 @@ class Registration:
         return ".".join([self.service, *self.categories, *root_labels(dns_root)])
 
 
+def go_category_string(categories: Sequence[str]) -> str:
+    """The category as the Go original hashed it: itself, or Go's %#v of the list."""
+    if len(categories) == 1:
+        return categories[0]
+    return "[]string{" + ", ".join(f'"{c}"' for c in categories) + "}"
+
+
+def record_id(reg: Registration, collision_free: bool = False) -> str:
+    """The Go original's id, so both write the same key for the same process. Its hashed
+    text has no separators, so two endpoints can share it (127.0.0.1 port 11 and 127.0.0.11
+    port 1): the one that finds its Go id held by another endpoint takes the collision-free
+    id instead, the same hash with separators, of the same length and shape."""
+    parts = [reg.service, go_category_string(reg.categories), reg.host, str(reg.port)]
+    text = "\0".join(parts) if collision_free else "".join(parts)
+    digest = hashlib.sha1(text.encode()).hexdigest()
+    return f"{reg.prefix}-{digest[:20]}" if reg.prefix else digest
+
+
+def check_dns_name(reg: Registration, dns_root: str, given: Sequence[str]) -> None:
+    """The whole name the record answers under, <id>.<service>.<categories>.<root>, must be
+    one DNS can carry: 253 characters, 63 a label. The labels are checked already but for
+    the id, which is 40 characters, or the prefix and 21 more. given: the parameters the
+    client sent of service, category and prefix; the longest is named as the cause."""
+    rid = record_id(reg)
+    if len(rid) > 63:
+        raise Refusal("prefix", f"{_shown(reg.prefix)} is too long: with '-' and the 20 "
+                                f"characters of the hash, the id label is {len(rid)} "
+                                "characters; DNS allows 63")
+    name = f"{rid}.{reg.dns_name(dns_root)}"
+    if len(name) > 253:
+        parts = {"service": reg.service, "category": ",".join(reg.categories),
+                 "prefix": reg.prefix}
+        param = max(given or ["service"], key=lambda n: len(parts[n]))
+        raise Refusal(param, f"makes the record's DNS name (<id>.<service>.<categories>.<root>) "
+                             f"{len(name)} characters long; DNS allows 253")
+
+
 PROVIDE_PARAMS = ("service", "port", "category", "host", "priority", "weight", "prefix")
+KNOWN_PARAMS = (*PROVIDE_PARAMS, "token")  # token: who the client is (see Access)
+PARAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def check_known_params(names: Iterable[str]) -> None:
+    """A parameter skyapi does not know is a mistake (a typo such as 'categroy' would
+    otherwise register under the default category): refuse it, naming it."""
+    for name in names:
+        if name not in KNOWN_PARAMS:
+            shown = name if PARAM_NAME.fullmatch(name) else _shown(name, 20)
+            raise Refusal(shown, "is not a parameter skyapi knows (it knows "
+                                 f"{', '.join(KNOWN_PARAMS)})")
 
 
 def registration_from_query(query: Mapping[str, list[bytes]], peer: str,
                             cfg: Config) -> Registration:
-    """Check a /provide query string (as Tornado's request.query_arguments) against SPEC §2."""
+    """Check a /provide query string (as Tornado's request.query_arguments) against SPEC §2.
+    peer is the request's checked address (check_peer)."""
+    check_known_params(query)
     given: dict[str, str] = {}
     for name in PROVIDE_PARAMS:
         values = query.get(name, [])
@@ -258,28 +350,8 @@ def registration_from_query(query: Mapping[str, list[bytes]], peer: str,
         weight=check_int("weight", given.get("weight", "100"), 0, 65535),
         prefix=check_label("prefix", given["prefix"], v) if given.get("prefix") else "",
     )
-    if len(reg.dns_name(cfg.dns_root)) > 253:
-        raise Refusal("service", "with its categories and the root, the name is longer "
-                                 "than 253 characters")
+    check_dns_name(reg, cfg.dns_root, [n for n in ("service", "category", "prefix") if n in given])
     return reg
-
-
-def go_category_string(categories: Sequence[str]) -> str:
-    """The category as the Go original hashed it: itself, or Go's %#v of the list."""
-    if len(categories) == 1:
-        return categories[0]
-    return "[]string{" + ", ".join(f'"{c}"' for c in categories) + "}"
-
-
-def record_id(reg: Registration, collision_free: bool = False) -> str:
-    """The Go original's id, so both write the same key for the same process. Its hashed
-    text has no separators, so two endpoints can share it (127.0.0.1 port 11 and 127.0.0.11
-    port 1): the one that finds its Go id held by another endpoint takes the collision-free
-    id instead, the same hash with separators, of the same length and shape."""
-    parts = [reg.service, go_category_string(reg.categories), reg.host, str(reg.port)]
-    text = "\0".join(parts) if collision_free else "".join(parts)
-    digest = hashlib.sha1(text.encode()).hexdigest()
-    return f"{reg.prefix}-{digest[:20]}" if reg.prefix else digest
 
 
 def record_key(reg: Registration, etcd_prefix: str, dns_root: str,
@@ -458,6 +530,7 @@ class Token:
     digest: bytes = dataclasses.field(repr=False)
     services: tuple[str, ...]  # fnmatch patterns the service must match
     categories: tuple[str, ...]  # ... and the comma list of categories, as in the query
+    prefixes: tuple[str, ...]  # ... and the prefix ("" when none is given)
     admin: bool  # may read /services and /metrics
     number: int  # its place in the tokens list (from 1): how logs name it
 
@@ -467,7 +540,7 @@ def token_digest(text: str) -> bytes:
 
 
 TOKEN_SOURCES = ("value", "value_env", "value_file")
-TOKEN_KEYS = (*TOKEN_SOURCES, "services", "categories", "admin")
+TOKEN_KEYS = (*TOKEN_SOURCES, "services", "categories", "prefixes", "admin")
 TOKEN_TEXT = re.compile(r"[!-~]{16,}")  # fits an HTTP header; too long to guess
 
 
@@ -490,7 +563,7 @@ def _tokens(entries: list) -> tuple[Token, ...]:
             raise ValueError(f"entry {n}: a token is at least 16 printable ASCII characters, "
                              "without spaces")
         patterns = {}
-        for key in ("services", "categories"):
+        for key in ("services", "categories", "prefixes"):
             given = entry.get(key, ["*"])
             if not isinstance(given, list) or not all(isinstance(p, str) for p in given):
                 raise ValueError(f"entry {n}: {key} must be a list of patterns such as web-*")
@@ -498,7 +571,7 @@ def _tokens(entries: list) -> tuple[Token, ...]:
         if not isinstance(entry.get("admin", False), bool):
             raise ValueError(f"entry {n}: admin must be true or false")
         token = Token(token_digest(text), patterns["services"], patterns["categories"],
-                      entry.get("admin", False), n)
+                      patterns["prefixes"], entry.get("admin", False), n)
         for other in tokens:
             if other.digest == token.digest:
                 raise ValueError(f"entries {other.number} and {n} have the same token")
@@ -619,6 +692,9 @@ class Config:
                                      metavar="VARIABLE")
     etcd_password_file: str = setting("", "the file that holds the password (a final newline "
                                       "is ignored)", _readable, metavar="FILE")
+    request_timeout: float = setting(10.0, "seconds a connection has to send its whole "
+                                     "request, and a kept-alive HTTP connection may idle, "
+                                     "before it is closed", _at_least(0.1), metavar="SECONDS")
     drain_grace: float = setting(5.0, "seconds SIGTERM keeps the records of the sockets it "
                                  "closes, while their clients reconnect to another instance",
                                  _at_least(0), metavar="SECONDS")
@@ -928,16 +1004,17 @@ def authenticate(tokens: Sequence[Token], authorization: str | None,
 
 
 def authorize(token: Token | None, reg: Registration) -> None:
-    """A token's patterns: the service must match one, and so must the categories."""
+    """A token's patterns: the service must match one, and so must the categories and the
+    prefix (a pattern "" allows none)."""
     if token is None:
         return
-    if not any(fnmatch.fnmatchcase(reg.service, p) for p in token.services):
-        raise Refusal("service", f"{_shown(reg.service)} is not allowed for this token",
-                      "forbidden")
     category = ",".join(reg.categories)
-    if not any(fnmatch.fnmatchcase(category, p) for p in token.categories):
-        raise Refusal("category", f"{_shown(category)} is not allowed for this token",
-                      "forbidden")
+    for param, value, patterns in [("service", reg.service, token.services),
+                                   ("category", category, token.categories),
+                                   ("prefix", reg.prefix, token.prefixes)]:
+        if not any(fnmatch.fnmatchcase(value, p) for p in patterns):
+            problem = f"{_shown(value)} is not allowed" if value else "must be given"
+            raise Refusal(param, f"{problem} for this token", "forbidden")
 
 
 def check_host_policy(policy: str, reg: Registration, peer: str) -> None:
@@ -2741,10 +2818,18 @@ class Registry:
 # ---------------------------------------------------------------------------
 # HTTP and websocket handlers
 #
-# /provide turns a socket into a held record: check the query, hold the
-# record, wait (bounded) until etcd has it, release it the moment the socket
-# starts to close. Around it: health, readiness, the registration list and
-# Prometheus metrics. Skyapi ties the pieces into one running server.
+# /provide turns a socket into a held record. prepare() checks the request (a
+# valid upgrade, then admit()), holds the record and waits (bounded) until
+# etcd has it, before Tornado answers: a client whose socket opens is in DNS.
+# A request Tornado then answers itself (400, 403, 426) never held anything,
+# and on_finish() gives back whatever is held by a response that is not a 101;
+# a hang-up, a close frame, a reset, a missed pong or our own close give it
+# back at once. Each count has one owner: Admissions (requests from admission
+# to their end, by peer: what the limits count), OpenSockets (the open ones,
+# pinged from one timer), Metrics (counters), the registry (records). Around
+# /provide: health, readiness, the registration list and Prometheus metrics.
+# No log line carries a query string, where a client's token may be. Skyapi
+# ties the pieces into one running server.
 # ---------------------------------------------------------------------------
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -2755,24 +2840,52 @@ def _sample(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+class Histogram:
+    """A Prometheus histogram: how many observations fell at or below each bound, their sum
+    and their count."""
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, the last one above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def samples(self, labels: str) -> list[tuple[str, float]]:
+        """The _bucket (cumulative), _sum and _count samples, labels as 'op="put"'."""
+        cumulative = list(itertools.accumulate(self.counts))
+        les = [*map(str, self.bounds), "+Inf"]
+        return [*((f'_bucket{{{labels},le="{le}"}}', n) for le, n in zip(les, cumulative)),
+                (f"_sum{{{labels}}}", self.sum), (f"_count{{{labels}}}", cumulative[-1])]
+
+
 class Metrics:
-    """Counters for /metrics; gauges are read from the server when rendered."""
+    """The counters of /metrics, each changed only here; gauges are read from their owners
+    (the open sockets, the registry) when rendered."""
 
     def __init__(self) -> None:
         self.refused: dict[str, int] = {}
         self.dropped_peers = 0
         self.connections_total = 0
         self.etcd_requests: dict[tuple[str, str], int] = {}
-        self.etcd_latency: dict[str, list[float]] = {}  # op -> bucket counts, then sum, count
+        self.etcd_latency: dict[str, Histogram] = {}
+
+    def count_refusal(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def count_connection(self) -> None:
+        self.connections_total += 1
+
+    def count_dropped_peer(self) -> None:
+        self.dropped_peers += 1
 
     def on_etcd_request(self, op: str, outcome: str, seconds: float) -> None:
         self.etcd_requests[op, outcome] = self.etcd_requests.get((op, outcome), 0) + 1
-        h = self.etcd_latency.setdefault(op, [0.0] * (len(LATENCY_BUCKETS) + 2))
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                h[i] += 1
-        h[-2] += seconds
-        h[-1] += 1
+        if op not in self.etcd_latency:
+            self.etcd_latency[op] = Histogram(LATENCY_BUCKETS)
+        self.etcd_latency[op].observe(seconds)
 
     def render(self, server: "Skyapi") -> str:
         out = []
@@ -2796,29 +2909,126 @@ class Metrics:
         family("skyapi_etcd_requests_total", "counter", "etcd requests by operation and outcome.",
                [(f'{{op="{op}",outcome="{o}"}}', n)
                 for (op, o), n in sorted(self.etcd_requests.items())])
-        samples = []
-        for op, h in sorted(self.etcd_latency.items()):
-            samples += [(f'_bucket{{op="{op}",le="{b}"}}', h[i]) for i, b in enumerate(LATENCY_BUCKETS)]
-            samples += [(f'_bucket{{op="{op}",le="+Inf"}}', h[-1]), (f'_sum{{op="{op}"}}', h[-2]),
-                        (f'_count{{op="{op}"}}', h[-1])]
-        family("skyapi_etcd_request_seconds", "histogram", "etcd request latency.", samples)
+        family("skyapi_etcd_request_seconds", "histogram", "etcd request latency.",
+               [s for op, h in sorted(self.etcd_latency.items()) for s in h.samples(f'op="{op}"')])
         return "".join(out)
 
 
-class _ProvideProtocol(websocket.WebSocketProtocol13):
-    """Tornado's protocol with two hooks: the record is written after Tornado's checks of
-    the upgrade request but before the handshake answer, so a client that sees the
-    connection open is in DNS; and the handler hears the moment a close starts (close
-    frame either way, reset, missed pong), not when the stream is torn down (5 s later)."""
+class Admissions:
+    """Requests admitted to hold a registration, from admission (before the handshake) to
+    their end, in all and by peer address: what max_connections and max_connections_per_ip
+    count, so a burst of handshakes cannot slip past them."""
 
-    async def accept_connection(self, handler: Any) -> None:
-        await handler.before_handshake()
-        if not handler.request.connection.stream.closed():
-            await super().accept_connection(handler)
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_peer: dict[str, int] = {}  # no entry at zero
 
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        self.handler.on_closing(code, reason or self.close_reason)
-        super().close(code, reason)
+    def of(self, peer: str) -> int:
+        return self.by_peer.get(peer, 0)
+
+    def add(self, peer: str) -> None:
+        self.total += 1
+        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+
+    def remove(self, peer: str) -> None:
+        self.total -= 1
+        if self.by_peer[peer] == 1:
+            del self.by_peer[peer]
+        else:
+            self.by_peer[peer] -= 1
+
+
+class OpenSockets:
+    """The open websockets, and their pings, from one timer for all of them: a ring of
+    ticks that goes round once per ping_interval, each socket in one tick of it (a new one
+    in the tick just pinged, so its first ping comes an interval after it opened), and the
+    pings awaiting their pong in a queue that is in time order by itself. A socket whose
+    pong is not back ping_timeout after its ping is dropped at the next tick: its record
+    goes within ping_interval + ping_timeout + a tick of the peer vanishing (SPEC §4)."""
+
+    def __init__(self, interval: float, timeout: float, on_missed_pong: Callable[[Any], None]):
+        ticks = max(4, math.ceil(interval / 0.1))  # a tick of at most 0.1 s (or a quarter)
+        self.tick = interval / ticks
+        self.timeout = timeout
+        self._on_missed_pong = on_missed_pong
+        self._ring: list[set] = [set() for _ in range(ticks)]
+        self._now = 0  # the tick of the ring pinged last
+        self._tick_of: dict[Any, int] = {}  # every open socket: its tick
+        self._pong_due: dict[Any, float] = {}  # sockets pinged and not answered: by when
+        self._awaited: deque[tuple[float, Any]] = deque()  # (pong due, socket), oldest first
+
+    def __len__(self) -> int:
+        return len(self._tick_of)
+
+    def __iter__(self) -> Any:
+        return iter(self._tick_of)
+
+    def add(self, handler: Any) -> None:
+        self._tick_of[handler] = self._now
+        self._ring[self._now].add(handler)
+
+    def discard(self, handler: Any) -> None:
+        tick = self._tick_of.pop(handler, None)
+        if tick is not None:
+            self._ring[tick].discard(handler)
+            self._pong_due.pop(handler, None)
+
+    def pong(self, handler: Any) -> None:
+        self._pong_due.pop(handler, None)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        at = loop.time()
+        while True:
+            at += self.tick
+            await asyncio.sleep(at - loop.time())  # late ticks catch up, none is skipped
+            now = loop.time()
+            self._drop_missed(now)  # before pinging: a ping must not hide a missed pong
+            self._now = (self._now + 1) % len(self._ring)
+            for handler in tuple(self._ring[self._now]):
+                self._ping(handler, now)
+
+    def _ping(self, handler: Any, now: float) -> None:
+        if handler in self._pong_due:
+            return  # its last ping is still awaited: that one's deadline stands
+        try:
+            handler.ping()
+        except (websocket.WebSocketClosedError, iostream.StreamClosedError):
+            return  # closing: its on_close follows
+        due = now + self.timeout
+        self._pong_due[handler] = due
+        self._awaited.append((due, handler))
+
+    def _drop_missed(self, now: float) -> None:
+        while self._awaited and self._awaited[0][0] <= now:
+            due, handler = self._awaited.popleft()
+            if self._pong_due.get(handler) == due:
+                del self._pong_due[handler]
+                self._on_missed_pong(handler)
+
+
+def upgrade_problem(method: str, headers: Mapping[str, str]) -> str | None:
+    """Why Tornado will not upgrade this request to a websocket (it answers 400, 403 or 426
+    itself), or None: the checks of Tornado 6.6's WebSocketHandler.get and accept_connection,
+    made first so that nothing is held for a request that never becomes a socket. (Tornado
+    6.5 also upgrades versions 7 and 8, and cross-site requests without an Origin: those
+    then hear ERROR + 1008. Either way nothing is held, and on_finish gives back anything
+    held for a request Tornado answers itself.)"""
+    if method != "GET":
+        return f"{method} is not GET"
+    if headers.get("Upgrade", "").lower() != "websocket":
+        return "needs 'Upgrade: websocket'"
+    if "upgrade" not in [s.strip().lower() for s in headers.get("Connection", "").split(",")]:
+        return "needs 'Connection: Upgrade'"
+    if headers.get("Sec-WebSocket-Version") != "13":
+        return "needs 'Sec-WebSocket-Version: 13'"
+    for name in ("Host", "Sec-WebSocket-Key"):
+        if not headers.get(name):
+            return f"needs a {name} header"
+    site = headers.get("Sec-Fetch-Site")
+    if site not in (None, "same-origin", "none") and not headers.get("Origin"):
+        return "a cross-site request needs an Origin header"
+    return None
 
 
 # Refusals a client may retry, elsewhere or later: the close code and reason that say so.
@@ -2830,74 +3040,106 @@ NOT_THE_REQUESTS_FAULT = {
 }
 
 
-class ProvideHandler(websocket.WebSocketHandler):
+def _retrieve(future: asyncio.Future) -> None:
+    """A write to a client that has gone: its StreamClosedError is no error worth a traceback."""
+    if not future.cancelled():
+        future.exception()
+
+
+class _QuietHandler:
+    """Tornado's own error lines quote the request's URI, where a client's token may be:
+    an error the client caused (an HTTPError) is logged by log_request, path only; anything
+    else is a bug, logged with its traceback but not the URI."""
+
+    request: httputil.HTTPServerRequest
+
+    def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
+        if not isinstance(value, web.HTTPError):
+            log_event(logging.ERROR, "handler_failed", path=self.request.path,
+                      error=f"{typ.__name__}: {value}", exc_info=(typ, value, tb))
+
+
+class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
     def initialize(self, server: "Skyapi") -> None:
         self.server = server
-        self.holding: Holding | None = None
         self.reg: Registration | None = None
-        self.refusal: Refusal | None = None
-        self.etcd_error: str | None = None
-        self.since = 0.0
         self.token: Token | None = None
-        self.peer = ""  # the canonical address, counted against max_connections_per_ip
-
-    def get_websocket_protocol(self) -> websocket.WebSocketProtocol | None:
-        protocol = super().get_websocket_protocol()
-        if protocol is not None:
-            protocol.__class__ = _ProvideProtocol
-        return protocol
+        self.refusal: Refusal | None = None  # said after the handshake, where the client reads it
+        self.etcd_error: str | None = None
+        self.peer = ""  # the checked address, counted in Admissions while anything is held
+        self.holding: Holding | None = None  # from admission to the end, whatever ends it
+        self._waiting: asyncio.Future | None = None  # for etcd to store it, in the handshake
+        self.since = 0.0
+        self.opened = False
 
     def check_origin(self, origin: str) -> bool:
         # Tornado would answer a foreign origin with a bare 403; admit() refuses it with
         # ERROR + 1008 like any other refusal, saying why.
         return True
 
-    async def before_handshake(self) -> None:
-        """Check the request and hold its record; wait (bounded) until etcd has it. While
-        etcd is down the wait ends at etcd_timeout and the record follows when etcd is back."""
-        server, cfg, registry = self.server, self.server.cfg, self.server.registry
-        peer = self.request.remote_ip or ""  # with xheaders, as the proxy says
-        peer = canonical_ip(peer) or peer
+    async def prepare(self) -> None:
+        """Check the request and hold its record before Tornado answers it."""
+        server = self.server
         try:
-            if registry.draining:
+            problem = upgrade_problem(self.request.method or "", self.request.headers)
+            if problem:  # Tornado answers it (400, 403, 426): nothing is held
+                raise Refusal("upgrade", problem)
+            if server.registry.draining:
                 raise Refusal("server", "is shutting down", "shutting_down")
-            self.reg, self.token = admit(cfg, self.request.query_arguments, self.request.headers,
-                                         peer, server.held, server.held_by_peer.get(peer, 0))
+            peer = check_peer(self.request.remote_ip or "")  # with xheaders, as the proxy says
+            self.reg, self.token = admit(server.cfg, self.request.query_arguments,
+                                         self.request.headers, peer, server.admissions.total,
+                                         server.admissions.of(peer))
         except Refusal as e:
-            self.refusal = e  # said after the handshake, where the client can read it
+            self.refusal = e
             return
+        await self._hold(peer)
+
+    async def _hold(self, peer: str) -> None:
+        """Hold the record and wait (bounded) until etcd has it, so a client whose socket
+        opens is in DNS. While etcd is down the wait ends at etcd_timeout and the record
+        follows when etcd is back."""
+        server, cfg, registry = self.server, self.server.cfg, self.server.registry
+        assert self.reg is not None
         self.peer = peer
-        server.count_peer(peer, 1)  # until on_closing, which releases the slot held next
+        server.admissions.add(peer)
         self.holding = registry.hold(self.reg)
         self.since = time.time()
-        self.etcd_error = await registry.wait_stored(self.holding, cfg.etcd_timeout)
+        self._waiting = asyncio.ensure_future(registry.wait_stored(self.holding, cfg.etcd_timeout))
+        await asyncio.wait([self._waiting])  # or until _end cancels it: a hang-up
+        if self.holding is None:  # the client hung up meanwhile, and on_close gave it all back
+            raise web.Finish()  # nothing to answer: no upgrade, no open()
+        error = self._waiting.result()
+        if registry.draining:  # stop() began during the wait: this socket goes with the rest
+            self.refusal = Refusal("server", "is shutting down", "shutting_down")
+        elif error:
+            self.etcd_error = error
+        else:
+            return
+        self._give_back()  # open() refuses it, and says so
 
     def open(self) -> None:
-        if self.refusal is None and self.server.registry.draining:
-            # stop() began during the handshake: go with the rest (the record stays a while).
-            self.refusal = Refusal("server", "is shutting down", "shutting_down")
         if self.refusal is not None:
             e = self.refusal
             if e.reason in NOT_THE_REQUESTS_FAULT:
                 return self._refuse(str(e), e.reason, *NOT_THE_REQUESTS_FAULT[e.reason])
-            return self._refuse(str(e), e.reason, 1008, f"invalid {e.param}"[:100])
-        if self.holding is None:
-            return  # closed during the handshake
+            return self._refuse(str(e), e.reason, 1008, f"invalid {e.param}")
         if self.etcd_error:
             return self._refuse(f"etcd refused the record: {self.etcd_error}", "etcd_refused",
                                 1011, "etcd refused the record")
+        assert self.holding is not None
+        self.opened = True
         self.server.sockets.add(self)
-        self.server.metrics.connections_total += 1
+        self.server.metrics.count_connection()
         log_event(logging.INFO, "connect", key=self.holding.key, peer=self.request.remote_ip,
                   stored=self.holding.stored,
                   **({"token": self.token.number} if self.token else {}))
 
     def _refuse(self, message: str, reason: str, code: int, close_reason: str) -> None:
-        metrics = self.server.metrics
-        metrics.refused[reason] = metrics.refused.get(reason, 0) + 1
+        self.server.metrics.count_refusal(reason)
         log_event(logging.INFO, "refuse", peer=self.request.remote_ip, reason=reason, error=message)
         try:
-            self.write_message("ERROR: " + message)
+            self.write_message("ERROR: " + message).add_done_callback(_retrieve)
         except websocket.WebSocketClosedError:
             pass
         self.close(code, close_reason)
@@ -2905,21 +3147,41 @@ class ProvideHandler(websocket.WebSocketHandler):
     def on_message(self, message: str | bytes) -> None:
         pass  # clients never need to send; oversized messages are closed by Tornado (1009)
 
-    def on_closing(self, code: int | None, reason: str | None) -> None:
-        holding, self.holding = self.holding, None
-        if holding is None:
-            return
-        self.server.registry.release(holding)
-        self.server.count_peer(self.peer, -1)
-        self.server.sockets.discard(self)
-        if reason == "ping timed out":
-            self.server.metrics.dropped_peers += 1
-        log_event(logging.INFO, "disconnect", key=holding.key, peer=self.request.remote_ip,
-                  seconds=round(time.time() - self.since, 3), code=code or "",
-                  reason=reason or "")
+    def on_pong(self, data: bytes) -> None:
+        self.server.sockets.pong(self)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Our close (a refusal, a missed pong, stop()): the record goes now, not when the
+        client answers the close frame (Tornado waits up to 5 s for that)."""
+        self._end(code, reason)
+        super().close(code, reason)
 
     def on_close(self) -> None:
-        self.on_closing(self.close_code, self.close_reason)
+        """The connection ended: a close frame, a reset, or a hang-up before the upgrade."""
+        self._end(self.close_code, self.close_reason if self.opened else "hung up in the handshake")
+
+    def on_finish(self) -> None:
+        if self.get_status() != 101:  # Tornado answered the request itself: it never opened
+            self._end(None, "not upgraded")
+
+    def _end(self, code: int | None, reason: str | None) -> None:
+        holding = self._give_back()
+        if holding is not None:
+            log_event(logging.INFO, "disconnect", key=holding.key, peer=self.request.remote_ip,
+                      seconds=round(time.time() - self.since, 3), code=code or "",
+                      reason=reason or "")
+
+    def _give_back(self) -> Holding | None:
+        """Give back what this request holds, once: its record, its admission, its place
+        among the open sockets. The slot it held, if any."""
+        holding, self.holding = self.holding, None
+        if holding is not None:
+            if self._waiting is not None:
+                self._waiting.cancel()  # a hang-up in the handshake: stop waiting for etcd
+            self.server.registry.release(holding)
+            self.server.admissions.remove(self.peer)
+            self.server.sockets.discard(self)
+        return holding
 
     def describe(self) -> dict:
         reg = self.reg
@@ -2930,7 +3192,7 @@ class ProvideHandler(websocket.WebSocketHandler):
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))}
 
 
-class _ServerHandler(web.RequestHandler):
+class _ServerHandler(_QuietHandler, web.RequestHandler):
     def initialize(self, server: "Skyapi") -> None:
         self.server = server
 
@@ -2955,13 +3217,24 @@ class _AdminHandler(_ServerHandler):
             self.finish("token: is not an admin token\n")
 
 
+class NotFoundHandler(_ServerHandler):
+    """Every other path: 404, logged without the path, which is the client's text."""
+
+    def prepare(self) -> None:
+        raise web.HTTPError(404)
+
+
 def log_request(handler: web.RequestHandler) -> None:
     """Tornado's access log, without the query string, where a client's token may be:
-    failed requests only (skyapi logs its own events, not one line per health check)."""
+    failed requests only (skyapi logs its own events, not one line per health check). The
+    path is one of skyapi's routes, or 'unknown'; the method one of HTTP's, or 'other'."""
     status = handler.get_status()
     if status >= 400:
+        method = handler.request.method
         log_event(logging.WARNING if status < 500 else logging.ERROR, "http_error",
-                  status=status, method=handler.request.method, path=handler.request.path,
+                  status=status,
+                  method=method if method in web.RequestHandler.SUPPORTED_METHODS else "other",
+                  path="unknown" if isinstance(handler, NotFoundHandler) else handler.request.path,
                   peer=handler.request.remote_ip)
 
 
@@ -3008,37 +3281,39 @@ class Skyapi:
         self.registry = Registry(make_backend(cfg, self.owner, self.metrics.on_etcd_request),
                                  cfg, self.owner)
         self._self: Holding | None = None  # this instance's own registration (self_register)
-        self.sockets: set[ProvideHandler] = set()
-        self.held = 0  # registrations held, from admission (before the handshake) to close
-        self.held_by_peer: dict[str, int] = {}  # the same by peer address; no entry at zero
+        self.admissions = Admissions()
+        self.sockets = OpenSockets(cfg.ping_interval, cfg.ping_timeout, self._drop)
         self.port = 0
         self._http: HTTPServer | None = None
+        self._pinging: asyncio.Task | None = None
 
-    def count_peer(self, peer: str, delta: int) -> None:
-        self.held += delta
-        n = self.held_by_peer.get(peer, 0) + delta
-        if n:
-            self.held_by_peer[peer] = n
-        else:
-            del self.held_by_peer[peer]
+    def _drop(self, handler: ProvideHandler) -> None:
+        """A peer that missed its pong has vanished (power loss, partition): drop it now."""
+        self.metrics.count_dropped_peer()
+        handler.close(None, "ping timed out")
 
     def application(self) -> web.Application:
         kw = {"server": self}
+        # No websocket_ping_interval: OpenSockets pings every socket from one timer.
         return web.Application(
             [("/provide", ProvideHandler, kw), ("/healthz", HealthHandler, kw),
              ("/readyz", ReadyHandler, kw), ("/services", ServicesHandler, kw),
              ("/metrics", MetricsHandler, kw)],
-            websocket_ping_interval=self.cfg.ping_interval,
-            websocket_ping_timeout=self.cfg.ping_timeout,
+            default_handler_class=NotFoundHandler, default_handler_args=kw,
             websocket_max_message_size=4096, log_function=log_request)
 
     async def start(self) -> None:
         host, port = split_host_port(self.cfg.listen_addr)
         sockets = netutil.bind_sockets(port, host or None, backlog=4096)
         self.port = sockets[0].getsockname()[1]
+        # A connection has request_timeout to send its request head (idle kept-alive ones
+        # too: the wait for the next request is the same read) and as much for a body.
         self._http = HTTPServer(self.application(), xheaders=self.cfg.xheaders,
-                                ssl_options=server_ssl_context(self.cfg))
+                                ssl_options=server_ssl_context(self.cfg),
+                                idle_connection_timeout=self.cfg.request_timeout,
+                                body_timeout=self.cfg.request_timeout)
         self._http.add_sockets(sockets)
+        self._pinging = asyncio.ensure_future(self.sockets.run())
         await self.registry.start()
         if self.cfg.self_register:
             await self._register_self()
@@ -3048,6 +3323,9 @@ class Skyapi:
         if not self.cfg.tokens:
             log_event(logging.WARNING, "no_tokens", risk="anyone who reaches skyapi may "
                       "register any name at any address: configure tokens")
+        elif not any(t.admin for t in self.cfg.tokens):
+            log_event(logging.WARNING, "no_admin_token", risk="/services and /metrics answer "
+                      "anyone: mark a token admin: true to limit them")
 
     async def _register_self(self) -> None:
         """Held like a client's record, for as long as this process serves (SPEC-style SRV:
@@ -3075,6 +3353,8 @@ class Skyapi:
                   grace=self.cfg.drain_grace)
         for handler in held:
             handler.close(1001, "going away")
+        if self._pinging is not None:
+            self._pinging.cancel()
         await self.registry.drain(self.cfg.drain_grace,
                                   time.monotonic() + self.cfg.drain_grace + DELETE_TIME)
         if self._http is not None:
