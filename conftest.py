@@ -379,6 +379,10 @@ async def running(cfg):
     """skyapi in this process, stopped at the end."""
     server = skyapi.Skyapi(cfg)
     await server.start()
+    # Its watch on (unless etcd is away or refuses skyapi, as some tests have it).
+    watching = asyncio.ensure_future(server.registry.watching.wait())
+    await asyncio.wait([watching], timeout=3)
+    watching.cancel()
     try:
         yield server
     finally:

@@ -2442,6 +2442,7 @@ class Registry:
         self._full = False  # the next keep-alive does everything at once (after an outage)
         self._tasks: list[asyncio.Task] = []
         self._watch: asyncio.Task | None = None
+        self.watching = asyncio.Event()  # the watch is on: a record that goes is back at once
 
     # -- what sockets do -------------------------------------------------------
 
@@ -2702,6 +2703,7 @@ class Registry:
                     if batch is None:
                         since = time.monotonic()
                         self._compare(await self.backend.scan(), since)
+                        self.watching.set()
                         continue
                     for key, value in batch:
                         self._changed(key, value)
@@ -2749,6 +2751,7 @@ class Registry:
         if not self._healthy.is_set():
             return
         self._healthy.clear()
+        self.watching.clear()
         self.outage_since = time.monotonic()
         log_event(logging.WARNING, "etcd_outage_began", error=error)
         if self._watch is not None:

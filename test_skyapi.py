@@ -210,7 +210,7 @@ def test_readme_settings_table_and_commands_as_a_newcomer_runs_them():
     assert {name for row in rows for name in re.findall(r"`(\w+)`", row)} == {
         s.name for s in skyapi.SETTINGS}
     commands = re.findall(r"^    (\S.*)$", first, re.M)
-    test_it = ".venv/bin/python -m pytest -q test_skyapi.py"
+    test_it = ".venv/bin/python -m pytest -q -n 6 --dist worksteal test_skyapi.py"
     with open(os.path.join(HERE, ".ci", "run")) as f:
         assert test_it in commands and test_it in f.read().splitlines()  # CI runs it as written
     for command in commands:  # after "Try it", python is the venv's: nothing is activated
@@ -697,6 +697,7 @@ async def test_v2_empty_directories_are_pruned_up_to_the_root(etcd):
         await wait_until(lambda: view.lacks_dir(root, f"{root}/services"), 1)
 
 
+@pytest.mark.slow
 @async_test
 async def test_record_never_expires_while_the_socket_is_open(etcd, version):
     cfg = config([etcd.url], version)
@@ -714,6 +715,7 @@ async def test_record_never_expires_while_the_socket_is_open(etcd, version):
             c.close()
 
 
+@pytest.mark.slow
 @async_test
 async def test_v2_refresh_emits_no_watch_event(etcd):
     """refresh=true keeps the key without a 'set' or 'expire' event for watchers. (An etcd
@@ -752,6 +754,7 @@ async def test_live_records_deleted_by_hand_are_back_within_a_second(etcd, versi
         await wait_until(lambda: view.empty(cfg), 2)
 
 
+@pytest.mark.slow
 @async_test
 async def test_frozen_client_loses_its_record_after_a_missed_pong(etcd, version):
     cfg = config([etcd.url], version)
@@ -857,6 +860,7 @@ async def _services_are(port, services):
     return [d["service"] for d in json.loads((await get(port, "/services"))[1])] == services
 
 
+@pytest.mark.slow
 @async_test
 async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage(private_etcd):
     etcd = private_etcd  # this test's own, to kill
@@ -921,6 +925,7 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage(private_
             c.close()
 
 
+@pytest.mark.slow
 @async_test
 async def test_logs_are_one_key_value_line_per_event_and_none_per_refresh(private_etcd,
                                                                           tmp_path):
@@ -1082,6 +1087,7 @@ def test_provide_reconnect_n_means_n_reconnect_attempts():
         f"skyapi provide: gave up after 2 reconnect attempt(s) to ws://127.0.0.1:{nobody}")
 
 
+@pytest.mark.slow
 @async_test
 async def test_provide_check_tcp_registers_only_while_the_listener_accepts(etcd, tmp_path):
     cfg = config([etcd.url])
@@ -1170,6 +1176,7 @@ async def test_provide_client_sends_pings_answers_pings_and_needs_only_the_query
         http.stop()
 
 
+@pytest.mark.slow
 @async_test
 async def test_provide_client_keeps_its_registration_across_server_pings(etcd):
     cfg = config([etcd.url], ping_interval=0.2, ping_timeout=0.1)
@@ -1291,6 +1298,7 @@ async def test_provide_moves_to_the_next_url_at_once_when_a_server_goes_away(etc
             await server.stop()
 
 
+@pytest.mark.slow
 @async_test
 async def test_provide_health_listener_is_ready_only_while_registered(private_etcd, tmp_path):
     # max_connections 1 refuses a second client for now (1013, try again later); an
@@ -1613,7 +1621,7 @@ def queries(draw) -> dict[str, list[bytes]]:
 def test_no_query_makes_a_key_outside_the_root():
     seen = collections.Counter()
 
-    @hypothesis.settings(max_examples=400, deadline=None, database=None)
+    @hypothesis.settings(max_examples=400, deadline=None, database=None, derandomize=True)
     @hypothesis.given(query=queries(), version=st.sampled_from([2, 3]),
                       root=st.sampled_from(["skydns.local.", "Turtles.COM", "a-b.c_d.e"]),
                       prefix=st.sampled_from(["/skydns", "/x/y_z"]))
@@ -1705,7 +1713,7 @@ def test_any_query_string_is_refused_cleanly_or_registered_inside_the_root(priva
             await wait_until(lambda: _settled(server, view), 2)
 
     try:
-        @hypothesis.settings(max_examples=150, deadline=None, database=None,
+        @hypothesis.settings(max_examples=150, deadline=None, database=None, derandomize=True,
                              suppress_health_check=[hypothesis.HealthCheck.too_slow])
         @hypothesis.given(query=query_strings(), auth=st.sampled_from(
             ["header", "header", "header", "query", "none", "wrong"]))
@@ -1833,7 +1841,7 @@ def test_any_sequence_of_client_actions_leaves_exactly_the_open_sockets_counted(
         await wait_until(lambda: view.empty(cfg), 5)
 
     try:
-        @hypothesis.settings(max_examples=60, deadline=None, database=None,
+        @hypothesis.settings(max_examples=60, deadline=None, database=None, derandomize=True,
                              suppress_health_check=[hypothesis.HealthCheck.too_slow])
         @hypothesis.given(steps=CLIENT_STEPS)
         def check(steps):
@@ -2088,6 +2096,7 @@ async def test_an_upgrade_tornado_refuses_holds_nothing(etcd, version, variant, 
         await wait_until(lambda: view.empty(cfg), 2)
 
 
+@pytest.mark.slow
 @async_test
 async def test_one_timer_pings_every_socket_and_a_missed_pong_drops_it_at_once(etcd, version):
     cfg = config([etcd.url], version, ping_interval=0.5, ping_timeout=0.3)
@@ -2325,6 +2334,7 @@ def tls_etcd(certs):
     server.stop()
 
 
+@pytest.mark.slow
 @async_test
 async def test_etcd_over_https_with_a_client_certificate(tls_etcd, certs, version):
     view = guarded_view(tls_etcd.url, version, **certs.client)
@@ -2352,6 +2362,7 @@ def etcdctl(etcd, certs, *args: str, stdin: str = "") -> None:
                    check=True, capture_output=True, timeout=30, input=stdin.encode())
 
 
+@pytest.mark.slow
 @async_test
 async def test_etcd_v2_user_and_password(private_etcd, tmp_path):
     http = AsyncHTTPClient()
@@ -2381,6 +2392,7 @@ async def test_etcd_v2_user_and_password(private_etcd, tmp_path):
     assert await view.records(prefix_of(cfg)) == {}
 
 
+@pytest.mark.slow
 @async_test
 async def test_etcd_v3_user_and_password_over_tls_renews_its_token(certs, monkeypatch):
     etcd = TestEtcd(tls=certs.etcd).start()
@@ -2518,6 +2530,7 @@ def outage_lines(caplog, event):
     return [r for r in caplog.records if f"event={event}" in r.getMessage()]
 
 
+@pytest.mark.slow
 @async_test
 async def test_etcd_outage_keeps_sockets_and_converges(private_etcd, version, caplog):
     caplog.set_level("INFO", logger="skyapi")
@@ -2585,7 +2598,7 @@ async def test_client_that_gives_up_during_the_handshake_leaves_nothing(private_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [16, 61])
+@pytest.mark.parametrize("seed", [16])
 @async_test
 async def test_v2_sockets_that_end_around_outages_leave_no_empty_directory(private_etcd, seed):
     """Issue 16's reproduction: 150 sockets over 30 services; five times, etcd stops past the
@@ -2651,6 +2664,7 @@ async def test_etcd_restarted_empty_gets_every_record_back(private_etcd, version
         await wait_until(lambda: view.empty(cfg), 2)
 
 
+@pytest.mark.slow
 @async_test
 async def test_failover_past_a_dead_endpoint_and_a_black_hole(etcd, version):
     hole = BlackHole()
@@ -2708,6 +2722,7 @@ async def test_sigterm_and_sigint_hand_over_200_sockets(etcd, version, sig, tmp_
         sky.kill()
 
 
+@pytest.mark.slow
 @async_test
 async def test_sigkill_records_expire_within_timeout(etcd, version, tmp_path):
     cfg = config([etcd.url], version)
@@ -2728,6 +2743,7 @@ async def test_sigkill_records_expire_within_timeout(etcd, version, tmp_path):
         sky.kill()
 
 
+@pytest.mark.slow
 @async_test
 async def test_churn_converges_to_exactly_the_open_sockets(etcd, version):
     """Clients connect, close, reset and freeze at random; afterwards etcd holds exactly
@@ -2942,6 +2958,7 @@ async def test_etcd_client_gives_a_silent_endpoint_its_deadline_then_fails_over(
     hole.close()
 
 
+@pytest.mark.slow
 @async_test
 async def test_etcd_unreachable_says_why(caplog):
     """Issue 15: not 'Stream is closed' but the cause, as the README's log example shows."""
@@ -3035,6 +3052,7 @@ async def open_many(server, n: int, service: str):
     return conns
 
 
+@pytest.mark.slow
 @async_test
 async def test_v3_keep_alive_costs_etcd_o1_requests_for_1000_sockets(private_etcd):
     cfg = config([private_etcd.url], 3)
@@ -3058,6 +3076,7 @@ async def test_v3_keep_alive_costs_etcd_o1_requests_for_1000_sockets(private_etc
         await wait_until(lambda: view.empty(cfg), 5)
 
 
+@pytest.mark.slow
 @async_test
 async def test_v2_refreshes_are_spread_evenly(etcd):
     cfg = config([etcd.url], 2)
@@ -3104,6 +3123,7 @@ async def test_v3_all_records_share_one_lease_and_survive_its_revocation(etcd):
             c.close()
 
 
+@pytest.mark.slow
 @async_test
 async def test_v3_lease_expired_during_a_partition_is_replaced(private_etcd):
     proxy = TcpProxy(private_etcd.client_port)
@@ -3168,6 +3188,7 @@ async def poll_presence(view, cfg, key, seconds: float) -> int:
     return misses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("a_timeout", [3, 30], ids=["a-refreshes-first", "a-deletes-first"])
 @async_test
 async def test_reconnect_race_a_silent_socket_on_a_never_removes_bs_record(etcd, version,
@@ -3215,6 +3236,7 @@ async def test_a_claim_that_meets_our_own_record_keeps_it_ours(etcd, version):
         await wait_until(lambda: view.empty(cfg), 1)
 
 
+@pytest.mark.slow
 @async_test
 async def test_two_instances_holding_one_record_keep_it_until_the_last_socket(etcd, version):
     root = unique_root()
@@ -3265,6 +3287,7 @@ async def local_count(url: str, version: int, prefix: str) -> int | None:
         return None
 
 
+@pytest.mark.slow
 @async_test
 async def test_etcd_leader_killed_under_200_sockets(version):
     members = TestEtcd.cluster(3)
@@ -3434,6 +3457,7 @@ async def test_sigterm_hands_250_clients_to_another_instance_without_a_gap(etcd,
         sky.kill()
 
 
+@pytest.mark.slow
 @async_test
 async def test_one_identity_through_two_instances_is_never_missing_whichever_goes_first(
         etcd, version):
