@@ -14,7 +14,7 @@ The file reads top to bottom, each section using only what stands above it:
 
     Logging             one key=value line per event
     Names and records   what a client may ask for, and the key and value it becomes (pure)
-    Configuration       the SETTINGS table behind YAML, flags and --help (pure but for files)
+    Configuration       the typed Config: one table behind YAML, flags, --help (pure but files)
     Access              who may register what: origins, tokens, host policy, limits (pure)
     The etcd client     HTTP/1.1 to etcd: pipelined requests, failover, streams
     The etcd backends   v2 keys with TTLs, v3 keys on one lease
@@ -67,7 +67,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from typing import (Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, NamedTuple,
+from typing import (Any, AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, NamedTuple,
                     NoReturn, Protocol, Sequence)
 
 import yaml
@@ -696,7 +696,7 @@ class Config:
     request_timeout: float = setting(10.0, "seconds a connection has to send its whole "
                                      "request, and a kept-alive HTTP connection may idle, "
                                      "before it is closed", _at_least(0.1), metavar="SECONDS")
-    drain_grace: float = setting(5.0, "seconds SIGTERM keeps the records of the sockets it "
+    drain_grace: float = setting(10.0, "seconds SIGTERM keeps the records of the sockets it "
                                  "closes, while their clients reconnect to another instance",
                                  _at_least(0), metavar="SECONDS")
     dev: bool = setting(False, "start a throwaway etcd child on loopback (etcd from PATH or "
@@ -1084,16 +1084,11 @@ class EtcdError(Exception):
 
 class StreamRefused(EtcdError):
     """etcd answered a stream's request with an error status below 500: its status and
-    body say why (v2: a JSON errorCode such as V2_EVENT_INDEX_CLEARED)."""
+    body say why (v2: a JSON errorCode)."""
 
     def __init__(self, url: str, status: int, body: bytes):
         super().__init__(f"{url}: HTTP {status} {body[:200]!r}")
         self.status, self.body = status, body
-
-
-# The etcd v2 error a stream meets (the keys API's codes are the backends'): the watch's
-# waitIndex is older than the last 1,000 events etcd v2 remembers.
-V2_EVENT_INDEX_CLEARED = 401
 
 
 class BadResponse(ValueError):
@@ -1769,12 +1764,13 @@ class Backend(Protocol):
         """Keep what apply() wrote from expiring, this backend's way; called every tick
         (full: at once, after an outage)."""
 
-    def changes(self) -> AsyncIterator[list[Change] | None]:
-        """Changes below the root as etcd makes them; None whenever some may have been
-        missed: the registry then compares everything with scan()."""
+    def changes(self) -> AsyncGenerator[list[Change] | None, None]:
+        """Changes below the root as etcd makes them. None each time the watch (re)opens:
+        what changed before it is not told, so the registry compares everything with a
+        scan() then."""
 
     async def scan(self) -> dict[str, str]:
-        """Every key and value below the root; changes() goes on from here."""
+        """Every key and value below the root, now."""
 
     async def ping(self) -> None:
         """EtcdUnavailable or EtcdError unless etcd answers."""
@@ -1783,7 +1779,7 @@ class Backend(Protocol):
         """Delete what is still ours (v2: each key by its value; v3: revoke the lease)."""
 
 
-def marker_prefix(cfg: Any, key: str) -> str:
+def marker_prefix(cfg: Config, key: str) -> str:
     """Where instances that hold a record another instance owns say so: outside every zone
     (no DNS server reads it), under etcd_prefix (the same permissions)."""
     return f"{cfg.etcd_prefix}/_skyapi/holders/{hashlib.sha1(key.encode()).hexdigest()[:24]}."
@@ -1803,7 +1799,7 @@ def _lines(buffer: bytearray, data: bytes) -> list[bytes]:
     buffer += data
     *lines, rest = buffer.split(b"\n")
     buffer[:] = rest
-    return [line for line in lines if line.strip()]
+    return [bytes(line) for line in lines if line.strip()]
 
 
 class EtcdV2:
@@ -1816,7 +1812,7 @@ class EtcdV2:
 
     batch_limit = 64
 
-    def __init__(self, client: EtcdClient, cfg: Any, owner: str):
+    def __init__(self, client: EtcdClient, cfg: Config, owner: str):
         self.client = client
         self.cfg = cfg
         self.owner = owner
@@ -1880,7 +1876,7 @@ class EtcdV2:
     def _marker(self, op: Op) -> str:
         return marker_prefix(self.cfg, op.key) + self.owner
 
-    async def apply(self, ops: Sequence[Op]) -> list[Outcome | None]:
+    async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
         firsts = [self._first(op) for op in ops]
         answers: dict[int, tuple[int, int, dict]] = {}
         for name in {first[0] for first in firsts if first}:
@@ -1888,10 +1884,9 @@ class EtcdV2:
             answers.update(zip(these, await self._many(name, [firsts[i][1] for i in these])))
         outcomes = [self._settle(op, answers.get(i)) for i, op in enumerate(ops)]
         rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        for i, outcome in zip(rest, await asyncio.gather(*(self._go_on(ops[i], answers.get(i))
-                                                            for i in rest))):
+        for i, outcome in zip(rest, await asyncio.gather(*(self._go_on(ops[i]) for i in rest))):
             outcomes[i] = outcome
-        return outcomes
+        return outcomes  # type: ignore[return-value]
 
     def _settle(self, op: Op, answer: tuple[int, int, dict] | None) -> Outcome | None:
         """The outcome of an op its first answer settles; None if it needs more."""
@@ -1911,7 +1906,8 @@ class EtcdV2:
             raise self._refused("put", op.key, doc)
         return None  # someone's record is there, or was: read it
 
-    async def _go_on(self, op: Op, answer: tuple[int, int, dict] | None) -> Outcome:
+    async def _go_on(self, op: Op) -> Outcome:
+        """The rest of an op its first answer did not settle (or one that starts otherwise)."""
         if op.write in (Write.TAKE, Write.CLAIM, Write.REPLACE):
             return await self._write(op)
         if op.write is Write.DELETE and op.shared and not await self._hand_over(op):
@@ -2013,7 +2009,7 @@ class EtcdV2:
                 found[node["key"]] = node.get("value", "")
         return found
 
-    async def changes(self) -> AsyncIterator[list[Change] | None]:
+    async def changes(self) -> AsyncGenerator[list[Change] | None, None]:
         # A stream from now on (with a waitIndex etcd still remembers, etcd 3.5 sends that
         # one event and then nothing), then a scan for what came before. etcd ends a stream
         # that falls 100 events behind: then again.
@@ -2086,7 +2082,7 @@ class EtcdV3:
 
     batch_limit = 64  # etcd's default --max-txn-ops is 128
 
-    def __init__(self, client: EtcdClient, cfg: Any, owner: str):
+    def __init__(self, client: EtcdClient, cfg: Config, owner: str):
         self.client = client
         self.cfg = cfg
         self.owner = owner
@@ -2281,7 +2277,7 @@ class EtcdV3:
                                  {"key": _b64(self.root), "range_end": _b64(_prefix_end(self.root))})
         return {_unb64(kv["key"]): _unb64(kv.get("value", "")) for kv in reply.get("kvs", [])}
 
-    async def changes(self) -> AsyncIterator[list[Change] | None]:
+    async def changes(self) -> AsyncGenerator[list[Change] | None, None]:
         # A watch from now on, then a scan for what came before: it never meets a compacted
         # revision. etcd ends it when the auth token goes stale: then again, with a new one.
         watch = json.dumps({"create_request": {"key": _b64(self.root),
@@ -2321,7 +2317,8 @@ class EtcdV3:
                     raise
 
 
-def make_backend(cfg: Any, owner: str, on_request: Callable[[str, str, float], None]) -> Backend:
+def make_backend(cfg: Config, owner: str,
+                 on_request: Callable[[str, str, float], None]) -> Backend:
     # etcd v2 auth is basic auth on every request; v3 authenticates for a token (EtcdV3._call).
     basic = ("Basic " + _b64(f"{cfg.etcd_username}:{cfg.etcd_password}")
              if cfg.etcd_username and cfg.etcd_version == 2 else "")
@@ -2424,7 +2421,7 @@ class Holding:
 
 
 class Registry:
-    def __init__(self, backend: Backend, cfg: Any, owner: str):
+    def __init__(self, backend: Backend, cfg: Config, owner: str):
         self.backend = backend
         self.cfg = cfg
         self.owner = owner
@@ -2465,7 +2462,10 @@ class Registry:
         """Wait until the record is in etcd. An error message if etcd refused it; None when
         it is, or when etcd does not answer in time (it is written on etcd's return)."""
         slot = holding.slot
-        if holding.stored and slot.inflight is not Write.DELETE:
+        # In DNS: another instance's record, or ours with this socket's value (the newest
+        # socket's priority and weight are the record's).
+        if (slot.state is State.OTHERS or slot.state is State.STORED and
+                slot.written == holding.value) and slot.inflight is not Write.DELETE:
             return None
         waiter = asyncio.get_running_loop().create_future()
         slot.waiters.append(waiter)  # (a slot that moves to another key takes its waiters)
@@ -3278,7 +3278,7 @@ DELETE_TIME = 4.0
 class Skyapi:
     """One running server: its registry, its HTTP listener and the sockets it holds."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         self.owner = instance_name()
         self.metrics = Metrics()

@@ -1442,8 +1442,8 @@ async def every_key(view: EtcdView) -> set[str]:
 
 
 async def keys_ever_written(view: EtcdView) -> set[str]:
-    """Every key etcd's history shows: v3, the keys at each revision; v2, the key of each
-    event (etcd keeps the last 1000)."""
+    """Every key etcd's history shows: v3, the keys at each revision; v2, the key of each of
+    the last 1,000 events (all etcd keeps: on an etcd the test shares, its own are the last)."""
     seen: set[str] = set()
     if view.version == 3:
         _, doc = await view._fetch("/v3/kv/range", "POST", json.dumps({"key": b64("\0")}))
@@ -1454,7 +1454,8 @@ async def keys_ever_written(view: EtcdView) -> set[str]:
             seen |= {unb64(kv["key"]) for kv in doc.get("kvs", [])}
         return seen
     r = await view.http.fetch(view.url + "/v2/keys/")
-    last, index = int(r.headers["X-Etcd-Index"]), 1
+    last = int(r.headers["X-Etcd-Index"])
+    index = max(1, last - 990)
     while index <= last:
         try:
             r = await view.http.fetch(f"{view.url}/v2/keys/?wait=true&recursive=true"
@@ -3030,7 +3031,7 @@ async def test_etcd_client_stream_is_refused_when_the_v2_watch_index_is_cleared(
         async with client.stream("watch", "GET", f"{key}?wait=true&recursive=true&waitIndex={first}"):
             pass
     assert refused.value.status == 400
-    assert json.loads(refused.value.body)["errorCode"] == skyapi.V2_EVENT_INDEX_CLEARED
+    assert json.loads(refused.value.body)["errorCode"] == 401  # v2: the event index is cleared
     client.close()
 
 
@@ -3099,7 +3100,7 @@ async def test_v2_refreshes_are_spread_evenly(etcd):
 
 async def v3_lease_of(url: str, key: str) -> str:
     _, doc = await EtcdView(url, 3)._fetch("/v3/kv/range", "POST", json.dumps({"key": b64(key)}))
-    return doc["kvs"][0].get("lease", "0")
+    return (doc.get("kvs") or [{}])[0].get("lease", "0")  # "0": on no lease, or not there
 
 
 @async_test
@@ -3114,11 +3115,13 @@ async def test_v3_all_records_share_one_lease_and_survive_its_revocation(etcd):
         (lease,) = leases
         await view._fetch("/v3/lease/revoke", "POST", json.dumps({"ID": lease}))
         revoked_at = time.monotonic()
-        assert await view.records(prefix_of(cfg)) == {}
-        await wait_until(lambda: view.keys_are(cfg, keys), cfg.timeout, interval=0.05)
-        assert time.monotonic() - revoked_at <= cfg.timeout
-        new_leases = {await v3_lease_of(etcd.url, k) for k in keys}
-        assert len(new_leases) == 1 and lease not in new_leases
+
+        async def leases_now():
+            return [await v3_lease_of(etcd.url, k) for k in keys]
+        new_leases = await wait_until(leases_now, 2, interval=0.01,
+                                      until=lambda ls: lease not in ls and "0" not in ls)
+        assert time.monotonic() - revoked_at <= 1.0  # the watch saw them go: back at once
+        assert len(set(new_leases)) == 1
         for c in conns:
             c.close()
 
