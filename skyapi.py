@@ -1739,6 +1739,7 @@ class Op:
 class Outcome:
     found: Found
     took_over: bool = False  # it was another instance's, which may hold it too
+    revision: int = 0  # etcd's index (v2) or revision (v3) of what the op did or read
 
 
 class Lost(NamedTuple):
@@ -1747,7 +1748,9 @@ class Lost(NamedTuple):
     markers: list[str]
 
 
-Change = tuple[str, "str | None"]  # a key below the root, and its value (None: it went)
+# A key below the root, its value (None: it went) and the index (v2) or revision (v3) of
+# the change: what is not newer than an op's outcome says nothing new (our own puts' echoes).
+Change = tuple[str, "str | None", int]
 
 
 class Backend(Protocol):
@@ -1792,6 +1795,11 @@ def _may_write(there: str, op: Op, owner: str) -> Found:
     if record is None or record[0] != op.endpoint:
         return Found.COLLISION
     return Found.DONE if op.write is Write.TAKE or record[1] == owner else Found.OTHERS
+
+
+def _v2_index(doc: dict) -> int:
+    """The index of a v2 answer: of the node written, or etcd's own (errors say it)."""
+    return int(doc.get("node", {}).get("modifiedIndex") or doc.get("index") or 0)
 
 
 def _lines(buffer: bytearray, data: bytes) -> list[bytes]:
@@ -1897,11 +1905,11 @@ class EtcdV2:
             self._kept.pop(op.key if op.write is Write.DELETE else self._marker(op), None)
             if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):  # gone; not ours
                 raise self._refused(op.write.value, op.key, doc)
-            return Outcome(Found.DONE)
+            return Outcome(Found.DONE, revision=_v2_index(doc))
         if code < 300:
             marker = op.write is Write.MARK
             self._keep(self._marker(op) if marker else op.key, op.value, op.key)
-            return Outcome(Found.DONE)
+            return Outcome(Found.DONE, revision=_v2_index(doc))
         if op.write is Write.MARK or error not in (NODE_EXISTS, KEY_NOT_FOUND, COMPARE_FAILED):
             raise self._refused("put", op.key, doc)
         return None  # someone's record is there, or was: read it
@@ -1934,13 +1942,14 @@ class EtcdV2:
                 there = doc["node"].get("value", "")
                 found = _may_write(there, op, self.owner)
                 if found is not Found.DONE:
-                    return Outcome(found)
+                    return Outcome(found, revision=_v2_index(doc))
                 compare = {"prevValue": there}
             code, error, doc = await self._put(op.key, op.value, compare)
             if code < 300:
                 self._keep(op.key, op.value, op.key)
                 return Outcome(Found.DONE, took_over=there is not None
-                               and read_record(there)[1] != self.owner)
+                               and read_record(there)[1] != self.owner,
+                               revision=_v2_index(doc))
         return Outcome(Found.OTHERS)  # it keeps changing hands: others are at work on it
 
     async def _put(self, key: str, value: str, compare: Mapping[str, str]) -> tuple[int, int, dict]:
@@ -2026,7 +2035,7 @@ class EtcdV2:
                         if not node.get("dir"):
                             batch.append((node["key"], node.get("value") if event["action"]
                                           in ("set", "create", "update", "compareAndSwap")
-                                          else None))
+                                          else None, node["modifiedIndex"]))
                     if batch:
                         yield batch
 
@@ -2183,13 +2192,13 @@ class EtcdV3:
             todo = [i for i, o in enumerate(outcomes) if o is None]
             if not todo:
                 break
-            replies = await self._transact(lambda lease: [
+            replies, revision = await self._transact(lambda lease: [
                 self._first(ops[i], lease) if i not in seen else
                 _txn([_compare(ops[i].key, "MOD", seen[i][0])],
                      [self._put(ops[i].key, ops[i].value, lease)], [_range(ops[i].key)])
                 for i in todo])
             for i, reply in zip(todo, replies):
-                outcomes[i] = self._outcome(ops[i], reply, seen, i)
+                outcomes[i] = self._outcome(ops[i], reply, seen, i, revision)
         for i, op in enumerate(ops):
             if outcomes[i] is None:
                 outcomes[i] = Outcome(Found.OTHERS)  # it keeps changing hands
@@ -2197,28 +2206,29 @@ class EtcdV3:
                 self._track(op)
         return outcomes  # type: ignore[return-value]
 
-    async def _transact(self, build: Callable[[str], list[dict]]) -> list[dict]:
-        """One transaction of the ops build() makes for the lease; their responses."""
+    async def _transact(self, build: Callable[[str], list[dict]]) -> tuple[list[dict], int]:
+        """One transaction of the ops build() makes for the lease: their responses, and the
+        revision it made or read."""
         for attempt in range(2):
             lease = await self._lease_id()
             try:
-                return (await self._call("txn", "kv/txn", {"success": build(lease)})
-                        ).get("responses", [])
+                reply = await self._call("txn", "kv/txn", {"success": build(lease)})
+                return reply.get("responses", []), int(reply.get("header", {}).get("revision", 0))
             except EtcdError as e:
                 if "lease not found" not in str(e) or attempt:
                     raise
                 self._lease_lost(lease)  # revoked or expired: the next attempt grants another
-        return []
+        return [], 0
 
-    def _outcome(self, op: Op, reply: dict, seen: dict[int, tuple[str, str]],
-                 i: int) -> Outcome | None:
+    def _outcome(self, op: Op, reply: dict, seen: dict[int, tuple[str, str]], i: int,
+                 revision: int) -> Outcome | None:
         """What one op's response says; None: write again in the next round."""
         txn = reply.get("response_txn")
         if txn is None or txn.get("succeeded"):  # a plain put (MARK), or the compare held
-            return Outcome(Found.DONE, took_over=i in seen and
-                           read_record(seen[i][1])[1] != self.owner)  # type: ignore[index]
+            return Outcome(Found.DONE, took_over=i in seen and read_record(  # type: ignore[index]
+                seen[i][1])[1] != self.owner, revision=revision)
         if op.write in (Write.DELETE, Write.UNMARK):
-            return Outcome(Found.DONE)  # nothing of ours there to delete
+            return Outcome(Found.DONE, revision=revision)  # nothing of ours there to delete
         kvs = (txn.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
         if not kvs:
             if op.write is Write.REPLACE:
@@ -2228,7 +2238,7 @@ class EtcdV3:
         there = _unb64(kvs[0].get("value", ""))
         found = _may_write(there, op, self.owner)
         if found is not Found.DONE:
-            return Outcome(found)
+            return Outcome(found, revision=revision)
         seen[i] = (kvs[0]["mod_revision"], there)
         return None
 
@@ -2298,7 +2308,8 @@ class EtcdV3:
                         for event in result.get("events", []):
                             kv = event["kv"]
                             batch.append((_unb64(kv["key"]), None if event.get("type") == "DELETE"
-                                          else _unb64(kv.get("value", ""))))
+                                          else _unb64(kv.get("value", "")),
+                                          int(kv["mod_revision"])))
                     if batch:
                         yield batch
                     if result.get("canceled"):
@@ -2370,7 +2381,7 @@ class Slot:
     """One record (one key) and the sockets of this instance that hold it."""
 
     __slots__ = ("key", "endpoint", "holders", "state", "written", "marker", "shared",
-                 "inflight", "recheck", "waiters", "retry_at", "answered_at")
+                 "inflight", "recheck", "waiters", "retry_at", "answered_at", "revision")
 
     def __init__(self, key: str, endpoint: tuple[str, int]):
         self.key = key
@@ -2381,7 +2392,9 @@ class Slot:
         self.marker = ""  # the value of our marker in etcd (we hold it too), or ""
         self.shared = False  # it was another instance's before ours: it may hold it still
         self.inflight: Write | None = None  # the op a worker has in flight for it
-        self.recheck = False  # the watch saw it change while an op was in flight
+        self.recheck = 0  # the latest change the watch saw while an op was in flight
+        self.revision = 0  # etcd's index or revision of the last op's outcome: older changes
+        #                    (our own puts' and deletes' echoes among them) tell nothing new
         self.waiters: list[asyncio.Future] = []  # handshakes waiting for it to be in etcd
         self.retry_at = 0.0  # after etcd refused it: not before then
         self.answered_at = 0.0  # when etcd last answered an op of it (a scan before knows less)
@@ -2578,15 +2591,17 @@ class Registry:
                     if slot is not None:
                         slot.inflight = None
                         slot.answered_at = time.monotonic()
-                        if slot.recheck:
-                            slot.recheck = False
-                            if slot.state in (State.STORED, State.OTHERS) and slot.holders:
-                                slot.state = State.LOST  # a claim finds out what is there
+                        if slot.recheck > slot.revision and slot.holders and \
+                                slot.state in (State.STORED, State.OTHERS):
+                            slot.state = State.LOST  # changed after the op: a claim looks
+                        slot.recheck = 0
                         self._mark(slot)
 
     def _done(self, slot: Slot, op: Op, outcome: Outcome) -> None:
         """What an op's outcome means for its slot."""
         write, found = op.write, outcome.found
+        if write not in (Write.MARK, Write.UNMARK):  # (those are of another key)
+            slot.revision = max(slot.revision, outcome.revision)
         if write is Write.MARK:
             slot.marker = op.value
         elif write is Write.UNMARK:
@@ -2649,17 +2664,20 @@ class Registry:
 
     # -- what etcd says ------------------------------------------------------------
 
-    def _changed(self, key: str, value: str | None) -> None:
-        """The watch or a scan says key's value is now value (None: it went)."""
+    def _changed(self, key: str, value: str | None, revision: int = 0) -> None:
+        """The watch (revision: of the change) or a scan (0) says key's value is now value
+        (None: it went)."""
         slot = self.slots.get(key)
         record = None if value is None else read_record(value)
         if slot is None:
             if record is not None and record[1] == self.owner:
                 self._orphan(key, value, record[0])  # type: ignore[arg-type]
             return
+        if revision and revision <= slot.revision:
+            return  # what the last op's outcome already told
         ours = record is not None and record[1] == self.owner
-        if slot.inflight:  # its outcome comes first; then a claim checks what is there
-            slot.recheck |= not ours and not (value is None and slot.inflight is Write.DELETE)
+        if slot.inflight:  # its outcome comes first; then a claim looks, if this was later
+            slot.recheck = max(slot.recheck, revision)
             return
         state = slot.state
         if value is None:
@@ -2692,7 +2710,7 @@ class Registry:
         what etcd answered since: the watch tells that)."""
         for key, value in [*((k, None) for k in self.slots if k not in found), *found.items()]:
             slot = self.slots.get(key)
-            if slot is None or slot.answered_at < since:
+            if slot is None or not slot.inflight and slot.answered_at < since:
                 self._changed(key, value)
 
     async def _watch_loop(self) -> None:
@@ -2706,8 +2724,8 @@ class Registry:
                         self._compare(await self.backend.scan(), since)
                         self.watching.set()
                         continue
-                    for key, value in batch:
-                        self._changed(key, value)
+                    for key, value, revision in batch:
+                        self._changed(key, value, revision)
         except EtcdUnavailable as e:
             self._outage(e)
         except EtcdError as e:
