@@ -2364,8 +2364,8 @@ class State(enum.Enum):
                                                  value changed      another holder
         UNKNOWN  ours or nothing: a request      TAKE               DELETE
                  went unanswered
-        OTHERS   another instance's, for the     MARK (once)        UNMARK if marked; drop
-                 same endpoint
+        OTHERS   another instance's, for the     MARK (with the     UNMARK if marked; drop
+                 same endpoint                   holder's value)
 
     Events: an op's outcome; the watch or a scan saw the key go, change hands, or come
     back to us; keep-alive found it gone; etcd did not answer or refused. The last slot of
@@ -2472,8 +2472,9 @@ class Registry:
         self._mark(holding.slot)
 
     async def wait_stored(self, holding: Holding, timeout: float) -> str | None:
-        """Wait until the record is in etcd. An error message if etcd refused it; None when
-        it is, or when etcd does not answer in time (it is written on etcd's return)."""
+        """Wait until the record is in etcd with this socket's value (or another instance
+        holds it). An error message if etcd refused it; None when it is, or when etcd does
+        not answer in time (it is written on etcd's return)."""
         slot = holding.slot
         # In DNS: another instance's record, or ours with this socket's value (the newest
         # socket's priority and weight are the record's).
