@@ -68,7 +68,7 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from typing import (Any, AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, NamedTuple,
-                    NoReturn, Protocol, Sequence)
+                    NoReturn, Protocol, Sequence, cast)
 
 import yaml
 from tornado import httputil, iostream, netutil, web, websocket
@@ -2381,7 +2381,8 @@ class Slot:
     """One record (one key) and the sockets of this instance that hold it."""
 
     __slots__ = ("key", "endpoint", "holders", "state", "written", "marker", "shared",
-                 "inflight", "recheck", "waiters", "retry_at", "answered_at", "revision")
+                 "inflight", "recheck", "waiters", "retry_at", "answered_at", "revision",
+                 "leavers")
 
     def __init__(self, key: str, endpoint: tuple[str, int]):
         self.key = key
@@ -2398,6 +2399,7 @@ class Slot:
         self.waiters: list[asyncio.Future] = []  # handshakes waiting for it to be in etcd
         self.retry_at = 0.0  # after etcd refused it: not before then
         self.answered_at = 0.0  # when etcd last answered an op of it (a scan before knows less)
+        self.leavers: list[asyncio.Future] = []  # released sockets waiting until no delete is due
 
     @property
     def value(self) -> str:
@@ -2465,11 +2467,17 @@ class Registry:
         self._mark(slot)
         return holding
 
-    def release(self, holding: Holding) -> None:
-        holding.slot.holders.remove(holding)
+    def release(self, holding: Holding) -> asyncio.Future:
+        """Let go of a socket's hold. The future resolves once the record owes etcd no
+        delete: deleted, or staying (for another socket, or for the hand-over)."""
+        slot = holding.slot
+        slot.holders.remove(holding)
         if self.draining:  # closed for the hand-over: the record waits for the next instance
-            self._keep.add(holding.slot)
-        self._mark(holding.slot)
+            self._keep.add(slot)
+        settled = asyncio.get_running_loop().create_future()
+        slot.leavers.append(settled)
+        self._mark(slot)
+        return settled
 
     async def wait_stored(self, holding: Holding, timeout: float) -> str | None:
         """Wait until the record is in etcd with this socket's value (or another instance
@@ -2532,11 +2540,17 @@ class Registry:
     def _mark(self, slot: Slot) -> None:
         if slot.inflight:
             return  # the worker marks it again when its op is done
-        if self._next_op(slot) is not None:
+        op = self._next_op(slot)
+        if op is not None:
             self._dirty[slot] = None
             self._work.set()
         elif not slot.holders and (slot.state is not State.STORED or slot not in self._keep):
             self._drop(slot)
+        if slot.leavers and (op is None or op.write is not Write.DELETE):
+            for settled in slot.leavers:
+                if not settled.done():
+                    settled.set_result(None)
+            slot.leavers.clear()
 
     def _drop(self, slot: Slot) -> None:
         if self.slots.get(slot.key) is not slot:
@@ -3082,6 +3096,36 @@ class _QuietHandler:
                       error=f"{typ.__name__}: {value}", exc_info=(typ, value, tb))
 
 
+class _AnswerCloseWhenSettled(websocket.WebSocketProtocol13):
+    """Tornado's protocol, but a client's close frame lets go of the record at once and is
+    answered only when the record owes etcd no delete (or etcd_timeout later): a closing
+    handshake ends with the record out of DNS, as an opening one ends with it in. The
+    deletes go before the answers: in a mass close, a delete no longer waits behind
+    thousands of answers and socket closes (2,000 sockets, v2: all gone 0.23 -> 0.17 s)."""
+
+    answer: tuple[int | None, str | None] | None = None  # the close frame owed, once due
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if self.answer is None and self.client_terminated and not self.server_terminated:
+            self.answer = (code, reason)
+            handler = cast(ProvideHandler, self.handler)
+            settled = handler.client_closed(self.close_code, self.close_reason)
+            if settled is not None:
+                timer = asyncio.get_running_loop().call_later(
+                    handler.server.cfg.etcd_timeout, self._send_answer)
+                settled.add_done_callback(lambda _: (timer.cancel(), self._send_answer()))
+                return
+        super().close(code, reason)
+
+    def _send_answer(self) -> None:
+        if not self.server_terminated and self.answer is not None:
+            super().close(*self.answer)
+
+    def on_connection_close(self) -> None:
+        if self.answer is None or self.server_terminated:  # (not while the answer is owed)
+            super().on_connection_close()
+
+
 class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
     def initialize(self, server: "Skyapi") -> None:
         self.server = server
@@ -3092,8 +3136,13 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
         self.peer = ""  # the checked address, counted in Admissions while anything is held
         self.holding: Holding | None = None  # from admission to the end, whatever ends it
         self._waiting: asyncio.Future | None = None  # for etcd to store it, in the handshake
+        self._settled: asyncio.Future | None = None  # the release's (Registry.release)
         self.since = 0.0
         self.opened = False
+
+    def get_websocket_protocol(self) -> websocket.WebSocketProtocol | None:
+        protocol = cast(websocket.WebSocketProtocol13 | None, super().get_websocket_protocol())
+        return protocol and _AnswerCloseWhenSettled(self, protocol.mask_outgoing, protocol.params)
 
     def check_origin(self, origin: str) -> bool:
         # Tornado would answer a foreign origin with a bare 403; admit() refuses it with
@@ -3179,8 +3228,15 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
         self._end(code, reason)
         super().close(code, reason)
 
+    def client_closed(self, code: int | None, reason: str | None) -> asyncio.Future | None:
+        """The client's close frame came: the record goes now. The release's future, which
+        the close's answer waits for; None if nothing was held."""
+        self._end(code, reason)
+        return self._settled
+
     def on_close(self) -> None:
-        """The connection ended: a close frame, a reset, or a hang-up before the upgrade."""
+        """The connection ended: a reset, a hang-up before the upgrade, or a close frame
+        (whose client_closed came first)."""
         self._end(self.close_code, self.close_reason if self.opened else "hung up in the handshake")
 
     def on_finish(self) -> None:
@@ -3201,7 +3257,7 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
         if holding is not None:
             if self._waiting is not None:
                 self._waiting.cancel()  # a hang-up in the handshake: stop waiting for etcd
-            self.server.registry.release(holding)
+            self._settled = self.server.registry.release(holding)
             self.server.admissions.remove(self.peer)
             self.server.sockets.discard(self)
         return holding

@@ -594,6 +594,71 @@ async def test_record_is_in_etcd_when_the_socket_opens_and_gone_at_close(etcd, v
         assert time.monotonic() - closed_at < 0.1
 
 
+async def closed_by_client(conn, code: int = 1000) -> float:
+    """Close from the client's side; seconds until the server's answering close frame came."""
+    started = time.monotonic()
+    conn.close(code)
+    assert await asyncio.wait_for(conn.read_message(), 10) is None
+    assert conn.close_code == code  # the server's frame, echoing ours
+    return time.monotonic() - started
+
+
+@async_test
+async def test_a_close_is_answered_once_the_record_is_out_of_etcd(etcd, version):
+    """As a socket opens with its record in etcd, a client's close ends with it gone: with
+    etcd slow to answer (a frozen link), the answer waits for the delete."""
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    cfg = config([proxy.url], version)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        conns = [await connect(server, f"service=bye&port={port}") for port in (1, 2)]
+        keys = [skyapi.record_key(skyapi.Registration("bye", ("services",), "127.0.0.1", port),
+                                  "/skydns", cfg.dns_root) for port in (1, 2)]
+        assert await view.keys_are(cfg, keys)
+        proxy.freeze()
+        answered = asyncio.ensure_future(closed_by_client(conns[0]))
+        await asyncio.sleep(0.3)  # a while with etcd not answering: no answer either
+        assert not answered.done() and await view.has(cfg, keys[0])
+        proxy.flowing.set()
+        await answered
+        assert await view.keys_are(cfg, keys[1:])  # looked at as the answer came, no waiting
+        await closed_by_client(conns[1])
+        assert await view.empty(cfg)
+    await proxy.cut()
+
+
+@async_test
+async def test_a_close_that_leaves_the_record_to_another_socket_is_answered_at_once(etcd):
+    cfg = config([etcd.url])
+    view = EtcdView(etcd.url, 2)
+    async with running(cfg) as server:
+        first = await connect(server, "service=twice&port=7")
+        second = await connect(server, "service=twice&port=7&priority=5")
+        [key] = await view.records(prefix_of(cfg))
+        assert await closed_by_client(second) < 1
+        assert await view.owned_by(cfg, key, server.owner)  # the first socket still holds it
+        await closed_by_client(first)
+        assert await view.lacks(key)
+
+
+@pytest.mark.slow
+@async_test
+async def test_a_close_during_an_outage_is_answered_after_etcd_timeout_and_deleted_later(
+        private_etcd, version):
+    etcd = private_etcd
+    cfg = config([etcd.url], version, etcd_timeout=1.0)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        conn = await connect(server, "service=away&port=8")
+        [key] = await view.records(prefix_of(cfg))
+        etcd.kill()
+        seconds = await closed_by_client(conn)
+        assert 0.5 < seconds < cfg.etcd_timeout + 1  # not before: the delete was owed
+        etcd.start()
+        await wait_until(lambda: view.lacks(key), cfg.timeout)  # not left behind
+
+
 @async_test
 async def test_refusals_write_nothing(etcd, version):
     cfg = config([etcd.url], version)
