@@ -919,8 +919,8 @@ def shown_default(s: Setting) -> str:
 
 
 def server_arg_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(
-        prog="skyapi.py", usage="%(prog)s [-c FILE] [--SETTING VALUE ...]",
+    p = _ArgumentParser(  # no abbreviations: as Go's flags, and a typo is never another flag
+        prog="skyapi.py", usage="%(prog)s [-c FILE] [--SETTING VALUE ...]", allow_abbrev=False,
         description="Keep SkyDNS/CoreDNS records in etcd for live websockets. Every setting is "
         "a flag and a key of the YAML file (--dns-root <-> dns_root); a flag wins over the file.",
         epilog="To try it: 'skyapi.py --dev' runs a throwaway etcd. The client that holds a "
@@ -3782,7 +3782,7 @@ def serve_provide_health(addr: str, state: ProvideState) -> HTTPServer:
 
 def provide_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="skyapi.py provide",
+        prog="skyapi.py provide", allow_abbrev=False,
         description="Register a service with skyapi and hold the registration until "
                     "SIGTERM/SIGINT; the record goes when this stops.",
         epilog=f"The token may also come from the environment variable {TOKEN_ENV} "

@@ -115,6 +115,15 @@ def test_bad_flag_value_names_the_key():
         skyapi.load_config(["--timeout", "soon"])
 
 
+def test_flags_are_never_abbreviated():
+    """As the Go original's: a shortened flag is a typo, named, never a longer flag."""
+    with pytest.raises(skyapi.ConfigError, match=r"^--listen: unknown flag; did you mean --listen-addr\?"):
+        skyapi.load_config(["--listen", "127.0.0.1:1"])
+    with pytest.raises(SystemExit):
+        skyapi.provide_arg_parser().parse_args(["--url", "ws://x", "--service", "web",
+                                                "--port", "1", "--check", "127.0.0.1:1"])
+
+
 def test_bad_config_file_stops_startup_with_one_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("dns_root: turtles.com\ntimout: 5\n")
