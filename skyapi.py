@@ -3386,11 +3386,13 @@ class Skyapi:
         sockets = netutil.bind_sockets(port, host or None, backlog=4096)
         self.port = sockets[0].getsockname()[1]
         # A connection has request_timeout to send its request head (idle kept-alive ones
-        # too: the wait for the next request is the same read) and as much for a body.
+        # too: the wait for the next request is the same read) and as much for a body. No
+        # request of skyapi's has a body: one of over 4 KB is answered 400 before a byte of it
+        # is read (Tornado would hold up to 100 MB of it before any handler sees the request).
         self._http = HTTPServer(self.application(), xheaders=self.cfg.xheaders,
                                 ssl_options=server_ssl_context(self.cfg),
                                 idle_connection_timeout=self.cfg.request_timeout,
-                                body_timeout=self.cfg.request_timeout)
+                                body_timeout=self.cfg.request_timeout, max_body_size=4096)
         self._http.add_sockets(sockets)
         self._pinging = asyncio.ensure_future(self.sockets.run())
         await self.registry.start()

@@ -2264,6 +2264,27 @@ async def test_connections_that_never_finish_their_request_are_closed(etcd):
         await wait_until(lambda: view.empty(cfg), 2)
 
 
+@async_test
+async def test_a_request_with_a_large_body_is_refused_before_its_body_is_read(etcd):
+    """No request of skyapi's has a body: one that announces over 4 KB is answered 400 at
+    once, not held (Tornado's default would read up to 100 MB first), and writes nothing."""
+    cfg = config([etcd.url])
+    view = EtcdView(etcd.url, 2)
+    async with running(cfg) as server:
+        for path in (b"/provide?service=big&port=1", b"/metrics"):
+            reader, writer = await raw_request(
+                server.port, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 100000000\r\n\r\n" + b"x" * 1024)
+            answer = await asyncio.wait_for(reader.read(), 2)  # the rest never comes
+            assert answer.startswith(b"HTTP/1.1 400"), answer
+            writer.close()
+        r = await raw_request(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                                           b"Content-Length: 10\r\n\r\n0123456789")
+        assert (await r[0].readuntil(b"ok\n")).startswith(b"HTTP/1.1 200")  # a small one is fine
+        r[1].close()
+        assert await view.empty(cfg)
+
+
 def test_histogram_counts_each_observation_once_and_renders_cumulative_buckets():
     h = skyapi.Histogram((0.1, 1.0))
     for seconds in (0.05, 0.1, 0.5, 3.0):
