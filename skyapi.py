@@ -2861,12 +2861,13 @@ class Registry:
 # A request Tornado then answers itself (400, 403, 426) never held anything,
 # and on_finish() gives back whatever is held by a response that is not a 101;
 # a hang-up, a close frame, a reset, a missed pong or our own close give it
-# back at once. Each count has one owner: Admissions (requests from admission
-# to their end, by peer: what the limits count), OpenSockets (the open ones,
-# pinged from one timer), Metrics (counters), the registry (records). Around
-# /provide: health, readiness, the registration list and Prometheus metrics.
-# No log line carries a query string, where a client's token may be. Skyapi
-# ties the pieces into one running server.
+# back at once. A client's close frame is answered once etcd has let go of the
+# record too: a socket closes out of DNS as it opened in it. Each count has one
+# owner: Admissions (requests from admission to their end, by peer: what the
+# limits count), OpenSockets (the open ones, pinged from one timer), Metrics
+# (counters), the registry (records). Around /provide: health, readiness, the
+# registration list and Prometheus metrics. No log line carries a query string,
+# where a client's token may be. Skyapi ties the pieces into one running server.
 # ---------------------------------------------------------------------------
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
