@@ -2184,12 +2184,14 @@ async def test_one_timer_pings_every_socket_and_a_missed_pong_drops_it_at_once(e
         await wait_until(lambda: len(pings) == 20 and min(pings.values()) >= 3, 5)
         ping_tasks = [t for t in asyncio.all_tasks() if "periodic_ping" in repr(t.get_coro())]
         assert not ping_tasks  # not one task (or timer) per socket
-        mute = await mute_peer(server.port, "service=p&port=99")
+        mute_reader, mute = await raw_request(server.port, upgrade_request("service=p&port=99"))
+        assert (await mute_reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
         await wait_until(lambda: view.count_is(cfg, 21), 2)
         opened = time.monotonic()
         await wait_until(lambda: view.count_is(cfg, 20), cfg.ping_interval + cfg.ping_timeout + 2)
         assert time.monotonic() - opened <= cfg.ping_interval + cfg.ping_timeout + 1
         assert server.metrics.dropped_peers == 1
+        await asyncio.wait_for(mute_reader.read(), 1)  # its socket is closed too, at once
         assert (len(server.sockets), server.admissions.total) == (20, 20)
         assert all(c.close_code is None for c in conns)  # the answering ones stay
         mute.close()
