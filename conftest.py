@@ -74,7 +74,8 @@ async def wait_until(poll: Callable[[], Any], timeout: float, interval: float = 
         if until(value):
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what or inspect.getsource(poll).strip()}")
+            raise AssertionError(f"not within {timeout} s: {what or inspect.getsource(poll).strip()}"
+                                 f"; last: {value!r:.500}")  # what it was, for a rare failure
         await asyncio.sleep(interval)
 
 

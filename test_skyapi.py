@@ -2734,7 +2734,8 @@ async def test_v2_sockets_that_end_around_outages_leave_no_empty_directory(priva
             await open_some(40)
             await asyncio.sleep(cfg.timeout)
         want = {record_of(cfg, f"svc{port % 30}", port) for port in conns}
-        await wait_until(lambda: view.keys_are(cfg, want), cfg.timeout, interval=0.1)
+        await wait_until(lambda: view.records(prefix_of(cfg)), cfg.timeout, interval=0.1,
+                         until=lambda records: set(records) == want)
         for c in conns.values():
             c.close()
         await wait_until(lambda: view.dirs(root), 3 * cfg.timeout, interval=0.1,
