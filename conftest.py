@@ -134,6 +134,12 @@ class TestEtcd(skyapi.DevEtcd):
         context.load_cert_chain(cert, key)
         return context
 
+    async def restart(self) -> "TestEtcd":
+        """start() in a thread: it waits a second or two for etcd to answer, and a test's
+        event loop, where an in-process skyapi runs, must not stop meanwhile (it would
+        miss the pongs due then and drop live sockets)."""
+        return await asyncio.to_thread(self.start)
+
     def wipe(self) -> None:
         shutil.rmtree(self.data_dir + "/data", ignore_errors=True)
 
