@@ -895,11 +895,11 @@ async def raw_request(port: int, request: bytes) -> tuple[asyncio.StreamReader,
     return reader, writer
 
 
-async def mute_peer(port: int, query: str) -> asyncio.StreamWriter:
+async def mute_peer(port: int, query: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A websocket peer that completes the handshake, then never reads: it misses every ping."""
     reader, writer = await raw_request(port, upgrade_request(query))
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
-    return writer
+    return reader, writer
 
 
 @async_test
@@ -971,7 +971,7 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage(private_
         await wait_until(lambda: scrape(server.port), 2, until=lambda m: (
             sample(m, "skyapi_connections_open"), sample(m, "skyapi_records")) == (1, 1))
 
-        mute = await mute_peer(server.port, "service=mute&port=3")
+        _, mute = await mute_peer(server.port, "service=mute&port=3")
         await wait_until(lambda: scrape(server.port), cfg.ping_interval + cfg.ping_timeout + 2,
                          until=lambda m: sample(m, "skyapi_dropped_peers_total") == 1)
         mute.close()
@@ -2184,8 +2184,7 @@ async def test_one_timer_pings_every_socket_and_a_missed_pong_drops_it_at_once(e
         await wait_until(lambda: len(pings) == 20 and min(pings.values()) >= 3, 5)
         ping_tasks = [t for t in asyncio.all_tasks() if "periodic_ping" in repr(t.get_coro())]
         assert not ping_tasks  # not one task (or timer) per socket
-        mute_reader, mute = await raw_request(server.port, upgrade_request("service=p&port=99"))
-        assert (await mute_reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        mute_reader, mute = await mute_peer(server.port, "service=p&port=99")
         await wait_until(lambda: view.count_is(cfg, 21), 2)
         opened = time.monotonic()
         await wait_until(lambda: view.count_is(cfg, 20), cfg.ping_interval + cfg.ping_timeout + 2)
