@@ -1808,8 +1808,8 @@ def _v2_path(key: str) -> str:
 
 class _Kept(NamedTuple):
     """A key the v2 backend wrote and keeps alive, with the parts of its requests encoded
-    once: 10,000 records cost 1,000 refreshes a second, and a mass close 10,000 deletes, and
-    encoding took 9% of skyapi's CPU in a 2,000-socket close."""
+    once: 10,000 records cost 1,000 refreshes a second and a mass close 10,000 deletes, and
+    encoding them took 9% of skyapi's CPU in a 2,000-socket close."""
     value: str
     record: str  # its record's key: itself, or the record a marker is for
     path: str
