@@ -3708,21 +3708,28 @@ async def resolve_srv(name: str, server: tuple[str, int],
                                query_id)
 
 
-def pick_srv(records: Sequence[tuple[int, int, str, int]]) -> tuple[str, int]:
-    """RFC 2782: the lowest priority, then at random by weight."""
+def pick_srv(records: Sequence[tuple[int, int, str, int]],
+             avoid: tuple[str, int] | None = None) -> tuple[str, int]:
+    """RFC 2782: the lowest priority, then at random by weight; but not the instance to
+    avoid (the last one tried: gone away, or gone) while the answer lists another. A DNS
+    cache may list a stopped instance for a TTL yet, and a client sent back to it again and
+    again would back off until its record, kept for the hand-over, is gone."""
+    records = [r for r in records if (r[2], r[3]) != avoid] or records
     best = min(r[0] for r in records)
     candidates = [r for r in records if r[0] == best]
     _, _, host, port = random.choices(candidates, [r[1] + 0.01 for r in candidates])[0]
     return host, port
 
 
-async def server_url(url: str, dns_server: tuple[str, int] | None) -> str:
+async def server_url(url: str, dns_server: tuple[str, int] | None,
+                     avoid: tuple[str, int] | None = None) -> tuple[str, tuple[str, int] | None]:
     """url itself, or for srv://NAME one live skyapi found by an SRV lookup of NAME (each
-    instance registers itself with self_register), looked up again at every attempt."""
+    instance registers itself with self_register), looked up again at every attempt, other
+    than avoid if it can be; and the instance (host, port) it found."""
     if not url.startswith("srv://"):
-        return url
-    host, port = pick_srv(await resolve_srv(url[6:], dns_server or system_dns_server()))
-    return f"ws://{'[' + host + ']' if ':' in host else host}:{port}"
+        return url, None
+    host, port = pick_srv(await resolve_srv(url[6:], dns_server or system_dns_server()), avoid)
+    return f"ws://{'[' + host + ']' if ':' in host else host}:{port}", (host, port)
 
 
 async def provide(urls: str | Sequence[str], service: str, port: int, stop: asyncio.Event, *,
@@ -3746,6 +3753,7 @@ async def provide(urls: str | Sequence[str], service: str, port: int, stop: asyn
     params = {"service": service, "port": port, "host": host, "category": category,
               "priority": priority, "weight": weight, "prefix": prefix}
     target = urls[0]  # the last URL tried (for srv:// the instance it led to)
+    instance = None  # the last instance an SRV lookup led to: the next tries another
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     turn = 0  # which of urls the next attempt goes to
     attempts = 0  # reconnect attempts since the last registration
@@ -3765,7 +3773,8 @@ async def provide(urls: str | Sequence[str], service: str, port: int, stop: asyn
         waiting = False
         url = target = urls[turn % len(urls)]
         try:
-            target = provide_url(await server_url(url, dns_server), params)
+            base, instance = await server_url(url, dns_server, instance)
+            target = provide_url(base, params)
         except (OSError, ValueError, IndexError, asyncio.TimeoutError) as e:  # no answer, none
             ended, held, why = "failed", None, f"no server for {url}: {str(e) or type(e).__name__}"
             log_event(logging.WARNING, "provide_no_server", url=url, error=str(e) or type(e).__name__)

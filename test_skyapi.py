@@ -3426,10 +3426,12 @@ async def test_etcd_leader_killed_under_200_sockets(version):
 class MiniSkyDNS(asyncio.DatagramProtocol):
     """Answers SRV queries from etcd the way SkyDNS does (one SRV per record under the
     name's path, target <id>.<name>, the target's A/AAAA in the additional section).
-    Built with dnspython, so the client's parser is checked against another encoder."""
+    Built with dnspython, so the client's parser is checked against another encoder.
+    With fixed records ({key: value}) it answers those whatever etcd holds, as a DNS cache
+    does until their TTL runs out."""
 
-    def __init__(self, view: EtcdView, etcd_prefix: str = "/skydns"):
-        self.view, self.etcd_prefix = view, etcd_prefix
+    def __init__(self, view: EtcdView, etcd_prefix: str = "/skydns", fixed: dict | None = None):
+        self.view, self.etcd_prefix, self.fixed = view, etcd_prefix, fixed
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
@@ -3449,7 +3451,8 @@ class MiniSkyDNS(asyncio.DatagramProtocol):
         labels = [label.decode() for label in name.labels if label]
         path = self.etcd_prefix + "/" + "/".join(reversed(labels)) + "/"
         reply = dns.message.make_response(query)
-        for key, value in (await self.view.records(path)).items():
+        records = self.fixed if self.fixed is not None else await self.view.records(path)
+        for key, value in records.items():
             record = json.loads(value)
             target = f"{key.rsplit('/', 1)[1]}.{name}"
             reply.answer.append(dns.rrset.from_text(
@@ -3475,6 +3478,10 @@ def test_srv_reply_parsing_handles_compression_and_additional_addresses():
                                                           (2, 5, "b.skyapi.services.x.local", 8054)]
     assert skyapi.parse_srv_reply(wire, 4243) == []  # not our query
     assert skyapi.pick_srv(skyapi.parse_srv_reply(wire, 4242)) == ("10.0.0.1", 8053)
+    assert skyapi.pick_srv(skyapi.parse_srv_reply(wire, 4242), avoid=("10.0.0.1", 8053)) == \
+        ("b.skyapi.services.x.local", 8054)  # another than the last tried, while there is one
+    assert skyapi.pick_srv([(1, 100, "10.0.0.1", 8053)], avoid=("10.0.0.1", 8053)) == \
+        ("10.0.0.1", 8053)
     pointer_loop = struct.pack(">HHHHHH", 7, 0x8180, 1, 0, 0, 0) + b"\xc0\x0c\0\x21\0\x01"
     with pytest.raises(ValueError, match="too long"):  # a hostile reply: an error, not a hang
         skyapi.parse_srv_reply(pointer_loop, 7)
@@ -3506,6 +3513,41 @@ async def test_instances_self_register_and_the_client_finds_them_by_srv(etcd, ve
         stop.set()
         await asyncio.wait_for(client, 5)
         await wait_until(lambda: view.records(found), 2, until=lambda r: not r)
+
+
+@async_test
+async def test_a_client_sent_away_tries_another_instance_than_a_stale_srv_answer_prefers(
+        etcd, version):
+    """A DNS cache may go on listing an instance that has stopped. The client it sent away
+    must reconnect to another one, not back to it (until its record, kept for the
+    hand-over, is gone)."""
+    root = unique_root()
+    cfg = config([etcd.url], version, dns_root=root, self_register="127.0.0.1", drain_grace=2)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as a, running(cfg) as b:
+        listed = await view.records(prefix_of(cfg) + "services/skyapi/")
+        stale = {}  # the cache's answer: a first (priority 0), b only after it
+        for key, value in listed.items():
+            record = json.loads(value)
+            record["priority"] = 0 if record["port"] == a.port else 10
+            stale[key] = json.dumps(record)
+        dns_port = await MiniSkyDNS(view, fixed=stale).start()
+        stop = asyncio.Event()
+        client = asyncio.ensure_future(skyapi.provide(
+            f"srv://skyapi.services.{root}", "moved", 7, stop,
+            dns_server=("127.0.0.1", dns_port), ping_interval=1, backoff_cap=0.5))
+        found = prefix_of(cfg) + "services/moved/"
+        await wait_until(lambda: view.records(found), 10)
+        assert len(a.sockets) == 1 and not b.sockets
+        with EtcdPoller(etcd.url, version, found) as poller:
+            stopping = asyncio.ensure_future(a.stop())  # 1001 to the client; record kept 2 s
+            await wait_until(lambda: len(b.sockets) == 1, 1.5, what="the client on b")
+            assert "shutting_down" not in a.metrics.refused  # it never came back to a
+            await stopping
+        assert (await view.records(found)).keys() == {record_of(cfg, "moved", 7)}
+        assert poller.lowest == 1  # in DNS throughout
+        stop.set()
+        await asyncio.wait_for(client, 5)
 
 
 # Hand-over: clients move between instances without leaving DNS
