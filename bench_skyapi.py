@@ -1882,7 +1882,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", metavar="REV_OR_FILE",
                    help="also run this skyapi.py (a file, or a git revision of this checkout's) "
                         "on the same scenarios, alternating with this code's runs, and compare "
-                        "the medians side by side; targets stated against 'before' use its")
+                        "the medians side by side; a target stated against 'before' uses its "
+                        "median")
     p.add_argument("--rounds", type=int,
                    help="runs of each scenario (default 1; with --baseline 3 of each side)")
     p.add_argument("--versions", help="etcd API versions (default 2,3)")
