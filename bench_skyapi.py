@@ -2054,11 +2054,10 @@ def compare_runs(version: int, n: int, runs: list[dict], baseline: list[dict] | 
         if not results or len(values) < len(results):
             return None
         return round(statistics.median(values), 3)
-    many = len(runs) > 1 or baseline
     r: dict[str, Any] = {
         "kind": "comparison", "version": version, "n": n, "runs": len(runs),
         "baseline": baseline[0]["baseline"] if baseline else None,
-        "label": f"v{version} N={n}" + (f", median of {len(runs)} runs" if many else "")}
+        "label": f"v{version} N={n}" + (f", median of {len(runs)} runs" if len(runs) > 1 else "")}
     for _, field in COMPARED:
         r[field] = median(runs, field)
         r["baseline_" + field] = median(baseline, field) if baseline else None
