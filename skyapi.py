@@ -1394,6 +1394,21 @@ class _Connection(asyncio.Protocol):
                 batch.settle(i, error)
 
 
+# TCP keepalive on every connection to etcd: a watch may carry nothing for hours, and a NAT,
+# a conntrack table or a load balancer in between forgets an idle flow without a word (an AWS
+# NLB after 350 s). The watch would then wait for ever while records change unseen. Probes
+# keep such a flow alive, and end one whose far side is gone (the watch then starts again and
+# compares everything), within idle + interval x count seconds.
+KEEPALIVE_PROBES = {"TCP_KEEPIDLE": 30, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
+
+
+def _probe_when_idle(sock: Any) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE_PROBES.items():
+        if hasattr(socket, name):  # Linux; elsewhere the system's timers apply
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 class _Pool:
     """The connections to one endpoint: at most `limit`, each carrying pipelined requests."""
 
@@ -1425,6 +1440,7 @@ class _Pool:
                 transport, _ = await loop.create_connection(
                     lambda: protocol, address[0], address[1], ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None)
+                _probe_when_idle(transport.get_extra_info("socket"))
                 return transport
             except OSError as e:
                 errors.append(e)

@@ -3135,6 +3135,49 @@ async def test_etcd_client_stream_is_refused_when_the_v2_watch_index_is_cleared(
     client.close()
 
 
+def sockets_to(port: int) -> dict[str, socket.socket]:
+    """This process's TCP connections to port on loopback, by the kernel's name for each
+    (socket:[inode]); each a duplicate, to read its options."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            if not name.startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(fd)))  # its own family and type
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            if sock.family == socket.AF_INET and sock.getpeername()[1] == port:
+                found[name] = sock
+                continue
+        except OSError:
+            pass  # not connected
+        sock.close()
+    return found
+
+
+@async_test
+async def test_etcd_client_connections_probe_when_idle(etcd):
+    """A watch may carry nothing for hours, and a NAT or a load balancer forgets an idle flow
+    without a word: every connection to etcd, the watch's too, sends TCP keepalive probes,
+    which keep such a flow alive, or end it when the far side is gone."""
+    port = urllib.parse.urlsplit(etcd.url).port
+    before = sockets_to(port)
+    client = skyapi.EtcdClient([etcd.url], 2.0, 4)
+    await client.request_many("get", [("GET", "/v2/keys/", b"", FORM)] * 8)  # pooled ones
+    async with client.stream("watch", "GET", "/v2/keys/?wait=true&stream=true"):
+        made = {name: sock for name, sock in sockets_to(port).items() if name not in before}
+        assert len(made) >= 2  # the watch and the pool's
+        for sock in made.values():
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+    for sock in [*before.values(), *made.values()]:
+        sock.close()
+    client.close()
+
+
 # --- etcd v3: one lease, O(1) keep-alive ------------------------------------------
 
 
