@@ -740,7 +740,7 @@ def _typed(setting: Setting, value: Any, from_flag: bool) -> Any:
     if kind is list:
         items = [value] if isinstance(value, (str, dict)) else value
         if from_flag and setting.item is dict:
-            items = [_yaml_text(v) for v in items]
+            items = [_yaml_text(cast(str, v)) for v in items]  # a flag's value is text
         if isinstance(items, list) and all(isinstance(v, setting.item) for v in items):
             return items
         what = "mappings" if setting.item is dict else "URLs"
@@ -1438,7 +1438,7 @@ class _Pool:
         for *_, address in await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
             try:
                 transport, _ = await loop.create_connection(
-                    lambda: protocol, address[0], address[1], ssl=self.ssl,
+                    lambda: protocol, str(address[0]), int(address[1]), ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None)
                 _probe_when_idle(transport.get_extra_info("socket"))
                 return transport
@@ -1929,8 +1929,9 @@ class EtcdV2:
         firsts = [self._first(op) for op in ops]
         answers: dict[int, tuple[int, int, dict]] = {}
         for name in {first[0] for first in firsts if first}:
-            these = [i for i, first in enumerate(firsts) if first and first[0] == name]
-            answers.update(zip(these, await self._many(name, [firsts[i][1] for i in these])))
+            these = [(i, first[1]) for i, first in enumerate(firsts) if first and first[0] == name]
+            answers.update(zip([i for i, _ in these],
+                               await self._many(name, [request for _, request in these])))
         outcomes = [self._settle(op, answers.get(i)) for i, op in enumerate(ops)]
         rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
         for i, outcome in zip(rest, await asyncio.gather(*(self._go_on(ops[i]) for i in rest))):
@@ -1987,13 +1988,13 @@ class EtcdV2:
             code, error, doc = await self._put(op.key, op.value, compare)
             if code < 300:
                 self._keep(op.key, op.value, op.key)
-                return Outcome(Found.DONE, took_over=there is not None
-                               and read_record(there)[1] != self.owner,
+                record = read_record(there) if there is not None else None
+                return Outcome(Found.DONE, took_over=record is not None and record[1] != self.owner,
                                revision=_v2_index(doc))
         return Outcome(Found.OTHERS)  # it keeps changing hands: others are at work on it
 
     async def _put(self, key: str, value: str, compare: Mapping[str, str]) -> tuple[int, int, dict]:
-        code, error, doc = await self._request("put", "PUT", key, value=value,
+        code, error, doc = await self._request("put", "PUT", key, {}, value=value,
                                                ttl=self.cfg.timeout, **compare)
         if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED, NODE_EXISTS):
             raise self._refused("put", key, doc)
@@ -2242,9 +2243,10 @@ class EtcdV3:
             for i, reply in zip(todo, replies):
                 outcomes[i] = self._outcome(ops[i], reply, seen, i, revision)
         for i, op in enumerate(ops):
-            if outcomes[i] is None:
+            outcome = outcomes[i]
+            if outcome is None:
                 outcomes[i] = Outcome(Found.OTHERS)  # it keeps changing hands
-            elif outcomes[i].found is Found.DONE:
+            elif outcome.found is Found.DONE:
                 self._track(op)
         return outcomes  # type: ignore[return-value]
 
@@ -3338,7 +3340,8 @@ class _AdminHandler(_ServerHandler):
         except Refusal as e:
             self.set_status(401)
             self.set_header("WWW-Authenticate", "Bearer")
-            return self.finish(f"{e}\n")
+            self.finish(f"{e}\n")
+            return
         if token is None or not token.admin:
             self.set_status(403)
             self.finish("token: is not an admin token\n")
@@ -3571,6 +3574,7 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
     after a registration, "failed" without one), the seconds it was registered (None: the
     server never confirmed it) and what went wrong. Raises ProvideRefused."""
     state.now(f"connecting to {url}")
+    listener = "{}:{}".format(*check_tcp) if check_tcp else ""
     error = None  # the server's ERROR message, if it sent one
     closed, registered = asyncio.Event(), asyncio.Event()
 
@@ -3581,9 +3585,9 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
         elif isinstance(message, str) and message.startswith("ERROR:"):
             error = message
 
-    connecting = websocket.websocket_connect(
+    connecting = cast(asyncio.Future, websocket.websocket_connect(  # (typed as an Awaitable)
         HTTPRequest(url, headers=dict(headers), connect_timeout=10, request_timeout=10),
-        on_message_callback=on_message, ping_interval=ping_interval, ping_timeout=ping_interval)
+        on_message_callback=on_message, ping_interval=ping_interval, ping_timeout=ping_interval))
     await _first(asyncio.shield(connecting), stop.wait())
     if not connecting.done():  # stopped mid-connect: close the socket if it still opens
         connecting.add_done_callback(lambda f: f.exception() or f.result().close())
@@ -3627,8 +3631,8 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
     await _first(closed.wait(), stop.wait(), watch_listener())
     ended = "stopped" if stop.is_set() else "withdrawn" if listener_gone.is_set() else ""
     if ended:
-        state.now("stopping" if ended == "stopped" else "withdrawing: {}:{} stopped "
-                  "accepting".format(*check_tcp))
+        state.now("stopping" if ended == "stopped" else f"withdrawing: {listener} stopped "
+                  "accepting")
         conn.close(1000, "listener gone" if ended == "withdrawn" else "stopping")
         await _first(closed.wait(), asyncio.sleep(2))  # the server's close frame: the record is gone
     else:
@@ -3641,7 +3645,7 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
         state.now(f"refused: {why}")
         raise ProvideRefused(why)
     if ended == "withdrawn":
-        log_event(logging.INFO, "provide_withdrawn", url=url, check_tcp="{}:{}".format(*check_tcp))
+        log_event(logging.INFO, "provide_withdrawn", url=url, check_tcp=listener)
     if ended:
         return ended, held, ""
     why = error or f"closed with code {code or 'none'} {reason}".strip()
