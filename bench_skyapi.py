@@ -61,6 +61,7 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import functools
 import http.client
 import importlib.util
@@ -69,8 +70,10 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import pathlib
 import platform
 import random
+import re
 import resource
 import signal
 import socket
@@ -89,7 +92,8 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import skyapi  # noqa: E402  (record keys)
-from conftest import TestEtcd, free_port  # noqa: E402  (etcd as the tests start it)
+from conftest import (  # noqa: E402  (etcd, skyapi and provide as the tests start them)
+    LOG_LINE, EtcdView, SkyapiProcess, TestEtcd, free_port, provide_process)
 
 SERVICE = "bench"          # the N sockets of a scenario
 FREEZE_SERVICE = "benchfreeze"  # the sockets of the frozen client process
@@ -1538,6 +1542,1168 @@ def handover_figures(r: dict[str, Any], term: float, counts: list[tuple[float, i
 
 
 # ---------------------------------------------------------------------------
+# Chaos: the recommended topology under random faults, checked every 100 ms
+#
+# Three skyapi instances on a three-member etcd cluster; lean websocket
+# clients that move between the instances (a tenth of the identities held
+# twice at once, through two instances) and real `provide` processes; seeded
+# random faults: clean closes, resets, clients that freeze, instances that get
+# SIGTERM or SIGKILL (and start again), etcd members frozen or killed (and
+# started again), short quorum losses. A checker reads etcd every 100 ms as
+# DNS would (any member that runs, a linearizable read) and compares it with
+# the sockets open at that moment, by the times the clients saw:
+#
+#   MISSING   a socket registered before the read began and open after it
+#             ended, and no record. Allowed only while quorum is lost (and
+#             QUORUM_TAIL after it), while the socket's own instance is dying
+#             (signalled, its client not yet told), and for under
+#             OWNER_KILLED_REPAIR when the record's owner was killed (its TTL
+#             ran out under a co-holder, which puts it back).
+#   STALE     a record with no socket open (nor opening) for it, older than
+#             its bound after the last socket ended (a frozen or deaf client:
+#             from the moment it froze): ping_interval + ping_timeout + 1 s;
+#             after a drain's 1001, drain_grace + 2 s; timeout + 1 s after the
+#             record's owner was killed (counted from the end of an etcd
+#             member fault after the kill: a new leader renews every lease);
+#             every bound stretched by the quorum loss it spans.
+#   DUPLICATE two records for one endpoint.
+#
+# At the end every client closes: then no record, no empty directory (v2), no
+# client socket left in an instance, every instance exits 0 on SIGTERM, no key
+# left under `_skyapi/`, and no error line or traceback in any instance's log.
+# ---------------------------------------------------------------------------
+
+CHAOS_SERVICE = "chaos"             # the lean clients' identities
+CHAOS_PROVIDE_SERVICE = "chaosprov"  # the provide processes'
+QUORUM_TAIL = 2.0  # s after quorum is back: skyapi's prober retries every timeout/6 s at most
+CHECK_LAG = 0.5    # s a read waits before it is judged: the provide processes log a little late
+OWNER_KILLED_REPAIR = 1.0  # s a co-holder may take to put back what a killed owner's TTL took
+PROVIDE_THAW_GRACE = 1.0   # s a thawed provide process has to log that its socket was dropped
+SAMPLE_TIMEOUT = 1.0       # s a member may take to answer the checker before the next is asked
+CHAOS_ROOT = ETCD_PREFIX + "/" + "/".join(reversed(DNS_ROOT.rstrip(".").split(".")))
+
+
+@dataclasses.dataclass
+class ChaosSettings:
+    version: int = 2
+    seconds: float = 60.0
+    seed: int = 7
+    sockets: int = 300            # lean websocket clients (a tenth of identities held twice)
+    provides: int = 20            # provide processes
+    timeout: int = 6
+    ping_interval: float = 2.0
+    ping_timeout: float = 2.0
+    drain_grace: float = 3.0
+    client_events: float = 10.0   # client faults a second
+    instance_every: float = 20.0  # mean seconds between instance faults
+    etcd_every: float = 20.0      # mean seconds between etcd faults
+    inject: bool = False          # also do damage by hand that the checker must see
+    log_level: str = "info"
+    workdir: str = ""
+    say: Callable[[str], None] = functools.partial(print, file=sys.stderr, flush=True)
+
+    @property
+    def ping_bound(self) -> float:
+        return self.ping_interval + self.ping_timeout + 1
+
+    @property
+    def drain_bound(self) -> float:
+        return self.drain_grace + 2
+
+    @property
+    def kill_bound(self) -> float:
+        return self.timeout + 1
+
+
+class Conn:
+    """One socket's life as the checker judges it (times are time.time(), as in the logs)."""
+
+    __slots__ = ("ident", "instance", "started", "registered", "ended", "cause", "deaf",
+                 "dying", "dying_by", "frozen", "error")
+
+    def __init__(self, ident: "Identity", instance: int, started: float):
+        self.ident, self.instance, self.started = ident, instance, started
+        self.registered: float | None = None  # the server confirmed it (a pong after the 101)
+        self.ended: float | None = None
+        self.cause = ""                        # how it ended (the first reason given)
+        self.deaf: float | None = None         # stopped answering pings at
+        self.dying: float | None = None        # its instance got SIGTERM/SIGKILL at
+        self.dying_by = ""
+        self.frozen: list[list] = []           # [SIGSTOP at, thawed + grace or None]
+        self.error = ""                        # the server's ERROR message
+
+    def dns_end(self, t: float, bound: float) -> float | None:
+        """When DNS should have stopped counting this socket, as judged at t; None: not
+        yet. A frozen client counts from the moment it froze: if it is dropped before it
+        thaws, or is still frozen past the bound."""
+        ends = [x for x in (self.ended, self.deaf) if x is not None]
+        for start, end in self.frozen:
+            if self.ended is not None and start <= self.ended and (end is None or self.ended <= end):
+                ends.append(start)
+            elif start <= t and (end is None or t <= end) and t - start > bound:
+                ends.append(start)
+        return min(ends) if ends else None
+
+    def live_over(self, t0: float, t1: float) -> bool:
+        """Registered before t0 and, as far as DNS is concerned, open until after t1."""
+        return (self.registered is not None and self.registered <= t0
+                and all(x is None or x >= t1 for x in (self.ended, self.deaf, self.dying))
+                and all(end is not None and end < t0 or start > t1 for start, end in self.frozen))
+
+
+class Identity:
+    """One record's worth of clients: one endpoint, one key."""
+
+    def __init__(self, service: str, host: str, port: int, kind: str, shared: bool = False):
+        self.service, self.host, self.port, self.kind, self.shared = service, host, port, kind, shared
+        self.key = record_key(service, host, port)
+        self.conns: list[Conn] = []
+        self.last_owner = ""
+        self.measured_end: float | None = None  # the end whose record's going was timed
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}" + (" (held twice)" if self.shared else "") + (
+            " (provide)" if self.kind == "provide" else "")
+
+    def prune(self, before: float) -> None:
+        """Forget sockets long gone, keeping the last to have ended."""
+        ended = [c for c in self.conns if c.ended is not None and c.ended < before]
+        if len(ended) > 1:
+            last = max(ended, key=lambda c: c.ended)
+            self.conns = [c for c in self.conns if c is last or c not in ended]
+
+
+class Life:
+    """One run of one instance, from its start line to its exit."""
+
+    def __init__(self, instance: int, started: float, owner: str = ""):
+        self.instance, self.started, self.owner = instance, started, owner
+        self.termed: float | None = None
+        self.killed: float | None = None
+        self.frozen: float | None = None  # SIGSTOP by hand (--inject)
+        self.exited: float | None = None
+
+
+class LeanClient:
+    """A client holding one identity, moving to another instance whenever it reconnects
+    (the other holder of a shared identity stays on a different instance)."""
+
+    def __init__(self, ident: Identity, cursor: int):
+        self.ident, self.cursor = ident, cursor
+        self.sock: Socket | None = None
+        self.conn: Conn | None = None
+        self.partner: LeanClient | None = None
+        self.away: tuple[float, str] | None = None  # dropped by a fault at, and how: not yet back
+
+
+class ChaosProvide:
+    """A provide process; its socket's life read from its log as it goes."""
+
+    def __init__(self, ident: Identity, proc: subprocess.Popen, log_path: str):
+        self.ident, self.proc, self.log_path = ident, proc, log_path
+        self.offset = 0
+        self.partial = ""
+        self.conn: Conn | None = None  # its attempt in progress or its registration
+        self.frozen = False
+        self.away: tuple[float, str] | None = None
+
+
+class Episode:
+    """Consecutive reads that found one thing wrong."""
+
+    def __init__(self, kind: str, key: str, t0: float, t1: float, cause: str, age: float = 0.0,
+                 bound: float = 0.0, allowed_if_brief: bool = False, category: str = ""):
+        self.kind, self.key, self.first, self.last = kind, key, t0, t1
+        self.cause, self.age, self.bound, self.category = cause, age, bound, category or cause
+        self.allowed_if_brief = allowed_if_brief
+        self.samples = 1
+
+
+def log_time(stamp: str) -> float:
+    """A log line's time= (UTC, milliseconds) as time.time() counts."""
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+
+
+def log_fields(line: str) -> dict[str, str]:
+    """The key=value pairs of one skyapi log line (quoted values unquoted)."""
+    out = {}
+    for k, v in re.findall(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^\s"]+)', line):
+        out[k] = json.loads(v) if v.startswith('"') else v
+    return out
+
+
+def tcp_sockets(pid: int) -> list[tuple[int, int, str]]:
+    """(local port, remote port, state) of each TCP socket process pid holds open."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return []
+    states = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[9] in inodes:
+                        found.append((int(parts[1].rsplit(":", 1)[1], 16),
+                                      int(parts[2].rsplit(":", 1)[1], 16),
+                                      states.get(parts[3], parts[3])))
+        except OSError:
+            pass
+    return found
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+class ChaosRun:
+    """One chaos run: start everything, fault it at random, check every 100 ms, end it,
+    check the end; result() says what was found."""
+
+    def __init__(self, s: ChaosSettings):
+        self.s = s
+        self.rnd = random.Random(s.seed)
+        self.workdir = s.workdir or tempfile.mkdtemp(prefix="skyapi-chaos-")
+        self.t_start = time.time()
+        self.etcds: list[TestEtcd] = []
+        self.member_state: list[str] = []       # "up", "frozen", "killed"
+        self.instances: list[Any] = []           # conftest.SkyapiProcess
+        self.lives: list[list[Life]] = []        # per instance
+        self.down: set[int] = set()              # instances signalled and not yet started again
+        self.clients: list[LeanClient] = []
+        self.provides: list[ChaosProvide] = []
+        self.identities: list[Identity] = []
+        self.by_key: dict[str, Identity] = {}
+        self.quorum_windows: list[list] = []     # [start, end or None]
+        self.member_windows: list[list] = []     # any etcd fault: [start, end or None, what]
+        self.samples: collections.deque = collections.deque()
+        self.episodes: dict[tuple[str, str], Episode] = {}
+        self.violations: list[dict] = []
+        self.allowed: collections.Counter = collections.Counter()
+        self.events: collections.Counter = collections.Counter()
+        self.client_errors: collections.Counter = collections.Counter()
+        self.gone: dict[str, list[float]] = collections.defaultdict(list)   # cause -> seconds
+        self.reconnect: dict[str, list[float]] = collections.defaultdict(list)
+        self.quorum_recovery: list[float] = []
+        self.exempt_missing: collections.Counter = collections.Counter()
+        self.sample_count = self.unknown_samples = 0
+        self.exits: list[dict] = []
+        self.tasks: set[asyncio.Task] = set()
+        self.stopping = False   # the clients no longer reconnect
+        self.faulting = True    # faults still begin
+        self.reader_turn = 0
+        self.ws_bases: list[str] = []
+        self.views: list[Any] = []
+        self.fds: list[dict] = []
+
+    # -- output ----------------------------------------------------------------
+
+    def at(self, t: float | None = None) -> str:
+        return f"{(t or time.time()) - self.t_start:7.1f}s"
+
+    def say(self, text: str) -> None:
+        self.s.say(f"chaos v{self.s.version} {self.at()} {text}")
+
+    def spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            e = task.exception()
+            self.violation("HARNESS", "-", time.time(), f"{type(e).__name__}: {e}")
+
+    def violation(self, kind: str, key: str, when: float, cause: str, seconds: float = 0.0,
+                  category: str = "", **extra: Any) -> None:
+        """Note one; print the first few of each kind and category as they come."""
+        v = {"kind": kind, "category": category or cause, "key": key,
+             "at_s": round(when - self.t_start, 1), "cause": cause, "seconds": round(seconds, 3),
+             **extra}
+        self.violations.append(v)
+        seen = sum(1 for x in self.violations if (x["kind"], x["category"]) == (kind, v["category"]))
+        if seen <= 3:
+            self.say(f"VIOLATION {kind} {seconds:.2f} s at {self.at(when)} {key}: {cause}")
+        elif seen in (10, 100, 1000):
+            self.say(f"VIOLATION {kind}: {seen} so far of: {v['category']}")
+
+    # -- starting --------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.s
+        # In this thread: a member's child dies with the thread that started it.
+        self.etcds = TestEtcd.cluster(3)
+        self.member_state = ["up"] * 3
+        self.views = [EtcdView(e.url, s.version, timeout=SAMPLE_TIMEOUT) for e in self.etcds]
+        args = [*(a for e in self.etcds for a in ("--etcd-api", e.url)),
+                "--etcd-version", str(s.version), "--dns-root", DNS_ROOT,
+                "--timeout", str(s.timeout), "--ping-interval", str(s.ping_interval),
+                "--ping-timeout", str(s.ping_timeout), "--drain-grace", str(s.drain_grace),
+                "--log-level", s.log_level]
+        self.instances = [SkyapiProcess(pathlib.Path(self.workdir), *args) for _ in range(3)]
+        for i, proc in enumerate(self.instances):
+            await proc.started()
+            self.lives.append([Life(i, time.time(), self.owner_in_log(i))])
+        self.ws_bases = [f"ws://127.0.0.1:{p.port}" for p in self.instances]
+        await asyncio.sleep(1)
+        self.fds = [{"instance": i, "start": open_fds(p.proc.pid)} for i, p in enumerate(self.instances)]
+        # Identities: a tenth of the lean ones held twice, through two instances.
+        n_ident = max(1, round(s.sockets / 1.1))
+        shared = s.sockets - n_ident
+        for k in range(n_ident):
+            ident = Identity(CHAOS_SERVICE, f"10.77.{k >> 8}.{k & 255}", 4000, "lean", k < shared)
+            self.add_identity(ident)
+            first = LeanClient(ident, k % 3)
+            self.clients.append(first)
+            if ident.shared:
+                second = LeanClient(ident, (k + 1) % 3)
+                first.partner, second.partner = second, first
+                self.clients.append(second)
+        for c in self.clients:
+            c.cursor -= 1  # the first open goes to the cursor's next
+            self.spawn(self.open(c))
+        for k in range(s.provides):
+            ident = Identity(CHAOS_PROVIDE_SERVICE, f"10.78.0.{k + 1}", 5000 + k, "provide")
+            self.add_identity(ident)
+            order = [self.instances[(k + j) % 3].port for j in range(3)]
+            path = os.path.join(self.workdir, f"provide-{k}.log")
+            with open(path, "ab") as log:
+                proc = provide_process(order[0], "--url", f"ws://127.0.0.1:{order[1]}",
+                                       "--url", f"ws://127.0.0.1:{order[2]}",
+                                       "--service", CHAOS_PROVIDE_SERVICE, "--port", str(ident.port),
+                                       "--host", ident.host, stderr=log)
+            p = ChaosProvide(ident, proc, path)
+            p.conn = Conn(ident, -1, time.time())
+            ident.conns.append(p.conn)
+            self.provides.append(p)
+        self.say(f"started: etcd cluster of 3, instances on ports "
+                 f"{[p.port for p in self.instances]}, {len(self.clients)} lean sockets for "
+                 f"{n_ident} identities ({shared} held twice), {s.provides} provide processes; "
+                 f"logs in {self.workdir}")
+
+    def add_identity(self, ident: Identity) -> None:
+        self.identities.append(ident)
+        self.by_key[ident.key] = ident
+
+    def owner_in_log(self, i: int) -> str:
+        starts = [log_fields(line) for line in self.instances[i].log.read_text(errors="replace")
+                  .splitlines() if " event=start " in line]
+        return starts[-1].get("owner", "") if starts else ""
+
+    def life_of_owner(self, owner: str) -> Life | None:
+        for lives in self.lives:
+            for life in lives:
+                if life.owner == owner:
+                    return life
+        return None
+
+    # -- lean clients ----------------------------------------------------------
+
+    def pick_instance(self, client: LeanClient) -> int:
+        partner = client.partner
+        avoid = (partner.conn.instance if partner and partner.conn and partner.conn.ended is None
+                 else None)
+        for step in range(1, 4):
+            i = (client.cursor + step) % 3
+            if i not in self.down and i != avoid:
+                break
+        else:
+            i = (client.cursor + 1) % 3
+        client.cursor = i
+        return i
+
+    async def open(self, client: LeanClient) -> None:
+        if self.stopping:
+            return
+        i = self.pick_instance(client)
+        ident = client.ident
+        conn = Conn(ident, i, time.time())
+        ident.conns.append(conn)
+        sock = Socket(self, (ident.service, ident.host, ident.port), i)  # type: ignore[arg-type]
+        sock.client, sock.conn = client, conn  # type: ignore[attr-defined]
+        client.sock, client.conn = sock, conn
+        if i in self.down:
+            conn.dying, conn.dying_by = time.time(), "connect to a dying instance"
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                lambda: sock, "127.0.0.1", self.instances[i].port), 5)
+            await asyncio.wait_for(asyncio.shield(sock.handshake), 10)
+        except (Exception, asyncio.CancelledError) as e:
+            self.client_errors[f"{type(e).__name__}: {e}"[:80]] += 1
+            if not sock.handshake.done():
+                sock.handshake.cancel()
+            if sock.transport is not None:
+                sock.transport.abort()
+            self.end(conn, "connect failed")
+            self.reopen(client, self.rnd.uniform(0.2, 0.6))
+            return
+        if conn.ended is None:
+            sock.transport.write(client_frame(OP_PING, b"registered?"))
+
+    def end(self, conn: Conn, cause: str, at: float | None = None) -> None:
+        if conn.ended is not None:
+            return
+        conn.ended = at or time.time()
+        if conn.dying is not None and conn.dying_by == "SIGKILL" and cause in ("lost", "dropped"):
+            cause = "killed"
+        conn.cause = conn.cause or cause
+        conn.ident.prune(conn.ended - 60)
+
+    def reopen(self, client: LeanClient, delay: float) -> None:
+        if self.stopping:
+            return
+        asyncio.get_running_loop().call_later(delay, lambda: self.spawn(self.open(client)))
+
+    # Socket's callbacks (the bench's lean websocket, one per lean client socket)
+
+    def on_frame(self, sock: Any, opcode: int, payload: bytes) -> None:
+        conn, client = sock.conn, sock.client
+        now = time.time()
+        if opcode == OP_PING and conn.deaf is None and not sock.closing:
+            sock.transport.write(client_frame(OP_PONG, payload))
+        elif opcode == OP_PONG:
+            if conn.registered is None and conn.ended is None and not conn.error:
+                conn.registered = now
+                self.back(client, now)
+        elif opcode == OP_TEXT:
+            conn.error = payload[:120].decode("utf-8", "replace")
+            self.client_errors[conn.error[:80]] += 1
+        elif opcode == OP_CLOSE and not sock.closing:  # the server closes
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+            sock.send_close(code or 1000)
+            sock.transport.close()
+            self.end(conn, "going_away" if code == 1001 else f"closed by server ({code})")
+            self.away(client, conn)
+            if client.conn is conn:
+                self.reopen(client, 0 if code == 1001 else self.rnd.uniform(0.2, 1.0))
+        elif opcode == OP_CLOSE:
+            sock.transport.close()
+
+    @staticmethod
+    def away(client: LeanClient, conn: Conn) -> None:
+        """A fault dropped the client (not its own close, nor deafness): time its return."""
+        if conn.registered is not None and conn.deaf is None and client.away is None:
+            client.away = (conn.ended or time.time(), conn.cause)
+
+    def back(self, who: Any, now: float) -> None:
+        """A client dropped by a fault registered again: how long it took."""
+        if who.away is not None:
+            self.reconnect[who.away[1]].append(now - who.away[0])
+            who.away = None
+
+    def on_lost(self, sock: Any) -> None:
+        conn, client = sock.conn, sock.client
+        if conn.ended is None:
+            self.end(conn, "lost")
+            self.away(client, conn)
+            if client.conn is conn:
+                self.reopen(client, self.rnd.uniform(0.2, 1.0))
+
+    # -- client faults ---------------------------------------------------------
+
+    def registered_clients(self) -> list[LeanClient]:
+        return [c for c in self.clients if c.conn is not None and c.conn.registered is not None
+                and c.conn.ended is None and c.conn.deaf is None]
+
+    def close_client(self, client: LeanClient, cause: str = "close") -> None:
+        sock, conn = client.sock, client.conn
+        assert sock is not None and conn is not None
+        self.end(conn, cause)
+        client.away = None
+        if cause == "reset":
+            sock.closing = True
+            with contextlib.suppress(OSError):
+                sock.transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.transport.abort()
+        else:
+            sock.send_close(1000)
+            asyncio.get_running_loop().call_later(3, sock.transport.abort)  # no answer: let go
+
+    def client_fault(self) -> None:
+        live = self.registered_clients()
+        kinds = ["close", "reset", "deaf", "close_pair", "freeze_provide"]
+        kind = self.rnd.choices(kinds, [40, 15, 10, 15, 10 if self.provides else 0])[0]
+        if kind == "freeze_provide":
+            thawed = [p for p in self.provides if not p.frozen]
+            if thawed:
+                self.events["provide frozen"] += 1
+                self.spawn(self.freeze_provide(self.rnd.choice(thawed),
+                                               self.rnd.uniform(1, 2 * self.s.ping_bound - 2)))
+            return
+        if kind == "close_pair":
+            pairs = [c for c in live if c.partner is not None and c.partner in live]
+            if pairs:
+                c = self.rnd.choice(pairs)
+                self.events["both holders closed at once"] += 1
+                delay = self.rnd.uniform(0.2, 2.0)
+                for x in (c, c.partner):
+                    self.close_client(x)
+                    self.reopen(x, delay)
+            return
+        if not live:
+            return
+        c = self.rnd.choice(live)
+        self.events[{"close": "client closed", "reset": "client reset",
+                     "deaf": "client deaf to pings"}[kind]] += 1
+        if kind == "deaf":
+            assert c.conn is not None
+            c.conn.deaf = time.time()
+            c.conn.cause = "deaf"
+        else:
+            self.close_client(c, kind)
+            self.reopen(c, self.rnd.uniform(0, 1.0) if kind == "close" else self.rnd.uniform(0.2, 1.0))
+
+    async def freeze_provide(self, p: ChaosProvide, seconds: float) -> None:
+        p.frozen = True
+        t = time.time()
+        p.proc.send_signal(signal.SIGSTOP)
+        conn = p.conn
+        window = [t, None]
+        if conn is not None and conn.ended is None:
+            conn.frozen.append(window)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            p.proc.send_signal(signal.SIGCONT)
+            window[1] = time.time() + PROVIDE_THAW_GRACE
+            p.frozen = False
+
+    # -- provide processes' logs ---------------------------------------------------
+
+    def read_provide_logs(self) -> None:
+        for p in self.provides:
+            with open(p.log_path, errors="replace") as f:
+                f.seek(p.offset)
+                text = f.read()
+                p.offset = f.tell()
+            lines = (p.partial + text).split("\n")
+            p.partial = lines.pop()
+            for line in lines:
+                if " event=provide_" in line:
+                    self.provide_event(p, log_fields(line))
+
+    def provide_event(self, p: ChaosProvide, e: dict[str, str]) -> None:
+        event, t = e.get("event", ""), log_time(e["time"])
+        ident, conn = p.ident, p.conn
+        if event == "provide_registered":
+            if conn is None or conn.ended is not None:
+                conn = p.conn = Conn(ident, -1, t)
+                ident.conns.append(conn)
+            conn.instance = next((i for i, b in enumerate(self.ws_bases)
+                                  if e.get("url", "").startswith(b + "/")), -1)
+            conn.registered = t
+            if conn.instance in self.down:
+                life = self.lives[conn.instance][-1]
+                conn.dying, conn.dying_by = life.killed or life.termed, "SIGKILL" if life.killed else "SIGTERM"
+            self.back(p, t)
+        elif event in ("provide_going_away", "provide_dropped", "provide_failed",
+                       "provide_stopped"):
+            if conn is not None and conn.ended is None:
+                self.end(conn, {"provide_going_away": "going_away", "provide_dropped": "dropped",
+                                "provide_failed": "failed", "provide_stopped": "close"}[event], t)
+                if conn.registered is not None and p.away is None and event != "provide_stopped":
+                    p.away = (t, "provide " + conn.cause)
+            if event == "provide_going_away":  # the next instance, at once
+                p.conn = Conn(ident, -1, t)
+                ident.conns.append(p.conn)
+        elif event == "provide_retry":
+            p.conn = Conn(ident, -1, t + float(e.get("delay", 0)))
+            ident.conns.append(p.conn)
+
+    # -- instance faults -------------------------------------------------------
+
+    async def instance_fault(self, i: int, sig: int) -> None:
+        proc = self.instances[i]
+        life = self.lives[i][-1]
+        t = time.time()
+        self.down.add(i)
+        name = "SIGTERM" if sig == signal.SIGTERM else "SIGKILL"
+        for ident in self.identities:
+            for c in ident.conns:
+                if c.instance == i and c.ended is None and c.dying is None:
+                    c.dying, c.dying_by = t, name
+        if sig == signal.SIGTERM:
+            life.termed = t
+        else:
+            life.killed = t
+        proc.proc.send_signal(sig)
+        bound = self.s.drain_grace + 4 + 5 if sig == signal.SIGTERM else 5  # grace + DELETE_TIME
+        code = await self.wait_exit(proc.proc, bound)
+        life.exited = time.time()
+        self.exits.append({"instance": i, "signal": name, "code": code,
+                           "seconds": round(life.exited - t, 2)})
+        self.say(f"instance #{i} {name}: exited {code} after {life.exited - t:.1f} s")
+        if sig == signal.SIGTERM and code != 0:
+            self.violation("EXIT", f"instance #{i}", t, f"SIGTERM: exit code {code} "
+                           f"(None: still running after {bound} s, killed)")
+        await asyncio.sleep(self.rnd.uniform(1, 3))
+        proc.restart()
+        await proc.started()
+        self.lives[i].append(Life(i, time.time(), self.owner_in_log(i)))
+        self.down.discard(i)
+        self.say(f"instance #{i} started again")
+
+    async def wait_exit(self, proc: subprocess.Popen, bound: float) -> int | None:
+        deadline = time.monotonic() + bound
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+            return None
+        return proc.returncode
+
+    # -- etcd faults -------------------------------------------------------------
+
+    async def etcd_fault(self, kind: str) -> None:
+        up = [m for m in range(3) if self.member_state[m] == "up"]
+        t = time.time()
+        if kind == "quorum":
+            victims = self.rnd.sample(up, 2)
+            seconds = self.rnd.uniform(1, 3)
+        else:
+            victims = [self.rnd.choice(up)]
+            seconds = self.rnd.uniform(2, 6)
+        what = {"freeze": "frozen", "kill": "killed", "quorum": "frozen (quorum lost)"}[kind]
+        window = [t, None, f"member(s) {victims} {what}",
+                  {"freeze": "member frozen", "kill": "member killed", "quorum": "quorum lost"}[kind]]
+        self.member_windows.append(window)
+        quorum = [t, None]
+        if kind == "quorum":
+            self.quorum_windows.append(quorum)
+        self.say(f"etcd member(s) {victims} {what} for {seconds:.1f} s")
+        for m in victims:
+            self.member_state[m] = "killed" if kind == "kill" else "frozen"
+            proc = self.etcds[m].proc
+            assert proc is not None
+            if kind == "kill":
+                proc.kill()
+                await asyncio.to_thread(proc.wait, 10)
+            else:
+                proc.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            for m in victims:
+                etcd = self.etcds[m]
+                if kind == "kill":
+                    etcd.proc = None
+                    etcd.launch()  # from this thread: its child dies with the thread that starts it
+                    await self.member_healthy(m)
+                else:
+                    assert etcd.proc is not None
+                    etcd.proc.send_signal(signal.SIGCONT)
+                self.member_state[m] = "up"
+            window[1] = quorum[1] = time.time()
+        self.say(f"etcd member(s) {victims} back after {window[1] - t:.1f} s")
+
+    async def member_healthy(self, m: int) -> None:
+        etcd = self.etcds[m]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status, body = await asyncio.to_thread(self.health, etcd.url)
+            if status == 200 and b'"true"' in body:
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"etcd member {m} not healthy 30 s after its restart")
+
+    @staticmethod
+    def health(url: str) -> tuple[int, bytes]:
+        try:
+            return get(url + "/health", timeout=1)
+        except OSError:
+            return 0, b""
+
+    # -- the fault schedule --------------------------------------------------------
+
+    async def faults(self, seconds: float) -> None:
+        """Client faults at client_events a second; now and then an instance fault and an
+        etcd fault (each kind one at a time, and never while the other kind runs its
+        course... except by chance of the schedule: they may overlap)."""
+        s = self.s
+        deadline = time.monotonic() + seconds
+        next_instance = time.monotonic() + self.rnd.expovariate(1 / s.instance_every)
+        next_etcd = time.monotonic() + self.rnd.expovariate(1 / s.etcd_every)
+        next_inject = time.monotonic() + 3 if s.inject else math.inf
+        instance_task: asyncio.Task | None = None
+        etcd_task: asyncio.Task | None = None
+        credit, tick = 0.0, 0.05
+        while time.monotonic() < deadline:
+            await asyncio.sleep(tick)
+            credit += s.client_events * tick
+            while credit >= 1:
+                credit -= 1
+                self.client_fault()
+            now = time.monotonic()
+            if now > next_instance:
+                next_instance = now + self.rnd.expovariate(1 / s.instance_every)
+                if (instance_task is None or instance_task.done()) and not self.down:
+                    sig = self.rnd.choice([signal.SIGTERM, signal.SIGKILL])
+                    i = self.rnd.randrange(3)
+                    self.events[f"instance {'SIGTERM' if sig == signal.SIGTERM else 'SIGKILL'}"] += 1
+                    self.say(f"instance #{i} gets {'SIGTERM' if sig == signal.SIGTERM else 'SIGKILL'}")
+                    instance_task = self.spawn(self.instance_fault(i, sig))
+            if now > next_etcd:
+                next_etcd = now + self.rnd.expovariate(1 / s.etcd_every)
+                if (etcd_task is None or etcd_task.done()) and all(x == "up" for x in self.member_state):
+                    kind = self.rnd.choices(["freeze", "kill", "quorum"], [40, 30, 30])[0]
+                    self.events[{"freeze": "etcd member frozen", "kill": "etcd member killed",
+                                 "quorum": "etcd quorum lost"}[kind]] += 1
+                    etcd_task = self.spawn(self.etcd_fault(kind))
+            if now > next_inject:
+                next_inject = math.inf
+                self.spawn(self.inject())
+        for task in (instance_task, etcd_task):
+            if task is not None:
+                await asyncio.wait_for(asyncio.shield(task), 60)
+
+    async def inject(self) -> None:
+        """Damage that the checker must see, so that a run shows it does: a record that no
+        client holds (STALE, and left at the end), and an instance frozen past `timeout`
+        (SIGSTOP: its clients' records expire while their sockets are open: MISSING)."""
+        self.events["stray record planted"] += 1
+        await self.views[0].put(record_key(CHAOS_SERVICE, "10.79.0.1", 4000),
+                                json.dumps({"host": "10.79.0.1", "port": 4000}))
+        self.events["instance frozen past timeout"] += 1
+        proc = self.instances[0].proc
+        self.say(f"instance #0 frozen for {self.s.timeout + 2} s (damage the checker must see)")
+        proc.send_signal(signal.SIGSTOP)
+        self.lives[0][-1].frozen = time.time()
+        try:
+            await asyncio.sleep(self.s.timeout + 2)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+
+    # -- the checker ---------------------------------------------------------------
+
+    async def read_etcd(self) -> dict[str, str] | None:
+        """The records below the root, from a member that runs (None: none answered)."""
+        for _ in range(3):
+            self.reader_turn += 1
+            m = self.reader_turn % 3
+            if self.member_state[m] != "up":
+                continue
+            try:
+                records, _ = await self.views[m].listing(CHAOS_ROOT + "/")
+                return records
+            except (OSError, ValueError, KeyError):
+                continue
+        return None
+
+    async def check_loop(self) -> None:
+        interval = 0.1
+        while True:
+            t0 = time.time()
+            records = await self.read_etcd()
+            t1 = time.time()
+            self.read_provide_logs()
+            if records is None:
+                self.unknown_samples += 1
+            else:
+                self.samples.append((t0, t1, records))
+            while self.samples and self.samples[0][1] + CHECK_LAG <= time.time():
+                self.judge(*self.samples.popleft())
+            await asyncio.sleep(max(0.0, interval - (time.time() - t0)))
+
+    def judge_all(self) -> None:
+        self.read_provide_logs()
+        while self.samples:
+            self.judge(*self.samples.popleft())
+
+    def in_windows(self, windows: list[list], t0: float, t1: float, tail: float = 0.0) -> bool:
+        return any(w[0] <= t1 and (w[1] is None or w[1] + tail >= t0) for w in windows)
+
+    def overlap(self, windows: list[list], a: float, b: float, tail: float = 0.0) -> float:
+        total = 0.0
+        for w in windows:
+            end = (w[1] if w[1] is not None else b) + tail
+            total += max(0.0, min(b, end) - max(a, w[0]))
+        return total
+
+    def judge(self, t0: float, t1: float, records: dict[str, str]) -> None:
+        self.sample_count += 1
+        bad: dict[tuple[str, str], Episode] = {}
+        endpoints: dict[tuple, list[str]] = collections.defaultdict(list)
+        owners: dict[str, str] = {}
+        for key, value in records.items():
+            try:
+                doc = json.loads(value)
+                endpoints[(doc["host"], doc["port"])].append(key)
+                owners[key] = str(doc.get("owner", ""))
+            except (ValueError, KeyError, TypeError):
+                owners[key] = ""
+            if key not in self.by_key:
+                bad[("STALE", key)] = Episode("STALE", key, t0, t1, "a record no client ever held")
+        for endpoint, keys in endpoints.items():
+            if len(keys) > 1:
+                bad[("DUPLICATE", str(endpoint))] = Episode(
+                    "DUPLICATE", f"{endpoint[0]}:{endpoint[1]}", t0, t1, f"keys {sorted(keys)}")
+        for ident in self.identities:
+            present = ident.key in records
+            if present:
+                ident.last_owner = owners.get(ident.key, "")
+            episode = self.judge_identity(ident, t0, t1, present)
+            if episode is not None:
+                bad[(episode.kind, ident.key)] = episode
+        for k, ep in bad.items():
+            open_ep = self.episodes.get(k)
+            if open_ep is None:
+                self.episodes[k] = ep
+            else:
+                open_ep.last, open_ep.samples = ep.last, open_ep.samples + 1
+                open_ep.age = max(open_ep.age, ep.age)
+        for k in [k for k in self.episodes if k not in bad]:
+            self.close_episode(self.episodes.pop(k), t0)
+
+    def judge_identity(self, ident: Identity, t0: float, t1: float,
+                       present: bool) -> Episode | None:
+        s = self.s
+        conns = [c for c in ident.conns if c.started <= t1]
+        live = [c for c in conns if c.live_over(t0, t1)]
+        if live:
+            if present:
+                return None
+            if self.in_windows(self.quorum_windows, t0, t1, QUORUM_TAIL):
+                self.exempt_missing["quorum lost"] += 1
+                after = [t0 - w[1] for w in self.quorum_windows if w[1] is not None and w[1] <= t0]
+                if after:
+                    self.quorum_recovery.append(min(after))
+                return None
+            c = max(live, key=lambda c: c.registered)
+            owner = self.life_of_owner(ident.last_owner)
+            owner_killed = owner is not None and owner.killed is not None and owner.killed <= t1
+            category, detail = self.missing_cause(ident, c, t0, owner)
+            return Episode("MISSING", ident.key, t0, t1, detail, category=category,
+                           allowed_if_brief=owner_killed)
+        ends = []
+        for c in conns:
+            end = c.dns_end(t0, s.ping_bound)
+            if end is None or end > t0:  # open, or opening, or frozen but not past the bound
+                froze = c.frozen[-1][0] if c.frozen and c.registered is not None else None
+                if (not present and froze is not None and froze <= t0 and c.ended is None
+                        and ident.measured_end != froze and len(conns) == 1 + sum(
+                            1 for o in conns if o is not c and o.ended is not None)):
+                    ident.measured_end = froze  # the server dropped it while it was frozen
+                    self.gone["frozen"].append(t1 - froze)
+                return None
+            ends.append((end, c))
+        if not ends:
+            return None if not present else Episode("STALE", ident.key, t0, t1,
+                                                      f"{ident.name}: no socket ever opened")
+        end, last = max(ends, key=lambda x: x[0])
+        cause = "frozen" if any(w[0] == end for w in last.frozen) else last.cause
+        bound, why = self.stale_bound(ident, last, cause, end, t0)
+        if not present:
+            if ident.measured_end != end:
+                ident.measured_end = end
+                self.gone[cause].append(t1 - end)
+            return None
+        age = t0 - end
+        if age <= bound:
+            return None
+        etcd, instances = self.faults_near(t0, t0 - end + 1)
+        category = f"after {cause}" + (f", etcd {self.fault_kinds_near(t0, t0 - end + 1)}"
+                                       if etcd else ", an instance drained or killed"
+                                       if instances else "")
+        return Episode("STALE", ident.key, t0, t1, f"{ident.name}: last socket on #{last.instance}"
+                       f" ended ({cause}) at {self.at(end)}; bound {bound:.1f} s ({why})"
+                       + (f"; faults since: {'; '.join(etcd + instances)}" if etcd or instances
+                          else ""), category=category, age=age, bound=bound)
+
+    def stale_bound(self, ident: Identity, last: Conn, cause: str, end: float,
+                    t0: float) -> tuple[float, str]:
+        s = self.s
+        bound, why = s.ping_bound, "a client's end"
+        if cause == "going_away":
+            bound, why = s.drain_bound, "a drain"
+        elif cause == "killed":
+            bound, why = s.kill_bound, "its instance killed"
+        owner = self.life_of_owner(ident.last_owner)
+        if owner is not None and owner.killed is not None and owner.killed <= t0:
+            start = owner.killed
+            for w in self.member_windows:  # a new leader renews the dead owner's lease or TTL
+                if w[0] <= t0 and (w[1] is None or w[1] >= start):
+                    start = max(start, w[1] if w[1] is not None else t0)
+            if start - end + s.kill_bound > bound:
+                bound, why = start - end + s.kill_bound, f"owner #{owner.instance} killed"
+        if owner is not None and owner.termed is not None and owner.termed <= t0:
+            if owner.termed - end + s.drain_bound > bound:
+                bound, why = owner.termed - end + s.drain_bound, f"owner #{owner.instance} drained"
+        stretch = self.overlap(self.quorum_windows, end, t0, QUORUM_TAIL)
+        if stretch:
+            bound, why = bound + stretch, why + f", +{stretch:.1f} s quorum lost"
+        return bound, why
+
+    def missing_cause(self, ident: Identity, c: Conn, t0: float,
+                      owner: Life | None) -> tuple[str, str]:
+        """(category, detail): the socket, the record's last owner, faults at the time."""
+        parts = [f"{ident.name} on #{c.instance} since {self.at(c.registered)}"]
+        category = ""
+        if owner is not None:
+            state = ("killed" if owner.killed and owner.killed <= t0 else
+                     "drained" if owner.termed and owner.termed <= t0 else "alive")
+            parts.append(f"last owner #{owner.instance} ({state})")
+            if state != "alive":
+                category = f"the record's last owner {state}"
+        others = [o for o in ident.conns if o is not c and o.ended is not None and o.ended <= t0
+                  and t0 - o.ended < 15]
+        if others:
+            o = max(others, key=lambda o: o.ended)
+            parts.append(f"other socket on #{o.instance} ended ({o.cause}) {t0 - o.ended:.1f} s before")
+            if ident.shared and not category:
+                category = f"the other holder's socket ended ({o.cause})"
+        etcd, instances = self.faults_near(t0)
+        if etcd or instances:
+            parts.append("faults in the 15 s before: " + "; ".join(etcd + instances))
+        category = (f"etcd {self.fault_kinds_near(t0)}" if etcd else category
+                    or ("an instance drained or killed nearby" if instances else "no fault nearby"))
+        return category, ", ".join(parts)
+
+    def faults_near(self, t: float, before: float = 15) -> tuple[list[str], list[str]]:
+        """The etcd faults and the instance signals of the `before` seconds up to t."""
+        etcd = [w[2] + f" from {self.at(w[0])}" + (f" to {self.at(w[1])}" if w[1] else "")
+                for w in self.member_windows if w[0] <= t and (w[1] is None or w[1] > t - before)]
+        instances = [f"#{life.instance} {name} at {self.at(when)}"
+                     for lives in self.lives for life in lives
+                     for name, when in (("SIGTERM", life.termed), ("SIGKILL", life.killed),
+                                        ("SIGSTOP by hand", life.frozen))
+                     if when is not None and t - before < when <= t]
+        return etcd, instances
+
+    def fault_kinds_near(self, t: float, before: float = 15) -> str:
+        return " and ".join(sorted({w[3] for w in self.member_windows
+                                    if w[0] <= t and (w[1] is None or w[1] > t - before)}))
+
+    def close_episode(self, ep: Episode, t_good: float) -> None:
+        seconds = max(t_good - ep.first, ep.last - ep.first)
+        if ep.kind == "MISSING" and ep.allowed_if_brief and seconds < OWNER_KILLED_REPAIR:
+            self.allowed["MISSING: owner killed, back within 1 s"] += 1
+            return
+        if ep.kind == "STALE" and ep.bound:
+            seconds = ep.age - ep.bound  # beyond the bound
+        self.violation(ep.kind, ep.key, ep.first, ep.cause, seconds, ep.category,
+                       samples=ep.samples, **({"age_s": round(ep.age, 2),
+                                               "bound_s": round(ep.bound, 2)} if ep.bound else {}))
+
+    # -- the end ---------------------------------------------------------------
+
+    async def finish(self) -> None:
+        """Everything back up, a settle, every client closed; then the end state."""
+        s = self.s
+        self.say("faults over: settling")
+        await asyncio.sleep(s.kill_bound + 1)
+        self.stopping = True
+        self.say("closing every client")
+        for c in self.clients:
+            if c.conn is not None and c.conn.ended is None and c.sock is not None:
+                self.close_client(c)
+        for p in self.provides:
+            p.proc.send_signal(signal.SIGCONT)
+            p.proc.terminate()
+        for p in self.provides:
+            await self.wait_exit(p.proc, 10)
+        deadline = time.monotonic() + s.ping_bound + 5
+        while time.monotonic() < deadline:
+            records = await self.read_etcd()
+            if records == {}:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(CHECK_LAG + 0.3)
+
+    async def end_state(self, checker: asyncio.Task) -> None:
+        s = self.s
+        checker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await checker
+        self.judge_all()
+        now = time.time()
+        for k in list(self.episodes):
+            self.close_episode(self.episodes.pop(k), now)
+        root = CHAOS_ROOT
+        view = self.views[0]
+        records, dirs = await view.listing(root + "/")
+        for key in records:
+            self.violation("LEFT", key, now, "a record left after every client closed")
+        for d in sorted(dirs - {root}):
+            if not any(key.startswith(d + "/") for key in records):
+                self.violation("EMPTY_DIR", d, now, "an empty directory left after every "
+                               "client closed")
+        etcd_ports = {int(e.url.rsplit(":", 1)[1]) for e in self.etcds}
+        for i, proc in enumerate(self.instances):
+            socks = tcp_sockets(proc.proc.pid)
+            leaked = [x for x in socks if x[2] != "LISTEN" and x[1] not in etcd_ports]
+            self.fds[i].update(end=open_fds(proc.proc.pid), etcd_connections=sum(
+                1 for x in socks if x[1] in etcd_ports), client_sockets=len(leaked))
+            if leaked:
+                self.violation("FD", f"instance #{i}", now, f"{len(leaked)} sockets left open "
+                               f"after every client closed: {leaked[:5]}")
+        for i, proc in enumerate(self.instances):
+            self.lives[i][-1].termed = time.time()
+            proc.proc.terminate()
+        for i, proc in enumerate(self.instances):
+            t = time.time()
+            code = await self.wait_exit(proc.proc, s.drain_grace + 4 + 5)
+            self.exits.append({"instance": i, "signal": "SIGTERM (end)", "code": code,
+                               "seconds": round(time.time() - t, 2)})
+            if code != 0:
+                self.violation("EXIT", f"instance #{i}", t, f"SIGTERM at the end: exit code {code}")
+        await asyncio.sleep(0.5)
+        markers, _ = await view.listing(ETCD_PREFIX + "/_skyapi/")
+        for key in markers:
+            self.violation("MARKER", key, time.time(), "left under _skyapi/ after every instance exited")
+        records, dirs = await view.listing(root + "/")
+        for key in records:
+            self.violation("LEFT", key, time.time(), "a record left after every instance exited")
+        self.check_logs()
+
+    def check_logs(self) -> None:
+        self.warn_events: collections.Counter = collections.Counter()
+        for i, proc in enumerate(self.instances):
+            for n, line in enumerate(proc.log.read_text(errors="replace").splitlines(), 1):
+                if not LOG_LINE.fullmatch(line):
+                    self.violation("LOG", f"instance #{i} line {n}", time.time(),
+                                   f"not a log line: {line[:200]}")
+                    continue
+                fields = log_fields(line)
+                if fields.get("level") == "error":
+                    self.violation("LOG", f"instance #{i} line {n}", log_time(fields["time"]),
+                                   f"error line: {line[:300]}")
+                elif fields.get("level") == "warn":
+                    self.warn_events[fields.get("event", "?")] += 1
+
+    # -- all of it -----------------------------------------------------------------
+
+    async def run(self) -> dict:
+        s = self.s
+        await self.start()
+        checker = asyncio.ensure_future(self.check_loop())
+        try:
+            await asyncio.sleep(3)  # every client on, before the first fault
+            self.say(f"faults for {s.seconds:g} s (seed {s.seed})")
+            await self.faults(s.seconds)
+            await self.finish()
+        finally:
+            if not checker.done():
+                await self.end_state(checker)
+        return self.result()
+
+    def cleanup(self) -> None:
+        self.stopping = True
+        for task in list(self.tasks):
+            task.cancel()
+        for c in self.clients:
+            if c.sock is not None and c.sock.transport is not None:
+                c.sock.transport.abort()
+        for p in self.provides:
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGCONT)
+                p.proc.kill()
+                p.proc.wait(5)
+        for proc in self.instances:
+            if proc.proc.poll() is None:
+                proc.proc.kill()
+                proc.proc.wait(5)
+        for etcd in self.etcds:
+            if etcd.proc is not None and etcd.proc.poll() is None:
+                etcd.proc.send_signal(signal.SIGCONT)
+            with contextlib.suppress(Exception):
+                etcd.stop()
+
+    def result(self) -> dict:
+        by_kind: dict[str, dict] = {}
+        for v in self.violations:
+            k = by_kind.setdefault(v["kind"], {"count": 0, "worst_s": 0.0, "categories": {}})
+            k["count"] += 1
+            k["worst_s"] = max(k["worst_s"], v["seconds"])
+            c = k["categories"].setdefault(v["category"], {"count": 0, "worst_s": 0.0})
+            c["count"] += 1
+            if v["seconds"] >= c["worst_s"]:  # the worst one's story
+                c["worst_s"], c["example"] = v["seconds"], f"at {v['at_s']} s: {v['cause']}"
+
+        def spread_of(values: list[float]) -> dict:
+            return {"n": len(values), "p50_s": round(statistics.median(values), 3),
+                    "max_s": round(max(values), 3)} if values else {"n": 0}
+        return {
+            "kind": "chaos", "label": f"v{self.s.version} chaos", "version": self.s.version,
+            "seconds": self.s.seconds, "seed": self.s.seed,
+            "settings": {f.name: getattr(self.s, f.name) for f in dataclasses.fields(self.s)
+                         if f.name != "say"},
+            "violations": self.violations, "by_kind": by_kind, "allowed": dict(self.allowed),
+            "events": dict(self.events), "client_errors": dict(self.client_errors.most_common(10)),
+            "record_gone_after": {k: spread_of(v) for k, v in sorted(self.gone.items())},
+            "reconnected_after": {k: spread_of(v) for k, v in sorted(self.reconnect.items())},
+            "missing_exempt_samples": dict(self.exempt_missing),
+            "records_back_after_quorum_s": round(max(self.quorum_recovery), 3)
+            if self.quorum_recovery else None,
+            "samples": self.sample_count, "unanswered_samples": self.unknown_samples,
+            "exits": self.exits, "fds": self.fds,
+            "warn_events": dict(getattr(self, "warn_events", {})), "workdir": self.workdir}
+
+
+def run_chaos(settings: ChaosSettings) -> dict:
+    """One chaos run in a fresh event loop, everything it started stopped at the end
+    however it ends (bounded: seconds plus a few minutes)."""
+    run = ChaosRun(settings)
+
+    async def bounded() -> dict:
+        return await asyncio.wait_for(run.run(), settings.seconds + 180)
+    try:
+        return asyncio.run(bounded())
+    finally:
+        run.cleanup()
+
+
+def chaos_summary(r: dict) -> str:
+    """The short report of one chaos run."""
+    lines = [f"\n{r['label']}: {r['seconds']:g} s of faults, seed {r['seed']}, "
+             f"{r['samples']} reads judged ({r['unanswered_samples']} unanswered)",
+             "  faults: " + ", ".join(f"{k} {v}" for k, v in sorted(r["events"].items()))]
+    lines.append("  record gone after the client's end (s, p50/max by cause): " + ", ".join(
+        f"{k} {v['p50_s']}/{v['max_s']} (n={v['n']})" for k, v in r["record_gone_after"].items()
+        if v["n"]))
+    lines.append("  client registered again after (s, p50/max): " + ", ".join(
+        f"{k} {v['p50_s']}/{v['max_s']} (n={v['n']})" for k, v in r["reconnected_after"].items()
+        if v["n"]))
+    lines.append(f"  records back after quorum returned: within "
+                 f"{r['records_back_after_quorum_s']} s; allowed: {r['allowed'] or 'none'}")
+    lines.append("  instance exits: " + ", ".join(
+        f"#{e['instance']} {e['signal']} -> {e['code']} in {e['seconds']} s" for e in r["exits"]))
+    lines.append("  fds (start -> end, etcd connections): " + ", ".join(
+        f"#{f['instance']} {f['start']} -> {f.get('end')} ({f.get('etcd_connections')})"
+        for f in r["fds"]))
+    lines.append(f"  warn events: {r['warn_events'] or 'none'}")
+    if r["client_errors"]:
+        lines.append(f"  client connect errors and refusals: {r['client_errors']}")
+    if not r["violations"]:
+        lines.append("  violations: none")
+    for kind, k in sorted(r["by_kind"].items()):
+        lines.append(f"  VIOLATIONS {kind}: {k['count']}, worst {k['worst_s']} s"
+                     + (" beyond the bound" if kind == "STALE" else ""))
+        for category, c in sorted(k["categories"].items(), key=lambda x: -x[1]["count"]):
+            lines.append(f"    {c['count']} x {category}: worst {c['worst_s']} s, "
+                         f"{c['example'][:400]}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
@@ -1858,6 +3024,9 @@ RUNS: dict[str, dict[str, Any]] = {
               "ping_interval": 5.0, "ping_timeout": 5.0, "freeze": 50, "instances": 1,
               "teardown_watch": True, "max_seconds": 150},
     "speed": {"versions": "2,3", "sizes": "2000,10000", **SPEED, "max_seconds": 900},
+    "chaos": {"versions": "2,3", "sizes": "0", "clients": 1, "timeout": 6, "ping_interval": 2.0,
+              "ping_timeout": 2.0, "freeze": 0, "instances": 1, "teardown_watch": False,
+              "max_seconds": 400},
     "handover": {"versions": "2,3", "sizes": "1000,10000", "clients": 2, "timeout": 30,
                  "ping_interval": 10.0, "ping_timeout": 10.0, "freeze": 0, "instances": 2,
                  "teardown_watch": True, "max_seconds": 900},
@@ -1873,6 +3042,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--speed", action="store_true",
                      help="issue 13's setup: v2 and v3 at 2,000 and 10,000 sockets, 2 client "
                           "processes, timeout 30, pings 10/10, a 40 s hold, all closed at once")
+    run.add_argument("--chaos", type=float, metavar="SECONDS",
+                     help="the recommended topology under random faults for SECONDS per "
+                          "version (three skyapis, a three-member etcd cluster, --chaos-sockets "
+                          "websockets moving between them, --chaos-provides provide processes; "
+                          "timeout 6, pings 2/2, drain grace 3), etcd checked against the open "
+                          "sockets every 100 ms; exit 1 on any violation")
     run.add_argument("--handover", action="store_true",
                      help="with --instances 2: N sockets on one skyapi that move to the other "
                           "when it closes them with 1001; SIGTERM the first while etcd is "
@@ -1915,6 +3090,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "speed: 0)")
     p.add_argument("--churn", type=float, default=0, metavar="SECONDS",
                    help="also run a churn test of this many seconds per version")
+    p.add_argument("--chaos-sockets", type=int, default=300,
+                   help="chaos: lean websockets, a tenth of identities held twice (300)")
+    p.add_argument("--chaos-provides", type=int, default=20,
+                   help="chaos: provide processes (20)")
+    p.add_argument("--chaos-rate", type=float, default=10,
+                   help="chaos: client faults a second (10); instance and etcd faults come "
+                        "every 20 s on average")
     p.add_argument("--churn-sockets", type=int, default=1000, help="live sockets in churn (1000)")
     p.add_argument("--churn-rate", type=float, default=100,
                    help="random actions per second in churn, over all clients (default 100)")
@@ -1934,8 +3116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "handover, 1200 otherwise; plus twice --churn)")
     p.add_argument("--output", default="bench-results.json", help="JSON results file")
     args = p.parse_args(argv)
-    args.run = next((name for name in ("quick", "speed", "handover") if getattr(args, name)),
-                    "default")
+    args.run = next((name for name in ("quick", "speed", "handover", "chaos")
+                     if getattr(args, name)), "default")
     bounded = args.max_seconds is not None
     for name, value in RUNS[args.run].items():
         if getattr(args, name) is None:
@@ -1944,7 +3126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds = 3 if args.baseline else 1
     if not bounded:  # the presets' bounds are for one run of each scenario
         args.max_seconds *= args.rounds * (2 if args.baseline else 1)
-    args.max_seconds += 2 * args.churn
+    args.max_seconds += 2 * args.churn + len(args.versions.split(",")) * (args.chaos or 0)
     if args.hold is None:
         args.hold = 2.0 * args.timeout
     args.versions = [int(v) for v in args.versions.split(",")]
@@ -1989,6 +3171,17 @@ def etcd_members(args: argparse.Namespace, data_dir: str) -> Iterator[list[TestE
 
 
 def run_all(args: argparse.Namespace, workdir: str, results: dict[str, Any]) -> None:
+    if args.chaos:
+        for version in args.versions:
+            settings = ChaosSettings(
+                version=version, seconds=args.chaos, seed=args.seed, sockets=args.chaos_sockets,
+                provides=args.chaos_provides, client_events=args.chaos_rate,
+                timeout=args.timeout, ping_interval=args.ping_interval,
+                ping_timeout=args.ping_timeout, workdir=os.path.join(workdir, f"chaos-v{version}"))
+            os.makedirs(settings.workdir)
+            results["chaos"].append(run_chaos(settings))
+            print(chaos_summary(results["chaos"][-1]), file=sys.stderr, flush=True)
+        return
     baseline = baseline_code(args.baseline, workdir) if args.baseline else None
     for version in args.versions:
         for n in args.sizes:
@@ -2095,6 +3288,8 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
         print(render_comparisons(results["comparisons"]))
     if results["handover"]:
         print(render_table(HANDOVER_ROWS, results["handover"]))
+    for c in results["chaos"]:
+        print(chaos_summary(c))
     for c in results["churn"]:
         print(f"\n{c['label']} ({c['seconds']:g} s, ~{c['target_sockets']} sockets): "
               f"actions {c.get('actions')}, process freezes {c.get('process_freezes')}, "
@@ -2149,7 +3344,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": describe_machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
-        "scenarios": [], "comparisons": [], "handover": [], "churn": [], "error": None}
+        "scenarios": [], "comparisons": [], "handover": [], "churn": [], "chaos": [],
+        "error": None}
     workdir = tempfile.mkdtemp(prefix="skyapi-bench-")
     print(f"bench: {results['machine']}; logs in {workdir}", file=sys.stderr)
     try:
@@ -2171,6 +3367,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, f, indent=1)
     report(args, results)
     code = check(results) if args.check else 0
+    if any(c["violations"] for c in results["chaos"]):
+        code = 1
     return 1 if results["error"] else code
 
 

@@ -182,13 +182,14 @@ def unb64(s: str) -> str:
 class EtcdView:
     """Reads etcd the way SkyDNS (v2) or CoreDNS (v3) would, independent of skyapi's code."""
 
-    def __init__(self, url: str, version: int):
-        self.url, self.version = url, version
+    def __init__(self, url: str, version: int, timeout: float = 5):
+        self.url, self.version, self.timeout = url, version, timeout
         self.http = AsyncHTTPClient()
 
     async def _fetch(self, path, method="GET", body=None):
         try:
-            r = await self.http.fetch(self.url + path, method=method, body=body, request_timeout=5)
+            r = await self.http.fetch(self.url + path, method=method, body=body,
+                                      request_timeout=self.timeout)
             return r.code, json.loads(r.body)
         except HTTPClientError as e:
             return e.code, json.loads(e.response.body) if e.response is not None else {}
@@ -212,6 +213,36 @@ class EtcdView:
         code, doc = await self._fetch("/v3/kv/range", "POST", json.dumps(
             {"key": b64(prefix), "range_end": b64(end)}))
         return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in doc.get("kvs", [])}
+
+    async def listing(self, prefix: str) -> tuple[dict[str, str], set[str]]:
+        """(key -> value of every record, every directory (v2)) below prefix, in one
+        linearizable read: a member that fell behind (thawed, restarted) cannot answer from
+        its old state. OSError when this member does not answer (it hangs, or has no quorum):
+        unlike records(), an answer never stands for 'nothing there'."""
+        if self.version == 2:
+            code, doc = await self._fetch("/v2/keys" + prefix.rstrip("/")
+                                          + "?recursive=true&quorum=true")
+            if code == 404 and doc.get("errorCode") == 100:  # key not found: nothing there
+                return {}, set()
+            if code != 200:
+                raise OSError(f"etcd {self.url}: {code} {doc}")
+            records, dirs = {}, set()
+
+            def walk(node):
+                if node.get("dir"):
+                    dirs.add(node.get("key", "/"))
+                    for child in node.get("nodes", []):
+                        walk(child)
+                else:
+                    records[node["key"]] = node["value"]
+            walk(doc["node"])
+            return records, dirs
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        code, doc = await self._fetch("/v3/kv/range", "POST", json.dumps(
+            {"key": b64(prefix), "range_end": b64(end)}))
+        if code != 200:
+            raise OSError(f"etcd {self.url}: {code} {doc}")
+        return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in doc.get("kvs", [])}, set()
 
     async def dirs(self, prefix: str) -> set[str]:
         code, doc = await self._fetch("/v2/keys" + prefix + "?recursive=true")
@@ -408,18 +439,31 @@ def process_args(cfg) -> list[str]:
 
 
 class SkyapiProcess:
-    """skyapi as a child process (for signals), its log in a file."""
+    """skyapi as a child process (for signals), its log in a file. restart() starts it
+    again on the same port after it exited, its log going on in the same file."""
 
     def __init__(self, tmp_path, *args: str):
         self.port = free_port()
+        self.args = args
         self.log = tmp_path / f"skyapi-{self.port}.log"
-        with open(self.log, "wb") as stderr:
-            self.proc = subprocess.Popen(
+        self.lives = 1  # its starts so far: each logs one start line
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        with open(self.log, "ab") as stderr:
+            return subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "skyapi.py"), "--listen-addr",
-                 f"127.0.0.1:{self.port}", *args], stderr=stderr, cwd=HERE)
+                 f"127.0.0.1:{self.port}", *self.args], stderr=stderr, cwd=HERE,
+                preexec_fn=skyapi.dies_with_parent())
+
+    def restart(self) -> None:
+        assert self.exited(), "restart() of a skyapi that still runs"
+        self.lives += 1
+        self.proc = self._spawn()
 
     async def started(self) -> None:
-        await wait_until(lambda: logged(self.log, "start") or self.proc.poll() is not None, 15)
+        await wait_until(lambda: logged(self.log, "start", self.lives) or self.proc.poll() is not None,
+                         15)
         assert self.proc.poll() is None, self.log.read_text()
 
     def exited(self) -> bool:
@@ -436,7 +480,7 @@ def provide_process(port: int, *args: str, stderr=subprocess.PIPE) -> subprocess
     return subprocess.Popen(
         [sys.executable, os.path.join(HERE, "skyapi.py"), "provide",
          "--url", f"ws://127.0.0.1:{port}", *args],
-        stdout=subprocess.PIPE, stderr=stderr, cwd=HERE)
+        stdout=subprocess.PIPE, stderr=stderr, cwd=HERE, preexec_fn=skyapi.dies_with_parent())
 
 
 async def healthcheck(*args: str) -> tuple[int, str]:

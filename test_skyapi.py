@@ -3767,3 +3767,40 @@ async def test_the_watch_starts_over_from_a_full_compare_when_etcd_cannot_resume
         assert backend.changes  # (the watch resumed from its index, and found it cleared)
         conn.close()
         await wait_until(lambda: view.has(cfg, key), 2, until=lambda present: not present)
+
+
+# --- chaos: the recommended topology under random faults ------------------------------
+#
+# bench_skyapi.py --chaos runs it for minutes; here a minute of it per etcd version, scaled
+# down (60 sockets, 4 provide processes) and with faults more often, on a fixed seed.
+
+
+def chaos(version: int, tmp_path, **settings) -> dict:
+    import bench_skyapi
+    scaled = {"sockets": 60, "provides": 4, "client_events": 4, "instance_every": 12,
+              "etcd_every": 12}
+    result = bench_skyapi.run_chaos(bench_skyapi.ChaosSettings(
+        version=version, workdir=str(tmp_path), **{**scaled, **settings}))
+    print(bench_skyapi.chaos_summary(result))  # shown when the test fails
+    return result
+
+
+@pytest.mark.slow
+def test_chaos_a_minute_of_faults_leaves_dns_exact_within_the_bounds(version, tmp_path):
+    r = chaos(version, tmp_path, seconds=60, seed=23)
+    faults = r["events"]
+    assert sum(n for e, n in faults.items() if e.startswith("instance")) >= 2, faults
+    assert sum(n for e, n in faults.items() if e.startswith("etcd")) >= 2, faults
+    assert r["samples"] > 500
+    assert not r["violations"], r["by_kind"]
+
+
+@pytest.mark.slow
+def test_chaos_checker_sees_what_was_done_by_hand(tmp_path):
+    """The checker itself: a record no client holds, and an instance frozen past `timeout`
+    (its clients' records expire under open sockets), must both be reported."""
+    r = chaos(2, tmp_path, seconds=12, seed=1, inject=True, instance_every=1e9, etcd_every=1e9)
+    kinds = r["by_kind"]
+    assert kinds["STALE"]["categories"]["a record no client ever held"]["count"] == 1
+    assert "LEFT" in kinds
+    assert kinds["MISSING"]["count"] >= 5, kinds
