@@ -1634,10 +1634,13 @@ class Conn:
 
     def dns_end(self, t: float, bound: float) -> float | None:
         """When DNS should have stopped counting this socket, as judged at t; None: not
-        yet. A frozen client counts from the moment it froze: if it is dropped before it
-        thaws, or is still frozen past the bound."""
+        yet. A registered client that froze counts from the moment it froze: if it is
+        dropped before it thaws, or is still frozen past the bound. (One that froze in its
+        handshake has no socket on the server until it thaws.)"""
         ends = [x for x in (self.ended, self.deaf) if x is not None]
         for start, end in self.frozen:
+            if self.registered is None or self.registered > start:
+                continue
             if self.ended is not None and start <= self.ended and (end is None or self.ended <= end):
                 ends.append(start)
             elif start <= t and (end is None or t <= end) and t - start > bound:
@@ -1954,7 +1957,9 @@ class ChaosRun:
             self.end(conn, "connect failed")
             self.reopen(client, self.rnd.uniform(0.2, 0.6))
             return
-        if conn.ended is None:
+        if self.stopping and conn.ended is None:  # opened as the run ends: close it
+            self.close_client(client)
+        elif conn.ended is None:
             sock.transport.write(client_frame(OP_PING, b"registered?"))
 
     def end(self, conn: Conn, cause: str, at: float | None = None) -> None:
@@ -2398,6 +2403,8 @@ class ChaosRun:
             end = c.dns_end(t0, s.ping_bound)
             if end is None or end > t0:  # open, or opening, or frozen but not past the bound
                 froze = c.frozen[-1][0] if c.frozen and c.registered is not None else None
+                if froze is not None and c.registered is not None and c.registered > froze:
+                    froze = None
                 if (not present and froze is not None and froze <= t0 and c.ended is None
                         and ident.measured_end != froze and len(conns) == 1 + sum(
                             1 for o in conns if o is not c and o.ended is not None)):
@@ -2514,7 +2521,8 @@ class ChaosRun:
         self.say("closing every client")
         for c in self.clients:
             if c.conn is not None and c.conn.ended is None and c.sock is not None:
-                self.close_client(c)
+                if c.sock.transport is not None and c.sock.handshake.done():
+                    self.close_client(c)  # (one still in its handshake closes when it opens)
         for p in self.provides:
             p.proc.send_signal(signal.SIGCONT)
             p.proc.terminate()
@@ -2531,8 +2539,12 @@ class ChaosRun:
     async def end_state(self, checker: asyncio.Task) -> None:
         s = self.s
         checker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await checker
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # the checker broke: say so, as a violation
+            self.violation("HARNESS", "checker", time.time(), f"{type(e).__name__}: {e}")
         self.judge_all()
         now = time.time()
         for k in list(self.episodes):
@@ -2601,8 +2613,7 @@ class ChaosRun:
             await self.faults(s.seconds)
             await self.finish()
         finally:
-            if not checker.done():
-                await self.end_state(checker)
+            await self.end_state(checker)
         return self.result()
 
     def cleanup(self) -> None:
@@ -2643,7 +2654,8 @@ class ChaosRun:
                     "max_s": round(max(values), 3)} if values else {"n": 0}
         return {
             "kind": "chaos", "label": f"v{self.s.version} chaos", "version": self.s.version,
-            "seconds": self.s.seconds, "seed": self.s.seed,
+            "seconds": self.s.seconds, "seed": self.s.seed, "started_at": datetime.datetime.fromtimestamp(
+                self.t_start, datetime.timezone.utc).isoformat(timespec="milliseconds"),
             "settings": {f.name: getattr(self.s, f.name) for f in dataclasses.fields(self.s)
                          if f.name != "say"},
             "violations": self.violations, "by_kind": by_kind, "allowed": dict(self.allowed),
