@@ -2135,7 +2135,7 @@ class ChaosRun:
 
     # -- instance faults -------------------------------------------------------
 
-    async def instance_fault(self, i: int, sig: int) -> None:
+    async def instance_fault(self, i: int, sig: int, down_for: float) -> None:
         proc = self.instances[i]
         life = self.lives[i][-1]
         t = time.time()
@@ -2159,7 +2159,7 @@ class ChaosRun:
         if sig == signal.SIGTERM and code != 0:
             self.violation("EXIT", f"instance #{i}", t, f"SIGTERM: exit code {code} "
                            f"(None: still running after {bound} s, killed)")
-        await asyncio.sleep(self.rnd.uniform(1, 3))
+        await asyncio.sleep(down_for)
         proc.restart()
         await proc.started()
         self.lives[i].append(Life(i, time.time(), self.owner_in_log(i)))
@@ -2178,15 +2178,14 @@ class ChaosRun:
 
     # -- etcd faults -------------------------------------------------------------
 
-    async def etcd_fault(self, kind: str) -> None:
-        up = [m for m in range(3) if self.member_state[m] == "up"]
+    async def etcd_fault(self, kind: str, rnd: random.Random) -> None:
         t = time.time()
         if kind == "quorum":
-            victims = self.rnd.sample(up, 2)
-            seconds = self.rnd.uniform(1, 3)
+            victims = rnd.sample(range(3), 2)
+            seconds = rnd.uniform(1, 3)
         else:
-            victims = [self.rnd.choice(up)]
-            seconds = self.rnd.uniform(2, 6)
+            victims = [rnd.randrange(3)]
+            seconds = rnd.uniform(2, 6)
         what = {"freeze": "frozen", "kill": "killed", "quorum": "frozen (quorum lost)"}[kind]
         window = [t, None, f"member(s) {victims} {what}",
                   {"freeze": "member frozen", "kill": "member killed", "quorum": "quorum lost"}[kind]]
@@ -2240,16 +2239,16 @@ class ChaosRun:
     # -- the fault schedule --------------------------------------------------------
 
     async def faults(self, seconds: float) -> None:
-        """Client faults at client_events a second; now and then an instance fault and an
-        etcd fault (each kind one at a time, and never while the other kind runs its
-        course... except by chance of the schedule: they may overlap)."""
+        """Client faults at client_events a second; beside them two sequences of faults,
+        each one at a time, drawn from seeded streams of their own (a seed gives the same
+        faults in the same order, whatever the timing): instance faults (SIGTERM and
+        SIGKILL, each once in every two) and etcd faults (a member frozen, a member killed,
+        quorum lost: each once in every three)."""
         s = self.s
         deadline = time.monotonic() + seconds
-        next_instance = time.monotonic() + self.rnd.expovariate(1 / s.instance_every)
-        next_etcd = time.monotonic() + self.rnd.expovariate(1 / s.etcd_every)
-        next_inject = time.monotonic() + 3 if s.inject else math.inf
-        instance_task: asyncio.Task | None = None
-        etcd_task: asyncio.Task | None = None
+        tasks = [self.spawn(self.instance_faults(deadline)), self.spawn(self.etcd_faults(deadline))]
+        if s.inject:
+            tasks.append(self.spawn(self.inject()))
         credit, tick = 0.0, 0.05
         while time.monotonic() < deadline:
             await asyncio.sleep(tick)
@@ -2257,33 +2256,38 @@ class ChaosRun:
             while credit >= 1:
                 credit -= 1
                 self.client_fault()
-            now = time.monotonic()
-            if now > next_instance:
-                next_instance = now + self.rnd.expovariate(1 / s.instance_every)
-                if (instance_task is None or instance_task.done()) and not self.down:
-                    sig = self.rnd.choice([signal.SIGTERM, signal.SIGKILL])
-                    i = self.rnd.randrange(3)
-                    self.events[f"instance {'SIGTERM' if sig == signal.SIGTERM else 'SIGKILL'}"] += 1
-                    self.say(f"instance #{i} gets {'SIGTERM' if sig == signal.SIGTERM else 'SIGKILL'}")
-                    instance_task = self.spawn(self.instance_fault(i, sig))
-            if now > next_etcd:
-                next_etcd = now + self.rnd.expovariate(1 / s.etcd_every)
-                if (etcd_task is None or etcd_task.done()) and all(x == "up" for x in self.member_state):
-                    kind = self.rnd.choices(["freeze", "kill", "quorum"], [40, 30, 30])[0]
-                    self.events[{"freeze": "etcd member frozen", "kill": "etcd member killed",
-                                 "quorum": "etcd quorum lost"}[kind]] += 1
-                    etcd_task = self.spawn(self.etcd_fault(kind))
-            if now > next_inject:
-                next_inject = math.inf
-                self.spawn(self.inject())
-        for task in (instance_task, etcd_task):
-            if task is not None:
-                await asyncio.wait_for(asyncio.shield(task), 60)
+        await asyncio.wait_for(asyncio.gather(*tasks), 90)
+
+    async def instance_faults(self, deadline: float) -> None:
+        rnd = random.Random(f"{self.s.seed} instances")
+        signals = in_rounds(rnd, [signal.SIGTERM, signal.SIGKILL])
+        while True:
+            await asyncio.sleep(self.s.instance_every * rnd.uniform(0.5, 1.5))
+            if time.monotonic() > deadline:
+                return
+            sig, i = next(signals), rnd.randrange(3)
+            name = "SIGTERM" if sig == signal.SIGTERM else "SIGKILL"
+            self.events[f"instance {name}"] += 1
+            self.say(f"instance #{i} gets {name}")
+            await self.instance_fault(i, sig, rnd.uniform(1, 3))
+
+    async def etcd_faults(self, deadline: float) -> None:
+        rnd = random.Random(f"{self.s.seed} etcd")
+        kinds = in_rounds(rnd, ["freeze", "kill", "quorum"])
+        while True:
+            await asyncio.sleep(self.s.etcd_every * rnd.uniform(0.5, 1.5))
+            if time.monotonic() > deadline:
+                return
+            kind = next(kinds)
+            self.events[{"freeze": "etcd member frozen", "kill": "etcd member killed",
+                         "quorum": "etcd quorum lost"}[kind]] += 1
+            await self.etcd_fault(kind, rnd)
 
     async def inject(self) -> None:
-        """Damage that the checker must see, so that a run shows it does: a record that no
+        """Three seconds in, damage that the checker must see, so that a run shows it does: a record that no
         client holds (STALE, and left at the end), and an instance frozen past `timeout`
         (SIGSTOP: its clients' records expire while their sockets are open: MISSING)."""
+        await asyncio.sleep(3)
         self.events["stray record planted"] += 1
         await self.views[0].put(record_key(CHAOS_SERVICE, "10.79.0.1", 4000),
                                 json.dumps({"host": "10.79.0.1", "port": 4000}))
@@ -2526,6 +2530,8 @@ class ChaosRun:
         for p in self.provides:
             p.proc.send_signal(signal.SIGCONT)
             p.proc.terminate()
+            if p.conn is not None:  # it closes now; its log says so only once the server answered
+                self.end(p.conn, "close")
         for p in self.provides:
             await self.wait_exit(p.proc, 10)
         deadline = time.monotonic() + s.ping_bound + 5
@@ -2668,6 +2674,14 @@ class ChaosRun:
             "samples": self.sample_count, "unanswered_samples": self.unknown_samples,
             "exits": self.exits, "fds": self.fds,
             "warn_events": dict(getattr(self, "warn_events", {})), "workdir": self.workdir}
+
+
+def in_rounds(rnd: random.Random, items: list) -> Iterator:
+    """items again and again, each round in an order of its own."""
+    while True:
+        order = list(items)
+        rnd.shuffle(order)
+        yield from order
 
 
 def run_chaos(settings: ChaosSettings) -> dict:
@@ -3107,8 +3121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chaos-provides", type=int, default=20,
                    help="chaos: provide processes (20)")
     p.add_argument("--chaos-rate", type=float, default=10,
-                   help="chaos: client faults a second (10); instance and etcd faults come "
-                        "every 20 s on average")
+                   help="chaos: client faults a second (10)")
+    p.add_argument("--chaos-every", type=float, default=20,
+                   help="chaos: mean seconds between instance faults, and between etcd "
+                        "faults (20)")
     p.add_argument("--churn-sockets", type=int, default=1000, help="live sockets in churn (1000)")
     p.add_argument("--churn-rate", type=float, default=100,
                    help="random actions per second in churn, over all clients (default 100)")
@@ -3188,6 +3204,7 @@ def run_all(args: argparse.Namespace, workdir: str, results: dict[str, Any]) -> 
             settings = ChaosSettings(
                 version=version, seconds=args.chaos, seed=args.seed, sockets=args.chaos_sockets,
                 provides=args.chaos_provides, client_events=args.chaos_rate,
+                instance_every=args.chaos_every, etcd_every=args.chaos_every,
                 timeout=args.timeout, ping_interval=args.ping_interval,
                 ping_timeout=args.ping_timeout, workdir=os.path.join(workdir, f"chaos-v{version}"))
             os.makedirs(settings.workdir)
