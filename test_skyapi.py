@@ -211,19 +211,29 @@ def test_shipped_yaml_is_every_setting_at_its_default():
     assert skyapi.make_config(shipped) == skyapi.make_config({})
 
 
-def test_readme_settings_table_and_commands_as_a_newcomer_runs_them():
-    with open(os.path.join(HERE, "README.md")) as f:
-        readme = f.read()
-    first = readme[readme.index("## Try it"):readme.index("## The /provide endpoint")]
-    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \|", first, re.M)
-    assert {name for row in rows for name in re.findall(r"`(\w+)`", row)} == {
-        s.name for s in skyapi.SETTINGS}
-    commands = re.findall(r"^    (\S.*)$", first, re.M)
+def read_doc(name: str) -> str:
+    with open(os.path.join(HERE, name)) as f:
+        return f.read()
+
+
+DOCS = ["README.md", *(os.path.join("docs", n) for n in sorted(os.listdir(os.path.join(HERE, "docs"))))]
+
+
+def test_configuration_md_has_one_row_per_setting_in_order():
+    table = read_doc("docs/configuration.md").split("## Every setting", 1)[1]
+    rows = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert rows == [s.name for s in skyapi.SETTINGS]
+
+
+def test_readme_and_docs_commands_as_a_newcomer_runs_them():
+    readme = read_doc("README.md")
+    commands = re.findall(r"^    (\S.*)$", readme[readme.index("## Try it"):], re.M)
     test_it = ".venv/bin/python -m pytest -q -n 6 --dist worksteal test_skyapi.py"
     with open(os.path.join(HERE, ".ci", "run")) as f:
         assert test_it in commands and test_it in f.read().splitlines()  # CI runs it as written
-    for command in commands:  # after "Try it", python is the venv's: nothing is activated
-        assert not re.match(r"python3? (?!-m venv)", command), command
+    for name in DOCS:  # after "Try it", python is the venv's: nothing is activated
+        for command in re.findall(r"^    (\S.*)$", read_doc(name), re.M):
+            assert not re.match(r"python3? (?!-m venv)", command), (name, command)
 
 
 # The security settings: tokens and etcd passwords are never shown.
