@@ -87,42 +87,76 @@ __version__ = "1.0.0.dev0"  # skyapi.py --version
 log = logging.getLogger("skyapi")
 
 
+def event_text(event: str, fields: Mapping[str, Any]) -> str:
+    """``event=name key=value ...``, a value quoted (as JSON) when it has a space, a quote,
+    an equals sign, a backslash or something unprintable, or is empty."""
+    parts = [f"event={event}"]
+    for k, v in fields.items():
+        s = str(v)
+        if not s or any(c in s for c in ' "=\\') or not s.isprintable():
+            s = json.dumps(s)
+        parts.append(f"{k}={s}")
+    return " ".join(parts)
+
+
 def log_event(level: int, event: str, exc_info: Any = None, **fields: Any) -> None:
-    """One line per event, as ``event=name key=value ...`` (values quoted when needed);
-    exc_info adds a traceback, for a bug."""
+    """One line per event; exc_info adds a traceback, for a bug."""
     if log.isEnabledFor(level):
-        parts = [f"event={event}"]
-        for k, v in fields.items():
-            s = str(v)
-            if not s or any(c in s for c in ' "=\\') or not s.isprintable():
-                s = json.dumps(s)
-            parts.append(f"{k}={s}")
-        log.log(level, " ".join(parts), exc_info=exc_info)
+        log.log(level, event_text(event, fields), exc_info=exc_info)
 
 
 QUERY_STRING = re.compile(r"(?:\?|%3[Ff])[^\s\"']*")
+TORNADO_TLS_ERROR = "SSL Error on %s %s: %s"  # tornado.iostream's, with (fd, peer, error)
+# Tornado names the peer of a failed handshake only while the socket is still connected, and
+# a client's alert (an unknown CA) comes as it hangs up: the server notes the peer of each
+# connection it accepts by its file descriptor, which only a later connection reuses.
+TLS_PEERS: dict[int, str] = {}
 
 
-def _without_query_strings(record: logging.LogRecord) -> bool:
-    """Others' lines (Tornado's, asyncio's) may quote a request's URI, and its query string
-    may carry a client's token: cut it out. skyapi's own lines never carry one."""
-    if record.name != log.name:
-        message = record.getMessage()
-        if QUERY_STRING.search(message):
-            record.msg, record.args = QUERY_STRING.sub("?<redacted>", message), ()
+def _address(peer: Any) -> str:
+    """A socket address as host:port ([host]:port for IPv6), or the text given."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def _as_event(record: logging.LogRecord) -> bool:
+    """Others' lines (Tornado's, asyncio's) become events too. A failed TLS handshake is
+    tls_failed, whichever side it failed on; any other line is library_log with its text,
+    less any query string: a URI quoted there may carry a client's token."""
+    if record.name == log.name:
+        return True
+    args = record.args
+    if record.msg == TORNADO_TLS_ERROR and isinstance(args, tuple) and len(args) == 3:
+        peer = _address(args[1]) if isinstance(args[1], tuple) else TLS_PEERS.get(args[0], "")
+        text = event_text("tls_failed", {"peer": peer or "unknown", "error": args[2]})
+    else:
+        text = event_text("library_log", {"logger": record.name, "message": QUERY_STRING.sub(
+            "?<redacted>", record.getMessage())})
+    record.msg, record.args = text, ()
     return True
 
 
+class _EventFormatter(logging.Formatter):
+    """time= level= and the event; a traceback (a bug's) stays on its line, as one more
+    key=value, so that every line of the log is one event."""
+
+    def formatException(self, ei: Any) -> str:
+        return "traceback=" + json.dumps(super().formatException(ei))
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " ")  # only before the traceback
+
+
 def setup_logging(level: str) -> None:
-    # Every part of a line is key=value, so log tools parse it without a pattern of their own.
-    formatter = logging.Formatter("time=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
-                                  "%Y-%m-%dT%H:%M:%S")
+    formatter = _EventFormatter("time=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
+                                "%Y-%m-%dT%H:%M:%S")
     formatter.converter = time.gmtime
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
-    handler.addFilter(_without_query_strings)
+    handler.addFilter(_as_event)
     wanted = {"warn": logging.WARNING}.get(level, getattr(logging, level.upper()))
-    # Others (Tornado, asyncio) only from warnings up: their debug lines are not key=value.
+    # Others (Tornado, asyncio) only from warnings up: their debug and info lines are chatter.
     logging.basicConfig(handlers=[handler], level=max(wanted, logging.WARNING))
     log.setLevel(wanted)
     logging.addLevelName(logging.WARNING, "warn")
@@ -3356,10 +3390,11 @@ class NotFoundHandler(_ServerHandler):
 
 def log_request(handler: web.RequestHandler) -> None:
     """Tornado's access log, without the query string, where a client's token may be:
-    failed requests only (skyapi logs its own events, not one line per health check). The
-    path is one of skyapi's routes, or 'unknown'; the method one of HTTP's, or 'other'."""
+    failed requests only, and never a probe's answer (a /readyz 503 every few seconds of an
+    outage would bury the one line that reports it). The path is one of skyapi's routes, or
+    'unknown'; the method one of HTTP's, or 'other'."""
     status = handler.get_status()
-    if status >= 400:
+    if status >= 400 and not isinstance(handler, (HealthHandler, ReadyHandler)):
         method = handler.request.method
         log_event(logging.WARNING if status < 500 else logging.ERROR, "http_error",
                   status=status,
@@ -3395,6 +3430,14 @@ class MetricsHandler(_AdminHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.write(self.server.metrics.render(self.server))
+
+
+class _PeerNotingHTTPServer(HTTPServer):
+    """Tornado's, noting each connection's peer for a failed TLS handshake's line."""
+
+    def handle_stream(self, stream: iostream.IOStream, address: tuple) -> None:
+        TLS_PEERS[stream.socket.fileno()] = _address(address)
+        super().handle_stream(stream, address)
 
 
 # Seconds a hand-over may take beyond drain_grace to delete what is still ours.
@@ -3445,7 +3488,7 @@ class Skyapi:
         # too: the wait for the next request is the same read) and as much for a body. No
         # request of skyapi's has a body: one of over 4 KB is answered 400 before a byte of it
         # is read (Tornado would hold up to 100 MB of it before any handler sees the request).
-        self._http = HTTPServer(self.application(), xheaders=self.cfg.xheaders,
+        self._http = _PeerNotingHTTPServer(self.application(), xheaders=self.cfg.xheaders,
                                 ssl_options=server_ssl_context(self.cfg),
                                 idle_connection_timeout=self.cfg.request_timeout,
                                 body_timeout=self.cfg.request_timeout, max_body_size=4096)
@@ -3596,7 +3639,8 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
         conn = connecting.result()
     except Exception as e:  # refused, reset, timed out, not a websocket (HTTP 404)...
         why = str(e) or type(e).__name__
-        log_event(logging.WARNING, "provide_failed", url=url, error=why)
+        if not isinstance(e, ssl.SSLError):  # a failed handshake: Tornado's tls_failed said it
+            log_event(logging.WARNING, "provide_failed", url=url, error=why)
         return "failed", None, why
     state.now(f"connected to {url}, waiting for the server to accept")
     since = 0.0

@@ -2088,21 +2088,119 @@ async def test_tokens_and_query_strings_never_reach_the_log(etcd, tmp_path, monk
         sky.kill()
 
 
-def test_others_log_lines_lose_their_query_strings(tmp_path):
-    """Tornado's and asyncio's lines (whatever hook writes them) lose any query string, as
-    written or percent-encoded; skyapi's own lines carry none to begin with."""
+def test_others_log_lines_are_events_without_query_strings(tmp_path):
+    """Tornado's and asyncio's lines (whatever hook writes them) are events too: a failed
+    TLS handshake is tls_failed, anything else library_log, which loses any query string, as
+    written or percent-encoded; a traceback stays on its line. skyapi's own lines carry no
+    query string to begin with."""
     path = tmp_path / "log"
-    script = (f"import logging, skyapi; skyapi.setup_logging('info')\n"
+    script = (f"import logging, ssl, skyapi; skyapi.setup_logging('info')\n"
               f"logging.getLogger('tornado.general').warning('%d %s: %s', 400, "
               f"'POST /services?token={TOKEN} (10.0.0.1)', 'Invalid body')\n"
               f"logging.getLogger('tornado.access').error('404 GET /provide%3Fservice=x%26token="
               f"{TOKEN} (10.0.0.1)')\n"
-              f"logging.getLogger('asyncio').error('Task exception: GET /x?a=1&token={TOKEN}')\n")
+              f"logging.getLogger('asyncio').error('Task exception: GET /x?a=1&token={TOKEN}')\n"
+              f"logging.getLogger('tornado.general').warning('SSL Error on %s %s: %s', 9, "
+              f"('::1', 55610, 0, 0), ssl.SSLError(1, '[SSL: WRONG_VERSION_NUMBER] wrong'))\n"
+              f"try:\n    1 / 0\nexcept ZeroDivisionError:\n"
+              f"    logging.getLogger('asyncio').exception('Exception in callback')\n")
     with open(path, "wb") as stderr:
         subprocess.run([sys.executable, "-c", script], stderr=stderr, cwd=HERE, check=True)
-    lines = [line.split(" ", 2)[2] for line in path.read_text().splitlines()]
-    assert lines == ["400 POST /services?<redacted> (10.0.0.1): Invalid body",
-                     "404 GET /provide?<redacted> (10.0.0.1)", "Task exception: GET /x?<redacted>"]
+    events = log_events(path)  # every line time= level= event= key=value
+    assert [(e["level"], e["event"], e.get("logger"), e.get("message")) for e in events[:3]] == [
+        ("warn", "library_log", "tornado.general",
+         "400 POST /services?<redacted> (10.0.0.1): Invalid body"),
+        ("error", "library_log", "tornado.access", "404 GET /provide?<redacted> (10.0.0.1)"),
+        ("error", "library_log", "asyncio", "Task exception: GET /x?<redacted>")]
+    assert events[3] == {"time": events[3]["time"], "level": "warn", "event": "tls_failed",
+                         "peer": "[::1]:55610", "error": "[SSL: WRONG_VERSION_NUMBER] wrong"}
+    assert events[4]["message"] == "Exception in callback"
+    assert "ZeroDivisionError" in events[4]["traceback"] and len(events) == 5
+
+
+@pytest.mark.slow
+@async_test
+async def test_every_log_line_is_an_event_through_outages_drains_tls_failures_and_hang_ups(
+        private_etcd, certs, tmp_path):
+    """A server on TLS and its clients, through what a log must tell: refusals, hang-ups,
+    TLS handshakes that fail (a plain HTTP client, a client that does not trust the
+    certificate) on both sides, an etcd outage, a drain. Every line of every log is
+    time= level= event= key=value; probes are no events, a failed handshake is one line."""
+    cfg = config([private_etcd.url])
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", "1", "--log-level",
+                        "debug", "--tls-cert-file", certs.server_cert, "--tls-key-file",
+                        certs.server_key)
+    trusting = ssl.create_default_context(cafile=certs.ca)
+    base, wss = f"https://127.0.0.1:{sky.port}", f"wss://127.0.0.1:{sky.port}"
+    client_log, untrusting_log = tmp_path / "client.log", tmp_path / "untrusting.log"
+    clients = []
+
+    def client(log, **env):
+        with open(log, "wb") as stderr:
+            clients.append(subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "skyapi.py"), "provide", "--url", wss,
+                 "--service", "logged", "--port", "1", "--log-level", "debug",
+                 "--ping-interval", "1"], stderr=stderr, cwd=HERE, env={**os.environ, **env}))
+
+    async def probes() -> list[int]:
+        return [(await AsyncHTTPClient().fetch(base + path, ca_certs=certs.ca,
+                                               raise_error=False)).code
+                for path in ("/healthz", "/readyz", "/healthz", "/readyz")]
+
+    def tls_failures() -> int:
+        return len(re.findall(" event=tls_failed ", sky.log.read_text()))
+
+    try:
+        await sky.started()
+        client(client_log, SSL_CERT_FILE=certs.ca)
+        await wait_until(lambda: logged(client_log, "provide_registered"), 15)
+        client(untrusting_log, SSL_CERT_FILE=os.devnull)  # trusts no certificate at all
+        await wait_until(lambda: logged(untrusting_log, "tls_failed", 2), 15)
+        await wait_until(lambda: tls_failures() >= 2, 5)
+        clients.pop().send_signal(signal.SIGTERM)
+        before = tls_failures()
+        with socket.create_connection(("127.0.0.1", sky.port), timeout=5) as plain:
+            plain.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                assert plain.recv(100) == b""  # the server hangs up on what is no TLS
+        await wait_until(lambda: tls_failures() == before + 1, 5)
+        for query in ("service=bad.name&port=1", "service=ok&port=0", "service=ok&port=1&x=1"):
+            conn = await websocket.websocket_connect(HTTPRequest(
+                f"{wss}/provide?{query}", ssl_options=trusting))
+            assert (await conn.read_message()).startswith("ERROR: ")
+        hung_up = await websocket.websocket_connect(HTTPRequest(
+            f"{wss}/provide?service=gone&port=1", ssl_options=trusting))
+        hung_up.stream.close()  # a hang-up, no close frame
+        with socket.create_connection(("127.0.0.1", sky.port), timeout=5):
+            pass  # a TCP hang-up before any TLS
+        assert await probes() == [200, 200, 200, 200]
+        private_etcd.kill()
+        await wait_until(lambda: logged(sky.log, "etcd_outage_began"), 15)
+        assert await probes() == [200, 503, 200, 503]
+        await private_etcd.restart()
+        await wait_until(lambda: logged(sky.log, "etcd_outage_ended"), 15)
+        sky.proc.send_signal(signal.SIGTERM)  # a drain: the client goes away, then retries
+        await wait_until(sky.exited, 15)
+        await wait_until(lambda: logged(client_log, "provide_retry"), 15)
+    finally:
+        for c in clients:
+            c.send_signal(signal.SIGTERM)
+            c.wait(10)
+        sky.kill()
+    server_events = log_events(sky.log)  # each asserts every line is time= level= event= ...
+    client_events = log_events(client_log)
+    untrusting = log_events(untrusting_log)
+    assert not [e for e in server_events if e["event"] == "http_error"]  # probes are no events
+    assert {e["event"] for e in server_events} >= {
+        "start", "connect", "refuse", "disconnect", "tls_failed", "etcd_outage_began",
+        "etcd_outage_ended", "stopping", "stopped"}
+    assert {e["event"] for e in client_events} >= {"provide_registered", "provide_going_away",
+                                                   "provide_retry"}
+    assert all(e["level"] == "warn" and e["peer"].startswith("127.0.0.1:") and e["error"]
+               for e in server_events + untrusting if e["event"] == "tls_failed")
+    # The client's failed handshake is one line: tls_failed, not a provide_failed beside it.
+    assert [e["event"] for e in untrusting if e["level"] == "warn"] == [
+        "tls_failed"] * len(events_named(untrusting_log, "tls_failed"))
 
 
 @async_test
