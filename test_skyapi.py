@@ -211,29 +211,175 @@ def test_shipped_yaml_is_every_setting_at_its_default():
     assert skyapi.make_config(shipped) == skyapi.make_config({})
 
 
+# The documentation: README.md is the front door, docs/ the rest. Everything they name exists,
+# every setting is documented, every link leads somewhere, every command runs as written.
+
+DOCS = ["README.md", "CHANGELOG.md",
+        *(f"docs/{n}" for n in sorted(os.listdir(os.path.join(HERE, "docs"))) if n.endswith(".md"))]
+README_LINES = 250
+# Flags of the other programs the documents run: etcd, etcdctl, docker/podman, pytest, systemctl.
+OTHERS_FLAGS = {"--data-dir", "--enable-v2", "--listen-client-urls", "--advertise-client-urls",
+                "--client-cert-auth", "--quota-backend-bytes", "--endpoints", "--prefix",
+                "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now"}
+OTHERS_NAMES = {"stop_grace_period"}  # docker compose's
+
+
 def read_doc(name: str) -> str:
     with open(os.path.join(HERE, name)) as f:
         return f.read()
 
 
-DOCS = ["README.md", *(os.path.join("docs", n) for n in sorted(os.listdir(os.path.join(HERE, "docs"))))]
+def parser_flags(parser) -> set[str]:
+    return {flag for action in parser._actions for flag in action.option_strings}
 
 
-def test_configuration_md_has_one_row_per_setting_in_order():
-    table = read_doc("docs/configuration.md").split("## Every setting", 1)[1]
-    rows = re.findall(r"^\| `(\w+)` \|", table, re.M)
-    assert rows == [s.name for s in skyapi.SETTINGS]
+def help_flags(script: str) -> set[str]:
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return set(re.findall(r"--[a-z][a-z0-9-]*[a-z0-9]", r.stdout))
 
 
-def test_readme_and_docs_commands_as_a_newcomer_runs_them():
+def doc_commands(text: str) -> list[str]:
+    """The commands of a document: its lines indented by four spaces, a trailing \\ joined
+    with the next line."""
+    return re.findall(r"^    (\S(?:.*\\\n)*.*)$", text, re.M)
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
+
+
+def skyapi_args(command: str) -> list[str] | None:
+    """The arguments a command gives skyapi.py, or None when it runs something else."""
+    words = shlex.split(command.replace("\\\n", " "), comments=True)
+    runs = [i for i, w in enumerate(words[1:], 1) if posixpath.basename(w) == "skyapi.py"
+            and posixpath.basename(words[i - 1]).startswith("python")]
+    if not runs:
+        return None
+    args = words[runs[0] + 1:]
+    return args[:-1] if args[-1:] == ["&"] else args
+
+
+def check_skyapi_args(args: list[str], where) -> None:
+    """args as skyapi.py takes them, or fail: the server's settings are loaded (relative
+    to the checkout, as a newcomer runs them), the client's flags parsed."""
+    if args[:1] == ["healthcheck"]:
+        args = args[1:]
+        if args[:1] == ["--pid"]:
+            assert len(args) == 2 and args[1].isdigit(), where
+            return
+    if args[:1] == ["provide"]:
+        try:
+            skyapi.provide_arg_parser().parse_args(args[1:])
+        except SystemExit:
+            pytest.fail(f"{where}: provide {args[1:]}")
+        return
+    # Where a command names the installed copy of the shipped file, the shipped file it is.
+    args = [a if a != "/etc/skyapi/skyapi.yaml" else "skyapi.yaml" for a in args]
+    cwd = os.getcwd()
+    os.chdir(HERE)
+    try:
+        skyapi.load_config(args)
+    except skyapi.ConfigError as e:
+        pytest.fail(f"{where}: {e}")
+    finally:
+        os.chdir(cwd)
+
+
+def test_readme_is_a_front_door_that_names_every_document():
     readme = read_doc("README.md")
-    commands = re.findall(r"^    (\S.*)$", readme[readme.index("## Try it"):], re.M)
+    assert len(readme.splitlines()) <= README_LINES
+    for name in DOCS[1:]:
+        assert f"]({name})" in readme, name
+
+
+def test_every_setting_is_in_configuration_md_once_in_order_with_its_default():
+    table = read_doc("docs/configuration.md").split("## Every setting", 1)[1]
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", table, re.M)
+    assert [name for name, _ in rows] == [s.name for s in skyapi.SETTINGS]
+    for s, (_, default) in zip(skyapi.SETTINGS, rows):
+        assert yaml.safe_load(default or '""') == s.default, (s.name, default)
+
+
+def test_readme_settings_are_settings_with_their_defaults():
+    readme = read_doc("README.md")
+    defaults = {s.name: s.default for s in skyapi.SETTINGS}
+    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \| `([^`]*)` \|", readme, re.M)
+    assert len(rows) >= 10
+    for names, default in rows:
+        for name in re.findall(r"`(\w+)`", names):
+            assert yaml.safe_load(default or '""') == defaults[name], name
+
+
+def test_every_flag_the_documents_name_exists():
+    ours = (parser_flags(skyapi.server_arg_parser()) | parser_flags(skyapi.provide_arg_parser())
+            | {"--pid"} | help_flags("bench_skyapi.py") | help_flags("bench_etcdclient.py"))
+    for name in DOCS:
+        text = read_doc(name)
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*[a-z0-9])(?![\w-])(?!: unknown flag)", text):
+            assert flag in ours | OTHERS_FLAGS, (name, flag)
+
+
+def test_every_setting_the_documents_name_exists():
+    """A name in backquotes that looks like a setting (snake_case) is one, or a name skyapi
+    itself uses (an event, a metric, a token's key): a setting renamed or removed fails."""
+    settings = {s.name for s in skyapi.SETTINGS}
+    known = set(re.findall(r"\w+", read_doc("skyapi.py") + read_doc("bench_skyapi.py")))
+    for name in DOCS:
+        text = read_doc(name)
+        for word in re.findall(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?::[^`]*)?`", text):
+            assert (word in settings | known | OTHERS_NAMES
+                    or re.fullmatch(r"http_\d{3}", word)), (name, word)
+        for block in code_blocks(text, "yaml"):
+            for doc in yaml.safe_load_all(block):
+                if doc.get("kind") == "ConfigMap":
+                    skyapi.make_config(yaml.safe_load(doc["data"]["skyapi.yaml"]))
+                elif "apiVersion" not in doc:  # skyapi's own file
+                    assert set(doc) <= settings, (name, set(doc) - settings)
+
+
+def test_every_relative_link_resolves():
+    def anchors(path: str) -> set[str]:
+        headings = re.findall(r"^#{1,6} (.+)$", re.sub(r"^```.*?^```", "", read_doc(path),
+                                                        flags=re.M | re.S), re.M)
+        return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+    for name in DOCS:
+        text = re.sub(r"^```.*?^```", "", read_doc(name), flags=re.M | re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            path = posixpath.normpath(posixpath.join(posixpath.dirname(name), path)) if path else name
+            assert os.path.exists(os.path.join(HERE, path)), (name, target)
+            assert not anchor or anchor in anchors(path), (name, target)
+
+
+def test_commands_in_the_documents_run_as_written():
+    readme = read_doc("README.md")
     test_it = ".venv/bin/python -m pytest -q -n 6 --dist worksteal test_skyapi.py"
     with open(os.path.join(HERE, ".ci", "run")) as f:
-        assert test_it in commands and test_it in f.read().splitlines()  # CI runs it as written
-    for name in DOCS:  # after "Try it", python is the venv's: nothing is activated
-        for command in re.findall(r"^    (\S.*)$", read_doc(name), re.M):
+        assert test_it in doc_commands(readme) and test_it in f.read().splitlines()  # CI runs it
+    checked = 0
+    for name in DOCS:
+        text = read_doc(name)
+        for command in doc_commands(text):  # after "Try it", python is the venv's: not activated
             assert not re.match(r"python3? (?!-m venv)", command), (name, command)
+            args = skyapi_args(command)
+            if args is not None:
+                check_skyapi_args(args, (name, command))
+                checked += 1
+        for block in code_blocks(text, "yaml"):  # a Kubernetes container running the client
+            for doc in yaml.safe_load_all(block):
+                for container in doc.get("spec", {}).get("containers", []):
+                    if container.get("args", [None])[0] == "provide":
+                        check_skyapi_args(container["args"], (name, container["name"]))
+                        checked += 1
+        for line in re.findall(r"^ExecStart=(.*)$", text, re.M):  # systemd units
+            check_skyapi_args(skyapi_args(line), (name, line))
+            checked += 1
+    assert checked >= 8
 
 
 # The security settings: tokens and etcd passwords are never shown.
