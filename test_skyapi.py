@@ -187,6 +187,49 @@ def test_help_names_every_setting_with_its_default_as_written_in_yaml():
     assert "skyapi.py --dev" in r.stdout and "skyapi.py provide --help" in r.stdout
 
 
+def help_entries(text: str) -> dict[str, str]:
+    """--help's entries, by flag: one per option, whose first line starts with two spaces and
+    a dash, its text on one line."""
+    return {m.group(1): " ".join(m.group(2).split()) for m in re.finditer(
+        r"^  (-[-\w]+)(.*?)(?=^  -|^\S|\Z)", text, re.M | re.S)}
+
+
+def help_sections(text: str) -> dict[str, str]:
+    """--help's parts, by title (a line such as 'etcd:'), each with its text."""
+    parts = re.split(r"^(\w[\w ]*):\n", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_help_is_grouped_and_its_usage_names_every_command():
+    r = skyapi_command("--help")
+    usage = r.stdout.split("\n\n", 1)[0]
+    assert "skyapi.py provide --url" in usage and "skyapi.py healthcheck" in usage
+    sections = help_sections(r.stdout)
+    assert list(sections) == ["options", *skyapi.HELP_GROUPS]
+    for s in skyapi.SETTINGS:
+        assert s.group in skyapi.HELP_GROUPS, s.name
+        assert s.flag in help_entries(sections[s.group]), (s.name, s.group)
+
+
+def test_provide_help_describes_every_flag_as_the_server_does():
+    r = skyapi_command("provide", "--help")
+    assert r.returncode == 0 and r.stderr == ""
+    sections = help_sections(r.stdout)
+    assert list(sections) == ["required", "options"]  # what every client must give, first
+    parser = skyapi.provide_arg_parser()
+    required = {a.option_strings[-1] for a in parser._actions if a.required}
+    assert set(help_entries(sections["required"])) == required == {"--url", "--service", "--port"}
+    entries = help_entries(r.stdout)
+    for action in parser._actions:
+        text = entries[action.option_strings[0]]
+        assert action.help and text.count("default") <= 1, text
+        assert "(default " not in text and "(default)" not in text, text
+        if action.default not in (None, "==SUPPRESS=="):
+            shown = f"{action.default:g}" if isinstance(action.default, float) else action.default
+            assert text.endswith(f"(default: {shown})"), text
+    assert entries["--log-level"].endswith("error, warn, info or debug (default: info)")
+
+
 def test_version():
     r = skyapi_command("--version")
     assert (r.returncode, r.stdout) == (0, f"skyapi {skyapi.__version__}\n")
@@ -1428,9 +1471,8 @@ async def test_provide_client_keeps_its_registration_across_server_pings(etcd):
 def test_provide_help_explains_every_flag_and_its_default(capsys):
     flags = {a.option_strings[-1]: a.help for a in skyapi.provide_arg_parser()._actions}
     assert all(flags.values()), [f for f, h in flags.items() if not h]
-    assert "(required)" in flags["--service"] and "(required)" in flags["--port"]
-    assert flags["--priority"].endswith("(default 1)")
-    assert flags["--weight"].endswith("(default 100)")
+    assert flags["--priority"].endswith("(default: 1)")  # not a default argparse knows
+    assert flags["--weight"].endswith("(default: 100)")
     assert "SKYAPI_TOKEN" in flags["--token-file"] and "ps" in flags["--token"]
     assert skyapi.main(["healthcheck", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: skyapi.py healthcheck ")
