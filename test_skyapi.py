@@ -1069,6 +1069,26 @@ async def scrape(port: int) -> dict:
     return out
 
 
+@async_test
+async def test_operating_md_lists_every_metric_label_and_op_a_live_server_shows(etcd, version):
+    cfg = config([etcd.url], version)
+    async with running(cfg) as server:
+        conn = await connect(server, "service=documented&port=1")
+        await refusal(server, "service=bad.name&port=1")
+        kept = "refresh" if version == 2 else "lease_keepalive"
+        await wait_until(lambda: any(op == kept for op, _ in server.metrics.etcd_requests), 10)
+        conn.close()
+        await wait_until(lambda: EtcdView(etcd.url, version).empty(cfg), 5)
+        code, text = await get(server.port, "/metrics")
+    documented = read_doc("docs/operating.md")
+    for family in re.findall(r"^# TYPE (\w+)", text, re.M):
+        assert f"| `{family}" in documented, family
+    for label in set(re.findall(r"(\w+)=\"", text)) - {"le"}:
+        assert re.search(rf"`\w+\{{([a-z]+,)*{label}[,}}]", documented), label
+    for value in set(re.findall(r'(?:op|reason)="(\w+)"', text)):
+        assert f"`{value}`" in documented, value
+
+
 def sample(metrics: dict, name: str, **labels) -> float:
     return metrics.get((name, frozenset(labels.items())), 0.0)
 
