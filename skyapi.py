@@ -130,7 +130,8 @@ def _as_event(record: logging.LogRecord) -> bool:
         return True
     args = record.args
     if record.msg == TORNADO_TLS_ERROR and isinstance(args, tuple) and len(args) == 3:
-        peer = _address(args[1]) if isinstance(args[1], tuple) else TLS_PEERS.get(args[0], "")
+        peer = (_address(args[1]) if isinstance(args[1], tuple)
+                else TLS_PEERS.get(cast(int, args[0]), ""))
         text = event_text("tls_failed", {"peer": peer or "unknown", "error": args[2]})
     else:
         text = event_text("library_log", {"logger": record.name, "message": QUERY_STRING.sub(
@@ -3558,7 +3559,7 @@ class _Acceptor:
             except OSError as e:
                 if e.errno not in OUT_OF_RESOURCES:
                     raise
-                self._paused(e.strerror)
+                self._paused(e.strerror or str(e))
                 return
             if self.pauses and self.ending is None:
                 self.ending = self.loop.call_later(self.QUIET, self._maybe_over)
