@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import shutil
 import ssl
 import subprocess
@@ -442,24 +443,39 @@ class SkyapiProcess:
     """skyapi as a child process (for signals), its log in a file. restart() starts it
     again on the same port after it exited, its log going on in the same file."""
 
-    def __init__(self, tmp_path, *args: str):
+    def __init__(self, tmp_path, *args: str, open_files: int | None = None):
+        """open_files: the process's hard limit on open files (it takes its hard limit)."""
         self.port = free_port()
         self.args = args
         self.log = tmp_path / f"skyapi-{self.port}.log"
+        self.open_files = open_files
         self.lives = 1  # its starts so far: each logs one start line
         self.proc = self._spawn()
 
     def _spawn(self) -> subprocess.Popen:
+        dies, open_files = skyapi.dies_with_parent(), self.open_files
+
+        def in_child() -> None:
+            if dies is not None:
+                dies()
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
         with open(self.log, "ab") as stderr:
             return subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "skyapi.py"), "--listen-addr",
                  f"127.0.0.1:{self.port}", *self.args], stderr=stderr, cwd=HERE,
-                preexec_fn=skyapi.dies_with_parent())
+                preexec_fn=in_child)
 
     def restart(self) -> None:
         assert self.exited(), "restart() of a skyapi that still runs"
         self.lives += 1
         self.proc = self._spawn()
+
+    def cpu_seconds(self) -> float:
+        """The CPU time the process has used so far (user and system)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     async def started(self) -> None:
         await wait_until(lambda: logged(self.log, "start", self.lives) or self.proc.poll() is not None,
