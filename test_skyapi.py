@@ -4190,11 +4190,13 @@ def chaos(version: int, tmp_path, **settings) -> dict:
 
 @pytest.mark.slow
 def test_chaos_a_minute_of_faults_leaves_dns_exact_within_the_bounds(version, tmp_path):
+    """Every open socket in DNS and nothing else, within each fault's bound, and at the end
+    nothing left: no record, no empty directory, no `_skyapi` key, no error line."""
     r = chaos(version, tmp_path, seconds=60, seed=23)
     faults = r["events"]
-    assert sum(n for e, n in faults.items() if e.startswith("instance")) >= 2, faults
-    assert sum(n for e, n in faults.items() if e.startswith("etcd")) >= 2, faults
-    assert r["samples"] > 500
+    assert {"instance SIGTERM", "instance SIGKILL"} <= faults.keys(), faults  # each in every two
+    assert len([e for e in faults if e.startswith("etcd")]) >= 2, faults  # 2 kinds of 3
+    assert r["samples"] > 400
     assert not r["violations"], r["by_kind"]
 
 
