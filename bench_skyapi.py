@@ -86,7 +86,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1565,7 +1565,9 @@ def handover_figures(r: dict[str, Any], term: float, counts: list[tuple[float, i
 #             after a drain's 1001, drain_grace + 2 s; timeout + 1 s after the
 #             record's owner was killed (counted from the end of an etcd
 #             member fault after the kill: a new leader renews every lease);
-#             every bound stretched by the quorum loss it spans.
+#             every bound stretched by the time etcd had no leader in it (a
+#             quorum loss, or the leader frozen or killed until another leads;
+#             etcd takes no delete then), plus QUORUM_TAIL after each.
 #   DUPLICATE two records for one endpoint.
 #
 # At the end every client closes: then no record, no empty directory (v2), no
@@ -1793,6 +1795,7 @@ class ChaosRun:
         self.identities: list[Identity] = []
         self.by_key: dict[str, Identity] = {}
         self.quorum_windows: list[list] = []     # [start, end or None]
+        self.leaderless: list[list] = []         # the leader frozen or killed: [start, new leader at]
         self.member_windows: list[list] = []     # any etcd fault: [start, end or None, what]
         self.samples: collections.deque = collections.deque()
         self.episodes: dict[tuple[str, str], Episode] = {}
@@ -2193,7 +2196,11 @@ class ChaosRun:
         quorum = [t, None]
         if kind == "quorum":
             self.quorum_windows.append(quorum)
-        self.say(f"etcd member(s) {victims} {what} for {seconds:.1f} s")
+        leader = await asyncio.to_thread(self.leader, range(3))
+        self.say(f"etcd member(s) {victims} {what} for {seconds:.1f} s"
+                 + (" (the leader)" if leader in victims else ""))
+        if leader in victims:
+            self.spawn(self.until_a_leader([t, None]))
         for m in victims:
             self.member_state[m] = "killed" if kind == "kill" else "frozen"
             proc = self.etcds[m].proc
@@ -2218,6 +2225,30 @@ class ChaosRun:
                 self.member_state[m] = "up"
             window[1] = quorum[1] = time.time()
         self.say(f"etcd member(s) {victims} back after {window[1] - t:.1f} s")
+
+    def leader(self, among: Iterable[int]) -> int | None:
+        """The member among these that says it leads, or None."""
+        for m in among:
+            try:
+                status, body = get(self.etcds[m].url + "/v2/stats/self", timeout=0.5)
+                if status == 200 and json.loads(body).get("state") == "StateLeader":
+                    return m
+            except (OSError, ValueError):
+                continue
+        return None
+
+    async def until_a_leader(self, window: list) -> None:
+        """The leader went: until a running member leads, etcd takes no write (deletes wait
+        like in a quorum loss)."""
+        self.leaderless.append(window)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            up = [m for m in range(3) if self.member_state[m] == "up"]
+            if await asyncio.to_thread(self.leader, up) is not None:
+                break
+        window[1] = time.time()
+        self.say(f"etcd has a leader again after {window[1] - window[0]:.1f} s")
 
     async def member_healthy(self, m: int) -> None:
         etcd = self.etcds[m]
@@ -2340,11 +2371,15 @@ class ChaosRun:
     def in_windows(self, windows: list[list], t0: float, t1: float, tail: float = 0.0) -> bool:
         return any(w[0] <= t1 and (w[1] is None or w[1] + tail >= t0) for w in windows)
 
-    def overlap(self, windows: list[list], a: float, b: float, tail: float = 0.0) -> float:
-        total = 0.0
-        for w in windows:
-            end = (w[1] if w[1] is not None else b) + tail
-            total += max(0.0, min(b, end) - max(a, w[0]))
+    @staticmethod
+    def overlap(windows: list[list], a: float, b: float) -> float:
+        """Seconds of [a, b] inside the union of windows ([start, end or None: still on])."""
+        total, reached = 0.0, a
+        for start, end in sorted((w[0], b if w[1] is None else w[1]) for w in windows):
+            start, end = max(start, reached), min(end, b)
+            if end > start:
+                total += end - start
+                reached = end
         return total
 
     def judge(self, t0: float, t1: float, records: dict[str, str]) -> None:
@@ -2458,9 +2493,10 @@ class ChaosRun:
         if owner is not None and owner.termed is not None and owner.termed <= t0:
             if owner.termed - end + s.drain_bound > bound:
                 bound, why = owner.termed - end + s.drain_bound, f"owner #{owner.instance} drained"
-        stretch = self.overlap(self.quorum_windows, end, t0, QUORUM_TAIL)
+        stretch = self.overlap([[w[0], None if w[1] is None else w[1] + QUORUM_TAIL]
+                                for w in self.quorum_windows + self.leaderless], end, t0)
         if stretch:
-            bound, why = bound + stretch, why + f", +{stretch:.1f} s quorum lost"
+            bound, why = bound + stretch, why + f", +{stretch:.1f} s without a leader"
         return bound, why
 
     def missing_cause(self, ident: Identity, c: Conn, t0: float,
