@@ -2293,9 +2293,10 @@ class ChaosRun:
         rnd = random.Random(f"{self.s.seed} instances")
         signals = in_rounds(rnd, [signal.SIGTERM, signal.SIGKILL])
         while True:
-            await asyncio.sleep(self.s.instance_every * rnd.uniform(0.5, 1.5))
-            if time.monotonic() > deadline:
+            gap = self.s.instance_every * rnd.uniform(0.5, 1.5)
+            if time.monotonic() + gap > deadline:
                 return
+            await asyncio.sleep(gap)
             sig, i = next(signals), rnd.randrange(3)
             name = "SIGTERM" if sig == signal.SIGTERM else "SIGKILL"
             self.events[f"instance {name}"] += 1
@@ -2306,9 +2307,10 @@ class ChaosRun:
         rnd = random.Random(f"{self.s.seed} etcd")
         kinds = in_rounds(rnd, ["freeze", "kill", "quorum"])
         while True:
-            await asyncio.sleep(self.s.etcd_every * rnd.uniform(0.5, 1.5))
-            if time.monotonic() > deadline:
+            gap = self.s.etcd_every * rnd.uniform(0.5, 1.5)
+            if time.monotonic() + gap > deadline:
                 return
+            await asyncio.sleep(gap)
             kind = next(kinds)
             self.events[{"freeze": "etcd member frozen", "kill": "etcd member killed",
                          "quorum": "etcd quorum lost"}[kind]] += 1
