@@ -2429,9 +2429,9 @@ class ChaosRun:
                 return None
             if self.in_windows(self.quorum_windows, t0, t1, QUORUM_TAIL):
                 self.exempt_missing["quorum lost"] += 1
-                after = [t0 - w[1] for w in self.quorum_windows if w[1] is not None and w[1] <= t0]
-                if after:
-                    self.quorum_recovery.append(min(after))
+                if not self.in_windows(self.quorum_windows, t0, t1):  # quorum back: how long since
+                    self.quorum_recovery.append(min(t0 - w[1] for w in self.quorum_windows
+                                                    if w[1] is not None and w[1] <= t0))
                 return None
             c = max(live, key=lambda c: c.registered)
             owner = self.life_of_owner(ident.last_owner)
