@@ -2425,8 +2425,8 @@ class Slot:
     """One record (one key) and the sockets of this instance that hold it."""
 
     __slots__ = ("key", "endpoint", "holders", "state", "written", "marker", "shared",
-                 "inflight", "recheck", "waiters", "retry_at", "answered_at", "revision",
-                 "leavers")
+                 "inflight", "recheck", "rechecked", "waiters", "retry_at", "answered_at",
+                 "revision", "leavers")
 
     def __init__(self, key: str, endpoint: tuple[str, int]):
         self.key = key
@@ -2438,6 +2438,7 @@ class Slot:
         self.shared = False  # it was another instance's before ours: it may hold it still
         self.inflight: Write | None = None  # the op a worker has in flight for it
         self.recheck = 0  # the latest change the watch saw while an op was in flight
+        self.rechecked: str | None = None  # its value (None: the key went)
         self.revision = 0  # etcd's index or revision of the last op's outcome: older changes
         #                    (our own puts' and deletes' echoes among them) tell nothing new
         self.waiters: list[asyncio.Future] = []  # handshakes waiting for it to be in etcd
@@ -2650,11 +2651,19 @@ class Registry:
                     if slot is not None:
                         slot.inflight = None
                         slot.answered_at = time.monotonic()
-                        if slot.recheck > slot.revision and slot.holders and \
-                                slot.state in (State.STORED, State.OTHERS):
-                            slot.state = State.LOST  # changed after the op: a claim looks
-                        slot.recheck = 0
-                        self._mark(slot)
+                        self._after_op(slot)
+
+    def _after_op(self, slot: Slot) -> None:
+        """What the slot needs now its op is done, heeding a change the watch saw meanwhile."""
+        later, slot.recheck = slot.recheck, 0
+        if later <= slot.revision:
+            self._mark(slot)
+        elif slot.holders:
+            if slot.state in (State.STORED, State.OTHERS):
+                slot.state = State.LOST  # changed after the op: a claim looks
+            self._mark(slot)
+        else:  # a record handed to us as we let go (our marker's value) is ours to delete
+            self._changed(slot.key, slot.rechecked, later)
 
     def _done(self, slot: Slot, op: Op, outcome: Outcome) -> None:
         """What an op's outcome means for its slot."""
@@ -2735,8 +2744,9 @@ class Registry:
         if revision and revision <= slot.revision:
             return  # what the last op's outcome already told
         ours = record is not None and record[1] == self.owner
-        if slot.inflight:  # its outcome comes first; then a claim looks, if this was later
-            slot.recheck = max(slot.recheck, revision)
+        if slot.inflight:  # its outcome comes first; then this, if it was later
+            if revision > slot.recheck:
+                slot.recheck, slot.rechecked = revision, value
             return
         state = slot.state
         if value is None:

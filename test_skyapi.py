@@ -3688,6 +3688,45 @@ async def test_one_identity_through_two_instances_is_never_missing_whichever_goe
         assert markers == {}
 
 
+async def etcd_exact_after_close(view, cfg, keys) -> bool:
+    """No record below the root, no marker of keys, no directory left empty (v2)."""
+    if await view.records(prefix_of(cfg)):
+        return False
+    holders = await view.records(cfg.etcd_prefix + "/_skyapi/holders/")
+    if any(k.startswith(skyapi.marker_prefix(cfg, key)) for k in holders for key in keys):
+        return False
+    return view.version == 3 or not (await view.dirs(prefix_of(cfg))) - {skyapi.root_dir(cfg)}
+
+
+@pytest.mark.slow
+@async_test
+async def test_shared_records_closed_at_once_by_both_sockets_leave_nothing(etcd, version):
+    """30 identities each held through two instances, every socket closed at once: the
+    owner hands each record to the other's marker while the other deletes that marker.
+    Whoever ends up with a record no socket holds deletes it: etcd ends exact at once (a
+    timeout of 30 s, so no TTL can tidy up behind a leak)."""
+    cfg = config([etcd.url], version, timeout=30)
+    view = EtcdView(etcd.url, version)
+    n = 30
+    keys = [record_of(cfg, "twice", p) for p in range(1, n + 1)]
+    async with running(cfg) as a, running(cfg) as b:
+        for _ in range(4):
+            pairs = []
+            for p in range(1, n + 1):
+                first, second = (a, b) if p % 2 else (b, a)  # either instance the owner
+                pairs.append((await connect(first, f"service=twice&port={p}"),
+                              await connect(second, f"service=twice&port={p}")))
+            await wait_until(lambda: all(s.marker for x in (a, b) for s in x.registry.slots.values()
+                                         if s.state is skyapi.State.OTHERS)
+                             and sum(len(x.registry.slots) for x in (a, b)) == 2 * n, 5)
+            for pair in pairs:
+                for conn in pair:
+                    conn.close()
+            await wait_until(lambda: etcd_exact_after_close(view, cfg, keys), 2,
+                             what="no record, marker or empty directory left")
+            assert not a.registry.slots and not b.registry.slots
+
+
 @async_test
 async def test_endpoints_whose_go_ids_collide_never_evict_each_other(etcd, version):
     """127.0.0.1 port 11 and 127.0.0.11 port 1 hash to one Go id: the second, in this
