@@ -1736,6 +1736,7 @@ class Write(enum.Enum):
 class Found(enum.Enum):
     """What a write met."""
     DONE = "done"  # done as asked (a DELETE also when there was nothing of ours to delete)
+    KEPT = "kept"  # a DELETE to keep: no other instance holds the record, so it stays
     GONE = "gone"  # REPLACE: nothing was there any more
     OTHERS = "others"  # another instance's record for the same endpoint is there
     COLLISION = "collision"  # another endpoint's record is there: their Go ids collide
@@ -1749,6 +1750,7 @@ class Op:
     endpoint: tuple[str, int] = ("", 0)  # whose record it is: tells OTHERS from a COLLISION
     old: str = ""  # REPLACE: our value there now
     shared: bool = False  # DELETE: another instance may hold it too: hand it over if one does
+    keep: bool = False  # ... and if none does, keep it (a drain's grace: for the next instance)
 
 
 @dataclasses.dataclass
@@ -1961,6 +1963,8 @@ class EtcdV2:
         if op.write in (Write.TAKE, Write.CLAIM, Write.REPLACE):
             return await self._write(op)
         if op.write is Write.DELETE and op.shared and not await self._hand_over(op):
+            if op.keep:
+                return Outcome(Found.KEPT)
             self._settle(op, (await self._many("delete", [self._delete(op.key, op.value)]))[0])
         if op.write is Write.PRUNE:
             await self._prune(op.key.rsplit("/", 1)[0])
@@ -2228,6 +2232,8 @@ class EtcdV3:
             if op.write is Write.PRUNE or (op.write is Write.DELETE and op.shared
                                            and await self._hand_over(op)):
                 outcomes[i] = Outcome(Found.DONE)  # (v3 has no directories to prune)
+            elif op.write is Write.DELETE and op.shared and op.keep:
+                outcomes[i] = Outcome(Found.KEPT)
         # A TAKE of another instance's record, or a CLAIM of our own, is written in a next
         # round, compared on the revision the round before read.
         seen: dict[int, tuple[str, str]] = {}  # op index -> (mod revision, value) read
@@ -2405,7 +2411,8 @@ class State(enum.Enum):
         ABSENT   nothing of ours                 TAKE               drop the slot
         LOST     nothing: ours went              CLAIM              drop
         STORED   ours, slot.written              REPLACE if the     DELETE, or hand it to
-                                                 value changed      another holder
+                                                 value changed      another holder (draining:
+                                                                    hand it, or keep it)
         UNKNOWN  ours or nothing: a request      TAKE               DELETE
                  went unanswered
         OTHERS   another instance's, for the     MARK (with the     UNMARK if marked; drop
@@ -2491,6 +2498,7 @@ class Registry:
         self.outage_since: float | None = None
         self.outage_error = ""
         self._keep: set[Slot] = set()  # while draining: records that outlive their sockets
+        self._sparing = False  # within a drain's grace: a record no one else holds is kept
         self._dirty: dict[Slot, None] = {}  # an ordered set of slots to reconcile
         self._prunes: list[Op] = []  # directories to prune, of slots already gone
         self._refused: set[Slot] = set()  # to try again at their retry_at
@@ -2517,8 +2525,8 @@ class Registry:
         delete: deleted, or staying (for another socket, or for the hand-over)."""
         slot = holding.slot
         slot.holders.remove(holding)
-        if self.draining:  # closed for the hand-over: the record waits for the next instance
-            self._keep.add(slot)
+        if self.draining and not slot.shared:  # closed for the hand-over: the record waits
+            self._keep.add(slot)  # for the next instance (a shared one goes to its co-holder)
         settled = asyncio.get_running_loop().create_future()
         slot.leavers.append(settled)
         self._mark(slot)
@@ -2579,7 +2587,8 @@ class Registry:
                 return op(Write.MARK, value=slot.value)
             return None
         if state in (State.STORED, State.UNKNOWN) and slot not in self._keep:
-            return op(Write.DELETE, value=slot.written, shared=slot.shared)
+            return op(Write.DELETE, value=slot.written, shared=slot.shared,
+                      keep=self._sparing)
         return None
 
     def _mark(self, slot: Slot) -> None:
@@ -2674,6 +2683,9 @@ class Registry:
             slot.marker = op.value
         elif write is Write.UNMARK:
             slot.marker = ""
+        elif found is Found.KEPT:
+            if self._sparing:  # (otherwise the grace is over: marked again, it goes)
+                self._keep.add(slot)
         elif write is Write.DELETE:
             slot.state, slot.shared = State.ABSENT, False
         elif found is Found.DONE:
@@ -2883,16 +2895,21 @@ class Registry:
     def begin_drain(self) -> None:
         """SIGTERM: from now on records outlive their sockets, until drain() ends, so a
         client that moves to another instance is never out of DNS."""
-        self.draining = True
+        self.draining = self._sparing = True
 
     async def drain(self, grace: float, deadline: float) -> None:
         """Keep the records of closed sockets while another instance's put takes each over,
-        at most grace seconds; finish other work, then delete what is still ours (until
-        the monotonic deadline) and stop."""
+        at most grace seconds (a record another instance holds too goes to it at once);
+        finish other work, then delete what is still ours (until the monotonic deadline)
+        and stop."""
         until = time.monotonic() + grace
         while (time.monotonic() < until and self._healthy.is_set()
-               and any(s.state is State.STORED for s in self._keep)):
+               and any(s.state is State.STORED for s in self.slots.values())):
             await asyncio.sleep(0.02)
+        self._sparing = False
+        for slot in [s for s in self._keep if s.shared]:  # hand it over if one holds it now
+            self._keep.discard(slot)
+            self._mark(slot)
         while ((self._dirty or self._prunes or any(s.inflight for s in self.slots.values()))
                and self._healthy.is_set() and time.monotonic() < deadline):
             await asyncio.sleep(0.01)

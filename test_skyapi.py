@@ -3650,6 +3650,82 @@ async def test_sigterm_hands_250_clients_to_another_instance_without_a_gap(etcd,
         sky.kill()
 
 
+async def etcd_revision(url: str, version: int) -> int:
+    """etcd's index (v2) or revision (v3) now: history after it is what happens next."""
+    if version == 2:
+        r = await AsyncHTTPClient().fetch(url + "/v2/keys/", raise_error=False)
+        return int(r.headers["X-Etcd-Index"])
+    _, doc = await EtcdView(url, 3)._fetch("/v3/kv/range", "POST", json.dumps({"key": b64("\0")}))
+    return int(doc["header"]["revision"])
+
+
+async def key_history(url: str, version: int, key: str, after: int) -> list[tuple[str, str]]:
+    """Every change etcd made to key after index or revision after, from etcd's own
+    history (nothing between two polls can hide): (action, the value it left)."""
+    events = []
+    if version == 2:
+        index = after + 1
+        while True:
+            try:
+                r = await AsyncHTTPClient().fetch(
+                    f"{url}/v2/keys{key}?wait=true&waitIndex={index}", request_timeout=0.5)
+            except HTTPClientError as e:
+                assert e.code == 599, e  # nothing more happened to it: the wait timed out
+                return events
+            doc = json.loads(r.body)
+            events.append((doc["action"], doc["node"].get("value", "")))
+            index = doc["node"]["modifiedIndex"] + 1
+    chunks = []
+    with contextlib.suppress(HTTPClientError):  # the stream ends by its timeout
+        await AsyncHTTPClient().fetch(
+            url + "/v3/watch", method="POST", request_timeout=1, streaming_callback=chunks.append,
+            body=json.dumps({"create_request": {"key": b64(key), "start_revision": after + 1}}))
+    for line in b"".join(chunks).splitlines():
+        for event in json.loads(line).get("result", {}).get("events", []):
+            events.append((event.get("type", "PUT"), unb64(event["kv"].get("value", ""))))
+    return events
+
+
+@async_test
+async def test_sigterm_hands_a_record_another_instance_holds_to_it_at_once(etcd, version,
+                                                                           tmp_path):
+    """An identity held through B, then through A (A owns the record, B marks that it holds
+    it too). A's drain hands the record to B at once, as a release does: it never
+    disappears, and A does not wait out its grace for it."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    key = record_of(cfg, "shared", 1)
+    grace = 5
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", str(grace))
+    try:
+        await sky.started()
+        async with running(cfg) as b:
+            on_b = await connect(b, "service=shared&port=1&weight=3")
+            on_a = await websocket.websocket_connect(
+                f"ws://127.0.0.1:{sky.port}/provide?service=shared&port=1")
+            await wait_until(lambda: b.registry.slots[key].marker, 2)
+            assert not await view.owned_by(cfg, key, b.owner)  # A's
+            before = await etcd_revision(etcd.url, version)
+            sky.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert await on_a.read_message() is None
+            await wait_until(sky.exited, grace + skyapi.DELETE_TIME + 1)
+            assert sky.proc.returncode == 0
+            exited = time.monotonic()
+            history = await key_history(etcd.url, version, key, before)
+            assert history and all(action in ("compareAndSwap", "set", "PUT")
+                                   for action, _ in history), history  # never deleted
+            assert exited - signalled < grace  # handed over: nothing to wait for
+            assert await view.owned_by(cfg, key, b.owner)
+            assert json.loads((await view.records(prefix_of(cfg)))[key])["weight"] == 3
+            await asyncio.sleep(cfg.timeout)  # a whole TTL: B keeps it alive as its own
+            assert await view.owned_by(cfg, key, b.owner)
+            on_b.close()
+            await wait_until(lambda: view.empty(cfg), 2)
+    finally:
+        sky.kill()
+
+
 @pytest.mark.slow
 @async_test
 async def test_one_identity_through_two_instances_is_never_missing_whichever_goes_first(
