@@ -1706,7 +1706,9 @@ class EtcdClient:
 # still ours (its value names its owner), and a record found gone is claimed
 # back only if absent. An instance that holds a record another owns leaves a
 # marker beside it, so that the owner, letting go, hands the record over to it
-# rather than deleting it: DNS never misses it.
+# rather than deleting it: DNS never misses it. Each instance also keeps a
+# presence key while it serves a root, so a draining one knows whether anyone is
+# left to take its records over.
 #
 # EtcdUnavailable means no endpoint answered: the registry treats it as an
 # outage and retries. EtcdError means etcd answered no.
@@ -1782,8 +1784,18 @@ class Backend(Protocol):
         etcd refused them."""
 
     async def keep_alive(self, full: bool) -> Lost:
-        """Keep what apply() wrote from expiring, this backend's way; called every tick
-        (full: at once, after an outage)."""
+        """Keep what apply() wrote from expiring, this backend's way, and the presence key
+        until withdraw(); called every tick (full: at once, after an outage)."""
+
+    async def announce(self) -> None:
+        """Say now that this instance serves the root: a presence key that goes with it,
+        which keep_alive keeps (and puts, if this was not answered) until withdraw()."""
+
+    async def withdraw(self) -> None:
+        """No longer say so (a drain: it takes nothing over any more)."""
+
+    async def others(self) -> int:
+        """How many other instances say they serve the root."""
 
     def changes(self) -> AsyncGenerator[list[Change] | None, None]:
         """Changes below the root as etcd makes them. None each time the watch (re)opens:
@@ -1804,6 +1816,13 @@ def marker_prefix(cfg: Config, key: str) -> str:
     """Where instances that hold a record another instance owns say so: outside every zone
     (no DNS server reads it), under etcd_prefix (the same permissions)."""
     return f"{cfg.etcd_prefix}/_skyapi/holders/{hashlib.sha1(key.encode()).hexdigest()[:24]}."
+
+
+def presence_prefix(cfg: Config) -> str:
+    """Where the instances that serve the root say so, each by a key that expires with
+    it: beside the markers, outside every zone."""
+    root = hashlib.sha1(root_dir(cfg).encode()).hexdigest()[:24]
+    return f"{cfg.etcd_prefix}/_skyapi/instances/{root}."
 
 
 def _may_write(there: str, op: Op, owner: str) -> Found:
@@ -1863,6 +1882,9 @@ class EtcdV2:
         self.period = cfg.timeout / 3  # two refreshes may fail before a record expires
         self.root = root_dir(cfg)
         self.holders = f"{cfg.etcd_prefix}/_skyapi/holders"
+        self.presence = presence_prefix(cfg) + owner
+        self._present = True  # keep_alive puts the presence key once a period
+        self._announced = 0.0  # when it last did
         self._kept: dict[str, _Kept] = {}
         self._ring: deque[str] = deque()  # kept keys in refresh order
         self._credit = 0.0  # refreshes owed, carried between ticks so the rate stays even
@@ -2041,6 +2063,8 @@ class EtcdV2:
         refresh = f"ttl={self.cfg.timeout}&refresh=true&"
         answers = await self._many("refresh", [("PUT", kept.path, (refresh + kept.ours).encode(),
                                                 FORM) for _, kept in due])
+        if self._present and (full or now - self._announced >= self.period):
+            await self.announce()  # a plain put: it comes back if it expired or went
         lost = Lost([], [])
         for (key, kept), (code, error, doc) in zip(due, answers):
             if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):
@@ -2050,6 +2074,24 @@ class EtcdV2:
                 del self._kept[key]
                 (lost.records if key == kept.record else lost.markers).append(kept.record)
         return lost
+
+    async def announce(self) -> None:
+        self._announced = time.monotonic()  # (refused: tried again a period later)
+        code, _, doc = await self._request("presence", "PUT", self.presence,
+                                           value=self.owner, ttl=self.cfg.timeout)
+        if code >= 300:
+            raise self._refused("presence", self.presence, doc)
+
+    async def withdraw(self) -> None:
+        self._present = False
+        await self._request("presence", "DELETE", self.presence)
+
+    async def others(self) -> int:
+        directory, prefix = self.presence.rsplit("/", 1)[0], presence_prefix(self.cfg)
+        code, _, doc = await self._request("presence", "GET", directory)
+        nodes = doc["node"].get("nodes", []) if code < 300 else []
+        return sum(1 for node in nodes if node.get("key", "").startswith(prefix)
+                   and node["key"] != self.presence)
 
     async def scan(self) -> dict[str, str]:
         code, error, doc = await self._request("scan", "GET", self.root, {"recursive": "true"})
@@ -2091,6 +2133,7 @@ class EtcdV2:
 
     async def close(self) -> None:
         deletes = [self._delete(key, kept.value) for key, kept in self._kept.items()]
+        deletes.append(self._delete(self.presence, self.owner))  # (a put may outrun withdraw())
         directories = {key.rsplit("/", 1)[0] for key in self._kept}
         self._kept.clear()
         await self._many("delete", deletes)
@@ -2146,6 +2189,10 @@ class EtcdV3:
         self.root = root_dir(cfg) + "/"
         self.lease = ""  # "" until granted; an int64 as a string, as the JSON gateway has it
         self.last_beat = 0.0
+        self.presence = presence_prefix(cfg) + owner
+        self._present = True  # keep_alive puts the presence key on the lease, a new one too
+        self._presence_on = ""  # the lease it was put on
+        self._announced = 0.0  # when it was last put
         self._kept: dict[str, str] = {}  # keys on our lease -> their record's key
         self._lost = Lost([], [])  # what a lease found lost took, for keep_alive to say
         self._granting = asyncio.Lock()  # workers put concurrently; one lease for all of them
@@ -2329,8 +2376,26 @@ class EtcdV3:
             beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": lease})
             if int(beat.get("TTL", 0)) <= 0:
                 self._lease_lost(lease)
+        if (self._present and (not self.lease or self._presence_on != self.lease)
+                and (full or time.monotonic() - self._announced >= self.period)):
+            await self.announce()  # on a new lease: the one it was on was lost
         lost, self._lost = self._lost, Lost([], [])
         return lost
+
+    async def announce(self) -> None:
+        self._announced = time.monotonic()  # (refused: tried again a period later)
+        await self._transact(lambda lease: [self._put(self.presence, self.owner, lease)])
+        self._presence_on = self.lease
+
+    async def withdraw(self) -> None:
+        self._present = False
+        await self._call("presence", "kv/deleterange", {"key": _b64(self.presence)})
+
+    async def others(self) -> int:
+        prefix = presence_prefix(self.cfg)
+        reply = await self._call("presence", "kv/range", {
+            "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "keys_only": True})
+        return sum(1 for kv in reply.get("kvs", []) if _unb64(kv.get("key", "")) != self.presence)
 
     async def scan(self) -> dict[str, str]:
         reply = await self._call("scan", "kv/range",
@@ -2891,21 +2956,50 @@ class Registry:
             self._outage(e)
         else:
             self._watch = asyncio.ensure_future(self._watch_loop())
+            with contextlib.suppress(EtcdUnavailable, EtcdError):  # (keep-alive puts it later)
+                await self.backend.announce()
 
     def begin_drain(self) -> None:
         """SIGTERM: from now on records outlive their sockets, until drain() ends, so a
         client that moves to another instance is never out of DNS."""
         self.draining = self._sparing = True
 
+    async def _alone(self, until: float) -> bool:
+        """No other instance serves the root: no one is left to take a record over. Asked
+        of etcd until the monotonic until at most."""
+        try:
+            return not await asyncio.wait_for(self.backend.others(),
+                                              max(0.01, until - time.monotonic()))
+        except (EtcdUnavailable, EtcdError, asyncio.TimeoutError):
+            return False  # (who knows: the grace decides)
+
+    async def _grace(self, until: float) -> str:
+        """Wait while waiting can help, until the monotonic until at most: why it ended."""
+        ask_at = 0.0  # when to ask etcd next whether any other instance is left
+        while time.monotonic() < until:
+            if not self._healthy.is_set():
+                return "etcd away"
+            if not any(s.state is State.STORED for s in self.slots.values()):
+                return "taken over"
+            if time.monotonic() >= ask_at:
+                ask_at = time.monotonic() + 0.5
+                if await self._alone(until):
+                    return "no other instance"
+            await asyncio.sleep(0.02)
+        return "grace over"
+
     async def drain(self, grace: float, deadline: float) -> None:
         """Keep the records of closed sockets while another instance's put takes each over,
         at most grace seconds (a record another instance holds too goes to it at once);
         finish other work, then delete what is still ours (until the monotonic deadline)
         and stop."""
-        until = time.monotonic() + grace
-        while (time.monotonic() < until and self._healthy.is_set()
-               and any(s.state is State.STORED for s in self.slots.values())):
-            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        if self._healthy.is_set():  # a drain takes nothing over: others need not wait for it
+            with contextlib.suppress(EtcdUnavailable, EtcdError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.backend.withdraw(), 1.0)  # (else TTL or lease)
+        reason = await self._grace(started + grace)
+        log_event(logging.INFO, "drain_ended", reason=reason,
+                  seconds=round(time.monotonic() - started, 3))
         self._sparing = False
         for slot in [s for s in self._keep if s.shared]:  # hand it over if one holds it now
             self._keep.discard(slot)
@@ -2916,11 +3010,14 @@ class Registry:
         for task in [*self._tasks, self._watch]:
             if task is not None:
                 task.cancel()
+        budget = max(0.1, deadline - time.monotonic())
         try:
-            await asyncio.wait_for(self.backend.close(), max(0.1, deadline - time.monotonic()))
+            await asyncio.wait_for(self.backend.close(), budget)
         except (EtcdUnavailable, EtcdError, asyncio.TimeoutError) as e:
-            log_event(logging.WARNING, "shutdown_incomplete", error=e or "timeout",
-                      left=len(self.slots))
+            why = str(e) or f"etcd did not answer within {budget:.1f} s" + (
+                "" if self.outage_since is None else f" ({self.outage_error})")
+            log_event(logging.WARNING, "shutdown_incomplete", error=why, left=len(self.slots),
+                      expire_within=self.cfg.timeout)
 
 
 # ---------------------------------------------------------------------------

@@ -1118,12 +1118,13 @@ async def test_provide_in_process_holds_until_the_stop_event(etcd, version):
 
 @async_test
 async def test_provide_client_reconnects_after_the_server_restarts(etcd):
-    # A grace, so that the client's move at once meets the stopping server, which refuses it.
+    # A grace (another instance serves the root, so it is kept), so that the client's move
+    # at once meets the stopping server, which refuses it.
     cfg = config([etcd.url], listen_addr=f"127.0.0.1:{free_port()}", drain_grace=0.5)
     view = EtcdView(etcd.url, 2)
     proc = None
     try:
-        async with running(cfg) as server:
+        async with running(config([etcd.url], dns_root=cfg.dns_root)), running(cfg) as server:
             proc = provide_process(server.port, "--service", "phoenix", "--port", "1")
             records = await wait_until(lambda: view.records(prefix_of(cfg)), 15)
             await wait_until(lambda: server.sockets, 5)  # the handshake is done
@@ -1506,13 +1507,18 @@ def guarded_view(url: str, version: int, headers=None, **defaults) -> EtcdView:
     return view
 
 
+def presence_key(key: str) -> bool:
+    """An instance's presence key (every running skyapi keeps one)."""
+    return "/_skyapi/instances/" in key
+
+
 async def every_key(view: EtcdView) -> set[str]:
-    """Every key in etcd now (v2: every leaf), wherever it is."""
+    """Every key in etcd now (v2: every leaf), wherever it is, but presence keys."""
     if view.version == 2:
-        return set(await view.records("/"))
+        return {k for k in await view.records("/") if not presence_key(k)}
     _, doc = await view._fetch("/v3/kv/range", "POST", json.dumps(
         {"key": b64("\0"), "range_end": b64("\0"), "keys_only": True}))
-    return {unb64(kv["key"]) for kv in doc.get("kvs", [])}
+    return {unb64(kv["key"]) for kv in doc.get("kvs", []) if not presence_key(unb64(kv["key"]))}
 
 
 async def keys_ever_written(view: EtcdView) -> set[str]:
@@ -1799,7 +1805,8 @@ def test_any_query_string_is_refused_cleanly_or_registered_inside_the_root(priva
 
         async def finally_():
             written = await keys_ever_written(view)
-            assert written and all(k.startswith(prefix_of(cfg)) for k in written), written
+            assert written and all(k.startswith((prefix_of(cfg), skyapi.presence_prefix(cfg)))
+                                   for k in written), written
             # A query over Tornado's header limit (64 KiB) never reaches skyapi; the server stays.
             with pytest.raises((HTTPClientError, OSError, websocket.WebSocketClosedError,
                                 tornado.iostream.StreamClosedError)):
@@ -2132,7 +2139,7 @@ async def test_hang_ups_and_bad_requests_log_one_line_each_and_no_traceback(priv
         events = log_events(sky.log)  # every line is one key=value event
         assert {e["event"] for e in events} <= {
             "open_file_limit", "start", "no_tokens", "connect", "refuse", "disconnect",
-            "etcd_outage_began", "stopping", "shutdown_incomplete", "stopped"}, text
+            "etcd_outage_began", "stopping", "drain_ended", "shutdown_incomplete", "stopped"}, text
         assert 5 <= len(events_named(sky.log, "refuse")) <= 10
         assert len(events_named(sky.log, "disconnect")) <= 7
     finally:
@@ -2795,17 +2802,25 @@ async def test_failover_past_a_dead_endpoint_and_a_black_hole(etcd, version):
     hole.close()
 
 
+async def presences(view: EtcdView, cfg) -> list[str]:
+    """The presence keys of the instances that serve cfg's root."""
+    found = await view.records(cfg.etcd_prefix + "/_skyapi/instances/")
+    return [k for k in found if k.startswith(skyapi.presence_prefix(cfg))]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @async_test
-async def test_sigterm_and_sigint_hand_over_200_sockets(etcd, version, sig, tmp_path):
-    """Alone, an instance's hand-over closes every socket with 1001 at once, keeps their
-    records for drain_grace (no other instance takes them over), and they are gone by its exit."""
+async def test_sigterm_and_sigint_alone_close_200_sockets_and_exit_at_once(etcd, version, sig,
+                                                                          tmp_path):
+    """Alone on its root, an instance's hand-over closes every socket with 1001 at once and,
+    with no other instance to take a record over, deletes them and exits at once, well
+    inside Docker's 10 s stop timeout with the default drain_grace (10 s)."""
     cfg = config([etcd.url], version)
     view = EtcdView(etcd.url, version)
-    grace = 1.5
-    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", str(grace))
+    sky = SkyapiProcess(tmp_path, *process_args(cfg))
     try:
         await sky.started()
+        assert len(await presences(view, cfg)) == 1  # it says it serves the root
         conns = await asyncio.gather(*(
             websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}/provide?service=d&port={p}")
             for p in range(1, 201)))
@@ -2815,15 +2830,85 @@ async def test_sigterm_and_sigint_hand_over_200_sockets(etcd, version, sig, tmp_
         closes = await asyncio.gather(*(c.read_message() for c in conns))
         assert closes == [None] * 200
         assert {(c.close_code, c.close_reason) for c in conns} == {(1001, "going away")}
-        assert time.monotonic() - signalled < grace
-        assert len(await view.records(prefix_of(cfg))) == 200  # kept for the next instance
-        assert await get(sky.port, "/readyz") == (503, "shutting down\n")
-        message, code = await refusal(types.SimpleNamespace(port=sky.port), "service=d&port=1")
-        assert (message, code) == ("ERROR: server: is shutting down", 1001)
-        await wait_until(sky.exited, grace + skyapi.DELETE_TIME + 1)
+        await wait_until(sky.exited, 3)
+        assert time.monotonic() - signalled < 3
         assert sky.proc.returncode == 0
         assert await view.records(prefix_of(cfg)) == {}
-        assert time.monotonic() - signalled >= grace
+        assert await presences(view, cfg) == []
+        (ended,) = events_named(sky.log, "drain_ended")
+        assert ended["reason"] == "no other instance"
+    finally:
+        sky.kill()
+
+
+@async_test
+async def test_sigterm_keeps_records_for_the_grace_while_another_instance_serves(etcd, version,
+                                                                                 tmp_path):
+    """With another instance alive on the root, the grace holds: the records of the
+    sockets it closed stay for drain_grace (their clients may reconnect there), it refuses
+    new ones meanwhile, and they are gone by its exit; its presence goes with it, and a
+    killed instance's expires within timeout."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    grace = 1.5
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", str(grace))
+    killed = SkyapiProcess(tmp_path, *process_args(cfg))
+    try:
+        await sky.started()
+        await killed.started()
+        async with running(cfg) as other:
+            assert len(await presences(view, cfg)) == 3
+            conns = await asyncio.gather(*(websocket.websocket_connect(
+                f"ws://127.0.0.1:{sky.port}/provide?service=d&port={p}") for p in range(1, 21)))
+            assert len(await view.records(prefix_of(cfg))) == 20
+            killed.proc.kill()
+            killed_at = time.monotonic()
+            sky.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert await asyncio.gather(*(c.read_message() for c in conns)) == [None] * 20
+            assert {(c.close_code, c.close_reason) for c in conns} == {(1001, "going away")}
+            assert len(await view.records(prefix_of(cfg))) == 20  # kept for the next instance
+            assert await get(sky.port, "/readyz") == (503, "shutting down\n")
+            message, code = await refusal(types.SimpleNamespace(port=sky.port), "service=d&port=1")
+            assert (message, code) == ("ERROR: server: is shutting down", 1001)
+            await wait_until(sky.exited, grace + skyapi.DELETE_TIME + 1)
+            assert time.monotonic() - signalled >= grace
+            assert sky.proc.returncode == 0
+            assert await view.records(prefix_of(cfg)) == {}
+            (ended,) = events_named(sky.log, "drain_ended")
+            assert ended["reason"] == "grace over"
+            # etcd sweeps expired keys and leases every 500 ms, hence the allowance.
+            await wait_until(lambda: presences(view, cfg), cfg.timeout + 1,
+                             until=lambda keys: len(keys) == 1, what="the killed one's expired")
+            assert time.monotonic() - killed_at <= cfg.timeout + 0.6
+            assert await presences(view, cfg) == [skyapi.presence_prefix(cfg) + other.owner]
+        assert await presences(view, cfg) == []
+    finally:
+        sky.kill()
+        killed.kill()
+
+
+@pytest.mark.slow
+@async_test
+async def test_sigterm_during_an_etcd_outage_says_what_was_left_and_why(private_etcd, tmp_path):
+    """etcd frozen, unnoticed yet: the drain cannot delete, and says so in words (not an
+    empty error), with what is left and when it expires."""
+    cfg = config([private_etcd.url], 2, etcd_timeout=4.5)
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", "0")
+    try:
+        await sky.started()
+        conn = await websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}/provide?service=f&port=1")
+        private_etcd.proc.send_signal(signal.SIGSTOP)
+        try:
+            sky.proc.send_signal(signal.SIGTERM)
+            assert await conn.read_message() is None
+            await wait_until(sky.exited, skyapi.DELETE_TIME + 2)
+        finally:
+            private_etcd.proc.send_signal(signal.SIGCONT)
+        assert sky.proc.returncode == 0
+        (line,) = events_named(sky.log, "shutdown_incomplete")
+        assert re.fullmatch(r"etcd did not answer within \d+\.\d s", line["error"]), line
+        assert (line["left"], line["expire_within"]) == ("1", str(cfg.timeout))
     finally:
         sky.kill()
 
@@ -3760,7 +3845,7 @@ async def test_one_identity_through_two_instances_is_never_missing_whichever_goe
             assert await view.owned_by(cfg, key, second.owner)
             again.close()  # the last socket anywhere: gone at once
             await wait_until(lambda: view.empty(cfg), 1)
-        markers = await EtcdView(etcd.url, version).records(cfg.etcd_prefix + "/_skyapi/")
+        markers = await EtcdView(etcd.url, version).records(cfg.etcd_prefix + "/_skyapi/holders/")
         assert markers == {}
 
 
