@@ -2591,7 +2591,7 @@ class Registry:
         slot = holding.slot
         slot.holders.remove(holding)
         if self.draining and not slot.shared:  # closed for the hand-over: the record waits
-            self._keep.add(slot)  # for the next instance (a shared one goes to its co-holder)
+            self._keep.add(slot)  # for the next instance (a shared one: once no one holds it)
         settled = asyncio.get_running_loop().create_future()
         slot.leavers.append(settled)
         self._mark(slot)
@@ -2755,7 +2755,8 @@ class Registry:
             slot.state, slot.shared = State.ABSENT, False
         elif found is Found.DONE:
             slot.state, slot.written = State.STORED, op.value
-            slot.shared = slot.shared or outcome.took_over
+            # (a claim may win over another instance that held it too, and now marks it)
+            slot.shared = slot.shared or outcome.took_over or write is Write.CLAIM
             slot.resolve(None)
         elif found is Found.GONE:
             slot.state = State.LOST
