@@ -263,7 +263,8 @@ README_LINES = 250
 # Flags of the other programs the documents run: etcd, etcdctl, docker/podman, pytest, systemctl.
 OTHERS_FLAGS = {"--data-dir", "--enable-v2", "--listen-client-urls", "--advertise-client-urls",
                 "--client-cert-auth", "--quota-backend-bytes", "--endpoints", "--prefix",
-                "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now", "--ulimit"}
+                "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now", "--ulimit",
+                "--stop-timeout"}
 OTHERS_NAMES = {"stop_grace_period"}  # docker compose's
 
 
