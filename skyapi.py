@@ -2671,8 +2671,8 @@ class Registry:
         delete: deleted, or staying (for another socket, or for the hand-over)."""
         slot = holding.slot
         slot.holders.remove(holding)
-        if self.draining and not slot.shared:  # closed for the hand-over: the record waits
-            self._keep.add(slot)  # for the next instance (a shared one: once no one holds it)
+        if self.draining and not (slot.shared and self._sparing):  # closed for the hand-over:
+            self._keep.add(slot)  # the record waits (a shared one: once no one else holds it)
         settled = asyncio.get_running_loop().create_future()
         slot.leavers.append(settled)
         self._mark(slot)
@@ -3041,10 +3041,27 @@ class Registry:
             with contextlib.suppress(EtcdUnavailable, EtcdError):  # (keep-alive puts it later)
                 await self.backend.announce()
 
-    def begin_drain(self) -> None:
+    async def begin_drain(self) -> None:
         """SIGTERM: from now on records outlive their sockets, until drain() ends, so a
-        client that moves to another instance is never out of DNS."""
+        client that moves to another instance is never out of DNS; unless no other instance
+        serves the root. This one's presence goes at once: a drain takes nothing over, so
+        others need not wait for it."""
         self.draining = self._sparing = True
+        if self._healthy.is_set():
+            _, alone = await asyncio.gather(self._withdraw(), self._alone(time.monotonic() + 1.0))
+            if alone:
+                self._nobody_left()
+
+    async def _withdraw(self) -> None:
+        with contextlib.suppress(EtcdUnavailable, EtcdError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.backend.withdraw(), 1.0)  # (else its TTL or lease)
+
+    def _nobody_left(self) -> None:
+        """No other instance serves the root: what is still ours waits for the deletes at
+        the end (no hand-over, no one to hand it to)."""
+        self._sparing = False
+        self._keep.update(s for s in self.slots.values()
+                          if not s.holders and s.state is State.STORED)
 
     async def _alone(self, until: float) -> bool:
         """No other instance serves the root: no one is left to take a record over. Asked
@@ -3076,16 +3093,16 @@ class Registry:
         finish other work, then delete what is still ours (until the monotonic deadline)
         and stop."""
         started = time.monotonic()
-        if self._healthy.is_set():  # a drain takes nothing over: others need not wait for it
-            with contextlib.suppress(EtcdUnavailable, EtcdError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.backend.withdraw(), 1.0)  # (else TTL or lease)
-        reason = await self._grace(started + grace)
+        reason = await self._grace(started + grace) if self._sparing else "no other instance"
         log_event(logging.INFO, "drain_ended", reason=reason,
                   seconds=round(time.monotonic() - started, 3))
-        self._sparing = False
-        for slot in [s for s in self._keep if s.shared]:  # hand it over if one holds it now
-            self._keep.discard(slot)
-            self._mark(slot)
+        if reason == "no other instance":
+            self._nobody_left()
+        else:
+            self._sparing = False
+            for slot in [s for s in self._keep if s.shared]:  # hand it over if one holds it now
+                self._keep.discard(slot)
+                self._mark(slot)
         while ((self._dirty or self._prunes or any(s.inflight for s in self.slots.values()))
                and self._healthy.is_set() and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
@@ -3846,7 +3863,7 @@ class Skyapi:
         if self._self is not None:  # no new client should pick this instance
             self.registry.release(self._self)
             self._self = None
-        self.registry.begin_drain()
+        await self.registry.begin_drain()
         held = list(self.sockets)
         log_event(logging.INFO, "stopping", sockets=len(held), records=self.registry.records,
                   grace=self.cfg.drain_grace)

@@ -3228,7 +3228,7 @@ async def test_sigterm_and_sigint_alone_close_200_sockets_and_exit_at_once(etcd,
         conns = await asyncio.gather(*(
             websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}/provide?service=d&port={p}")
             for p in range(1, 201)))
-        assert len(await view.records(prefix_of(cfg))) == 200
+        await wait_until(lambda: view.count_is(cfg, 200), 5)  # (a loaded etcd may lag)
         sky.proc.send_signal(sig)
         signalled = time.monotonic()
         closes = await asyncio.gather(*(c.read_message() for c in conns))
@@ -4255,6 +4255,36 @@ async def test_sigterm_keeps_records_taken_over_from_another_instance_for_the_ha
                 c.close()
     finally:
         sky.kill()
+
+
+@async_test
+async def test_a_lone_drain_deletes_records_it_took_over_without_looking_for_holders(etcd,
+                                                                                     version):
+    """Records taken over from an instance that has since stopped: alone, the drain neither
+    waits nor asks etcd for co-holders one record at a time; it deletes them all at once."""
+    cfg = config([etcd.url], version, drain_grace=10)
+    view = EtcdView(etcd.url, version)
+    n = 200
+    a = skyapi.Skyapi(cfg)
+    await a.start()
+    try:
+        async with running(cfg) as b:
+            first = await open_many(b, n, "moved")
+            on_a = await open_many(a, n, "moved")  # A takes each over from B
+            for conn in first:
+                conn.close()
+            await wait_until(lambda: not b.registry.slots, 5)
+        assert all(s.shared for s in a.registry.slots.values())
+        holders = a.metrics.etcd_requests.get(("holders", "ok"), 0)
+        stopping = time.monotonic()
+        await a.stop()
+        assert time.monotonic() - stopping < 3  # (a grace waited out: 10 s)
+        assert a.metrics.etcd_requests.get(("holders", "ok"), 0) == holders
+        assert await view.records(prefix_of(cfg)) == {}
+        assert {c.close_code for c in on_a} == {1001}
+    finally:
+        if not a.registry.draining:
+            await a.stop()
 
 
 @pytest.mark.slow
