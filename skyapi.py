@@ -742,8 +742,9 @@ class Config:
                                      "request, and a kept-alive HTTP connection may idle, "
                                      "before it is closed", _at_least(0.1), metavar="SECONDS",
                                      group="listening")
-    drain_grace: float = setting(10.0, "seconds SIGTERM keeps the records of the sockets it "
-                                 "closes, while their clients reconnect to another instance",
+    drain_grace: float = setting(10.0, "seconds SIGTERM keeps, at most, the records of the "
+                                 "sockets it closes, while their clients reconnect to another "
+                                 "instance (not at all when no other instance serves the root)",
                                  _at_least(0), metavar="SECONDS", group="lifecycle")
     dev: bool = setting(False, "start a throwaway etcd child on loopback (etcd from PATH or "
                         "beside this Python) and use it instead of etcd_api", group="lifecycle")
