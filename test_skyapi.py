@@ -1237,10 +1237,12 @@ async def test_provide_client_sends_pings_answers_pings_and_needs_only_the_query
                            websocket_ping_interval=0.2, websocket_ping_timeout=0.1
                            ).listen(port, "127.0.0.1")
     try:
-        stop = asyncio.Event()
-        held = asyncio.ensure_future(
-            skyapi.provide(f"127.0.0.1:{port}", "go", 7, stop, ping_interval=0.2))
+        stop, state = asyncio.Event(), skyapi.ProvideState()
+        held = asyncio.ensure_future(skyapi.provide(f"ws://127.0.0.1:{port}", "go", 7, stop,
+                                                    ping_interval=0.2, state=state))
         await wait_until(lambda: seen["pings"] >= 5 and seen["pongs"] >= 5, 10)
+        # It asked for record status; a server that does not answer it is taken at its pong.
+        assert state.held and state.reason.startswith(f"registered at ws://127.0.0.1:{port}")
         assert seen["opened"] == 1 and seen["messages"] == 0  # never dropped, never talked
         assert seen["query"] == {"service": "go", "port": "7"}
         stop.set()
@@ -1315,9 +1317,9 @@ async def test_provide_reads_its_token_from_a_file_or_the_environment(etcd, tmp_
         code, last = await ends()
         assert code == 1 and last.startswith("skyapi provide: ERROR: token: ")
         assert await ends("--token", token, "--token-file", str(token_file)) == (
-            2, "skyapi.py provide: error: --token: give only one of --token and --token-file")
+            2, "skyapi provide: --token: give only one of --token and --token-file")
         assert await ends("--token-file", str(tmp_path / "missing")) == (
-            2, f"skyapi.py provide: error: --token-file: cannot read {tmp_path / 'missing'}: "
+            2, f"skyapi provide: --token-file: cannot read {tmp_path / 'missing'}: "
                "No such file or directory")
         assert await view.records(prefix_of(cfg)) == {}
 
@@ -1483,6 +1485,117 @@ async def test_healthcheck_of_a_client_asks_its_health_listener():
     finally:
         client.kill()
         bare.kill()
+
+
+# --- record status, and the client's readiness that follows it -------------------------
+
+
+async def until_stored(conn, timeout: float = 15) -> list[str]:
+    """The STATUS messages a socket that asked hears, up to and including 'stored'."""
+    heard = []
+    while not heard or heard[-1] != "STATUS: stored":
+        heard.append(await asyncio.wait_for(conn.read_message(), timeout))
+        assert heard[-1] is not None and heard[-1].startswith("STATUS: "), heard
+    return heard
+
+
+@pytest.mark.slow
+@async_test
+async def test_a_client_that_asks_hears_its_records_status_and_others_hear_nothing(
+        private_etcd, version):
+    etcd = private_etcd  # this test's own, to kill
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        url = f"ws://127.0.0.1:{server.port}/provide?"
+        asked = await websocket.websocket_connect(url + "service=asked&port=1",
+                                                  subprotocols=[skyapi.STATUS_PROTOCOL])
+        go_heard: list = []  # the Go client asks for nothing, and must hear nothing
+        go = await websocket.websocket_connect(url + "service=go&port=2",
+                                               on_message_callback=go_heard.append)
+        assert asked.selected_subprotocol == skyapi.STATUS_PROTOCOL
+        assert go.selected_subprotocol is None and "Sec-WebSocket-Protocol" not in go.headers
+        assert await until_stored(asked) == ["STATUS: stored"]  # at once: the first message
+
+        key = record_of(cfg, "asked", 1)
+        await view.delete(key)  # by hand: lost, and put back
+        assert await until_stored(asked) == ["STATUS: unstored: lost: putting it back",
+                                             "STATUS: stored"]
+        assert await view.has(cfg, key)
+
+        etcd.kill()
+        down = await asyncio.wait_for(asked.read_message(), 5)
+        assert down.startswith("STATUS: unstored: unreachable: ")
+        await etcd.restart()
+        back = await until_stored(asked)  # (lost first, if its TTL ran out meanwhile)
+        assert set(back[:-1]) <= {down, "STATUS: unstored: lost: putting it back"}, back
+        await wait_until(lambda: view.has(cfg, key), 5)
+        assert go_heard == [] and go.close_code is None
+        asked.close()
+        go.close()
+        await wait_until(lambda: view.empty(cfg), 5)
+
+
+@pytest.mark.slow
+@async_test
+async def test_provide_is_ready_only_while_the_server_says_its_record_is_in_etcd(
+        private_etcd, tmp_path):
+    etcd = private_etcd
+    etcd.kill()  # no etcd yet
+    cfg = config([etcd.url], listen_addr=f"127.0.0.1:{free_port()}")
+    view = EtcdView(etcd.url, 2)
+    health = free_port()
+    log = tmp_path / "provide.log"
+    port = int(cfg.listen_addr.rsplit(":", 1)[1])
+    at = f"ws://127.0.0.1:{port}/provide?service=ready&port=7"
+
+    async def readyz() -> tuple[int | None, str]:
+        return await probe(health, "/readyz")
+
+    proc = None
+    async with running(cfg):
+        try:
+            with open(log, "wb") as stderr:
+                proc = provide_process(port, "--service", "ready", "--port", "7",
+                                       "--health-addr", f"127.0.0.1:{health}", stderr=stderr)
+            # Accepted (after etcd_timeout), but not in etcd: not ready, and says why.
+            code, body = await wait_until(readyz, 15, until=lambda r: "not in etcd" in r[1])
+            assert code == 503 and body.startswith("not in etcd (unreachable: ")
+            assert body.endswith(f"); connected to {at}\n")
+            assert not logged(log, "provide_registered")
+            await etcd.restart()
+            assert await wait_until(readyz, 10, until=lambda r: r[0] == 200) == (
+                200, f"registered at {at}\n")
+            key = record_of(cfg, "ready", 7)
+            assert await view.has(cfg, key)
+
+            # An etcd stop longer than the record's TTL: not ready within a second.
+            etcd.kill()
+            stopped = time.monotonic()
+            code, body = await wait_until(readyz, 1, until=lambda r: r[0] == 503)
+            assert body.startswith("not in etcd (unreachable: ")
+            await asyncio.sleep(cfg.timeout + 1)  # (the record's TTL runs out meanwhile)
+            assert (await readyz())[0] == 503
+            await etcd.restart()
+            await wait_until(readyz, 10, until=lambda r: r[0] == 200)
+            assert await view.has(cfg, key)
+            assert time.monotonic() - stopped > cfg.timeout
+
+            # A record deleted by hand: unlisted (lost), then listed again.
+            await view.delete(key)
+            await wait_until(lambda: logged(log, "provide_listed", 2), 5)
+            await wait_until(readyz, 5, until=lambda r: r[0] == 200)
+            names = [(e["event"], e.get("reason", "")[:len("unreachable")])
+                     for e in events_named(log, "provide_registered", "provide_unlisted",
+                                           "provide_listed")]
+            assert names == [("provide_unlisted", "unreachable"), ("provide_registered", ""),
+                             ("provide_unlisted", "unreachable"), ("provide_listed", ""),
+                             ("provide_unlisted", "lost: putti"), ("provide_listed", "")]
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_until(proc.poll, 5, until=lambda code: code is not None) == 0
+        finally:
+            if proc is not None:
+                proc.kill()
 
 
 # --- security and limits ------------------------------------------------------------
