@@ -613,6 +613,21 @@ async def closed_by_client(conn, code: int = 1000) -> float:
 
 
 @async_test
+async def test_a_close_code_a_client_may_not_send_is_answered_1002_not_echoed(etcd):
+    cfg = config([etcd.url])
+    view = EtcdView(etcd.url, 2)
+    async with running(cfg) as server:
+        for port, code in enumerate([1000, 1001, 1003, 1007, 1011, 1014, 3000, 4999], 1):
+            await closed_by_client(await connect(server, f"service=code&port={port}"), code)
+        for port, code in enumerate([0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535], 1):
+            conn = await connect(server, f"service=bad&port={port}")
+            conn.close(code)
+            assert await asyncio.wait_for(conn.read_message(), 10) is None
+            assert (conn.close_code, conn.close_reason) == (1002, "bad close code"), code
+        await wait_until(lambda: view.empty(cfg), 2)  # every record went, as with any close
+
+
+@async_test
 async def test_a_close_is_answered_once_the_record_is_out_of_etcd(etcd, version):
     """As a socket opens with its record in etcd, a client's close ends with it gone: with
     etcd slow to answer (a frozen link), the answer waits for the delete."""
@@ -1282,6 +1297,52 @@ def test_provide_help_explains_every_flag_and_its_default(capsys):
     assert capsys.readouterr().out.startswith("usage: skyapi.py healthcheck ")
 
 
+def run_provide(*args: str) -> tuple[int, str, str]:
+    """`skyapi.py provide ARGS` that ends by itself: its exit code, stdout and stderr."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"), "provide", *args],
+                          capture_output=True, timeout=30, cwd=HERE)
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def test_provide_takes_only_the_documented_url_forms_and_tells_its_version():
+    assert run_provide("--version") == (0, f"skyapi {skyapi.__version__}\n", "")
+    for url in ["http://127.0.0.1:8053", "https://h", "127.0.0.1:8053", "localhost:8053",
+                "ws://", "ws://h:port", "ws://h:99999", "ws://u@h", "ws://h/provide?service=y",
+                "srv://skyapi.x.local:53", "srv://skyapi.x.local/provide", "ftp://h"]:
+        assert run_provide("--url", url, "--service", "x", "--port", "1") == (
+            2, "", f"skyapi provide: --url {url}: is not one of {skyapi.URL_FORMS}\n"), url
+        with pytest.raises(ValueError, match="is not one of ws://"):
+            asyncio.run(skyapi.provide(url, "x", 1, asyncio.Event()))
+    for url in ["ws://h", "ws://h:8053/skyapi/provide", "wss://[::1]:8053", "srv://skyapi.x.local",
+                "srv+wss://skyapi.x.local"]:
+        assert skyapi.check_url(url) == url
+
+
+def test_a_token_goes_over_plain_ws_only_to_loopback_unless_the_user_accepts_the_risk(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("client-token-0123456789abcdef\n")
+    for url, fix in [("ws://10.1.2.3:8053", "wss://"), ("ws://skyapi.example.com", "wss://"),
+                     ("ws://0.0.0.0:8053", "wss://"),
+                     ("srv://skyapi.services.x.local", "srv+wss://")]:
+        message = (f"--url {url}: the token would cross the network unencrypted; use {fix} "
+                   "(TLS), or --send-token-unencrypted to accept that risk")
+        # One line, exit 2, before anything is sent anywhere.
+        assert run_provide("--url", url, "--service", "x", "--port", "1", "--token-file",
+                           str(token)) == (2, "", f"skyapi provide: {message}\n")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            asyncio.run(skyapi.provide(url, "x", 1, asyncio.Event(), token="t" * 20))
+    # With the opt-in it goes ahead (0.0.0.0 is no loopback name, but reaches this host).
+    with pytest.raises(skyapi.ProvideGaveUp):
+        asyncio.run(skyapi.provide(f"ws://0.0.0.0:{free_port()}", "x", 1, asyncio.Event(),
+                                   token="t" * 20, reconnect=0, send_token_unencrypted=True))
+    for host in ["127.0.0.1", "127.3.2.1", "[::1]", "localhost", "LOCALHOST.", "a.localhost"]:
+        skyapi.check_token_safe(f"ws://{host}:8053")  # loopback: the token stays on this host
+        assert skyapi.is_loopback(host)
+    for url in ["wss://skyapi.example.com", "srv+wss://skyapi.services.x.local"]:
+        skyapi.check_token_safe(url)
+    assert not skyapi.is_loopback("localhost.example.com")
+
+
 @async_test
 async def test_provide_reads_its_token_from_a_file_or_the_environment(etcd, tmp_path,
                                                                       monkeypatch):
@@ -1424,6 +1485,45 @@ async def test_provide_health_listener_is_ready_only_while_registered(private_et
     finally:
         if proc is not None:
             proc.kill()
+
+
+@async_test
+async def test_provide_health_listener_has_the_servers_bounds(monkeypatch):
+    monkeypatch.setattr(skyapi, "HEALTH_REQUEST_TIMEOUT", 0.5)
+    port = free_port()
+    state = skyapi.ProvideState()
+    server = skyapi.serve_provide_health(f"127.0.0.1:{port}", state)
+    try:
+        r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/readyz", method="HEAD",
+                                          raise_error=False)
+        assert (r.code, r.body) == (503, b"")
+        for method, body, code in [("POST", b"x" * 1_000_000, 400), ("PUT", b"", 405),
+                                   ("DELETE", None, 405), ("OPTIONS", None, 405)]:
+            r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/healthz", method=method,
+                                              body=body, raise_error=False,
+                                              allow_nonstandard_methods=True)
+            assert r.code == code, method
+
+        async def closed_within(first: bytes, seconds: float) -> bool:
+            """Whether the listener closes a connection that sent first (or nothing more)."""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(first)
+            try:
+                await asyncio.wait_for(reader.read(), seconds)  # (what it answered, if anything)
+                return True
+            except ConnectionResetError:  # closed with our bytes unread
+                return True
+            finally:
+                writer.close()
+        half_sent = [asyncio.ensure_future(closed_within(b"GET /healthz HTTP/1.1\r\n", 3))
+                     for _ in range(20)]
+        idle = asyncio.ensure_future(closed_within(b"", 3))
+        kept_alive = asyncio.ensure_future(closed_within(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 3))  # answered, then idle
+        assert all(await asyncio.gather(*half_sent, idle, kept_alive))
+        assert await closed_within(b"GET /healthz HTTP/1.1\r\nX: " + b"x" * 100_000, 3)
+    finally:
+        server.stop()
 
 
 @async_test
@@ -3709,6 +3809,84 @@ async def test_a_client_sent_away_tries_another_instance_than_a_stale_srv_answer
         assert poller.lowest == 1  # in DNS throughout
         stop.set()
         await asyncio.wait_for(client, 5)
+
+
+@pytest.mark.slow
+@async_test
+async def test_srv_over_tls_checks_the_certificate_for_the_srv_name(etcd, certs, tmp_path):
+    root = unique_root()
+    name = f"skyapi.services.{root}".rstrip(".")
+    cert, key = certs.server_named(name)  # every instance's certificate names the SRV name
+    token = "client-token-0123456789abcdef"
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    cfg = config([etcd.url], dns_root=root, self_register="127.0.0.1", tls_cert_file=cert,
+                 tls_key_file=key, tokens=[{"value": token}])
+    view = EtcdView(etcd.url, 2)
+    found = prefix_of(cfg) + "services/found/"
+    env = {**os.environ, "SSL_CERT_FILE": certs.ca}  # the private CA, as for any wss://
+    async with running(cfg) as server:
+        dns_port = await MiniSkyDNS(view).start()
+
+        def client(url: str, log, *args: str) -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "skyapi.py"), "provide", "--url", url,
+                 "--dns-server", f"127.0.0.1:{dns_port}", "--service", "found", "--port", "7",
+                 "--token-file", str(token_file), *args], stderr=log, cwd=HERE, env=env)
+
+        log = tmp_path / "provide.log"
+        with open(log, "wb") as stderr:
+            proc = client(f"srv+wss://{name}", stderr)
+        try:
+            await wait_until(lambda: view.records(found), 15)
+            assert len(server.sockets) == 1
+            (registered,) = events_named(log, "provide_registered")
+            assert registered["url"].startswith(f"wss://{name}:{server.port}/provide?")
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_until(proc.poll, 5, until=lambda code: code is not None) == 0
+            await wait_until(lambda: view.records(found), 2, until=lambda r: not r)
+        finally:
+            proc.kill()
+
+        # The same instance with a certificate that names only its address: refused, and
+        # nothing is sent (the token never reaches a server it cannot verify).
+        async with running(dataclasses.replace(cfg, tls_cert_file=certs.server_cert,
+                                               tls_key_file=certs.server_key,
+                                               self_register="")) as other:
+            wrong = tmp_path / "wrong.log"
+            dns = MiniSkyDNS(view, fixed={record_of(cfg, "skyapi", other.port): json.dumps(
+                {"host": "127.0.0.1", "port": other.port, "priority": 1, "weight": 1})})
+            dns_port = await dns.start()
+            with open(wrong, "wb") as stderr:
+                proc = client(f"srv+wss://{name}", stderr, "--reconnect", "0")
+            try:
+                assert await wait_until(proc.poll, 15, until=lambda code: code is not None) == 1
+            finally:
+                proc.kill()
+            # (Tornado's own warning of it is no key=value line: read the text)
+            assert re.search(r"event=provide_failed .*CERTIFICATE_VERIFY_FAILED.*Hostname "
+                             "mismatch", wrong.read_text())
+            assert not other.sockets and other.metrics.connections_total == 0
+            assert not other.metrics.refused  # it never got as far as a request
+
+
+@async_test
+async def test_an_srv_name_without_records_says_so_and_backs_off(etcd, tmp_path):
+    view = EtcdView(etcd.url, 2)
+    dns_port = await MiniSkyDNS(view).start()
+    name = f"skyapi.services.{unique_root()}".rstrip(".")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.join(HERE, "skyapi.py"), "provide", "--url", f"srv://{name}",
+        "--dns-server", f"127.0.0.1:{dns_port}", "--service", "x", "--port", "1",
+        "--reconnect", "1", stderr=subprocess.PIPE, cwd=HERE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    log = tmp_path / "log"
+    log.write_bytes(err.rsplit(b"\n", 2)[0])  # (the last line says it gave up)
+    events = [(e["event"], e.get("error", "")) for e in log_events(log)]
+    nothing = f"no SRV records for {name} at 127.0.0.1:{dns_port}"
+    assert events[:3] == [("provide_no_server", nothing), ("provide_retry", ""),
+                          ("provide_no_server", nothing)]
 
 
 # Hand-over: clients move between instances without leaving DNS
