@@ -8,10 +8,11 @@ with TTLs, or v3 keys on one lease); when the socket ends, the record goes.
     python skyapi.py -c skyapi.yaml             # the server
     python skyapi.py --dev                      # the server with a throwaway etcd
     python skyapi.py provide --url ws://h:8053 --service foo --port 9999
-    python skyapi.py healthcheck -c skyapi.yaml # is the server alive? exit 0 or 1
+    python -m skyapi healthcheck -c skyapi.yaml # is the server alive? exit 0 or 1
 
 The file reads top to bottom, each section using only what stands above it:
 
+    The health check    is a server or client alive? (stdlib only: first, before the rest)
     Logging             one key=value line per event
     Names and records   what a client may ask for, and the key and value it becomes (pure)
     Configuration       the typed Config: one table behind YAML, flags, --help (pure but files)
@@ -22,9 +23,203 @@ The file reads top to bottom, each section using only what stands above it:
     HTTP handlers       /provide and the operating endpoints; the running server
     The client          `provide`: hold a registration for a process
     Dev etcd            --dev's throwaway etcd
-    main                the command line: the server, provide, healthcheck
+    main                the command line: the server, provide (and healthcheck)
 """
 from __future__ import annotations
+
+# The health check needs only these (PyYAML too, to read a config file): see below.
+import http.client
+import os
+import ssl
+import stat
+import sys
+import urllib.error
+import urllib.request
+
+# ---------------------------------------------------------------------------
+# The health check
+#
+# `healthcheck` asks a server or a provide client on this machine whether it is
+# alive: GET its /healthz. It comes first, on the standard library alone, and
+# runs before the rest of the module is even imported: the image runs it every
+# 30 s beside a small container, and a check that loads Tornado weighs as much
+# again as the sidecar it checks. (Run as `python -m skyapi`, from its cached
+# compiled form: `python skyapi.py` compiles the whole file first.) It reads
+# only what locates the listener (listen_addr and tls_cert_file; a client's
+# --health-addr): other settings may be unset or unreadable where it runs.
+# Given a pid, it reads that process's command line and config file, bounded
+# in time and bytes, and repeats nothing of another program's command line.
+# ---------------------------------------------------------------------------
+
+HEALTHCHECK_TIMEOUT = 3.0  # seconds: inside the image's HEALTHCHECK --timeout=5s, start-up included
+DEFAULT_LISTEN_ADDR = ":8053"
+READ_LIMIT = 1 << 20  # bytes of a command line or a config file the check reads, at most
+
+HEALTHCHECK_USAGE = f"""\
+usage: python -m skyapi healthcheck [-c FILE] [SERVER FLAGS ...]
+       python -m skyapi healthcheck provide [CLIENT FLAGS ...]
+       python -m skyapi healthcheck --pid PID
+       (or skyapi.py healthcheck ..., which compiles the whole file first: heavier)
+
+Ask a skyapi server or provide client on this machine whether it is alive: GET its /healthz
+within {HEALTHCHECK_TIMEOUT:g} s. Give the arguments it was started with: the server's (the check reads
+listen_addr and tls_cert_file from its flags and file, so it follows listen_addr, a wildcard
+host meaning loopback, and uses https with tls_cert_file, whoever signed the certificate;
+other settings are not read) or the client's (it needs --health-addr). Or give --pid to read
+them from that process's command line (the image's HEALTHCHECK uses --pid 1: whatever the
+container runs). Prints one line; exit 0 when /healthz answered 200, 1 otherwise. Liveness
+only: /readyz says whether etcd answers or the registration is held.
+"""
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """'host:port', ':port' or '[v6]:port' as (host, port); raises ValueError."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{addr!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+
+def local_url(scheme: str, addr: str, path: str) -> str:
+    """The URL, from this machine, of a listener bound to addr (host:port): a wildcard
+    host (empty, 0.0.0.0, ::) is on loopback too."""
+    host, port = split_host_port(addr)
+    if port == 0:
+        raise ValueError(f"{addr!r}: port 0 is chosen at start, so there is none to check")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}{path}"
+
+
+def read_bounded(path: str) -> bytes:
+    """A regular file's bytes, at most READ_LIMIT of them: never a device (/dev/zero reads
+    for ever) nor a FIFO (it would wait for a writer for ever). Raises OSError or ValueError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = b""
+        while len(data) <= READ_LIMIT and (chunk := os.read(fd, READ_LIMIT + 1 - len(data))):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > READ_LIMIT:
+        raise ValueError(f"{path} is larger than {READ_LIMIT} bytes")
+    return data
+
+
+def last_values(argv: list[str], flags: dict[str, str]) -> dict[str, str]:
+    """{name: value} of the flags (flag -> name) argv gives ('--flag value', '--flag=value',
+    '-cVALUE'), the last of each, as argparse takes them; every other word is passed over."""
+    found: dict[str, str] = {}
+    for i, word in enumerate(argv):
+        flag, eq, value = word.partition("=") if word.startswith("--") else (word[:2], "", word[2:])
+        if flag in flags and (eq or value or i + 1 < len(argv)):
+            found[flags[flag]] = value if eq or value else argv[i + 1]
+    return found
+
+
+def located_in_file(path: str) -> dict[str, str]:
+    """listen_addr and tls_cert_file, as far as the config file gives them."""
+    import yaml  # (here only: a server started without a file is checked without PyYAML)
+    try:
+        data = yaml.safe_load(read_bounded(path))
+    except OSError as e:
+        raise ValueError(f"config: cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ValueError(f"config: {e}") from None
+    except yaml.YAMLError:
+        raise ValueError(f"config: {path} is not valid YAML") from None
+    if not isinstance(data, (dict, type(None))):
+        raise ValueError(f"config: {path} must be a mapping of settings")
+    found = {k: v for k, v in (data or {}).items() if k in ("listen_addr", "tls_cert_file")}
+    for key, value in found.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string")
+    return found
+
+
+def health_target(argv: list[str]) -> tuple[str, ssl.SSLContext | None]:
+    """The /healthz URL of the process these arguments start, and the TLS context to
+    reach it with. Raises ValueError."""
+    if argv[:1] == ["provide"]:
+        addr = last_values(argv[1:], {"--health-addr": "addr"}).get("addr")
+        if not addr:
+            raise ValueError("this provide client serves no health: start it with "
+                             "--health-addr, e.g. 127.0.0.1:8054")
+        try:
+            return local_url("http", addr, "/healthz"), None
+        except ValueError as e:
+            raise ValueError(f"--health-addr: {e}") from None
+    given = last_values(argv, {"-c": "config", "--config": "config",
+                               "--listen-addr": "listen_addr", "--tls-cert-file": "tls_cert_file"})
+    settings = {"listen_addr": DEFAULT_LISTEN_ADDR, "tls_cert_file": "",
+                **(located_in_file(given.pop("config")) if "config" in given else {}), **given}
+    try:
+        url = local_url("https" if settings["tls_cert_file"] else "http",
+                        settings["listen_addr"], "/healthz")
+    except ValueError as e:
+        raise ValueError(f"listen_addr: {e}") from None
+    if not settings["tls_cert_file"]:
+        return url, None
+    # A liveness check of a listener on this machine: whether its certificate's names and
+    # issuer suit remote clients is not what it checks, so a private CA or a self-signed
+    # certificate is fine here.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return url, context
+
+
+def arguments_of(pid: int) -> list[str]:
+    """The arguments a running skyapi was started with (those after skyapi.py, or after
+    -m skyapi). Raises ValueError (OSError: /proc cannot be read)."""
+    if not os.path.exists(f"/proc/{pid}"):
+        raise ValueError(f"no process {pid} is running")
+    words = [w.decode(errors="replace") for w in read_bounded(f"/proc/{pid}/cmdline").split(b"\0")]
+    for i, word in enumerate(words):
+        if os.path.basename(word) == "skyapi.py" or word == "skyapi" and words[i - 1] == "-m":
+            return words[i + 1:-1]  # (the command line ends with a NUL)
+    raise ValueError(f"process {pid} does not run skyapi.py")  # (its arguments may be secrets)
+
+
+def healthcheck_main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(HEALTHCHECK_USAGE, end="")
+        return 0
+    try:
+        if argv[:1] == ["--pid"]:
+            if len(argv) != 2 or not argv[1].isdigit():
+                raise ValueError("--pid takes one process id and nothing else")
+            pid = int(argv[1])
+            argv = arguments_of(pid)
+            os.chdir(f"/proc/{pid}/cwd")  # its relative paths (-c skyapi.yaml) start there
+        url, context = health_target(argv)
+    except (ValueError, OSError) as e:
+        print(f"unhealthy: {e}")
+        return 1
+    # No proxy from the environment: the listener is on this machine.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(url, timeout=HEALTHCHECK_TIMEOUT) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (OSError, http.client.HTTPException) as e:  # refused, timed out, not HTTP(S)
+        print(f"unhealthy: {url}: {getattr(e, 'reason', None) or e}")
+        return 1
+    if status != 200:
+        print(f"unhealthy: {url} answered {status}")
+        return 1
+    print(f"healthy: {url} answered 200")
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["healthcheck"]:
+    sys.exit(healthcheck_main(sys.argv[2:]))
 
 import argparse
 import asyncio
@@ -43,13 +238,11 @@ import fnmatch
 import glob
 import hashlib
 import hmac
-import http.client
 import ipaddress
 import itertools
 import json
 import logging
 import math
-import os
 import random
 import re
 import resource
@@ -57,15 +250,11 @@ import shlex
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import deque
 from typing import (Any, AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, NamedTuple,
                     NoReturn, Protocol, Sequence, cast)
@@ -237,16 +426,6 @@ def split_advertised(addr: str) -> tuple[str, int]:
     if not checked:  # empty or unspecified: nothing others could connect to
         raise ValueError(f"{addr!r} is not a host[:port] others can connect to")
     return checked, port
-
-
-def split_host_port(addr: str) -> tuple[str, int]:
-    """'host:port', ':port' or '[v6]:port' as (host, port); raises ValueError."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{addr!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 def check_int(param: str, value: str, low: int, high: int) -> int:
@@ -623,7 +802,7 @@ class Config:
     """The checked settings, one field each; make_config() makes one. A field's Setting is
     the one place its setting is declared: SETTINGS, the YAML keys, the flags and --help
     are all derived from these fields, in this order."""
-    listen_addr: str = setting(":8053", "host:port where websocket clients connect; "
+    listen_addr: str = setting(DEFAULT_LISTEN_ADDR, "host:port where websocket clients connect; "
                                ":8053 is every address", _listen_addr, metavar="HOST:PORT")
     dns_root: str = setting("skydns.local.", "the root domain SkyDNS/CoreDNS serves", _dns_root,
                             metavar="DOMAIN")
@@ -4361,8 +4540,8 @@ def dev_etcd(cfg: Config) -> Iterator[Config]:
 # main
 #
 # The command line: the server (the default), `provide` (the client above) and
-# `healthcheck`, which asks a server or a client on this machine whether it is
-# alive, given the arguments that started it, or its pid to read them from.
+# `healthcheck` (the first section; run from here too when the module is
+# imported, or when it was not run as the main script).
 # ---------------------------------------------------------------------------
 
 
@@ -4400,99 +4579,6 @@ async def serve(cfg: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop()
-    return 0
-
-
-HEALTHCHECK_TIMEOUT = 3.0  # seconds: inside the image's HEALTHCHECK --timeout=5s, start-up included
-
-HEALTHCHECK_USAGE = f"""\
-usage: skyapi.py healthcheck [-c FILE] [SERVER FLAGS ...]
-       skyapi.py healthcheck provide [CLIENT FLAGS ...]
-       skyapi.py healthcheck --pid PID
-
-Ask a skyapi server or provide client on this machine whether it is alive: GET its /healthz
-within {HEALTHCHECK_TIMEOUT:g} s. Give the arguments it was started with: the server's (the check reads the same
-configuration, so it follows listen_addr, a wildcard host meaning loopback, and uses https
-with tls_cert_file, whoever signed the certificate) or the client's (it needs --health-addr).
-Or give --pid to read them from that process's command line (the image's HEALTHCHECK uses
---pid 1: whatever the container runs). Prints one line; exit 0 when /healthz answered 200,
-1 otherwise. Liveness only: /readyz says whether etcd answers or the registration is held.
-"""
-
-
-def local_url(scheme: str, addr: str, path: str) -> str:
-    """The URL, from this machine, of a listener bound to addr (host:port): a wildcard
-    host (empty, 0.0.0.0, ::) is on loopback too."""
-    host, port = split_host_port(addr)
-    if port == 0:
-        raise ValueError(f"{addr!r}: port 0 is chosen at start, so there is none to check")
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}{path}"
-
-
-def arguments_of(pid: int) -> list[str]:
-    """The arguments a running skyapi.py was started with (those after the script)."""
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        words = [w.decode(errors="replace") for w in f.read().split(b"\0")[:-1]]
-    for i, word in enumerate(words):
-        if os.path.basename(word) == "skyapi.py":
-            return words[i + 1:]
-    raise ValueError(f"process {pid} does not run skyapi.py: {' '.join(words)}")
-
-
-def health_target(argv: Sequence[str]) -> tuple[str, ssl.SSLContext | None]:
-    """The /healthz URL of the process these arguments start, and the TLS context to
-    reach it with. Raises ConfigError or ValueError."""
-    if argv[:1] == ["provide"]:
-        addr = provide_arg_parser().parse_args(argv[1:]).health_addr
-        if not addr:
-            raise ValueError("this provide client serves no health: start it with "
-                             "--health-addr, e.g. 127.0.0.1:8054")
-        return local_url("http", addr, "/healthz"), None
-    cfg = load_config(argv)
-    if not cfg.tls_cert_file:
-        return local_url("http", cfg.listen_addr, "/healthz"), None
-    # A liveness check of a listener on this machine: whether its certificate's names and
-    # issuer suit remote clients is not what it checks, so a private CA or a self-signed
-    # certificate is fine here.
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return local_url("https", cfg.listen_addr, "/healthz"), context
-
-
-def healthcheck_main(argv: Sequence[str]) -> int:
-    if argv[:1] in (["-h"], ["--help"]):
-        print(HEALTHCHECK_USAGE, end="")
-        return 0
-    try:
-        if argv[:1] == ["--pid"]:
-            if len(argv) != 2 or not argv[1].isdigit():
-                raise ValueError("--pid takes one process id and nothing else")
-            pid = int(argv[1])
-            argv = arguments_of(pid)
-            os.chdir(f"/proc/{pid}/cwd")  # its relative paths (-c skyapi.yaml) start there
-        url, context = health_target(argv)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"unhealthy: {e}")
-        return 1
-    except SystemExit:  # argparse has said what is wrong with the arguments
-        return 1
-    # No proxy from the environment: the listener is on this machine.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                         urllib.request.HTTPSHandler(context=context))
-    try:
-        with opener.open(url, timeout=HEALTHCHECK_TIMEOUT) as response:
-            status = response.status
-    except urllib.error.HTTPError as e:
-        status = e.code
-    except (OSError, http.client.HTTPException) as e:  # refused, timed out, not HTTP(S)
-        print(f"unhealthy: {url}: {getattr(e, 'reason', None) or e}")
-        return 1
-    if status != 200:
-        print(f"unhealthy: {url} answered {status}")
-        return 1
-    print(f"healthy: {url} answered 200")
     return 0
 
 

@@ -1294,7 +1294,7 @@ def test_provide_help_explains_every_flag_and_its_default(capsys):
     assert flags["--weight"].endswith("(default 100)")
     assert "SKYAPI_TOKEN" in flags["--token-file"] and "ps" in flags["--token"]
     assert skyapi.main(["healthcheck", "--help"]) == 0
-    assert capsys.readouterr().out.startswith("usage: skyapi.py healthcheck ")
+    assert capsys.readouterr().out.startswith("usage: python -m skyapi healthcheck ")
 
 
 def run_provide(*args: str) -> tuple[int, str, str]:
@@ -1585,6 +1585,100 @@ async def test_healthcheck_of_a_client_asks_its_health_listener():
     finally:
         client.kill()
         bare.kill()
+
+
+@async_test
+async def test_healthcheck_reads_only_what_locates_the_server(etcd, tmp_path, monkeypatch):
+    port = free_port()
+    conf = tmp_path / "skyapi.yaml"  # settings the check cannot read here, and needs not
+    conf.write_text(f"listen_addr: '127.0.0.1:{port}'\ndns_root: 'not..checked'\n"
+                    "tokens: [{value_env: SKYAPI_NOT_SET_HERE}, {value_file: /dev/zero}]\n"
+                    "etcd_username: u\netcd_password_file: /nowhere/password\n")
+    healthy = (0, f"healthy: http://127.0.0.1:{port}/healthz answered 200\n")
+    async with running(config([etcd.url], listen_addr=f"127.0.0.1:{port}")):
+        assert await healthcheck("-c", str(conf)) == healthy
+        assert await healthcheck("-c", str(conf), "--etcd-api", "nonsense", "--xheaders") == healthy
+    # A server whose token the checker's environment lacks.
+    monkeypatch.setenv("SKYAPI_SERVERS_TOKEN", "server-token-0123456789abcdef")
+    sky = SkyapiProcess(tmp_path, *process_args(config([etcd.url])), "--tokens",
+                        "{value_env: SKYAPI_SERVERS_TOKEN}")
+    try:
+        await sky.started()
+        monkeypatch.delenv("SKYAPI_SERVERS_TOKEN")
+        assert await healthcheck("--pid", str(sky.proc.pid)) == (
+            0, f"healthy: http://127.0.0.1:{sky.port}/healthz answered 200\n")
+    finally:
+        sky.kill()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid names no process now
+    assert await healthcheck("--pid", str(gone.pid)) == (
+        1, f"unhealthy: no process {gone.pid} is running\n")
+
+
+@async_test
+async def test_healthcheck_pid_is_bounded_and_repeats_no_other_programs_arguments(tmp_path):
+    fifo, big = tmp_path / "fifo", tmp_path / "big.yaml"
+    os.mkfifo(fifo)  # reading it would wait for a writer for ever
+    big.write_text("# " + "x" * (2 << 20) + "\n")
+
+    async def check_of(*args: str) -> tuple[int, str]:
+        """healthcheck --pid of a process with this command line."""
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
+        try:
+            return await asyncio.wait_for(healthcheck("--pid", str(proc.pid)), 10)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    code, out = await check_of("--password=hunter2", "--token", "secret")
+    assert code == 1 and re.fullmatch(r"unhealthy: process \d+ does not run skyapi.py\n", out)
+    for config_file, problem in [("/dev/zero", "/dev/zero is not a regular file"),
+                                 (str(fifo), f"{fifo} is not a regular file"),
+                                 (str(big), f"{big} is larger than 1048576 bytes")]:
+        assert await check_of("skyapi.py", "-c", config_file) == (1, f"unhealthy: config: {problem}\n")
+
+
+# Runs its arguments and says their peak memory. (Measured from a process forked by the test,
+# the peak would be the test's own: a forked child counts its parent's pages until its exec.)
+MEASURED = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(code)")
+
+
+def peak_rss_kb(args: list[str]) -> tuple[int, str, int]:
+    """Run args to the end: exit code, output, and peak resident memory in KB (Linux)."""
+    proc = subprocess.run([sys.executable, "-c", MEASURED, *args], capture_output=True,
+                          timeout=30, cwd=HERE)
+    return proc.returncode, proc.stdout.decode(), int(proc.stderr)
+
+
+@async_test
+async def test_healthcheck_takes_little_more_memory_than_a_bare_python_with_ssl(etcd, tmp_path):
+    """The image's check runs beside a small container: python -m skyapi healthcheck (from the
+    compiled file the image builds) weighs within 5 MB of Python with urllib and ssl alone."""
+    import py_compile
+    py_compile.compile(os.path.join(HERE, "skyapi.py"), doraise=True)  # as the image does
+    port = free_port()
+    conf = tmp_path / "skyapi.yaml"
+    conf.write_text(f"listen_addr: '127.0.0.1:{port}'\n")  # PyYAML reads it
+    sky = SkyapiProcess(tmp_path, *process_args(config([etcd.url])))
+    try:
+        await sky.started()
+        async with running(config([etcd.url], listen_addr=f"127.0.0.1:{port}")):
+            bare = await asyncio.to_thread(peak_rss_kb, [sys.executable, "-c",
+                                                         "import urllib.request, ssl"])
+            by_file = await asyncio.to_thread(peak_rss_kb, [sys.executable, "-m", "skyapi",
+                                                            "healthcheck", "-c", str(conf)])
+            by_pid = await asyncio.to_thread(peak_rss_kb, [sys.executable, "-m", "skyapi",
+                                                           "healthcheck", "--pid",
+                                                           str(sky.proc.pid)])
+    finally:
+        sky.kill()
+    assert bare[:2] == (0, "")
+    assert by_file[:2] == (0, f"healthy: http://127.0.0.1:{port}/healthz answered 200\n")
+    assert by_pid[:2] == (0, f"healthy: http://127.0.0.1:{sky.port}/healthz answered 200\n")
+    assert by_file[2] - bare[2] < 5 * 1024 and by_pid[2] - bare[2] < 5 * 1024, (bare, by_file,
+                                                                                 by_pid)
 
 
 # --- record status, and the client's readiness that follows it -------------------------
