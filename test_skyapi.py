@@ -119,7 +119,7 @@ def test_flags_are_never_abbreviated():
     """As the Go original's: a shortened flag is a typo, named, never a longer flag."""
     with pytest.raises(skyapi.ConfigError, match=r"^--listen: unknown flag; did you mean --listen-addr\?"):
         skyapi.load_config(["--listen", "127.0.0.1:1"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(skyapi.ConfigError, match=r"^unrecognized arguments: --check "):
         skyapi.provide_arg_parser().parse_args(["--url", "ws://x", "--service", "web",
                                                 "--port", "1", "--check", "127.0.0.1:1"])
 
