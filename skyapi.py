@@ -82,7 +82,6 @@ def split_host_port(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-
 def local_url(scheme: str, addr: str, path: str) -> str:
     """The URL, from this machine, of a listener bound to addr (host:port): a wildcard
     host (empty, 0.0.0.0, ::) is on loopback too."""
