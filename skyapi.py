@@ -960,6 +960,13 @@ def load_config(argv: Sequence[str]) -> Config:
     return make_config(values, {k: v for k, v in given.items() if v is not None})
 
 
+def config_source(argv: Sequence[str]) -> str:
+    """What start-up says it read: the -c file, or that there is none (a file mounted at
+    the usual place but not named with -c is not read, and this shows it)."""
+    path = server_arg_parser().parse_known_args(argv)[0].config
+    return os.path.abspath(path) if path else "no file: defaults and flags"
+
+
 # ---------------------------------------------------------------------------
 # Access
 #
@@ -2545,6 +2552,12 @@ class Registry:
         """Records of live sockets this instance has in etcd."""
         return sum(1 for s in self.slots.values() if s.holders and s.state is State.STORED)
 
+    @property
+    def missing(self) -> int:
+        """Records of live sockets not in DNS: being written, refused by etcd, or etcd away."""
+        return sum(1 for s in self.slots.values()
+                   if s.holders and s.state not in (State.STORED, State.OTHERS))
+
     def _slot(self, reg: Registration, endpoint: tuple[str, int],
               collision_free: bool = False) -> Slot:
         """The slot of reg's record: at its Go id, unless that is another endpoint's."""
@@ -2993,7 +3006,40 @@ class Metrics:
                 for (op, o), n in sorted(self.etcd_requests.items())])
         family("skyapi_etcd_request_seconds", "histogram", "etcd request latency.",
                [s for op, h in sorted(self.etcd_latency.items()) for s in h.samples(f'op="{op}"')])
+        # What alerts compare with: the records that should be in DNS and are not, the
+        # limits, and how long a hand-over has run against the grace it may take.
+        family("skyapi_records_missing", "gauge", "Records of live sockets not in etcd (being "
+               "written, refused, or etcd away).", [("", reg.missing)])
+        family("skyapi_max_connections", "gauge", "max_connections (0: no limit).",
+               [("", server.cfg.max_connections)])
+        family("skyapi_drain_grace_seconds", "gauge", "drain_grace: the longest a hand-over "
+               "keeps the records of the sockets it closed.", [("", server.cfg.drain_grace)])
+        family("skyapi_draining_seconds", "gauge", "Seconds since SIGTERM began the hand-over; "
+               "0 while serving.", [("", server.draining_seconds)])
+        for name, kind, help_, value in process_figures():
+            family(name, kind, help_, [("", value)])
         return "".join(out)
+
+
+def process_figures() -> list[tuple[str, str, str, float]]:
+    """The process_* series every Prometheus client library exports (name, type, help,
+    value), as far as Linux's /proc tells: CPU, memory and file descriptors, for dividing
+    by the sockets held and for the file limit's alert."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    figures = [("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.",
+                usage.ru_utime + usage.ru_stime),
+               ("process_max_fds", "gauge", "The open file limit (soft).",
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0])]
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        figures += [("process_resident_memory_bytes", "gauge", "Resident memory in bytes.",
+                     pages * resource.getpagesize()),
+                    ("process_open_fds", "gauge", "Open file descriptors.",
+                     len(os.listdir("/proc/self/fd")))]
+    except OSError:  # no /proc: not Linux
+        pass
+    return figures
 
 
 class Admissions:
@@ -3416,6 +3462,11 @@ class Skyapi:
         self.port = 0
         self._http: HTTPServer | None = None
         self._pinging: asyncio.Task | None = None
+        self._stopping_at: float | None = None  # monotonic time of SIGTERM
+
+    @property
+    def draining_seconds(self) -> float:
+        return 0.0 if self._stopping_at is None else time.monotonic() - self._stopping_at
 
     def _drop(self, handler: ProvideHandler) -> None:
         """A peer that missed its pong has vanished (power loss, partition): drop it now,
@@ -3481,6 +3532,7 @@ class Skyapi:
         another instance at once; the records stay for drain_grace while that instance's
         put takes each over; then what is still ours is deleted. A rolling restart never
         takes a live client out of DNS."""
+        self._stopping_at = time.monotonic()
         if self._self is not None:  # no new client should pick this instance
             self.registry.release(self._self)
             self._self = None
@@ -4311,6 +4363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
         setup_logging(cfg.log_level)
+        log_event(logging.INFO, "config", file=config_source(argv))
         with dev_etcd(cfg) if cfg.dev else contextlib.nullcontext(cfg) as cfg:
             return asyncio.run(serve(cfg))
     except ConfigError as e:  # every start-up error a user can cause: one line, exit code 2

@@ -930,6 +930,26 @@ async def test_healthz_readyz_and_services_list_live_registrations(etcd):
         await wait_until(lambda: _services_are(server.port, []), 2)
 
 
+@pytest.mark.slow
+@async_test
+async def test_metrics_show_how_long_a_hand_over_has_run_against_its_grace(etcd):
+    """While a hand-over waits for another instance to take a record over, /metrics says
+    for how long, beside drain_grace: what the alert on an overrunning drain compares."""
+    cfg = config([etcd.url], drain_grace=3.0)
+    async with running(cfg) as other:  # another instance alive: the grace is waited out
+        server = skyapi.Skyapi(cfg)
+        await server.start()
+        held = await connect(server, "service=drain&port=1")  # closed by the stop, not back
+        stopping = asyncio.ensure_future(server.stop())
+        m = await wait_until(lambda: scrape(server.port), 2, until=lambda m: sample(
+            m, "skyapi_draining_seconds") > 0.5)
+        assert sample(m, "skyapi_draining_seconds") < cfg.drain_grace
+        assert sample(m, "skyapi_drain_grace_seconds") == cfg.drain_grace
+        await stopping
+        held.close()
+        assert sample(await scrape(other.port), "skyapi_draining_seconds") == 0
+
+
 async def _services_are(port, services):
     return [d["service"] for d in json.loads((await get(port, "/services"))[1])] == services
 
@@ -950,6 +970,11 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage(private_
         assert m["TYPE", "skyapi_etcd_request_seconds"] == "histogram"
         assert (sample(m, "skyapi_connections_open"), sample(m, "skyapi_records"),
                 sample(m, "skyapi_etcd_up")) == (0, 0, 1)
+        assert (sample(m, "skyapi_records_missing"), sample(m, "skyapi_draining_seconds"),
+                sample(m, "skyapi_drain_grace_seconds")) == (0, 0, cfg.drain_grace)
+        assert sample(m, "process_max_fds") >= sample(m, "process_open_fds") > 0
+        assert sample(m, "process_resident_memory_bytes") > 10e6
+        assert sample(m, "process_cpu_seconds_total") > 0
 
         conns = [await connect(server, f"service=m&port={p}") for p in (1, 2)]
         m = await scrape(server.port)
@@ -985,13 +1010,15 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage(private_
         assert sum(v for k, v in m.items() if k[0] == "skyapi_etcd_requests_total"
                    and ("outcome", "unavailable") in k[1]) >= 1
         assert sample(m, "skyapi_connections_open") == 2 and sample(m, "skyapi_records") == 1
+        assert sample(m, "skyapi_records_missing") == 1  # held, not in etcd
         code, reason = await get(server.port, "/readyz")
         assert code == 503 and reason.startswith("etcd unreachable: ")
         assert await get(server.port, "/healthz") == (200, "ok\n")
 
         await etcd.restart()
         await wait_until(lambda: scrape(server.port), cfg.timeout, until=lambda m: (
-            sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records")) == (1, 2))
+            sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records"),
+            sample(m, "skyapi_records_missing")) == (1, 2, 0))
         assert await get(server.port, "/readyz") == (200, "ok\n")
         m = await scrape(server.port)
         assert sample(m, "skyapi_etcd_requests_total", op="health", outcome="unavailable") >= 1
@@ -1483,6 +1510,21 @@ async def test_healthcheck_of_a_client_asks_its_health_listener():
     finally:
         client.kill()
         bare.kill()
+
+
+@async_test
+async def test_start_up_names_the_config_file_it_read(etcd, tmp_path):
+    """A file mounted but not named with -c is not read: the first line says what was."""
+    (tmp_path / "mine.yaml").write_text(f"etcd_api: [{etcd.url}]\n")
+    for args, source in ((["-c", str(tmp_path / "mine.yaml")], str(tmp_path / "mine.yaml")),
+                         (["--etcd-api", etcd.url], "no file: defaults and flags")):
+        sky = SkyapiProcess(tmp_path, *args)
+        try:
+            await sky.started()
+            first = log_events(sky.log)[0]
+            assert (first["event"], first["file"]) == ("config", source)
+        finally:
+            sky.kill()
 
 
 # --- security and limits ------------------------------------------------------------
@@ -2131,7 +2173,7 @@ async def test_hang_ups_and_bad_requests_log_one_line_each_and_no_traceback(priv
         assert "Traceback" not in text and "exception" not in text.lower(), text
         events = log_events(sky.log)  # every line is one key=value event
         assert {e["event"] for e in events} <= {
-            "open_file_limit", "start", "no_tokens", "connect", "refuse", "disconnect",
+            "config", "open_file_limit", "start", "no_tokens", "connect", "refuse", "disconnect",
             "etcd_outage_began", "stopping", "shutdown_incomplete", "stopped"}, text
         assert 5 <= len(events_named(sky.log, "refuse")) <= 10
         assert len(events_named(sky.log, "disconnect")) <= 7
