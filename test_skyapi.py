@@ -35,6 +35,7 @@ import time
 import types
 import typing
 import urllib.parse
+import warnings
 
 import hypothesis
 import pytest
@@ -1512,6 +1513,431 @@ async def test_healthcheck_of_a_client_asks_its_health_listener():
         bare.kill()
 
 
+# --- deployment parts: deploy/, checked against skyapi and by their own tools -----------
+
+DEPLOY = os.path.join(HERE, "deploy")
+RESTRICTED_VOLUMES = {"configMap", "secret", "emptyDir", "projected", "downwardAPI", "csi",
+                      "ephemeral", "persistentVolumeClaim"}
+# Python, Tornado and skyapi before any socket, and the least a socket costs: the
+# benchmark's figures are 19.8-24.3 KB a socket at 2,000 and 10,000 sockets.
+BASE_MEMORY, MEMORY_PER_SOCKET = 40e6, 20e3
+QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9, "": 1}
+
+
+def loud_skip(why: str) -> None:
+    """Skip, and say so in the warnings summary, where a quiet skip would pass for a pass."""
+    warnings.warn(f"SKIPPED, not checked: {why}", pytest.PytestWarning)
+    pytest.skip(why)
+
+
+def kubernetes_objects() -> dict:
+    """(kind, name) -> object, of every manifest under deploy/kubernetes."""
+    objects = {}
+    for path in sorted(glob.glob(os.path.join(DEPLOY, "kubernetes", "*.yaml"))):
+        with open(path) as f:
+            for doc in yaml.safe_load_all(f):
+                objects[doc["kind"], doc["metadata"]["name"]] = doc
+    return objects
+
+
+def container(pod: dict, name: str) -> dict:
+    return next(c for c in pod["containers"] if c["name"] == name)
+
+
+def mounted_from(pod: dict, c: dict, path: str) -> tuple[dict, str]:
+    """The volume a container sees path in, and path inside that volume."""
+    for m in c.get("volumeMounts", []):
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            volume = next(v for v in pod["volumes"] if v["name"] == m["name"])
+            return volume, path[len(m["mountPath"].rstrip("/")) + 1:]
+    raise AssertionError(f"{c['name']}: {path} is in no volume")
+
+
+def port_number(c: dict, port) -> int:
+    return port if isinstance(port, int) else next(
+        p["containerPort"] for p in c["ports"] if p.get("name") == port)
+
+
+def check_restricted(pod: dict) -> None:
+    """The 'restricted' Pod Security Standard (Kubernetes 1.25+), rule by rule."""
+    pod_sc = pod.get("securityContext", {})
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    assert all(set(v) - {"name"} <= RESTRICTED_VOLUMES for v in pod.get("volumes", []))
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = {**pod_sc, **c.get("securityContext", {})}
+        assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 1) != 0, c["name"]
+        assert (sc.get("seccompProfile") or {}).get("type") in ("RuntimeDefault", "Localhost")
+        c_sc = c.get("securityContext", {})
+        assert c_sc.get("allowPrivilegeEscalation") is False, c["name"]
+        assert c_sc.get("privileged", False) is False, c["name"]
+        assert "ALL" in c_sc.get("capabilities", {}).get("drop", []), c["name"]
+        assert set(c_sc.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}
+        assert not any(p.get("hostPort") for p in c.get("ports", []))
+
+
+def check_secrets_readable(pod: dict) -> None:
+    """Secrets mounted for uid 10001 (the image's user): the pod's fsGroup is 10001's group,
+    and each Secret's files are readable by that group."""
+    if any("secret" in v for v in pod.get("volumes", [])):
+        assert pod["securityContext"]["fsGroup"] == 10001
+    for v in pod.get("volumes", []):
+        if "secret" in v:
+            assert v["secret"]["defaultMode"] & 0o040, v["name"]
+
+
+def secret_text(inside: str) -> str:
+    """What a test puts in a Secret's file: a token of its own per key."""
+    return f"shipped-manifests-{inside}-0123456789"
+
+
+def materialised(pod: dict, c: dict, values, root, token=secret_text):
+    """values (a config, or a list of flags) with each file that a Secret volume holds
+    given a file under root holding token(its path in the volume): what the container
+    reads, on this machine."""
+    if isinstance(values, dict):
+        return {k: materialised(pod, c, v, root, token) for k, v in values.items()}
+    if isinstance(values, list):
+        return [materialised(pod, c, v, root, token) for v in values]
+    secret_mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])
+                     if any("secret" in v and v["name"] == m["name"] for v in pod["volumes"])]
+    if isinstance(values, str) and values.startswith(tuple(secret_mounts)):
+        volume, inside = mounted_from(pod, c, values)
+        path = root / volume["name"] / inside
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token(inside) + "\n")
+        return str(path)
+    return values
+
+
+def kubernetes_setup(tmp_path):
+    objects = kubernetes_objects()
+    server_pod = objects["Deployment", "skyapi"]["spec"]["template"]["spec"]
+    server = container(server_pod, "skyapi")
+    args = skyapi.server_arg_parser().parse_args(server["args"])
+    volume, inside = mounted_from(server_pod, server, args.config)
+    text = objects["ConfigMap", volume["configMap"]["name"]]["data"][inside]
+    (tmp_path / "skyapi.yaml").write_text(text)
+    values = materialised(server_pod, server, skyapi.read_config_file(
+        str(tmp_path / "skyapi.yaml")), tmp_path)
+    return objects, server_pod, server, values
+
+
+def test_kubernetes_manifests_are_what_skyapi_reads_and_serves(tmp_path):
+    objects, server_pod, server, values = kubernetes_setup(tmp_path)
+    cfg = skyapi.make_config(values)  # the ConfigMap's file, as skyapi loads it
+    deployment = objects["Deployment", "skyapi"]["spec"]
+    assert deployment["replicas"] >= 2
+    assert deployment["strategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    assert server_pod["terminationGracePeriodSeconds"] > cfg.drain_grace + skyapi.DELETE_TIME
+    listen_port = skyapi.split_host_port(cfg.listen_addr)[1]
+    assert [p["containerPort"] for p in server["ports"]] == [listen_port]
+    for probe_, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert server[probe_]["httpGet"]["path"] == path
+        assert port_number(server, server[probe_]["httpGet"]["port"]) == listen_port
+    labels = objects["Deployment", "skyapi"]["spec"]["template"]["metadata"]["labels"]
+    for selector in (deployment["selector"]["matchLabels"],
+                     objects["PodDisruptionBudget", "skyapi"]["spec"]["selector"]["matchLabels"],
+                     objects["Service", "skyapi"]["spec"]["selector"]):
+        assert selector.items() <= labels.items()
+    service_port, = objects["Service", "skyapi"]["spec"]["ports"]
+    assert port_number(server, service_port["targetPort"]) == listen_port
+    assert objects["PodDisruptionBudget", "skyapi"]["spec"]["minAvailable"] == 1
+    memory = re.fullmatch(r"(\d+)([A-Za-z]*)", server["resources"]["requests"]["memory"])
+    assert cfg.max_connections > 0 and int(memory[1]) * QUANTITY[memory[2]] >= (
+        BASE_MEMORY + cfg.max_connections * MEMORY_PER_SOCKET)
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+
+    app_pod = objects["Deployment", "foo"]["spec"]["template"]["spec"]
+    sidecar = container(app_pod, "provide")
+    env = {e["name"]: "10.0.0.5" for e in sidecar.get("env", [])}
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in sidecar["args"]]
+    assert argv[0] == "provide"
+    a = skyapi.provide_arg_parser().parse_args(argv[1:])
+    assert "--token" not in argv and a.token_file  # the token is a file, never an argument
+    assert "secret" in mounted_from(app_pod, sidecar, a.token_file)[0]
+    health_port = skyapi.split_host_port(a.health_addr)[1]
+    assert skyapi.split_host_port(a.health_addr)[0] == ""  # the kubelet probes the pod's IP
+    assert [port_number(sidecar, sidecar[p]["httpGet"]["port"]) for p in (
+        "livenessProbe", "readinessProbe")] == [health_port, health_port]
+    assert [sidecar[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")] == [
+        "/healthz", "/readyz"]
+    assert sidecar["image"].split(":")[0] == server["image"].split(":")[0]
+    for pod in (server_pod, app_pod):
+        check_restricted(pod)
+        check_secrets_readable(pod)
+    for pod, c in ((server_pod, server), (app_pod, sidecar)):  # the image's user, by number
+        assert {**pod["securityContext"], **c["securityContext"]}["runAsUser"] == 10001
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@async_test
+async def test_kubernetes_pods_as_shipped_serve_their_probes_and_register(etcd, tmp_path):
+    """The ConfigMap's settings and both containers' arguments, run here: the server's
+    probes answer 200 where the Deployment probes them; the sidecar registers foo with
+    the token its Secret holds, and its probes say so."""
+    objects, server_pod, server, values = kubernetes_setup(tmp_path)
+    root = unique_root()
+    conf = tmp_path / "run.yaml"
+    conf.write_text(yaml.safe_dump({**values, "dns_root": root, "etcd_api": [etcd.url],
+                                    "listen_addr": "127.0.0.1:0"}))
+    sky = SkyapiProcess(tmp_path, "-c", str(conf))
+    app = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    sidecar_proc = None
+    try:
+        await sky.started()
+        for probe_ in ("livenessProbe", "readinessProbe"):
+            path = server[probe_]["httpGet"]["path"]
+            await wait_until(lambda: probe(sky.port, path), 5, until=lambda r: r[0] == 200)
+        app_pod = objects["Deployment", "foo"]["spec"]["template"]["spec"]
+        sidecar = container(app_pod, "provide")
+        argv = [re.sub(r"\$\(POD_IP\)", "10.0.0.5", a) for a in sidecar["args"][1:]]
+        # The sidecar's Secret holds the token the server's "clients" key does.
+        argv = materialised(app_pod, sidecar, argv, tmp_path / "app",
+                            lambda inside: secret_text("clients"))
+        health = free_port()
+        local = {"--check-tcp": f"127.0.0.1:{app.sockets[0].getsockname()[1]}",
+                 "--health-addr": f"127.0.0.1:{health}"}
+        flags = dict(zip(argv[::2], argv[1::2]))
+        del flags["--url"]  # provide_process gives the test server's
+        argv = [w for flag, value in {**flags, **local}.items() for w in (flag, value)]
+        sidecar_proc = provide_process(sky.port, *argv)
+        for probe_ in ("livenessProbe", "readinessProbe"):
+            path = sidecar[probe_]["httpGet"]["path"]
+            await wait_until(lambda: probe(health, path), 10, until=lambda r: r[0] == 200)
+        view = EtcdView(etcd.url, values["etcd_version"])
+        records = await view.records(prefix_of(config([etcd.url], values["etcd_version"],
+                                                      dns_root=root)))
+        assert [json.loads(v)["host"] for k, v in records.items() if "/foo/" in k] == ["10.0.0.5"]
+    finally:
+        if sidecar_proc is not None:
+            sidecar_proc.terminate()
+            sidecar_proc.wait(10)
+        app.close()
+        sky.proc.send_signal(signal.SIGTERM)
+        await wait_until(sky.exited, 20)
+        sky.kill()
+
+
+def systemd_unit(name: str) -> dict[str, list[str]]:
+    """A unit file's settings: 'Section.Key' -> its values in order (keys may repeat)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    with open(os.path.join(DEPLOY, "systemd", name)) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("["):
+                section = line.strip("[]")
+            elif line and not line.startswith(("#", ";")):
+                key, value = line.split("=", 1)
+                out.setdefault(f"{section}.{key}", []).append(value)
+    return out
+
+
+def systemd_command(line: str, env: dict[str, str]) -> list[str]:
+    """ExecStart as systemd splits it: ${VAR} one word, $VAR split on whitespace."""
+    words = []
+    for word in shlex.split(line):
+        if re.fullmatch(r"\$\w+", word):
+            words += env.get(word[1:], "").split()
+        else:
+            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m[1]], word))
+    return words
+
+
+def test_systemd_units_run_skyapi_as_it_reads_its_flags():
+    shipped = skyapi.make_config(skyapi.read_config_file(os.path.join(HERE, "skyapi.yaml")))
+    for name, mode in (("skyapi.service", "server"), ("skyapi-provide@.service", "provide")):
+        unit = systemd_unit(name)
+        hardening = {k: unit.get(f"Service.{k}") for k in (
+            "ProtectSystem", "NoNewPrivileges", "DynamicUser")}
+        assert hardening == {"ProtectSystem": ["strict"], "NoNewPrivileges": ["yes"],
+                             "DynamicUser": ["yes"]}, name
+        exec_start, = unit["Service.ExecStart"]
+        assert "--token " not in exec_start and "--tokens" not in exec_start
+        words = exec_start.split()
+        assert words[1] == "/opt/skyapi/skyapi.py"
+        if mode == "server":
+            args = skyapi.server_arg_parser().parse_args(words[2:])
+            assert args.config == "/etc/skyapi/skyapi.yaml"
+            assert float(unit["Service.TimeoutStopSec"][0]) > (shipped.drain_grace +
+                                                                skyapi.DELETE_TIME)
+            assert int(unit["Service.LimitNOFILE"][0]) >= 65536
+            continue
+        with open(os.path.join(DEPLOY, "systemd", "provide-example.env")) as f:
+            env = dict(line.strip().split("=", 1) for line in f
+                       if line.strip() and not line.startswith("#"))
+        assert unit["Service.EnvironmentFile"] == ["/etc/skyapi/provide/%i.env"]
+        credential, = unit["Service.LoadCredential"]
+        assert credential.split(":", 1)[0] == "token"
+        words = systemd_command(exec_start, {**env, "CREDENTIALS_DIRECTORY": "/run/cred"})
+        assert words[2] == "provide"
+        a = skyapi.provide_arg_parser().parse_args(words[3:])
+        assert a.token_file == "/run/cred/token" and a.token is None
+        assert (a.service, a.port) == (env["SERVICE"], int(env["PORT"]))
+        assert a.url == [env["SKYAPI_URL"], *env["PROVIDE_ARGS"].split()[1:2]]
+
+
+def test_systemd_units_pass_systemd_analyze(tmp_path):
+    """systemd's own checks: verify (every key known, every value parsed; the tool wants
+    the programs to exist, so the copies name this Python) and the security exposure."""
+    if not shutil.which("systemd-analyze"):
+        loud_skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
+    for name in ("skyapi.service", "skyapi-provide@.service"):
+        with open(os.path.join(DEPLOY, "systemd", name)) as f:
+            text = f.read().replace("/opt/skyapi/venv/bin/python", sys.executable)
+        (tmp_path / name).write_text(text)
+        result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+        result = subprocess.run(["systemd-analyze", "security", "--offline=yes",
+                                 "--threshold=25", str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout[-500:] + result.stderr
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    if not shutil.which("promtool"):
+        loud_skip("promtool is not installed (Debian: apt-get install prometheus)")
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.join(DEPLOY, "prometheus"))
+
+
+def alert_rules() -> list[dict]:
+    with open(os.path.join(DEPLOY, "prometheus", "skyapi-rules.yml")) as f:
+        return [r for g in yaml.safe_load(f)["groups"] for r in g["rules"]]
+
+
+def test_prometheus_rules_pass_promtool_check_and_their_unit_tests():
+    for args in (["check", "rules", "skyapi-rules.yml"], ["test", "rules", "skyapi-rules.test.yml"],
+                 ["check", "config", "scrape-example.yml"]):
+        result = promtool(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_summary_a_unit_test_and_a_runbook():
+    docs = os.path.join(HERE, "docs", "operating.md")
+    with open(docs if os.path.exists(docs) else os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    with open(os.path.join(DEPLOY, "prometheus", "skyapi-rules.test.yml")) as f:
+        tested = {t["alertname"] for case in yaml.safe_load(f)["tests"]
+                  for t in case.get("alert_rule_test", []) if t.get("exp_alerts")}
+    alerts = [r for r in alert_rules() if "alert" in r]
+    for rule in alerts:
+        assert rule["annotations"]["summary"] and rule["labels"]["severity"], rule["alert"]
+        assert re.search(rf"^#+ .*`{rule['alert']}`", text, re.M), rule["alert"]  # its runbook
+    assert tested == {r["alert"] for r in alerts}  # each fires in a unit test
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
+                "unless", "bool", "offset", "inf", "nan"}
+
+
+def promql_names(expr: str) -> tuple[set[str], set[str]]:
+    """The metric names and label names an expression refers to."""
+    expr = re.sub(r"\$\{?\w+\}?", "X", expr)  # Grafana's variables
+    labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", expr))
+    for words in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)",
+                            expr):
+        labels |= {w.strip() for w in words.split(",") if w.strip()}
+    bare = re.sub(r"\"[^\"]*\"|\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    bare = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", bare)
+    names = {n for n in re.findall(r"\b([a-zA-Z_:][\w:]*)\b(?!\s*\()", bare)
+             if n.lower() not in PROMQL_WORDS}
+    return names, labels
+
+
+@async_test
+async def test_dashboard_and_rules_name_only_what_metrics_shows(etcd):
+    """Every query of the dashboard and every rule, and every series the rules' unit test
+    feeds them, names metrics and labels a live skyapi's /metrics has (job and instance
+    are the scrape's)."""
+    async with running(config([etcd.url], max_connections=5)) as server:
+        held = await connect(server, "service=dash&port=1")
+        await refusal(server, "service=dash&port=0")
+        code, text = await get(server.port, "/metrics")
+        held.close()
+    shown_names, shown_labels = set(), {"job", "instance"}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            shown_names.add(s.name)
+            shown_labels |= set(s.labels)
+    recorded = {r["record"] for r in alert_rules() if "record" in r}
+    with open(os.path.join(DEPLOY, "grafana", "skyapi.json")) as f:
+        dashboard = json.load(f)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    exprs += [r["expr"] for r in alert_rules()]
+    with open(os.path.join(DEPLOY, "prometheus", "skyapi-rules.test.yml")) as f:
+        exprs += [s["series"] for case in yaml.safe_load(f)["tests"]
+                  for s in case["input_series"] if 'job="skyapi"' in s["series"]]
+    assert len(exprs) > 30
+    for expr in exprs:
+        if values_of := re.fullmatch(r"label_values\((.*),\s*(\w+)\)", expr):
+            expr = f'{values_of[1]} / on ({values_of[2]}) {values_of[1]}'
+        names, labels = promql_names(expr)
+        assert names <= shown_names | recorded | {"up"}, (expr, names - shown_names)
+        assert labels <= shown_labels, (expr, labels - shown_labels)
+    panels = {p["title"] for p in dashboard["panels"]}
+    assert {"Records in etcd, and records missing", "Sockets open", "Refusals by reason",
+            "CPU per socket", "Memory per socket"} <= panels
+
+
+@pytest.mark.slow
+@async_test
+async def test_prometheus_scrapes_skyapi_and_the_etcd_alert_goes_pending(private_etcd, tmp_path):
+    """Debian's Prometheus, the shipped rules, a live skyapi: the target is up, and when
+    etcd stops, skyapi_etcd_up falls to 0 and SkyapiEtcdUnreachable is pending."""
+    if not shutil.which("prometheus"):
+        loud_skip("prometheus is not installed (Debian: apt-get install prometheus)")
+    sky = SkyapiProcess(tmp_path, *process_args(config([private_etcd.url])))
+    web_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [os.path.join(DEPLOY, "prometheus", "skyapi-rules.yml")],
+        "scrape_configs": [{"job_name": "skyapi", "static_configs": [
+            {"targets": [f"127.0.0.1:{sky.port}"]}]}]}))
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prom = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{web_port}"], stdout=log, stderr=log)
+    http = AsyncHTTPClient()
+
+    async def api(path: str):
+        try:
+            r = await http.fetch(f"http://127.0.0.1:{web_port}/api/v1/{path}", request_timeout=2)
+        except (OSError, HTTPClientError):
+            return None
+        return json.loads(r.body)["data"]
+
+    async def etcd_up():
+        data = await api("query?query=" + urllib.parse.quote('skyapi_etcd_up{job="skyapi"}'))
+        return data and [float(r["value"][1]) for r in data["result"]]
+
+    try:
+        await sky.started()
+        targets = await wait_until(lambda: api("targets"), 30, interval=0.2, until=lambda d: d and [
+            t for t in d["activeTargets"] if t["health"] == "up"])
+        assert targets["activeTargets"][0]["labels"]["job"] == "skyapi"
+        await wait_until(etcd_up, 15, interval=0.2, until=lambda v: v == [1.0])
+        private_etcd.kill()
+        held = await connect(sky, "service=scraped&port=1")  # its put meets the outage
+        await wait_until(etcd_up, 15, interval=0.2, until=lambda v: v == [0.0])
+        alerts = await wait_until(lambda: api("alerts"), 15, interval=0.2, until=lambda d: d and [
+            a for a in d["alerts"] if a["labels"]["alertname"] == "SkyapiEtcdUnreachable"])
+        alert, = [a for a in alerts["alerts"] if a["labels"]["alertname"] == "SkyapiEtcdUnreachable"]
+        assert alert["state"] == "pending" and alert["labels"]["instance"] == f"127.0.0.1:{sky.port}"
+        held.close()
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(15)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait()
+        sky.kill()
+
+
 @async_test
 async def test_start_up_names_the_config_file_it_read(etcd, tmp_path):
     """A file mounted but not named with -c is not read: the first line says what was."""
@@ -1525,6 +1951,7 @@ async def test_start_up_names_the_config_file_it_read(etcd, tmp_path):
             assert (first["event"], first["file"]) == ("config", source)
         finally:
             sky.kill()
+
 
 
 # --- security and limits ------------------------------------------------------------
