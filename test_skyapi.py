@@ -1665,6 +1665,8 @@ def test_kubernetes_manifests_are_what_skyapi_reads_and_serves(tmp_path):
     for pod in (server_pod, app_pod):
         check_restricted(pod)
         check_secrets_readable(pod)
+        for p in (p for c in pod["containers"] for p in c.get("ports", [])):
+            assert re.fullmatch(r"(?=.{1,15}$)[a-z0-9]+(-[a-z0-9]+)*", p.get("name", "x"))
     for pod, c in ((server_pod, server), (app_pod, sidecar)):  # the image's user, by number
         assert {**pod["securityContext"], **c["securityContext"]}["runAsUser"] == 10001
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
