@@ -87,42 +87,76 @@ __version__ = "1.0.0.dev0"  # skyapi.py --version
 log = logging.getLogger("skyapi")
 
 
+def event_text(event: str, fields: Mapping[str, Any]) -> str:
+    """``event=name key=value ...``, a value quoted (as JSON) when it has a space, a quote,
+    an equals sign, a backslash or something unprintable, or is empty."""
+    parts = [f"event={event}"]
+    for k, v in fields.items():
+        s = str(v)
+        if not s or any(c in s for c in ' "=\\') or not s.isprintable():
+            s = json.dumps(s)
+        parts.append(f"{k}={s}")
+    return " ".join(parts)
+
+
 def log_event(level: int, event: str, exc_info: Any = None, **fields: Any) -> None:
-    """One line per event, as ``event=name key=value ...`` (values quoted when needed);
-    exc_info adds a traceback, for a bug."""
+    """One line per event; exc_info adds a traceback, for a bug."""
     if log.isEnabledFor(level):
-        parts = [f"event={event}"]
-        for k, v in fields.items():
-            s = str(v)
-            if not s or any(c in s for c in ' "=\\') or not s.isprintable():
-                s = json.dumps(s)
-            parts.append(f"{k}={s}")
-        log.log(level, " ".join(parts), exc_info=exc_info)
+        log.log(level, event_text(event, fields), exc_info=exc_info)
 
 
 QUERY_STRING = re.compile(r"(?:\?|%3[Ff])[^\s\"']*")
+TORNADO_TLS_ERROR = "SSL Error on %s %s: %s"  # tornado.iostream's, with (fd, peer, error)
+# Tornado names the peer of a failed handshake only while the socket is still connected, and
+# a client's alert (an unknown CA) comes as it hangs up: the server notes the peer of each
+# connection it accepts by its file descriptor, which only a later connection reuses.
+TLS_PEERS: dict[int, str] = {}
 
 
-def _without_query_strings(record: logging.LogRecord) -> bool:
-    """Others' lines (Tornado's, asyncio's) may quote a request's URI, and its query string
-    may carry a client's token: cut it out. skyapi's own lines never carry one."""
-    if record.name != log.name:
-        message = record.getMessage()
-        if QUERY_STRING.search(message):
-            record.msg, record.args = QUERY_STRING.sub("?<redacted>", message), ()
+def _address(peer: Any) -> str:
+    """A socket address as host:port ([host]:port for IPv6), or the text given."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def _as_event(record: logging.LogRecord) -> bool:
+    """Others' lines (Tornado's, asyncio's) become events too. A failed TLS handshake is
+    tls_failed, whichever side it failed on; any other line is library_log with its text,
+    less any query string: a URI quoted there may carry a client's token."""
+    if record.name == log.name:
+        return True
+    args = record.args
+    if record.msg == TORNADO_TLS_ERROR and isinstance(args, tuple) and len(args) == 3:
+        peer = _address(args[1]) if isinstance(args[1], tuple) else TLS_PEERS.get(args[0], "")
+        text = event_text("tls_failed", {"peer": peer or "unknown", "error": args[2]})
+    else:
+        text = event_text("library_log", {"logger": record.name, "message": QUERY_STRING.sub(
+            "?<redacted>", record.getMessage())})
+    record.msg, record.args = text, ()
     return True
 
 
+class _EventFormatter(logging.Formatter):
+    """time= level= and the event; a traceback (a bug's) stays on its line, as one more
+    key=value, so that every line of the log is one event."""
+
+    def formatException(self, ei: Any) -> str:
+        return "traceback=" + json.dumps(super().formatException(ei))
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " ")  # only before the traceback
+
+
 def setup_logging(level: str) -> None:
-    # Every part of a line is key=value, so log tools parse it without a pattern of their own.
-    formatter = logging.Formatter("time=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
-                                  "%Y-%m-%dT%H:%M:%S")
+    formatter = _EventFormatter("time=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
+                                "%Y-%m-%dT%H:%M:%S")
     formatter.converter = time.gmtime
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
-    handler.addFilter(_without_query_strings)
+    handler.addFilter(_as_event)
     wanted = {"warn": logging.WARNING}.get(level, getattr(logging, level.upper()))
-    # Others (Tornado, asyncio) only from warnings up: their debug lines are not key=value.
+    # Others (Tornado, asyncio) only from warnings up: their debug and info lines are chatter.
     logging.basicConfig(handlers=[handler], level=max(wanted, logging.WARNING))
     log.setLevel(wanted)
     logging.addLevelName(logging.WARNING, "warn")
@@ -421,6 +455,7 @@ class Setting:
     item: type = str  # what a list holds: str, or dict (a flag gives each as YAML/JSON text)
     secret: bool = False  # its value is never shown: not in errors, not in the Config's repr
     metavar: str = ""  # how --help names its value; empty: by its kind
+    group: str = ""  # the part of --help it is listed in: one of HELP_GROUPS
     name: str = ""  # its Config field's (SETTINGS fills it in)
 
     @property
@@ -624,83 +659,90 @@ class Config:
     the one place its setting is declared: SETTINGS, the YAML keys, the flags and --help
     are all derived from these fields, in this order."""
     listen_addr: str = setting(":8053", "host:port where websocket clients connect; "
-                               ":8053 is every address", _listen_addr, metavar="HOST:PORT")
+                               ":8053 is every address", _listen_addr, metavar="HOST:PORT",
+                               group="listening")
     dns_root: str = setting("skydns.local.", "the root domain SkyDNS/CoreDNS serves", _dns_root,
-                            metavar="DOMAIN")
+                            metavar="DOMAIN", group="records")
     default_category: str = setting("services", "the category when a client gives none (a comma "
                                     "list, left to right as in the DNS name)", _categories,
-                                    metavar="LABELS")
+                                    metavar="LABELS", group="records")
     etcd_api: list[str] = setting(["http://127.0.0.1:2379"], "an etcd endpoint; repeat the flag "
-                                  "for several, tried in order", _urls, metavar="URL")
+                                  "for several, tried in order", _urls, metavar="URL", group="etcd")
     etcd_version: int = setting(2, "2: etcd v2 keys with TTLs (SkyDNS); 3: etcd v3 keys on one "
-                                "lease (CoreDNS)", _one_of(2, 3), metavar="2|3")
+                                "lease (CoreDNS)", _one_of(2, 3), metavar="2|3", group="etcd")
     etcd_prefix: str = setting("/skydns", "the path all records live under", _etcd_prefix,
-                               metavar="PATH")
+                               metavar="PATH", group="records")
     timeout: int = setting(30, "seconds a record outlives skyapi if skyapi dies (the etcd TTL or "
-                           "lease TTL)", _at_least(2), metavar="SECONDS")
+                           "lease TTL)", _at_least(2), metavar="SECONDS", group="records")
     ping_interval: float = setting(10.0, "seconds between websocket pings to each client",
-                                   _at_least(0.1), metavar="SECONDS")
+                                   _at_least(0.1), metavar="SECONDS", group="listening")
     ping_timeout: float = setting(10.0, "seconds a client has to answer a ping, at most "
                                   "ping_interval; a client that does not is dropped",
-                                  _at_least(0.1), metavar="SECONDS")
+                                  _at_least(0.1), metavar="SECONDS", group="listening")
     dns_ttl: int = setting(30, "the ttl field of each record: seconds a DNS answer may be cached",
-                           _at_least(0), metavar="SECONDS")
+                           _at_least(0), metavar="SECONDS", group="records")
     log_level: str = setting("info", "error, warn, info or debug",
-                             _one_of("error", "warn", "info", "debug"), metavar="LEVEL")
+                             _one_of("error", "warn", "info", "debug"), metavar="LEVEL",
+                             group="lifecycle")
     etcd_timeout: float = setting(5.0, "seconds etcd may leave requests unanswered before "
                                   "they fail over to the next endpoint", _at_least(0.1),
-                                  metavar="SECONDS")
+                                  metavar="SECONDS", group="etcd")
     # 64, not 16: 20,000 v2 deletes reached etcd at 17,200/s against 14,500/s, and etcd spent
     # 38 us of CPU per delete against 47 us, its commits batching more (bench_etcdclient.py).
     etcd_concurrency: int = setting(64, "the most connections to each etcd endpoint; requests "
-                                    "beyond them are pipelined on them", _at_least(1))
+                                    "beyond them are pipelined on them", _at_least(1), group="etcd")
     self_register: str = setting("", "register this skyapi as service 'skyapi' at HOST[:PORT] "
                                  "(no port: the one it listens on), so clients find every "
                                  "instance by SRV; empty: off", _advertised,
-                                 metavar="HOST[:PORT]")
+                                 metavar="HOST[:PORT]", group="records")
     tokens: tuple[Token, ...] = setting(
         [], "a token clients must present and what it may register, as YAML or JSON: "
         "'{value_file: PATH, services: [web-*], categories: [prod], admin: false}'; repeat the "
         "flag for several. Without tokens, anyone may register anything", _tokens, item=dict,
-        secret=True, metavar="MAPPING")
+        secret=True, metavar="MAPPING", group="security")
     host_policy: str = setting("any", "any: a client may register any host; peer: only its own "
-                               "address", _one_of("any", "peer"), metavar="any|peer")
+                               "address", _one_of("any", "peer"), metavar="any|peer",
+                               group="security")
     xheaders: bool = setting(False, "take the peer's address from X-Real-IP/X-Forwarded-For "
-                             "(only behind a proxy that sets them)")
+                             "(only behind a proxy that sets them)", group="security")
     max_connections: int = setting(0, "the most registrations held at once (0: no limit)",
-                                   _at_least(0))
+                                   _at_least(0), group="security")
     max_connections_per_ip: int = setting(0, "the most registrations held for one peer address "
-                                          "(0: no limit)", _at_least(0))
+                                          "(0: no limit)", _at_least(0), group="security")
     allowed_origins: list[str] = setting([], "a browser origin (https://host[:port]) that may "
                                          "connect; repeat the flag for several. Requests without "
                                          "an Origin header come from programs, not browsers, and "
-                                         "are not affected", _origins, metavar="ORIGIN")
+                                         "are not affected", _origins, metavar="ORIGIN",
+                                         group="security")
     tls_cert_file: str = setting("", "PEM certificate (chain): serve wss:// and https:// instead "
-                                 "of ws:// and http://", _readable, metavar="FILE")
-    tls_key_file: str = setting("", "PEM private key of tls_cert_file", _readable, metavar="FILE")
+                                 "of ws:// and http://", _readable, metavar="FILE", group="TLS")
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file", _readable, metavar="FILE",
+                                group="TLS")
     etcd_ca_file: str = setting("", "PEM CA bundle that signed the certificates of https:// etcd "
-                                "endpoints; empty: the system's CAs", _readable, metavar="FILE")
+                                "endpoints; empty: the system's CAs", _readable, metavar="FILE",
+                                group="TLS")
     etcd_cert_file: str = setting("", "PEM client certificate for etcd's --client-cert-auth",
-                                  _readable, metavar="FILE")
+                                  _readable, metavar="FILE", group="TLS")
     etcd_key_file: str = setting("", "PEM private key of etcd_cert_file", _readable,
-                                 metavar="FILE")
+                                 metavar="FILE", group="TLS")
     etcd_username: str = setting("", "etcd user (etcd auth, v2 or v3); needs one of the three "
-                                 "password settings", metavar="NAME")
+                                 "password settings", metavar="NAME", group="etcd")
     etcd_password: str = setting("", "etcd_username's password, inline (anyone who reads the "
                                  "file or the command line sees it)", secret=True,
-                                 metavar="PASSWORD")
+                                 metavar="PASSWORD", group="etcd")
     etcd_password_env: str = setting("", "the environment variable that holds the password",
-                                     metavar="VARIABLE")
+                                     metavar="VARIABLE", group="etcd")
     etcd_password_file: str = setting("", "the file that holds the password (a final newline "
-                                      "is ignored)", _readable, metavar="FILE")
+                                      "is ignored)", _readable, metavar="FILE", group="etcd")
     request_timeout: float = setting(10.0, "seconds a connection has to send its whole "
                                      "request, and a kept-alive HTTP connection may idle, "
-                                     "before it is closed", _at_least(0.1), metavar="SECONDS")
+                                     "before it is closed", _at_least(0.1), metavar="SECONDS",
+                                     group="listening")
     drain_grace: float = setting(10.0, "seconds SIGTERM keeps the records of the sockets it "
                                  "closes, while their clients reconnect to another instance",
-                                 _at_least(0), metavar="SECONDS")
+                                 _at_least(0), metavar="SECONDS", group="lifecycle")
     dev: bool = setting(False, "start a throwaway etcd child on loopback (etcd from PATH or "
-                        "beside this Python) and use it instead of etcd_api")
+                        "beside this Python) and use it instead of etcd_api", group="lifecycle")
 
 
 SETTINGS: tuple[Setting, ...] = tuple(dataclasses.replace(f.metadata["setting"], name=f.name)
@@ -918,9 +960,21 @@ def shown_default(s: Setting) -> str:
     return f" (default: {text})"
 
 
+# The parts of --help, in order: each setting names its own (Setting.group).
+HELP_GROUPS = {"listening": "where clients connect, and how long they may stay silent",
+               "etcd": "the etcd skyapi writes to",
+               "records": "what each registration becomes in DNS",
+               "security": "who may register what (see docs/security.md)",
+               "TLS": "certificates: wss:// for clients, https:// to etcd",
+               "lifecycle": "the log, stopping, and a throwaway etcd to try skyapi with"}
+
+
 def server_arg_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(  # no abbreviations: as Go's flags, and a typo is never another flag
-        prog="skyapi.py", usage="%(prog)s [-c FILE] [--SETTING VALUE ...]", allow_abbrev=False,
+        prog="skyapi.py", allow_abbrev=False,
+        usage="%(prog)s [-c FILE] [--SETTING VALUE ...]\n"
+              "       %(prog)s provide --url URL --service NAME --port N [FLAG ...]\n"
+              "       %(prog)s healthcheck (--pid PID | the server's or the client's arguments)",
         description="Keep SkyDNS/CoreDNS records in etcd for live websockets. Every setting is "
         "a flag and a key of the YAML file (--dns-root <-> dns_root); a flag wins over the file.",
         epilog="To try it: 'skyapi.py --dev' runs a throwaway etcd. The client that holds a "
@@ -929,6 +983,7 @@ def server_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="FILE", help="YAML file of settings (skyapi.yaml "
                    "lists every one)")
     p.add_argument("--version", action="version", version=f"skyapi {__version__}")
+    groups = {name: p.add_argument_group(name, text) for name, text in HELP_GROUPS.items()}
     for s in SETTINGS:
         kw: dict[str, Any] = {"dest": s.name, "default": None, "help": s.help + shown_default(s)}
         if s.kind is list:
@@ -937,7 +992,7 @@ def server_arg_parser() -> argparse.ArgumentParser:
             kw.update(nargs="?", const="true", metavar=s.metavar or "BOOL")
         else:
             kw.update(metavar=s.metavar or {int: "N", float: "NUMBER"}.get(s.kind, "TEXT"))
-        p.add_argument(s.flag, **kw)
+        groups[s.group].add_argument(s.flag, **kw)
     return p
 
 
@@ -3402,10 +3457,11 @@ class NotFoundHandler(_ServerHandler):
 
 def log_request(handler: web.RequestHandler) -> None:
     """Tornado's access log, without the query string, where a client's token may be:
-    failed requests only (skyapi logs its own events, not one line per health check). The
-    path is one of skyapi's routes, or 'unknown'; the method one of HTTP's, or 'other'."""
+    failed requests only, and never a probe's answer (a /readyz 503 every few seconds of an
+    outage would bury the one line that reports it). The path is one of skyapi's routes, or
+    'unknown'; the method one of HTTP's, or 'other'."""
     status = handler.get_status()
-    if status >= 400:
+    if status >= 400 and not isinstance(handler, (HealthHandler, ReadyHandler)):
         method = handler.request.method
         log_event(logging.WARNING if status < 500 else logging.ERROR, "http_error",
                   status=status,
@@ -3441,6 +3497,14 @@ class MetricsHandler(_AdminHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.write(self.server.metrics.render(self.server))
+
+
+class _PeerNotingHTTPServer(HTTPServer):
+    """Tornado's, noting each connection's peer for a failed TLS handshake's line."""
+
+    def handle_stream(self, stream: iostream.IOStream, address: tuple) -> None:
+        TLS_PEERS[stream.socket.fileno()] = _address(address)
+        super().handle_stream(stream, address)
 
 
 # Seconds a hand-over may take beyond drain_grace to delete what is still ours.
@@ -3496,7 +3560,7 @@ class Skyapi:
         # too: the wait for the next request is the same read) and as much for a body. No
         # request of skyapi's has a body: one of over 4 KB is answered 400 before a byte of it
         # is read (Tornado would hold up to 100 MB of it before any handler sees the request).
-        self._http = HTTPServer(self.application(), xheaders=self.cfg.xheaders,
+        self._http = _PeerNotingHTTPServer(self.application(), xheaders=self.cfg.xheaders,
                                 ssl_options=server_ssl_context(self.cfg),
                                 idle_connection_timeout=self.cfg.request_timeout,
                                 body_timeout=self.cfg.request_timeout, max_body_size=4096)
@@ -3648,7 +3712,8 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
         conn = connecting.result()
     except Exception as e:  # refused, reset, timed out, not a websocket (HTTP 404)...
         why = str(e) or type(e).__name__
-        log_event(logging.WARNING, "provide_failed", url=url, error=why)
+        if not isinstance(e, ssl.SSLError):  # a failed handshake: Tornado's tls_failed said it
+            log_event(logging.WARNING, "provide_failed", url=url, error=why)
         return "failed", None, why
     state.now(f"connected to {url}, waiting for the server to accept")
     since = 0.0
@@ -3903,49 +3968,53 @@ def serve_provide_health(addr: str, state: ProvideState) -> HTTPServer:
 
 def provide_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="skyapi.py provide", allow_abbrev=False,
+        prog="skyapi.py provide", allow_abbrev=False, add_help=False,
         description="Register a service with skyapi and hold the registration until "
                     "SIGTERM/SIGINT; the record goes when this stops.",
         epilog=f"The token may also come from the environment variable {TOKEN_ENV} "
                "(a flag wins over it).")
-    p.add_argument("--url", required=True, action="append",
-                   help="skyapi address, e.g. ws://skyapi:8053 (wss:// with TLS), or "
-                   "srv://skyapi.services.skydns.local to find one by SRV (see self_register). "
-                   "Repeat for several: they are tried in turn, and one going away (close "
-                   "1001) sends the client to the next at once")
-    p.add_argument("--dns-server", metavar="HOST[:PORT]",
-                   help="DNS server for srv:// lookups (default: the first in /etc/resolv.conf)")
-    p.add_argument("--service", required=True,
-                   help="the service to register: one DNS label, e.g. web (required)")
-    p.add_argument("--port", required=True, type=int,
-                   help="the port the service listens on, 1-65535 (required)")
-    p.add_argument("--host", help="address to register (default: the address skyapi sees "
-                   "the connection come from)")
-    p.add_argument("--category", help="comma list of categories, left to right as in the "
-                   "DNS name (default: the server's default_category)")
-    p.add_argument("--priority", type=int,
-                   help="SRV priority, 0-65535, lower is tried first (default 1)")
-    p.add_argument("--weight", type=int,
-                   help="SRV weight among equal priorities, 0-65535 (default 100)")
-    p.add_argument("--prefix", help="label prepended to the record id, e.g. a datacenter")
-    p.add_argument("--token-file", metavar="PATH",
-                   help="file holding the bearer token, if the server wants one (a final "
-                   f"newline is ignored); or set {TOKEN_ENV}")
-    p.add_argument("--token", help="the bearer token itself: visible to every user of the "
-                   f"host in ps, so prefer --token-file or {TOKEN_ENV}")
-    p.add_argument("--reconnect", type=int, default=-1,
-                   help="reconnect attempts in a row without registering before giving up "
-                   "(default -1: forever)")
-    p.add_argument("--check-tcp", metavar="HOST:PORT",
-                   help="register only while HOST:PORT accepts TCP connections")
-    p.add_argument("--health-addr", metavar="HOST:PORT",
-                   help="serve /healthz (200 while running) and /readyz (200 while registered, "
-                   "else 503 and why) here, e.g. 127.0.0.1:8054 (default: none)")
-    p.add_argument("--ping-interval", type=float, default=10.0,
-                   help="seconds between pings to the server; one unanswered drops the socket "
-                   "(default 10)")
-    p.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"],
-                   help="(default info)")
+    # --help as the server's: what every client must give first, defaults as (default: X).
+    need, opt = p.add_argument_group("required"), p.add_argument_group("options")
+    need.add_argument("--url", required=True, action="append",
+                      help="skyapi address, e.g. ws://skyapi:8053 (wss:// with TLS), or "
+                      "srv://skyapi.services.skydns.local to find one by SRV (see "
+                      "self_register). Repeat for several: they are tried in turn, and one "
+                      "going away (close 1001) sends the client to the next at once")
+    need.add_argument("--service", required=True, metavar="NAME",
+                      help="the service to register: one DNS label, e.g. web")
+    need.add_argument("--port", required=True, type=int, metavar="N",
+                      help="the port the service listens on, 1-65535")
+    opt.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    opt.add_argument("--host", help="address to register; empty: the address skyapi sees the "
+                     "connection come from")
+    opt.add_argument("--category", metavar="LABELS", help="comma list of categories, left to "
+                     "right as in the DNS name; empty: the server's default_category")
+    opt.add_argument("--priority", type=int, metavar="N",
+                     help="SRV priority, 0-65535, lower is tried first (default: 1)")
+    opt.add_argument("--weight", type=int, metavar="N",
+                     help="SRV weight among equal priorities, 0-65535 (default: 100)")
+    opt.add_argument("--prefix", metavar="LABEL",
+                     help="label prepended to the record id, e.g. a datacenter")
+    opt.add_argument("--token-file", metavar="PATH",
+                     help="file holding the bearer token, if the server wants one (a final "
+                     f"newline is ignored); or set {TOKEN_ENV}")
+    opt.add_argument("--token", help="the bearer token itself: visible to every user of the "
+                     f"host in ps, so prefer --token-file or {TOKEN_ENV}")
+    opt.add_argument("--reconnect", type=int, default=-1, metavar="N",
+                     help="reconnect attempts in a row without registering before giving up; "
+                     "-1: never give up (default: -1)")
+    opt.add_argument("--check-tcp", metavar="HOST:PORT",
+                     help="register only while HOST:PORT accepts TCP connections")
+    opt.add_argument("--health-addr", metavar="HOST:PORT",
+                     help="serve /healthz (200 while running) and /readyz (200 while "
+                     "registered, else 503 and why) here, e.g. 127.0.0.1:8054; empty: none")
+    opt.add_argument("--ping-interval", type=float, default=10.0, metavar="SECONDS",
+                     help="seconds between pings to the server; one unanswered drops the "
+                     "socket (default: 10)")
+    opt.add_argument("--dns-server", metavar="HOST[:PORT]",
+                     help="DNS server for srv:// lookups; empty: the first in /etc/resolv.conf")
+    opt.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"],
+                     metavar="LEVEL", help="error, warn, info or debug (default: info)")
     return p
 
 
