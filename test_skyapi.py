@@ -264,7 +264,8 @@ README_LINES = 250
 # Flags of the other programs the documents run: etcd, etcdctl, docker/podman, pytest, systemctl.
 OTHERS_FLAGS = {"--data-dir", "--enable-v2", "--listen-client-urls", "--advertise-client-urls",
                 "--client-cert-auth", "--quota-backend-bytes", "--endpoints", "--prefix",
-                "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now"}
+                "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now",
+                "--from-file"}
 OTHERS_NAMES = {"stop_grace_period"}  # docker compose's
 
 
@@ -423,7 +424,7 @@ def test_commands_in_the_documents_run_as_written():
         for line in re.findall(r"^ExecStart=(.*)$", text, re.M):  # systemd units
             check_skyapi_args(skyapi_args(line), (name, line))
             checked += 1
-    assert checked >= 8
+    assert checked >= 6  # the units and pods themselves are deploy/'s, checked below
 
 
 # The security settings: tokens and etcd passwords are never shown.
