@@ -1015,11 +1015,14 @@ def load_config(argv: Sequence[str]) -> Config:
     return make_config(values, {k: v for k, v in given.items() if v is not None})
 
 
+NO_CONFIG_FILE = "no file: defaults and flags"
+
+
 def config_source(argv: Sequence[str]) -> str:
-    """What start-up says it read: the -c file, or that there is none (a file mounted at
-    the usual place but not named with -c is not read, and this shows it)."""
+    """What the start line says was read: the -c file, or that there is none (a file
+    mounted at the usual place but not named with -c is not read, and this shows it)."""
     path = server_arg_parser().parse_known_args(argv)[0].config
-    return os.path.abspath(path) if path else "no file: defaults and flags"
+    return os.path.abspath(path) if path else NO_CONFIG_FILE
 
 
 # ---------------------------------------------------------------------------
@@ -3514,8 +3517,9 @@ DELETE_TIME = 4.0
 class Skyapi:
     """One running server: its registry, its HTTP listener and the sockets it holds."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, config_file: str = NO_CONFIG_FILE):
         self.cfg = cfg
+        self.config_file = config_file  # where cfg came from, for the start line
         self.owner = instance_name()
         self.metrics = Metrics()
         self.registry = Registry(make_backend(cfg, self.owner, self.metrics.on_etcd_request),
@@ -3571,7 +3575,7 @@ class Skyapi:
             await self._register_self()
         log_event(logging.INFO, "start", owner=self.owner, listen=self.cfg.listen_addr, port=self.port,
                   etcd=",".join(self.cfg.etcd_api), etcd_version=self.cfg.etcd_version,
-                  dns_root=self.cfg.dns_root)
+                  dns_root=self.cfg.dns_root, config=self.config_file)
         if not self.cfg.tokens:
             log_event(logging.WARNING, "no_tokens", risk="anyone who reaches skyapi may "
                       "register any name at any address: configure tokens")
@@ -4311,10 +4315,10 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, config_file: str = NO_CONFIG_FILE) -> int:
     """Run until SIGTERM/SIGINT, then stop cleanly."""
     log_event(logging.DEBUG, "open_file_limit", limit=raise_open_file_limit())
-    server = Skyapi(cfg)
+    server = Skyapi(cfg, config_file)
     try:
         await server.start()
     except OSError as e:  # a port in use or not ours, an address not on this host
@@ -4432,9 +4436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
         setup_logging(cfg.log_level)
-        log_event(logging.INFO, "config", file=config_source(argv))
         with dev_etcd(cfg) if cfg.dev else contextlib.nullcontext(cfg) as cfg:
-            return asyncio.run(serve(cfg))
+            return asyncio.run(serve(cfg, config_source(argv)))
     except ConfigError as e:  # every start-up error a user can cause: one line, exit code 2
         print(f"skyapi: {e}", file=sys.stderr)
         return 2
