@@ -1955,9 +1955,10 @@ def systemd_unit(name: str) -> dict[str, list[str]]:
 
 
 def systemd_command(line: str, env: dict[str, str]) -> list[str]:
-    """ExecStart as systemd splits it: ${VAR} one word, $VAR split on whitespace."""
+    """ExecStart as systemd splits it: ${VAR} one word, $VAR split on whitespace; %d the
+    credentials directory, here /run/cred."""
     words = []
-    for word in shlex.split(line):
+    for word in shlex.split(line.replace("%d", "/run/cred")):
         if re.fullmatch(r"\$\w+", word):
             words += env.get(word[1:], "").split()
         else:
@@ -1990,7 +1991,7 @@ def test_systemd_units_run_skyapi_as_it_reads_its_flags():
         assert unit["Service.EnvironmentFile"] == ["/etc/skyapi/provide/%i.env"]
         credential, = unit["Service.LoadCredential"]
         assert credential.split(":", 1)[0] == "token"
-        words = systemd_command(exec_start, {**env, "CREDENTIALS_DIRECTORY": "/run/cred"})
+        words = systemd_command(exec_start, env)
         assert words[2] == "provide"
         a = skyapi.provide_arg_parser().parse_args(words[3:])
         assert a.token_file == "/run/cred/token" and a.token is None
