@@ -264,7 +264,7 @@ README_LINES = 250
 # Flags of the other programs the documents run: etcd, etcdctl, docker/podman, pytest, systemctl.
 OTHERS_FLAGS = {"--data-dir", "--enable-v2", "--listen-client-urls", "--advertise-client-urls",
                 "--client-cert-auth", "--quota-backend-bytes", "--endpoints", "--prefix",
-                "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now",
+                "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now", "--ulimit",
                 "--from-file"}
 OTHERS_NAMES = {"stop_grace_period"}  # docker compose's
 
@@ -2354,6 +2354,93 @@ def test_admit_checks_origin_token_name_policy_and_room_in_that_order():
         assert str(e.value).startswith(problem), e.value
 
 
+def test_socket_capacity_keeps_etcd_and_a_margin_out_of_the_open_file_limit():
+    cfg = skyapi.make_config({"etcd_api": ["http://a:2379", "http://b:2379"]})
+    # etcd: 2 x (2 x 64 connections and the watch's 2); 16 for the rest; clients get the others
+    assert skyapi.client_descriptors(20_000, cfg) == 20_000 - 260 - 16
+    # of which 20 are open already, and a margin of 2% (at least 32) is left for handshakes
+    assert skyapi.socket_capacity(20_000, 20, cfg) == 20_000 - 260 - 16 - 20 - 400
+    assert skyapi.socket_capacity(600, 20, cfg) == 600 - 260 - 16 - 20 - 32
+    assert skyapi.socket_capacity(300, 20, cfg) == 0  # no room: every client is refused
+
+
+@pytest.mark.slow
+@async_test
+async def test_at_the_open_file_limit_skyapi_refuses_backs_off_and_logs_once(etcd, tmp_path):
+    cfg = config([etcd.url])
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--log-level", "info",
+                        "--request-timeout", "30", open_files=600)
+    view, prefix = EtcdView(etcd.url, 2), prefix_of(cfg)
+    try:
+        await sky.started()
+        (start,) = events_named(sky.log, "start")
+        capacity = int(start["max_connections"])
+        assert start["open_file_limit"] == "600" and 350 < capacity < 500
+
+        # 800 clients at once: as many as fit are held, the rest refused for now (1013).
+        async def client(i: int):
+            conn = await websocket.websocket_connect(HTTPRequest(
+                f"ws://127.0.0.1:{sky.port}/provide?service=fd&port={i + 1}",
+                connect_timeout=30, request_timeout=30))
+            try:
+                message = await asyncio.wait_for(conn.read_message(), 3)
+            except asyncio.TimeoutError:
+                return conn  # held: nothing to say
+            assert message.startswith("ERROR: max_connections: ")
+            assert await conn.read_message() is None and conn.close_code == 1013
+            return None
+        clients = await asyncio.gather(*(client(i) for i in range(800)))
+        held = [c for c in clients if c is not None]
+        assert len(held) == capacity
+        await wait_until(lambda: view.records(prefix), 10, until=lambda r: len(r) == capacity)
+        for conn in held:
+            conn.close()
+        await wait_until(lambda: view.records(prefix), 10, until=lambda r: not r)
+        # Accepting may have paused in the storm: one episode, logged when it began and when over.
+        episodes = await wait_until(
+            lambda: events_named(sky.log, "accept_paused", "accept_resumed"), 5,
+            until=lambda e: [x["event"] for x in e] in ([], ["accept_paused", "accept_resumed"]))
+
+        # Connections that send nothing take the descriptors. No spin, and no etcd starved of
+        # connections: accepting pauses short of the limit, and the episode is logged once.
+        idle = []
+        for _ in range(700):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", sky.port))
+            idle.append(s)
+        await wait_until(lambda: logged(sky.log, "accept_paused", len(episodes) // 2 + 1), 10)
+        used = sky.cpu_seconds()
+        await asyncio.sleep(2)  # a window to measure, not a wait for something
+        assert sky.cpu_seconds() - used < 0.5  # a spin would take the whole core
+        late = asyncio.ensure_future(connect(sky, "service=late&port=1"))
+        for s in idle:
+            s.close()
+        conn = await asyncio.wait_for(late, 20)
+        await wait_until(lambda: view.records(prefix), 10, until=lambda r: len(r) == 1)
+        # One more episode: one line as it began, one with its count once it was over.
+        paused, resumed = await wait_until(
+            lambda: events_named(sky.log, "accept_paused", "accept_resumed")[len(episodes):], 5,
+            until=lambda e: len(e) == 2)
+        assert (paused["event"], resumed["event"], int(resumed["pauses"]) >= 1) == (
+            "accept_paused", "accept_resumed", True)
+        assert paused["why"] in ("too few file descriptors left for etcd",  # Linux 6.2+
+                                 "Too many open files")  # where counting costs too much
+        # etcd's connections were never starved: no outage, whatever the clients took.
+        assert not logged(sky.log, "etcd_outage_began")
+        metrics = (await probe(sky.port, "/metrics"))[1]
+        assert f"skyapi_connections_max {capacity}\n" in metrics
+        assert "skyapi_accept_pauses_total 0\n" not in metrics
+        conn.close()
+        await wait_until(lambda: view.records(prefix), 10, until=lambda r: not r)
+        text = sky.log.read_text()
+        assert "Traceback" not in text and "level=error" not in text
+        assert len(text.splitlines()) < 3 * 800  # connect, refuse, disconnect lines: no flood
+    finally:
+        sky.kill()
+
+
 # Property: what a client sends never leaves etcd_prefix/<root>/
 
 QUERY_NAMES = st.sampled_from(skyapi.KNOWN_PARAMS)
@@ -2920,7 +3007,7 @@ async def test_hang_ups_and_bad_requests_log_one_line_each_and_no_traceback(priv
         assert "Traceback" not in text and "exception" not in text.lower(), text
         events = log_events(sky.log)  # every line is one key=value event
         assert {e["event"] for e in events} <= {
-            "open_file_limit", "start", "no_tokens", "connect", "refuse", "disconnect",
+            "start", "no_tokens", "connect", "refuse", "disconnect",
             "etcd_outage_began", "stopping", "shutdown_incomplete", "stopped"}, text
         assert 5 <= len(events_named(sky.log, "refuse")) <= 10
         assert len(events_named(sky.log, "disconnect")) <= 7
