@@ -230,6 +230,7 @@ import ctypes
 import dataclasses
 import difflib
 import enum
+import errno
 import fcntl
 import functools
 import gc
@@ -262,6 +263,7 @@ import yaml
 from tornado import httputil, iostream, netutil, web, websocket
 from tornado.httpclient import HTTPRequest
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
 
 __version__ = "1.0.0.dev0"  # skyapi.py --version
 
@@ -316,7 +318,8 @@ def _as_event(record: logging.LogRecord) -> bool:
         return True
     args = record.args
     if record.msg == TORNADO_TLS_ERROR and isinstance(args, tuple) and len(args) == 3:
-        peer = _address(args[1]) if isinstance(args[1], tuple) else TLS_PEERS.get(args[0], "")
+        peer = (_address(args[1]) if isinstance(args[1], tuple)
+                else TLS_PEERS.get(cast(int, args[0]), ""))
         text = event_text("tls_failed", {"peer": peer or "unknown", "error": args[2]})
     else:
         text = event_text("library_log", {"logger": record.name, "message": QUERY_STRING.sub(
@@ -883,8 +886,9 @@ class Config:
                                group="security")
     xheaders: bool = setting(False, "take the peer's address from X-Real-IP/X-Forwarded-For "
                              "(only behind a proxy that sets them)", group="security")
-    max_connections: int = setting(0, "the most registrations held at once (0: no limit)",
-                                   _at_least(0), group="security")
+    max_connections: int = setting(0, "the most registrations held at once (0: as many as "
+                                   "the open file limit allows, said at start)", _at_least(0),
+                                   group="security")
     max_connections_per_ip: int = setting(0, "the most registrations held for one peer address "
                                           "(0: no limit)", _at_least(0), group="security")
     allowed_origins: list[str] = setting([], "a browser origin (https://host[:port]) that may "
@@ -1193,6 +1197,16 @@ def load_config(argv: Sequence[str]) -> Config:
     return make_config(values, {k: v for k, v in given.items() if v is not None})
 
 
+NO_CONFIG_FILE = "no file: defaults and flags"
+
+
+def config_source(argv: Sequence[str]) -> str:
+    """What the start line says was read: the -c file, or that there is none (a file
+    mounted at the usual place but not named with -c is not read, and this shows it)."""
+    path = server_arg_parser().parse_known_args(argv)[0].config
+    return os.path.abspath(path) if path else NO_CONFIG_FILE
+
+
 # ---------------------------------------------------------------------------
 # Access
 #
@@ -1275,6 +1289,23 @@ def check_limits(cfg: Config, peer: str, held: int, held_by_peer: int) -> None:
         raise Refusal("max_connections_per_ip", f"{peer} holds its limit of "
                       f"{cfg.max_connections_per_ip} connections; try again later",
                       "max_connections_per_ip")
+
+
+def client_descriptors(open_file_limit: int, cfg: Config) -> int:
+    """How many file descriptors connections from clients may take: not those etcd's
+    connections may need (etcd_concurrency to each endpoint, opened as the load grows, and
+    the watch; twice that, for connections closing while others replace them), nor the
+    few the log, certificates and DNS lookups take."""
+    return open_file_limit - 2 * (cfg.etcd_concurrency * len(cfg.etcd_api) + 2) - 16
+
+
+def socket_capacity(open_file_limit: int, in_use: int, cfg: Config) -> int:
+    """How many registrations fit under the open file limit: what clients may take, less
+    what is open already (the listener, the log) and a margin for connections not yet
+    admitted (handshakes, probes, a refusal's own socket): without it a client past the
+    limit would hear nothing at all, its connection left waiting to be accepted."""
+    margin = max(32, open_file_limit // 50)
+    return max(0, client_descriptors(open_file_limit, cfg) - in_use - margin)
 
 
 def admit(cfg: Config, query: Mapping[str, list[bytes]], headers: Mapping[str, str], peer: str,
@@ -1911,6 +1942,10 @@ class EtcdClient:
         self._on_request(op, "unavailable", time.monotonic() - started)
         raise EtcdUnavailable("; ".join(errors))
 
+    def connections(self) -> int:
+        """How many connections to etcd are open or opening (watches not counted)."""
+        return sum(len(pool.connections) for pool in self._pools)
+
     async def ping(self) -> None:
         code, data = await self.request("health", "GET", "/health")
         if code != 200:
@@ -2007,6 +2042,7 @@ class Backend(Protocol):
     came of each; only the registry decides what that means for a record."""
 
     batch_limit: int  # the most ops one apply() carries
+    client: EtcdClient
 
     async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
         """Each op's outcome. EtcdUnavailable: no answer (some may be done); EtcdError:
@@ -2825,6 +2861,12 @@ class Registry:
         """Records of live sockets this instance has in etcd."""
         return sum(1 for s in self.slots.values() if s.holders and s.state is State.STORED)
 
+    @property
+    def missing(self) -> int:
+        """Records of live sockets not in DNS: being written, refused by etcd, or etcd away."""
+        return sum(1 for s in self.slots.values()
+                   if s.holders and s.state not in (State.STORED, State.OTHERS))
+
     def _slot(self, reg: Registration, endpoint: tuple[str, int],
               collision_free: bool = False) -> Slot:
         """The slot of reg's record: at its Go id, unless that is another endpoint's."""
@@ -3237,6 +3279,7 @@ class Metrics:
         self.refused: dict[str, int] = {}
         self.dropped_peers = 0
         self.connections_total = 0
+        self.accept_pauses = 0
         self.etcd_requests: dict[tuple[str, str], int] = {}
         self.etcd_latency: dict[str, Histogram] = {}
 
@@ -3248,6 +3291,9 @@ class Metrics:
 
     def count_dropped_peer(self) -> None:
         self.dropped_peers += 1
+
+    def count_accept_pause(self) -> None:
+        self.accept_pauses += 1
 
     def on_etcd_request(self, op: str, outcome: str, seconds: float) -> None:
         self.etcd_requests[op, outcome] = self.etcd_requests.get((op, outcome), 0) + 1
@@ -3267,6 +3313,12 @@ class Metrics:
                [("", len(server.sockets))])
         family("skyapi_connections_total", "counter", "Registrations accepted since start.",
                [("", self.connections_total)])
+        family("skyapi_connections_max", "gauge", "Registrations that may be held at once: "
+               "max_connections, or what the open file limit allows.",
+               [("", server.cfg.max_connections)])
+        family("skyapi_accept_pauses_total", "counter", "Times accepting connections paused "
+               "for want of file descriptors (or memory), new clients waiting meanwhile.",
+               [("", self.accept_pauses)])
         family("skyapi_records", "gauge", "Records held in etcd.", [("", reg.records)])
         family("skyapi_refused_total", "counter", "Connections refused, by reason.",
                [(f'{{reason="{r}"}}', n) for r, n in sorted(self.refused.items())])
@@ -3279,7 +3331,38 @@ class Metrics:
                 for (op, o), n in sorted(self.etcd_requests.items())])
         family("skyapi_etcd_request_seconds", "histogram", "etcd request latency.",
                [s for op, h in sorted(self.etcd_latency.items()) for s in h.samples(f'op="{op}"')])
+        # What alerts compare with: the records that should be in DNS and are not, and how
+        # long a hand-over has run against the grace it may take.
+        family("skyapi_records_missing", "gauge", "Records of live sockets not in etcd (being "
+               "written, refused, or etcd away).", [("", reg.missing)])
+        family("skyapi_drain_grace_seconds", "gauge", "drain_grace: the longest a hand-over "
+               "keeps the records of the sockets it closed.", [("", server.cfg.drain_grace)])
+        family("skyapi_draining_seconds", "gauge", "Seconds since SIGTERM began the hand-over; "
+               "0 while serving.", [("", server.draining_seconds)])
+        for name, kind, help_, value in process_figures():
+            family(name, kind, help_, [("", value)])
         return "".join(out)
+
+
+def process_figures() -> list[tuple[str, str, str, float]]:
+    """The process_* series every Prometheus client library exports (name, type, help,
+    value), as far as Linux's /proc tells: CPU, memory and file descriptors, for dividing
+    by the sockets held and for the file limit's alert."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    figures = [("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.",
+                usage.ru_utime + usage.ru_stime),
+               ("process_max_fds", "gauge", "The open file limit (soft).",
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0])]
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        figures += [("process_resident_memory_bytes", "gauge", "Resident memory in bytes.",
+                     pages * resource.getpagesize()),
+                    ("process_open_fds", "gauge", "Open file descriptors.",
+                     len(os.listdir("/proc/self/fd")))]
+    except OSError:  # no /proc: not Linux
+        pass
+    return figures
 
 
 class Admissions:
@@ -3708,23 +3791,141 @@ class MetricsHandler(_AdminHandler):
         self.write(self.server.metrics.render(self.server))
 
 
-class _PeerNotingHTTPServer(HTTPServer):
-    """Tornado's, noting each connection's peer for a failed TLS handshake's line."""
+# Seconds a hand-over may take beyond drain_grace to delete what is still ours.
+DELETE_TIME = 4.0
+
+# accept() errors that say the process or the machine is out of something (descriptors,
+# buffers, memory) rather than that one connection failed.
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def raise_open_file_limit() -> int:
+    """Every socket is a file descriptor, and the usual soft limit (1024) is far below what
+    one skyapi holds: take the hard limit, as Go programs do by themselves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def open_descriptors() -> int | None:
+    """How many file descriptors this process has open, where the kernel tells at the cost
+    of one stat (Linux 6.2 and later give the count as the size of /proc/self/fd); None
+    elsewhere."""
+    try:
+        return os.stat("/proc/self/fd").st_size or None
+    except OSError:
+        return None
+
+
+def descriptors_left_for(cfg: Config, etcd: EtcdClient) -> Callable[[], bool]:
+    """Whether a new connection may take a descriptor (client_descriptors). Where the count
+    is not cheap to have, always yes: accept() failing is then the bound."""
+    most = client_descriptors(resource.getrlimit(resource.RLIMIT_NOFILE)[0], cfg)
+    return lambda: (open_descriptors() or 0) - etcd.connections() < most
+
+
+class _Acceptor:
+    """Accepts a listener's connections, as Tornado's own handler does, but not past the
+    descriptors etcd needs (room), and backs off when accept() fails for want of
+    descriptors: the connection then stays in the backlog, the listener stays readable, and
+    Tornado's handler would log a traceback and be called again at once, a spin that fills
+    the disk with tracebacks. This one stops accepting for a moment (doubling, up to a
+    quarter of a second). An episode is logged twice: when accepting stops, and once it has
+    gone a second without stopping, with the count."""
+
+    PAUSE_FIRST, PAUSE_MOST, QUIET = 0.02, 0.25, 1.0
+
+    def __init__(self, sock: socket.socket, callback: Callable[[socket.socket, Any], None],
+                 room: Callable[[], bool], on_pause: Callable[[], None]):
+        self.sock, self.callback, self.room, self.on_pause = sock, callback, room, on_pause
+        self.loop = IOLoop.current()
+        self.pauses = 0  # in this episode
+        self.since = self.last_pause = 0.0
+        self.pause = self.PAUSE_FIRST
+        self.resuming: object | None = None  # while paused
+        self.ending: object | None = None  # while accepting again in an episode
+        self.loop.add_handler(sock, self._accept, IOLoop.READ)
+
+    def _accept(self, fd: Any, events: int) -> None:
+        for _ in range(128):  # as Tornado: others get the loop between bursts
+            if not self.room():
+                self._paused("too few file descriptors left for etcd")
+                return
+            try:
+                connection, address = self.sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if e.errno not in OUT_OF_RESOURCES:
+                    raise
+                self._paused(e.strerror or str(e))
+                return
+            if self.pauses and self.ending is None:
+                self.ending = self.loop.call_later(self.QUIET, self._maybe_over)
+            self.callback(connection, address)
+
+    def _paused(self, why: str) -> None:
+        now = time.monotonic()
+        if not self.pauses:
+            self.since = now
+            log_event(logging.WARNING, "accept_paused", why=why,
+                      open_file_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.pauses += 1
+        self.last_pause = now
+        self.on_pause()
+        self.loop.remove_handler(self.sock)
+        self.resuming = self.loop.call_later(self.pause, self._resume)
+        self.pause = min(self.pause * 2, self.PAUSE_MOST)
+
+    def _resume(self) -> None:
+        self.resuming = None
+        self.loop.add_handler(self.sock, self._accept, IOLoop.READ)
+
+    def _maybe_over(self) -> None:
+        self.ending = None
+        quiet = time.monotonic() - self.last_pause
+        if quiet < self.QUIET:
+            self.ending = self.loop.call_later(self.QUIET - quiet, self._maybe_over)
+            return
+        log_event(logging.INFO, "accept_resumed", pauses=self.pauses,
+                  seconds=f"{self.last_pause - self.since:.1f}")
+        self.pauses, self.pause = 0, self.PAUSE_FIRST
+
+    def remove(self) -> None:
+        for timeout in (self.resuming, self.ending):
+            if timeout is not None:
+                self.loop.remove_timeout(timeout)
+        if self.resuming is None:
+            self.loop.remove_handler(self.sock)
+        self.resuming = self.ending = None
+
+
+class _Listener(HTTPServer):
+    """Tornado's HTTP server, accepting through _Acceptor (with TCPServer.add_sockets' own
+    bookkeeping: its stop() calls each entry of _handlers to end), and noting each
+    connection's peer for a failed TLS handshake's line."""
 
     def handle_stream(self, stream: iostream.IOStream, address: tuple) -> None:
         TLS_PEERS[stream.socket.fileno()] = _address(address)
         super().handle_stream(stream, address)
 
-
-# Seconds a hand-over may take beyond drain_grace to delete what is still ours.
-DELETE_TIME = 4.0
+    def add_sockets_backing_off(self, sockets: Iterable[socket.socket], room: Callable[[], bool],
+                                on_pause: Callable[[], None]) -> None:
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = _Acceptor(sock, self._handle_connection, room,
+                                                      on_pause).remove
 
 
 class Skyapi:
     """One running server: its registry, its HTTP listener and the sockets it holds."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, config_file: str = NO_CONFIG_FILE):
         self.cfg = cfg
+        self.config_file = config_file  # where cfg came from, for the start line
         self.owner = instance_name()
         self.metrics = Metrics()
         self.registry = Registry(make_backend(cfg, self.owner, self.metrics.on_etcd_request),
@@ -3735,6 +3936,11 @@ class Skyapi:
         self.port = 0
         self._http: HTTPServer | None = None
         self._pinging: asyncio.Task | None = None
+        self._stopping_at: float | None = None  # monotonic time of SIGTERM
+
+    @property
+    def draining_seconds(self) -> float:
+        return 0.0 if self._stopping_at is None else time.monotonic() - self._stopping_at
 
     def _drop(self, handler: ProvideHandler) -> None:
         """A peer that missed its pong has vanished (power loss, partition): drop it now,
@@ -3756,7 +3962,24 @@ class Skyapi:
             default_handler_class=NotFoundHandler, default_handler_args=kw,
             websocket_max_message_size=4096, log_function=log_request)
 
+    def _fit_open_file_limit(self) -> int:
+        """Refuse registrations (1013, as max_connections does) before the process runs
+        out of file descriptors: max_connections is the capacity the limit allows when
+        none is set, and no more than that when one is. Returns the limit."""
+        limit = raise_open_file_limit()
+        in_use = open_descriptors() or len(os.listdir("/dev/fd"))
+        capacity = socket_capacity(limit, in_use, self.cfg)
+        wanted = self.cfg.max_connections
+        if wanted > capacity:
+            log_event(logging.WARNING, "max_connections_above_file_limit", max_connections=wanted,
+                      open_file_limit=limit, capacity=capacity,
+                      fix="raise the open file limit (LimitNOFILE, ulimit -n, --ulimit nofile)")
+        if not wanted or wanted > capacity:
+            self.cfg = dataclasses.replace(self.cfg, max_connections=capacity)
+        return limit
+
     async def start(self) -> None:
+        open_file_limit = self._fit_open_file_limit()
         host, port = split_host_port(self.cfg.listen_addr)
         sockets = netutil.bind_sockets(port, host or None, backlog=4096)
         self.port = sockets[0].getsockname()[1]
@@ -3764,18 +3987,21 @@ class Skyapi:
         # too: the wait for the next request is the same read) and as much for a body. No
         # request of skyapi's has a body: one of over 4 KB is answered 400 before a byte of it
         # is read (Tornado would hold up to 100 MB of it before any handler sees the request).
-        self._http = _PeerNotingHTTPServer(self.application(), xheaders=self.cfg.xheaders,
-                                ssl_options=server_ssl_context(self.cfg),
-                                idle_connection_timeout=self.cfg.request_timeout,
-                                body_timeout=self.cfg.request_timeout, max_body_size=4096)
-        self._http.add_sockets(sockets)
+        self._http = _Listener(self.application(), xheaders=self.cfg.xheaders,
+                               ssl_options=server_ssl_context(self.cfg),
+                               idle_connection_timeout=self.cfg.request_timeout,
+                               body_timeout=self.cfg.request_timeout, max_body_size=4096)
+        room = descriptors_left_for(self.cfg, self.registry.backend.client)
+        self._http.add_sockets_backing_off(sockets, room,
+                                           self.metrics.count_accept_pause)
         self._pinging = asyncio.ensure_future(self.sockets.run())
         await self.registry.start()
         if self.cfg.self_register:
             await self._register_self()
         log_event(logging.INFO, "start", owner=self.owner, listen=self.cfg.listen_addr, port=self.port,
                   etcd=",".join(self.cfg.etcd_api), etcd_version=self.cfg.etcd_version,
-                  dns_root=self.cfg.dns_root)
+                  dns_root=self.cfg.dns_root, open_file_limit=open_file_limit,
+                  max_connections=self.cfg.max_connections, config=self.config_file)
         if not self.cfg.tokens:
             log_event(logging.WARNING, "no_tokens", risk="anyone who reaches skyapi may "
                       "register any name at any address: configure tokens")
@@ -3800,6 +4026,7 @@ class Skyapi:
         another instance at once; the records stay for drain_grace while that instance's
         put takes each over; then what is still ours is deleted. A rolling restart never
         takes a live client out of DNS."""
+        self._stopping_at = time.monotonic()
         if self._self is not None:  # no new client should pick this instance
             self.registry.release(self._self)
             self._self = None
@@ -4616,15 +4843,6 @@ def dev_etcd(cfg: Config) -> Iterator[Config]:
 # ---------------------------------------------------------------------------
 
 
-def raise_open_file_limit() -> int:
-    """Every socket is a file descriptor, and the usual soft limit (1024) is far below what
-    one skyapi holds: take the hard limit, as Go programs do by themselves."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 def tune_garbage_collector() -> None:
     """Python's cyclic collector walks every live object again whenever enough new ones pile
     up, and thousands of sockets are a great many live objects: with the default thresholds
@@ -4634,10 +4852,9 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, config_file: str = NO_CONFIG_FILE) -> int:
     """Run until SIGTERM/SIGINT, then stop cleanly."""
-    log_event(logging.DEBUG, "open_file_limit", limit=raise_open_file_limit())
-    server = Skyapi(cfg)
+    server = Skyapi(cfg, config_file)
     try:
         await server.start()
     except OSError as e:  # a port in use or not ours, an address not on this host
@@ -4663,7 +4880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(argv)
         setup_logging(cfg.log_level)
         with dev_etcd(cfg) if cfg.dev else contextlib.nullcontext(cfg) as cfg:
-            return asyncio.run(serve(cfg))
+            return asyncio.run(serve(cfg, config_source(argv)))
     except ConfigError as e:  # every start-up error a user can cause: one line, exit code 2
         print(f"skyapi: {e}", file=sys.stderr)
         return 2
