@@ -4167,8 +4167,8 @@ class Skyapi:
         """A hand-over (SIGTERM, SIGINT): /readyz says 503 and new registrations are
         refused; every socket is closed with 1001 "going away", so its client reconnects to
         another instance at once; the records stay for drain_grace while that instance's
-        put takes each over; then what is still ours is deleted. A rolling restart never
-        takes a live client out of DNS."""
+        put takes each over (not at all when no other instance serves the root); then what
+        is still ours is deleted. A rolling restart never takes a live client out of DNS."""
         self._stopping_at = time.monotonic()
         if self._self is not None:  # no new client should pick this instance
             self.registry.release(self._self)
