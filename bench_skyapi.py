@@ -25,6 +25,11 @@ side; a target stated against what it was before ("half the close p99") uses its
 move to B when A closes them with 1001 "going away"; A gets SIGTERM while another process
 counts the records every 10 ms.
 
+--chaos SECONDS runs instead the recommended topology (three skyapis, a three-member etcd
+cluster, websockets moving between the instances, provide processes) under seeded random
+faults, with a checker that compares etcd with the open sockets every 100 ms (see Chaos
+below); it exits 1 on any finding.
+
 Results are printed as a table and written to bench-results.json, with every stated target
 (the TARGETS table) met, MISSED or n/a; --check exits 1 when one is missed. Everything is
 bounded in time (--max-seconds) and every child is killed on the way out.
@@ -38,6 +43,7 @@ Run (with the venv's bin on PATH, so `etcd` is found):
     python bench_skyapi.py --speed --versions 2 --sizes 2000 --baseline 93ab74e --check
                                                     # side by side with skyapi before issue 13
     python bench_skyapi.py --instances 2 --handover # rolling restart at 1,000 and 10,000
+    python bench_skyapi.py --chaos 600              # 10 minutes of faults per etcd version
 
 Other useful options: --versions 3, --sizes 1000,5000, --timeout/--ping-interval/--ping-timeout
 (defaults 10/5/5), --clients (client processes, default 4), --instances 2 (two skyapis side by
