@@ -2255,7 +2255,7 @@ class ChaosRun:
         out: list[int | None] = []
         for etcd in self.etcds:
             try:
-                status, body = http_post_json(etcd.url + "/v3/kv/range",
+                _, body = http_post_json(etcd.url + "/v3/kv/range",
                                               {"key": _b64("\0"), "count_only": True})
                 out.append(int(json.loads(body)["header"]["revision"]))
             except (OSError, ValueError, KeyError):
