@@ -2256,7 +2256,7 @@ class ChaosRun:
         for etcd in self.etcds:
             try:
                 _, body = http_post_json(etcd.url + "/v3/kv/range",
-                                              {"key": _b64("\0"), "count_only": True})
+                                         {"key": _b64("\0"), "count_only": True})
                 out.append(int(json.loads(body)["header"]["revision"]))
             except (OSError, ValueError, KeyError):
                 out.append(None)
