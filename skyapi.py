@@ -63,11 +63,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from typing import (Any, AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, NamedTuple,
+from typing import (Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, NamedTuple,
                     NoReturn, Protocol, Sequence, cast)
 
 import yaml
@@ -372,14 +373,23 @@ def record_value(reg: Registration, dns_ttl: int, owner: str) -> str:
 
 
 def read_record(value: str) -> tuple[tuple[str, int], str] | None:
-    """The endpoint (host, port) and the owner of a record's value; None if it is not a
-    record skyapi or the Go original would write (then it is someone else's data)."""
+    """The endpoint (host, port) and the owner ("" for the Go original's) of a record's
+    value; None if it is not a record skyapi or the Go original would write: then it is
+    someone else's data. Any value read from etcd may come here (any JSON, numbers beyond
+    a float, nesting deeper than the parser goes, undecodable bytes already replaced):
+    none is an error."""
     try:
         doc = json.loads(value)
-        endpoint = (str(doc["host"]), int(doc["port"]))
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, RecursionError):
         return None
-    return endpoint, str(doc.get("owner", ""))
+    if not isinstance(doc, dict):
+        return None
+    host, port, owner = doc.get("host"), doc.get("port"), doc.get("owner", "")
+    # type(), not isinstance(): JSON's true is no port.
+    if not (isinstance(host, str) and type(port) is int and 0 < port < 65536
+            and isinstance(owner, str)):
+        return None
+    return (host, port), owner
 
 
 def instance_name() -> str:
@@ -2048,17 +2058,29 @@ class EtcdV2:
         return lost
 
     async def scan(self) -> dict[str, str]:
-        code, error, doc = await self._request("scan", "GET", self.root, {"recursive": "true"})
-        if code >= 300 and error != KEY_NOT_FOUND:
-            raise self._refused("scan", self.root, doc)
+        # One recursive read; but others' directories may nest deeper than Python's JSON
+        # reader goes (some 500 deep): then directory by directory, each answer flat.
         found: dict[str, str] = {}
-        stack = [doc["node"]] if code < 300 else []
-        while stack:
-            node = stack.pop()
-            if node.get("dir"):
-                stack.extend(node.get("nodes", []))
-            else:
-                found[node["key"]] = node.get("value", "")
+        todo, query = [self.root], {"recursive": "true"}
+        while todo:
+            directory = todo.pop()
+            try:
+                code, error, doc = await self._request("scan", "GET", directory, query)
+            except RecursionError:
+                found, todo, query = {}, [self.root], {}
+                continue
+            if code >= 300 and error != KEY_NOT_FOUND:
+                raise self._refused("scan", directory, doc)
+            top = doc["node"] if code < 300 else {"dir": True}  # (a 404: nothing there)
+            stack = [top]
+            while stack:
+                node = stack.pop()
+                if not node.get("dir"):
+                    found[node["key"]] = node.get("value", "")
+                elif node is top or query:
+                    stack.extend(node.get("nodes", []))
+                else:
+                    todo.append(node["key"])
         return found
 
     async def changes(self) -> AsyncGenerator[list[Change] | None, None]:
@@ -2479,6 +2501,53 @@ class Holding:
         return self.slot.state in (State.STORED, State.OTHERS)
 
 
+class Supervisor:
+    """Keeps long-lived tasks (the workers, the watch, keep-alive...) running. One that
+    raises what nothing expects (a bug, or data in etcd no one foresaw) is logged with its
+    traceback, the first time it fails so, counted, and started again after a pause that
+    doubles while it keeps failing, so it never spins; meanwhile the registry is not ready
+    (down says which task and why)."""
+
+    PAUSE, MAX_PAUSE = 0.1, 10.0
+
+    def __init__(self) -> None:
+        self.down: dict[str, str] = {}  # tasks waiting to start again: why they stopped
+        self.failures: collections.Counter[str] = collections.Counter()  # by kind of task
+        self._told: set[tuple] = set()  # failures logged with their traceback already
+
+    def start(self, name: str, job: Callable[[], Awaitable[None]]) -> asyncio.Task:
+        return asyncio.ensure_future(self._keep(name, job))
+
+    def failed(self, name: str, error: Exception, **fields: Any) -> None:
+        """Log an unexpected exception: once with its traceback, then (the same exception
+        at the same place) only at debug level; /metrics counts each."""
+        kind = name.split("-")[0]  # worker-7: a worker
+        where = traceback.extract_tb(error.__traceback__)[-1:]
+        told = (kind, type(error), *((f.filename, f.lineno) for f in where))
+        first = told not in self._told
+        self._told.add(told)
+        self.failures[kind] += 1
+        log_event(logging.ERROR if first else logging.DEBUG, "task_failed",
+                  exc_info=error if first else None, task=name, error=repr(error)[:200], **fields)
+
+    async def _keep(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
+        pause = self.PAUSE
+        while True:
+            began = time.monotonic()
+            try:
+                return await job()
+            except Exception as e:  # (not a cancel: that one ends it)
+                self.failed(name, e)
+                self.down[name] = repr(e)[:200]
+            if time.monotonic() - began > 6 * self.MAX_PAUSE:
+                pause = self.PAUSE  # it had worked a good while: not the same trouble
+            try:
+                await asyncio.sleep(pause)
+            finally:
+                del self.down[name]
+            pause = min(2 * pause, self.MAX_PAUSE)
+
+
 class Registry:
     def __init__(self, backend: Backend, cfg: Config, owner: str):
         self.backend = backend
@@ -2493,6 +2562,8 @@ class Registry:
         self._dirty: dict[Slot, None] = {}  # an ordered set of slots to reconcile
         self._prunes: list[Op] = []  # directories to prune, of slots already gone
         self._refused: set[Slot] = set()  # to try again at their retry_at
+        self.blocked: set[Slot] = set()  # held, but both their keys hold others' data
+        self.tasks = Supervisor()
         self._work = asyncio.Event()
         self._healthy = asyncio.Event()
         self._healthy.set()
@@ -2516,6 +2587,9 @@ class Registry:
         delete: deleted, or staying (for another socket, or for the hand-over)."""
         slot = holding.slot
         slot.holders.remove(holding)
+        if not slot.holders:  # its last socket went: the delete is tried at once
+            slot.retry_at = 0.0
+            self._refused.discard(slot)
         if self.draining:  # closed for the hand-over: the record waits for the next instance
             self._keep.add(slot)
         settled = asyncio.get_running_loop().create_future()
@@ -2562,7 +2636,7 @@ class Registry:
     def _next_op(self, slot: Slot) -> Op | None:
         """What etcd needs next for the slot to be as wanted; None: nothing."""
         state, held = slot.state, bool(slot.holders)
-        if held and slot.retry_at > time.monotonic():
+        if slot.retry_at > time.monotonic():
             return None
         op = functools.partial(Op, key=slot.key, endpoint=slot.endpoint)
         if slot.marker and not (held and state is State.OTHERS):
@@ -2588,7 +2662,8 @@ class Registry:
         if op is not None:
             self._dirty[slot] = None
             self._work.set()
-        elif not slot.holders and (slot.state is not State.STORED or slot not in self._keep):
+        elif not slot.holders and slot not in self._refused and (
+                slot.state is not State.STORED or slot not in self._keep):
             self._drop(slot)
         if slot.leavers and (op is None or op.write is not Write.DELETE):
             for settled in slot.leavers:
@@ -2601,6 +2676,7 @@ class Registry:
             return
         del self.slots[slot.key]
         self._refused.discard(slot)
+        self.blocked.discard(slot)
         self.per_dir[slot.directory] -= 1
         if not self.per_dir[slot.directory]:  # the last of ours in its directory: prune it,
             del self.per_dir[slot.directory]  # however its record went (deleted, expired...)
@@ -2630,21 +2706,7 @@ class Registry:
                 await self._work.wait()
                 continue
             try:
-                outcomes = await self.backend.apply([op for _, op in batch])
-            except EtcdUnavailable as e:
-                for slot, op in batch:
-                    if slot is not None:
-                        self._unanswered(slot, op)
-                self._outage(e)
-            except EtcdError as e:
-                log_event(logging.ERROR, "etcd_refused", error=e, keys=len(batch))
-                for slot, op in batch:
-                    if slot is not None:
-                        self._refuse(slot, op, str(e))
-            else:
-                for (slot, op), outcome in zip(batch, outcomes):
-                    if slot is not None:
-                        self._done(slot, op, outcome)
+                await self._apply(batch)
             finally:
                 for slot, _ in batch:
                     if slot is not None:
@@ -2655,6 +2717,32 @@ class Registry:
                             slot.state = State.LOST  # changed after the op: a claim looks
                         slot.recheck = 0
                         self._mark(slot)
+
+    async def _apply(self, batch: list[tuple[Slot | None, Op]]) -> None:
+        try:
+            outcomes = await self.backend.apply([op for _, op in batch])
+            for (slot, op), outcome in zip(batch, outcomes):
+                if slot is not None:
+                    self._done(slot, op, outcome)
+        except EtcdUnavailable as e:
+            for slot, op in batch:
+                if slot is not None:
+                    self._unanswered(slot, op)
+            self._outage(e)
+        except EtcdError as e:
+            log_event(logging.ERROR, "etcd_refused", error=e, keys=len(batch))
+            for slot, op in batch:
+                if slot is not None:
+                    self._refuse(slot, op, str(e))
+        except Exception as e:  # a bug, or what etcd held that nothing foresaw
+            if len(batch) > 1:  # one op at a time, to set aside only the one that fails
+                for one in batch:
+                    await self._apply([one])
+                return
+            [(slot, op)] = batch
+            self.tasks.failed("worker", e, write=op.write.value, key=op.key)
+            if slot is not None:
+                self._set_aside(slot, op)
 
     def _done(self, slot: Slot, op: Op, outcome: Outcome) -> None:
         """What an op's outcome means for its slot."""
@@ -2671,11 +2759,13 @@ class Registry:
             slot.state, slot.written = State.STORED, op.value
             slot.shared = slot.shared or outcome.took_over
             slot.resolve(None)
+            self.blocked.discard(slot)
         elif found is Found.GONE:
             slot.state = State.LOST
         elif found is Found.OTHERS:
             slot.state = State.OTHERS
             slot.resolve(None)  # in DNS, by another instance
+            self.blocked.discard(slot)
         else:
             self._collided(slot)
 
@@ -2690,6 +2780,13 @@ class Registry:
             moved = self._slot(holding.reg, slot.endpoint, collision_free=True)
             if moved is slot:  # even the collision-free key is taken: try again later
                 slot.holders = holders
+                if slot not in self.blocked:  # said once, not at every try
+                    self.blocked.add(slot)
+                    go_key = record_key(holding.reg, self.cfg.etcd_prefix, self.cfg.dns_root)
+                    log_event(logging.WARNING, "record_blocked", key=go_key, collision_free_key=slot.key,
+                              host=slot.endpoint[0], port=slot.endpoint[1],
+                              why="both keys hold other writers' data; trying again every "
+                                  f"{self.cfg.timeout / 3:g} s")
                 self._refuse(slot, Op(Write.TAKE, slot.key, slot.value),
                              f"{slot.key} holds another endpoint's record")
                 return
@@ -2709,6 +2806,14 @@ class Registry:
             slot.marker = ""  # marked again (a put) when etcd is back
         elif op.write is Write.UNMARK:
             slot.marker = op.value
+
+    def _set_aside(self, slot: Slot, op: Op) -> None:
+        """An op raised what nothing expects: what it did is unknown (as when etcd does not
+        answer). Tell waiting handshakes, and try again a period later, not at once."""
+        self._unanswered(slot, op)
+        slot.resolve("skyapi failed on it (an internal error, logged)")
+        slot.retry_at = time.monotonic() + self.cfg.timeout / 3
+        self._refused.add(slot)
 
     def _refuse(self, slot: Slot, op: Op, error: str) -> None:
         """etcd answered no: tell waiting handshakes; try again once a period."""
@@ -2790,7 +2895,7 @@ class Registry:
         except EtcdError as e:
             log_event(logging.ERROR, "watch_failed", error=e)
             await asyncio.sleep(self.cfg.etcd_timeout)
-            self._watch = asyncio.ensure_future(self._watch_loop())
+            self._watch = self.tasks.start("watch", self._watch_loop)
 
     # -- keeping records alive -------------------------------------------------
 
@@ -2834,7 +2939,7 @@ class Registry:
         log_event(logging.WARNING, "etcd_outage_began", error=error)
         if self._watch is not None:
             self._watch.cancel()
-        self._tasks.append(asyncio.ensure_future(self._probe()))
+        self._tasks.append(self.tasks.start("probe", self._probe))
 
     async def _probe(self) -> None:
         delay, cap = 0.05, min(5.0, self.cfg.timeout / 6)
@@ -2854,21 +2959,21 @@ class Registry:
         self._full = True
         self._healthy.set()
         self._work.set()
-        self._watch = asyncio.ensure_future(self._watch_loop())
+        self._watch = self.tasks.start("watch", self._watch_loop)
         self._tasks = [t for t in self._tasks if not t.done()]
 
     # -- life ------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._tasks = [asyncio.ensure_future(self._worker())
-                       for _ in range(self.cfg.etcd_concurrency)]
-        self._tasks.append(asyncio.ensure_future(self._keep_alive_loop()))
+        self._tasks = [self.tasks.start(f"worker-{i}", self._worker)
+                       for i in range(self.cfg.etcd_concurrency)]
+        self._tasks.append(self.tasks.start("keep_alive", self._keep_alive_loop))
         try:
             await self.backend.ping()
         except (EtcdUnavailable, EtcdError) as e:
             self._outage(e)
         else:
-            self._watch = asyncio.ensure_future(self._watch_loop())
+            self._watch = self.tasks.start("watch", self._watch_loop)
 
     def begin_drain(self) -> None:
         """SIGTERM: from now on records outlive their sockets, until drain() ends, so a
@@ -2988,6 +3093,12 @@ class Metrics:
                [("", self.dropped_peers)])
         family("skyapi_etcd_up", "gauge", "1 while etcd answers, 0 during an outage.",
                [("", 0 if reg.outage_since else 1)])
+        family("skyapi_records_blocked", "gauge", "Records of open sockets that cannot be "
+               "written: their key and their collision-free key both hold others' data.",
+               [("", len(reg.blocked))])
+        family("skyapi_task_failures_total", "counter", "Unexpected exceptions in skyapi's "
+               "long-lived tasks, by task (each logged as task_failed).",
+               [(f'{{task="{t}"}}', n) for t, n in sorted(reg.tasks.failures.items())])
         family("skyapi_etcd_requests_total", "counter", "etcd requests by operation and outcome.",
                [(f'{{op="{op}",outcome="{o}"}}', n)
                 for (op, o), n in sorted(self.etcd_requests.items())])
@@ -3376,11 +3487,14 @@ class HealthHandler(_ServerHandler):
 class ReadyHandler(_ServerHandler):
     def get(self) -> None:
         registry = self.server.registry
-        if registry.outage_since is None and not registry.draining:
+        down = registry.tasks.down
+        if registry.outage_since is None and not registry.draining and not down:
             return self.write("ok\n")
         self.set_status(503)
         self.write("shutting down\n" if registry.draining else
-                   f"etcd unreachable: {registry.outage_error}\n")
+                   f"etcd unreachable: {registry.outage_error}\n" if registry.outage_since
+                   is not None else "".join(f"task {name} failed, starting again: {why}\n"
+                                            for name, why in sorted(down.items())))
 
 
 class ServicesHandler(_AdminHandler):
@@ -3450,7 +3564,7 @@ class Skyapi:
                                 idle_connection_timeout=self.cfg.request_timeout,
                                 body_timeout=self.cfg.request_timeout, max_body_size=4096)
         self._http.add_sockets(sockets)
-        self._pinging = asyncio.ensure_future(self.sockets.run())
+        self._pinging = self.registry.tasks.start("pinger", self.sockets.run)
         await self.registry.start()
         if self.cfg.self_register:
             await self._register_self()
