@@ -176,7 +176,7 @@ def b64(s: str) -> str:
 
 
 def unb64(s: str) -> str:
-    return base64.b64decode(s).decode()
+    return base64.b64decode(s).decode("utf-8", "replace")  # (others' values may be any bytes)
 
 
 class EtcdView:

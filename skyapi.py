@@ -1823,6 +1823,12 @@ def _may_write(there: str, op: Op, owner: str) -> Found:
     return Found.DONE if op.write is Write.TAKE or record[1] == owner else Found.OTHERS
 
 
+def _is_marker(value: str, op: Op) -> bool:
+    """A marker's value is the record its instance would write (else: others' data)."""
+    record = read_record(value)
+    return record is not None and record[0] == op.endpoint
+
+
 def _v2_index(doc: dict) -> int:
     """The index of a v2 answer: of the node written, or etcd's own (errors say it)."""
     return int(doc.get("node", {}).get("modifiedIndex") or doc.get("index") or 0)
@@ -2026,7 +2032,8 @@ class EtcdV2:
         code, _, doc = await self._request("holders", "GET", self.holders)
         prefix = marker_prefix(self.cfg, op.key)
         for node in doc["node"].get("nodes", []) if code < 300 else []:
-            if node["key"].startswith(prefix) and node["key"] != prefix + self.owner:
+            if node["key"].startswith(prefix) and node["key"] != prefix + self.owner and \
+                    _is_marker(node.get("value", ""), op):
                 await self._put(op.key, node["value"], {"prevValue": op.value})
                 self._kept.pop(op.key, None)
                 return True  # handed over, or no longer ours to give
@@ -2324,7 +2331,8 @@ class EtcdV3:
         reply = await self._call("holders", "kv/range",
                                  {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
         for kv in reply.get("kvs", []):
-            if _unb64(kv["key"]) == prefix + self.owner or not kv.get("lease"):
+            if _unb64(kv["key"]) == prefix + self.owner or not kv.get("lease") or \
+                    not _is_marker(_unb64(kv.get("value", "")), op):
                 continue
             try:
                 await self._call("hand_over", "kv/txn", {
@@ -2875,7 +2883,15 @@ class Registry:
         for key, value in [*((k, None) for k in self.slots if k not in found), *found.items()]:
             slot = self.slots.get(key)
             if slot is None or not slot.inflight and slot.answered_at < since:
-                self._changed(key, value)
+                self._heard(key, value)
+
+    def _heard(self, key: str, value: str | None, revision: int = 0) -> None:
+        """_changed, for what the watch or a scan read: one change that fails (a bug, or
+        data nothing foresaw) is logged and passed over, and the watch hears the next."""
+        try:
+            self._changed(key, value, revision)
+        except Exception as e:
+            self.tasks.failed("watch", e, key=key)
 
     async def _watch_loop(self) -> None:
         """Hear of every change below the root; compare everything where the watch could
@@ -2889,7 +2905,7 @@ class Registry:
                         self.watching.set()
                         continue
                     for key, value, revision in batch:
-                        self._changed(key, value, revision)
+                        self._heard(key, value, revision)
         except EtcdUnavailable as e:
             self._outage(e)
         except EtcdError as e:

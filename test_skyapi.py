@@ -465,6 +465,61 @@ def test_key_and_value_layout():
         '{"host":"10.0.0.5","port":9999,"priority":1,"weight":100,"ttl":30,"owner":"h-1"}'
 
 
+# Values other writers may leave under the root: none is a record, none is an error.
+NOT_RECORDS = [
+    '{"host":"1.2.3.4","port":1e999}', '{"host":"1.2.3.4","port":Infinity}',
+    '{"host":"1.2.3.4","port":-Infinity}', '{"host":"1.2.3.4","port":NaN}',
+    '{"host":"1.2.3.4","port":' + "9" * 5000 + "}", '{"host":"1.2.3.4","port":' + "9" * 30 + "}",
+    '{"host":"1.2.3.4","port":true}', '{"host":"1.2.3.4","port":80.0}', '{"host":"1.2.3.4","port":"80"}',
+    '{"host":"1.2.3.4","port":0}', '{"host":"1.2.3.4","port":65536}', '{"host":"1.2.3.4","port":-1}',
+    '{"host":"1.2.3.4","port":[80]}', '{"host":"1.2.3.4","port":{"n":80}}', '{"host":"1.2.3.4"}',
+    '{"host":null,"port":80}', '{"host":1234,"port":80}', '{"host":["1.2.3.4"],"port":80}',
+    '{"port":80}', '{"host":"1.2.3.4","port":80,"owner":7}', '{"host":"1.2.3.4","port":80,"owner":null}',
+    '[{"host":"1.2.3.4","port":80}]', "[]", "{}", "null", "true", "1e999", '"text"', "80", "",
+    "   ", "not json", '{"host":"1.2.3.4","port":80', "[" * 100_000 + "]" * 100_000,
+    '{"a":' * 5000 + "1" + "}" * 5000, '{"host":"1.2.3.4","port":80,"x":' + "[" * 3000 + "]" * 3000 + "}",
+    b'{"host":"1.2.3.4","port":80,"x":"\xff\xfe"}'.decode("utf-8", "replace") + "\x00",
+    bytes(range(256)).decode("utf-8", "replace"), "\ufffd" * 10, "x" * 1_000_000,
+    '{"host":"1.2.3.4","port":80,"x":"' + "a" * 1_000_000 + '"',
+]
+
+
+@pytest.mark.parametrize("value", NOT_RECORDS, ids=range(len(NOT_RECORDS)))
+def test_anything_but_a_well_formed_record_is_someone_elses_data(value):
+    assert skyapi.read_record(value) is None
+
+
+def test_a_well_formed_record_is_read_whatever_else_it_carries():
+    assert skyapi.read_record('{"host":"10.0.0.5","port":9999,"priority":1,"weight":100,'
+                              '"ttl":30,"owner":"h-1"}') == (("10.0.0.5", 9999), "h-1")
+    # The Go original's records have no owner; SkyDNS's own fields may be anything.
+    assert skyapi.read_record('{"host":"db.example","port":1,"text":[1e999]}') == \
+        (("db.example", 1), "")
+    big = '{"host":"::1","port":65535,"x":"' + "\xff" * 1_000_000 + '"}'
+    assert skyapi.read_record(big) == (("::1", 65535), "")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63) | st.text()
+    | st.floats(allow_nan=True, allow_infinity=True),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                 max_size=3), max_leaves=8)
+RECORD_LIKE = st.fixed_dictionaries(
+    {"host": JSON_VALUES | st.text(max_size=20), "port": JSON_VALUES | st.integers(-5, 70_000)},
+    optional={"owner": JSON_VALUES | st.text(max_size=8), "ttl": JSON_VALUES, "x": JSON_VALUES})
+
+
+@hypothesis.settings(max_examples=500, deadline=None, database=None, derandomize=True)
+@hypothesis.given(doc=JSON_VALUES | RECORD_LIKE, tail=st.sampled_from(["", " ", "x", "]", "\xff"]))
+def test_any_json_is_a_record_exactly_when_it_is_well_formed_and_never_an_error(doc, tail):
+    text = json.dumps(doc) + tail  # (Infinity and NaN as Python writes them: JSON's extension)
+    well_formed = (isinstance(doc, dict) and isinstance(doc.get("host"), str)
+                   and type(doc.get("port")) is int and 0 < doc["port"] < 65536
+                   and isinstance(doc.get("owner", ""), str))
+    expected = ((doc["host"], doc["port"]), doc.get("owner", "")) if well_formed else None
+    assert skyapi.read_record(text) == (expected if tail.strip() == "" else None)
+
+
 def parse(query: str, peer="192.0.2.7", **cfg_values):
     cfg = skyapi.make_config(cfg_values)
     q = urllib.parse.parse_qs(query, keep_blank_values=True)
@@ -3767,3 +3822,227 @@ async def test_the_watch_starts_over_from_a_full_compare_when_etcd_cannot_resume
         assert backend.changes  # (the watch resumed from its index, and found it cleared)
         conn.close()
         await wait_until(lambda: view.has(cfg, key), 2, until=lambda present: not present)
+
+
+# --- other writers' data under the root, and tasks that survive the unexpected ---------
+
+
+@async_test
+async def test_a_task_that_fails_is_logged_once_and_started_again_after_a_growing_pause(caplog):
+    """The supervisor itself, on plain coroutines: a task that keeps failing in the same
+    place is logged once with its traceback (then at debug level), counted, said to be down
+    while it waits, started again at a pause that doubles (it never spins), and left alone
+    once it runs."""
+    caplog.set_level(logging.DEBUG, logger="skyapi")
+    supervisor = skyapi.Supervisor()
+    starts = []
+    running_again = asyncio.Event()
+
+    async def job():
+        starts.append(time.monotonic())
+        if len(starts) <= 4:
+            {}["missing"]  # the same bug each time, at the same place
+        running_again.set()
+        await asyncio.sleep(3600)
+
+    task = supervisor.start("watch", job)
+    await wait_until(lambda: "watch" in supervisor.down, 1)
+    assert supervisor.down["watch"] == "KeyError('missing')"
+    await asyncio.wait_for(running_again.wait(), 5)
+    assert supervisor.down == {} and supervisor.failures == {"watch": 4}
+    pauses = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(e <= p < e + 0.3 for p, e in zip(pauses, [0.1, 0.2, 0.4, 0.8])), pauses
+    failed = [r for r in caplog.records if "event=task_failed" in r.getMessage()]
+    assert [r.levelno for r in failed] == [logging.ERROR] + [logging.DEBUG] * 3
+    assert failed[0].exc_info and "task=watch" in failed[0].getMessage()
+    assert not any(r.exc_info for r in failed[1:])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert supervisor.down == {}
+
+
+# Values other writers may leave under the root, as bytes: the worst seen, and worse.
+POISONS = [b'{"host":"1.2.3.4","port":1e999}', b'{"host":"1.2.3.4","port":Infinity}',
+           b'{"host":"1.2.3.4","port":-Infinity}', b'{"host":"1.2.3.4","port":NaN}',
+           b'{"host":"1.2.3.4","port":' + b"9" * 5000 + b"}", b'{"host":"1.2.3.4","port":true}',
+           b'[{"host":"1.2.3.4","port":80}]', b'{"a":' * 3000 + b"1" + b"}" * 3000,
+           b'\xff\xfe{"host":"1.2.3.4"', b'{"host":"1.2.3.4","port":80,"x":"\xc3"}', b"",
+           b"x" * 1_000_000]
+
+
+async def put_bytes(view: EtcdView, key: str, value: bytes) -> int:
+    """Put any bytes at key, as etcdctl or curl would: etcd's status (v2: 4xx where the key
+    is a directory, or below a value)."""
+    if view.version == 2:  # (a form: etcd v2 reads no value from a body of another type)
+        r = await view.http.fetch(view.url + "/v2/keys" + urllib.parse.quote(key), method="PUT",
+                                  body=urllib.parse.urlencode({"value": value}), raise_error=False,
+                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+        code = r.code
+    else:
+        code, _ = await view._fetch("/v3/kv/put", "POST", json.dumps(
+            {"key": b64(key), "value": base64.b64encode(value).decode()}))
+    return code
+
+
+async def delete_tree(view: EtcdView, key: str) -> None:
+    """Delete key, or (v2) the directory at key and all below it, or (v3) every key that
+    starts with key + '/' too."""
+    if view.version == 2:
+        await view._fetch("/v2/keys" + urllib.parse.quote(key) + "?recursive=true", "DELETE")
+    else:
+        await view.delete(key)
+        end = key + "0"  # ('0' follows '/')
+        await view._fetch("/v3/kv/deleterange", "POST", json.dumps(
+            {"key": b64(key + "/"), "range_end": b64(end)}))
+
+
+def task_failures(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "event=task_failed" in r.getMessage()]
+
+
+async def back_within_a_second(view: EtcdView, key: str) -> None:
+    """Delete a live record by hand: it must be back within a second."""
+    await view.delete(key)
+    deleted_at = time.monotonic()
+    await wait_until(lambda: view.lacks(key), 2, interval=0.01, until=lambda lacks: not lacks)
+    assert time.monotonic() - deleted_at <= 1.0
+
+
+@async_test
+async def test_poison_values_anywhere_under_the_root_stop_nothing(etcd, version, caplog):
+    """Others' values that raised in the parse (1e999 killed the watch: a record deleted
+    afterwards came back only by keep-alive on v2, never on v3), any JSON, deep nesting,
+    undecodable bytes, 1 MB, and (v2) directories nested deeper than Python's JSON reader
+    goes: the watch hears every change, a starting instance scans them, nothing fails."""
+    caplog.set_level(logging.DEBUG, logger="skyapi")
+    cfg = config([etcd.url], version, timeout=15)  # keep-alive would take 5 s: not it
+    view = EtcdView(etcd.url, version)
+    root = prefix_of(cfg)
+    key_a, key_b = record_of(cfg, "live", 1), record_of(cfg, "live", 2)
+    here = key_a.rsplit("/", 1)[0]
+    try:
+        async with running(cfg) as a:
+            on_a = await connect(a, "service=live&port=1")
+            for i, value in enumerate(POISONS):
+                assert await put_bytes(view, f"{root}other/bar/x{i}", value) < 300
+                assert await put_bytes(view, f"{here}/x{i}", value) < 300
+            if version == 2:
+                assert await put_bytes(view, root + "deep/" + "d/" * 600 + "leaf", b"1") < 300
+            await back_within_a_second(view, key_a)
+            async with running(cfg) as b:  # its watch begins with a scan of all of it
+                on_b = await connect(b, "service=live&port=2")
+                await back_within_a_second(view, key_b)
+                await back_within_a_second(view, key_a)
+                for server in (a, b):
+                    assert await get(server.port, "/readyz") == (200, "ok\n")
+                on_b.close()
+                await wait_until(lambda: view.lacks(key_b), 2)
+            on_a.close()
+            await wait_until(lambda: view.lacks(key_a), 2)
+            left = await view.records(here + "/")  # others' data, all of it, untouched
+            assert set(left) == {f"{here}/x{i}" for i in range(len(POISONS))}
+            assert left[f"{here}/x0"] == '{"host":"1.2.3.4","port":1e999}'
+            assert len(await view.records(root + "other/")) == len(POISONS)
+            assert task_failures(caplog) == []
+            assert not [s for s in await scrape(a.port) if s[0] == "skyapi_task_failures_total"]
+    finally:
+        await delete_tree(view, root[:-1])
+
+
+@async_test
+async def test_poison_at_the_go_id_key_leaves_workers_handshakes_and_closes_working(
+        etcd, version, caplog):
+    """Such a value at a registration's Go-id key killed every worker, one after the other:
+    handshakes then waited etcd_timeout, a closed socket's record stayed for ever. Now it is
+    another's data like any: the socket takes its collision-free key, again and again (more
+    often than there are workers), each close deletes at once, the value stays untouched."""
+    caplog.set_level(logging.DEBUG, logger="skyapi")
+    cfg = config([etcd.url], version, etcd_concurrency=2)
+    view = EtcdView(etcd.url, version)
+    reg = skyapi.Registration("hit", ("services",), "127.0.0.1", 1)
+    go_key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+    free_key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root, collision_free=True)
+    try:
+        async with running(cfg) as server:
+            for value in POISONS[:6]:
+                assert await put_bytes(view, go_key, value) < 300
+                there = (await view.records(prefix_of(cfg)))[go_key]
+                for _ in range(3):
+                    opened_at = time.monotonic()
+                    conn = await connect(server, "service=hit&port=1")
+                    assert time.monotonic() - opened_at < cfg.etcd_timeout / 2
+                    assert await view.records(prefix_of(cfg)) == {
+                        go_key: there, free_key: skyapi.record_value(reg, cfg.dns_ttl, server.owner)}
+                    assert await closed_by_client(conn) < 1  # answered once deleted
+                    assert await view.records(prefix_of(cfg)) == {go_key: there}
+            other = await connect(server, "service=other&port=2")
+            assert await view.has(cfg, record_of(cfg, "other", 2))
+            other.close()
+            await wait_until(lambda: view.keys_are(cfg, {go_key}), 2)
+            assert task_failures(caplog) == []
+            assert await get(server.port, "/readyz") == (200, "ok\n")
+    finally:
+        await delete_tree(view, prefix_of(cfg)[:-1])
+
+
+@async_test
+async def test_a_bug_on_one_record_sets_it_aside_and_everything_else_goes_on(
+        etcd, version, caplog, monkeypatch):
+    """What no input makes skyapi do any more, a bug put back by hand: read_record raises on
+    a value that says so, as it raised OverflowError on 1e999. The watch logs it once, with
+    its traceback, and hears the next change; the handshake whose record meets it is told at
+    once (1011) and its slot is set aside, not retried in a loop; every other socket, and
+    the watch, go on. A task that fails (keep-alive, broken the same way) makes /readyz
+    say so until it runs again."""
+    caplog.set_level(logging.DEBUG, logger="skyapi")
+    read_record = skyapi.read_record
+
+    def buggy(value: str):
+        if '"bug"' in value:
+            raise OverflowError("cannot convert float infinity to integer")
+        return read_record(value)
+    monkeypatch.setattr(skyapi, "read_record", buggy)
+    cfg = config([etcd.url], version, timeout=15)
+    view = EtcdView(etcd.url, version)
+    hit = record_of(cfg, "hit", 1)
+    async with running(cfg) as server:
+        live = await connect(server, "service=live&port=1")
+        assert await put_bytes(view, prefix_of(cfg) + "other/x", b'{"bug":1}') < 300  # (watch)
+        assert await put_bytes(view, hit, b'{"bug":1}') < 300
+        await wait_until(lambda: len(task_failures(caplog)) >= 2, 2)
+        for _ in range(3):
+            asked_at = time.monotonic()
+            message, code = await refusal(server, "service=hit&port=1")
+            assert time.monotonic() - asked_at < cfg.etcd_timeout / 2  # told, not left to wait
+            assert (message, code) == ("ERROR: etcd refused the record: skyapi failed on it "
+                                       "(an internal error, logged)", 1011)
+        await back_within_a_second(view, record_of(cfg, "live", 1))  # the watch goes on
+        other = await connect(server, "service=other&port=2")  # and the workers
+        assert await view.has(cfg, record_of(cfg, "other", 2))
+        assert await get(server.port, "/readyz") == (200, "ok\n")
+        failed = [r for r in caplog.records if "event=task_failed" in r.getMessage()]
+        told = [r for r in failed if r.levelno == logging.ERROR]
+        assert {re.search(r"task=(\S+)", r.getMessage())[1] for r in told} == {"watch", "worker"}
+        assert len(told) == 2 and all(r.exc_info for r in told)  # once each, with a traceback
+        assert len(failed) <= 2 + 2 * 3  # (a watch echo, then each handshake: no loop)
+        metrics = await scrape(server.port)
+        assert sample(metrics, "skyapi_task_failures_total", task="worker") >= 3
+        await view.delete(hit)
+        conn = await connect(server, "service=hit&port=1")  # nothing in its way: registered
+        assert await view.has(cfg, hit)
+
+        broken = asyncio.Event()
+
+        async def keep_alive(full):
+            broken.set()
+            raise RuntimeError("a bug in keep-alive")
+        monkeypatch.setattr(server.registry.backend, "keep_alive", keep_alive)
+        await asyncio.wait_for(broken.wait(), 2)
+        code, body = await get(server.port, "/readyz")
+        assert code == 503 and "task keep_alive failed, starting again: RuntimeError" in body
+        monkeypatch.undo()
+        await wait_until(lambda: get(server.port, "/readyz"), 3, until=lambda r: r[0] == 200)
+        for c in (live, other, conn):
+            c.close()
+        await wait_until(lambda: view.keys_are(cfg, {prefix_of(cfg) + "other/x"}), 2)
