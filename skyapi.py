@@ -2570,7 +2570,8 @@ class Registry:
         self._dirty: dict[Slot, None] = {}  # an ordered set of slots to reconcile
         self._prunes: list[Op] = []  # directories to prune, of slots already gone
         self._refused: set[Slot] = set()  # to try again at their retry_at
-        self.blocked: set[Slot] = set()  # held, but both their keys hold others' data
+        self.blocked: set[str] = set()  # Go ids of records held, but both their keys hold
+        #                                 others' data
         self.tasks = Supervisor()
         self._work = asyncio.Event()
         self._healthy = asyncio.Event()
@@ -2598,6 +2599,7 @@ class Registry:
         if not slot.holders:  # its last socket went: the delete is tried at once
             slot.retry_at = 0.0
             self._refused.discard(slot)
+            self._unblocked(holding.reg)
         if self.draining:  # closed for the hand-over: the record waits for the next instance
             self._keep.add(slot)
         settled = asyncio.get_running_loop().create_future()
@@ -2684,7 +2686,6 @@ class Registry:
             return
         del self.slots[slot.key]
         self._refused.discard(slot)
-        self.blocked.discard(slot)
         self.per_dir[slot.directory] -= 1
         if not self.per_dir[slot.directory]:  # the last of ours in its directory: prune it,
             del self.per_dir[slot.directory]  # however its record went (deleted, expired...)
@@ -2767,43 +2768,60 @@ class Registry:
             slot.state, slot.written = State.STORED, op.value
             slot.shared = slot.shared or outcome.took_over
             slot.resolve(None)
-            self.blocked.discard(slot)
+            if slot.holders:
+                self._unblocked(slot.holders[0].reg)
         elif found is Found.GONE:
             slot.state = State.LOST
         elif found is Found.OTHERS:
             slot.state = State.OTHERS
             slot.resolve(None)  # in DNS, by another instance
-            self.blocked.discard(slot)
+            if slot.holders:
+                self._unblocked(slot.holders[0].reg)
         else:
             self._collided(slot)
 
     def _collided(self, slot: Slot) -> None:
         """Another endpoint's record sits on the slot's key: its holders move to their
-        collision-free key, and neither endpoint evicts the other."""
+        collision-free key, and neither endpoint evicts the other. Others' data there too:
+        back to the Go id, both tried again a period later (said once, and counted, until
+        the record is written or its sockets go)."""
         holders, slot.holders = slot.holders, []
         slot.state = State.ABSENT  # not ours (if it was, another endpoint wrote over it)
         if not holders:
             return
+        reg = holders[0].reg  # (one key: one identity)
+        go_key = record_key(reg, self.cfg.etcd_prefix, self.cfg.dns_root)
+        blocked = slot.key != go_key
+        if blocked and go_key not in self.blocked:
+            self.blocked.add(go_key)
+            log_event(logging.WARNING, "record_blocked", key=go_key, collision_free_key=slot.key,
+                      host=slot.endpoint[0], port=slot.endpoint[1],
+                      why="both keys hold other writers' data; trying again every "
+                          f"{self.cfg.timeout / 3:g} s")
+        moved = self._slot(reg, slot.endpoint, collision_free=not blocked)
+        if moved is slot:  # its Go id is another endpoint's of ours: this key or none
+            slot.holders = holders
+            self._refuse(slot, Op(Write.TAKE, slot.key, slot.value),
+                         f"{slot.key} holds another endpoint's record")
+            return
         for holding in holders:
-            moved = self._slot(holding.reg, slot.endpoint, collision_free=True)
-            if moved is slot:  # even the collision-free key is taken: try again later
-                slot.holders = holders
-                if slot not in self.blocked:  # said once, not at every try
-                    self.blocked.add(slot)
-                    go_key = record_key(holding.reg, self.cfg.etcd_prefix, self.cfg.dns_root)
-                    log_event(logging.WARNING, "record_blocked", key=go_key, collision_free_key=slot.key,
-                              host=slot.endpoint[0], port=slot.endpoint[1],
-                              why="both keys hold other writers' data; trying again every "
-                                  f"{self.cfg.timeout / 3:g} s")
-                self._refuse(slot, Op(Write.TAKE, slot.key, slot.value),
-                             f"{slot.key} holds another endpoint's record")
-                return
             holding.slot = moved
-            moved.holders.append(holding)
-            moved.waiters += slot.waiters
+        moved.holders += holders
+        if blocked:
+            slot.resolve(f"{go_key} and {slot.key} hold other writers' data")
+            moved.retry_at = time.monotonic() + self.cfg.timeout / 3
+            self._refused.add(moved)
+        else:
+            moved.waiters += slot.waiters  # (they wait for the record where it goes)
             slot.waiters.clear()
-            self._mark(moved)
-        log_event(logging.INFO, "id_collision", key=slot.key, moved_to=moved.key)
+            if go_key not in self.blocked:
+                log_event(logging.INFO, "id_collision", key=slot.key, moved_to=moved.key)
+        self._mark(moved)
+
+    def _unblocked(self, reg: Registration) -> None:
+        """reg's record is written, or no longer wanted: a blocking is over."""
+        if self.blocked:  # (rare: the key is not worked out for every record)
+            self.blocked.discard(record_key(reg, self.cfg.etcd_prefix, self.cfg.dns_root))
 
     def _unanswered(self, slot: Slot, op: Op) -> None:
         """etcd did not answer: the op may or may not have been done."""

@@ -4046,3 +4046,86 @@ async def test_a_bug_on_one_record_sets_it_aside_and_everything_else_goes_on(
         for c in (live, other, conn):
             c.close()
         await wait_until(lambda: view.keys_are(cfg, {prefix_of(cfg) + "other/x"}), 2)
+
+
+@async_test
+async def test_a_socket_whose_two_keys_hold_others_data_says_so_once_and_is_counted(
+        etcd, version, caplog):
+    """Its Go-id key and its collision-free key both taken by others' data: the socket stays
+    open without a record and tries again every timeout/3. That is said once, naming both
+    keys, and counted in /metrics until the way is clear; then the record is written."""
+    caplog.set_level(logging.DEBUG, logger="skyapi")
+    cfg = config([etcd.url], version)  # timeout 3: a try every second
+    view = EtcdView(etcd.url, version)
+    reg = skyapi.Registration("hit", ("services",), "127.0.0.1", 1)
+    go_key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+    free_key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root, collision_free=True)
+    ours = skyapi.record_value(reg, cfg.dns_ttl, "")[:-3]  # (up to the owner's name)
+
+    def blocked_lines():
+        return [r for r in caplog.records if "event=record_blocked" in r.getMessage()]
+    async with running(cfg) as server:
+        conn = await connect(server, "service=hit&port=1")
+        assert await put_bytes(view, free_key, b'{"host":"192.0.2.1","port":9}') < 300
+        assert await put_bytes(view, go_key, b"a script's note") < 300  # over ours
+        await wait_until(blocked_lines, 2)
+        assert sample(await scrape(server.port), "skyapi_records_blocked") == 1
+        async def writes():
+            return sum(v for (name, labels), v in (await scrape(server.port)).items()
+                       if name == "skyapi_etcd_requests_total"
+                       and {("op", "put"), ("op", "txn")} & labels)
+        tried = await writes()
+        await wait_until(writes, 5, until=lambda n: n >= tried + 4)  # both keys, twice more
+        (line,) = blocked_lines()  # ... and still one line
+        assert line.levelno == logging.WARNING
+        assert f"key={go_key} " in line.getMessage()
+        assert f"collision_free_key={free_key} " in line.getMessage()
+        assert await view.records(prefix_of(cfg)) == {
+            go_key: "a script's note", free_key: '{"host":"192.0.2.1","port":9}'}
+        await view.delete(go_key)  # the way is clear: at its Go id, within a period
+        await wait_until(lambda: view.records(prefix_of(cfg)), 2,
+                         until=lambda r: r.get(go_key, "").startswith(ours))
+        assert sample(await scrape(server.port), "skyapi_records_blocked") == 0
+        conn.close()
+        await wait_until(lambda: view.keys_are(cfg, {free_key}), 2)
+        assert task_failures(caplog) == []
+
+
+@async_test
+async def test_a_record_without_an_owner_at_our_key_and_endpoint_is_taken_over(etcd, version):
+    """The Go original's records carry no owner. One at the very key and for the very
+    endpoint a client registers is taken over (as from another instance: the newest socket
+    is the truth) and so deleted when the client goes: the Go original, migrated from, left
+    it. Written back while the client is held (the Go original still holds the same client),
+    it is theirs again and left alone. Without an owner for another endpoint, or at another
+    key, it is never touched."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    reg = skyapi.Registration("go", ("services",), "127.0.0.1", 1)
+    go_key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+    free_key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root, collision_free=True)
+    go_value = '{"host":"127.0.0.1","port":1,"priority":1,"weight":100,"ttl":30}'
+    elsewhere = prefix_of(cfg) + "services/go/by-hand"
+    async with running(cfg) as server:
+        ours = skyapi.record_value(reg, cfg.dns_ttl, server.owner)
+        assert await put_bytes(view, elsewhere, go_value.encode()) < 300
+        assert await put_bytes(view, go_key, go_value.encode()) < 300
+        conn = await connect(server, "service=go&port=1")
+        assert await view.records(prefix_of(cfg)) == {go_key: ours, elsewhere: go_value}
+        await closed_by_client(conn)
+        assert await view.records(prefix_of(cfg)) == {elsewhere: go_value}
+
+        conn = await connect(server, "service=go&port=1")
+        assert await put_bytes(view, go_key, go_value.encode()) < 300  # written back over ours
+        await wait_until(lambda: server.registry.slots[go_key].state is skyapi.State.OTHERS, 2)
+        await closed_by_client(conn)
+        assert await view.records(prefix_of(cfg)) == {go_key: go_value, elsewhere: go_value}
+
+        theirs = '{"host":"192.0.2.1","port":1,"priority":1,"weight":100,"ttl":30}'
+        assert await put_bytes(view, go_key, theirs.encode()) < 300
+        conn = await connect(server, "service=go&port=1")
+        assert await view.records(prefix_of(cfg)) == {go_key: theirs, free_key: ours,
+                                                      elsewhere: go_value}
+        await closed_by_client(conn)
+        assert await view.records(prefix_of(cfg)) == {go_key: theirs, elsewhere: go_value}
+    await delete_tree(view, prefix_of(cfg)[:-1])
