@@ -4129,3 +4129,151 @@ async def test_a_record_without_an_owner_at_our_key_and_endpoint_is_taken_over(e
         await closed_by_client(conn)
         assert await view.records(prefix_of(cfg)) == {go_key: theirs, elsewhere: go_value}
     await delete_tree(view, prefix_of(cfg)[:-1])
+
+
+# Property: others' data, whatever it is, never stops skyapi and is never touched by it
+
+OTHERS_VALUES = st.one_of(
+    st.builds(lambda h, p, owner: json.dumps(  # another endpoint's record, another writer's
+        {"host": f"192.0.2.{h}", "port": p, "priority": 1, "weight": 100, "ttl": 30,
+         **({"owner": owner} if owner else {})}).encode(),
+        st.integers(1, 254), st.integers(1, 65535), st.sampled_from(["", "elsewhere-1-0"])),
+    JSON_VALUES.map(lambda doc: json.dumps(doc).encode()),  # any JSON, Infinity and NaN too
+    st.binary(max_size=12),  # any bytes
+    st.sampled_from(POISONS[:-1]))
+PROPERTY_PORTS = (1, 2, 3)  # the sockets' own: service prop, host 127.0.0.1
+OTHERS_KEYS = ["services/prop/x", "services/prop/sub/y", "services/prop/sub", "services/else/z",
+               "other/a", "other/b/c", "other/b"]  # (v2: some are directories of others)
+TREES = ["services/prop", "services", "other", "other/b", "services/prop/sub"]
+ANY_KEY = st.one_of(st.integers(0, len(OTHERS_KEYS) + 2 * len(PROPERTY_PORTS) - 1),
+                    st.integers(len(OTHERS_KEYS), len(OTHERS_KEYS) + 2 * len(PROPERTY_PORTS) - 1))
+OTHERS_ACTIONS = {  # an action: what it takes, each as often as it is listed
+    "open": [st.sampled_from(PROPERTY_PORTS)], "close": [st.sampled_from(PROPERTY_PORTS)],
+    "put": [ANY_KEY, OTHERS_VALUES], "delete": [ANY_KEY],
+    "delete_ours": [st.sampled_from(PROPERTY_PORTS)], "delete_tree": [st.sampled_from(TREES)]}
+OFTEN = ["open", "open", "close", "put", "put", "put", "delete", "delete", "delete_tree",
+         "delete_ours"]
+
+
+@st.composite
+def others_steps(draw) -> list[tuple]:
+    """Sockets opening and closing, others putting and deleting, in any order."""
+    actions = draw(st.lists(st.sampled_from(OFTEN), min_size=1, max_size=20))
+    return [(action, *(draw(arg) for arg in OTHERS_ACTIONS[action])) for action in actions]
+
+
+@pytest.mark.slow
+def test_others_data_anywhere_never_stops_skyapi_and_is_never_touched(etcd, version, caplog):
+    """Against a live server and a real etcd: while sockets open and close, others write
+    anything at any key under the root (at the sockets' own keys too: records of other
+    endpoints, of other writers, any JSON, any bytes, directories) and delete keys and
+    whole trees (ours among them: a record of ours deleted is back within a second). After
+    each sequence etcd holds exactly the open sockets' records (at their Go id or their
+    collision-free key, unless others' data holds both) and others' data, untouched; every
+    task of skyapi runs (no task_failed, /readyz 200); once the sockets close, only
+    others' data is left."""
+    caplog.set_level(logging.DEBUG, logger="skyapi")
+    loop = asyncio.new_event_loop()
+    cfg = config([etcd.url], version)  # timeout 3: keep-alive finds a gone record in a second
+    server = skyapi.Skyapi(cfg)
+    loop.run_until_complete(server.start())
+    view = EtcdView(etcd.url, version)
+    root = prefix_of(cfg)
+    regs = {p: skyapi.Registration("prop", ("services",), "127.0.0.1", p) for p in PROPERTY_PORTS}
+    own_keys = {p: (skyapi.record_key(r, cfg.etcd_prefix, cfg.dns_root),
+                    skyapi.record_key(r, cfg.etcd_prefix, cfg.dns_root, collision_free=True))
+                for p, r in regs.items()}
+    keys = [root + k for k in OTHERS_KEYS] + [k for p in PROPERTY_PORTS for k in own_keys[p]]
+    seen = collections.Counter()
+
+    def as_expected(records: dict, others: dict, opened: dict) -> bool:
+        for key, value in others.items():  # others' data untouched (undecodable: there)
+            if key not in records or _utf8(value) not in (None, records[key]):
+                return False
+        held = {}
+        for key, value in records.items():
+            if key in others:
+                continue
+            record = skyapi.read_record(value)  # anything else is ours, for an open socket
+            if record is None or record[1] != server.owner or record[0][1] not in opened \
+                    or key not in own_keys[record[0][1]] or record[0][1] in held:
+                return False
+            held[record[0][1]] = key
+        return all(p in held or set(own_keys[p]) <= set(others) for p in opened)
+
+    async def run(steps) -> None:
+        opened: dict = {}  # port -> its socket
+        others: dict[str, bytes] = {}  # what others wrote that etcd still holds
+        await delete_tree(view, root[:-1])  # (what a failed example left)
+        await wait_until(lambda: view.empty(cfg), 2)
+        await wait_until(lambda: not server.registry.slots, 2)
+        try:
+            for step in steps:
+                action = step[0]
+                if action == "open" and step[1] not in opened:
+                    conn = await connect(server, f"service=prop&port={step[1]}")
+                    here = conn.protocol.stream.socket.getsockname()[1]
+                    if any(h.request.connection.context.address[1] == here for h in server.sockets):
+                        opened[step[1]] = conn
+                    else:  # refused (1011): others' data holds both its keys
+                        assert set(own_keys[step[1]]) <= set(others)
+                        conn.close()
+                        seen["refused"] += 1
+                elif action == "close" and step[1] in opened:
+                    opened.pop(step[1]).close()
+                elif action == "put":
+                    if await put_bytes(view, keys[step[1]], step[2]) < 300:
+                        others[keys[step[1]]] = step[2]
+                        seen["put"] += 1
+                elif action in ("delete", "delete_ours"):
+                    if action == "delete":
+                        key = keys[step[1]]
+                    else:  # where the socket's record is, if it is open and has one
+                        records = await view.records(root)
+                        key = next((k for k in own_keys[step[1]] if k in records), keys[0])
+                    ours = key not in others and key in await view.records(
+                        key.rsplit("/", 1)[0] + "/") and any(key in own_keys[p] for p in opened)
+                    await view.delete(key)
+                    others.pop(key, None)
+                    if ours:  # back within a second
+                        seen["ours deleted"] += 1
+                        deleted_at = time.monotonic()
+                        await wait_until(lambda: view.lacks(key), 2, interval=0.01,
+                                         until=lambda lacks: not lacks)
+                        assert time.monotonic() - deleted_at <= 1.0
+                elif action == "delete_tree":
+                    await delete_tree(view, root + step[1])
+                    for key in [k for k in others if (k + "/").startswith(root + step[1] + "/")]:
+                        del others[key]
+                seen[action] += 1
+            await wait_until(lambda: view.records(root), 4,
+                             until=lambda records: as_expected(records, others, opened))
+            seen["at our keys"] += any(set(own_keys[p]) & set(others) for p in opened)
+            assert await get(server.port, "/readyz") == (200, "ok\n")
+            assert task_failures(caplog) == []
+        finally:
+            for conn in opened.values():
+                conn.close()
+        await wait_until(lambda: view.records(root), 2,
+                         until=lambda records: as_expected(records, others, {}))
+
+    try:
+        @hypothesis.settings(max_examples=100, deadline=None, database=None, derandomize=True,
+                             suppress_health_check=[hypothesis.HealthCheck.too_slow,
+                                                    hypothesis.HealthCheck.data_too_large])
+        @hypothesis.given(steps=others_steps())
+        def check(steps):
+            loop.run_until_complete(asyncio.wait_for(run(steps), 60))
+        check()
+        assert all(seen[a] >= 10 for a in ("open", "put", "delete", "delete_tree")), seen
+        assert seen["ours deleted"] >= 10 and seen["at our keys"] >= 10, seen
+    finally:
+        loop.run_until_complete(server.stop())
+        loop.close()
+
+
+def _utf8(value: bytes) -> str | None:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None
