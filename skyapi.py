@@ -2825,6 +2825,7 @@ class Registry:
                         self._mark(slot)
 
     async def _apply(self, batch: list[tuple[Slot | None, Op]]) -> None:
+        """A batch of ops, and what came of each for its slot."""
         try:
             outcomes = await self.backend.apply([op for _, op in batch])
             for (slot, op), outcome in zip(batch, outcomes):
