@@ -3132,15 +3132,13 @@ class Registry:
         for holding in holders:
             holding.slot = moved
         moved.holders += holders
+        moved.waiters += slot.waiters  # (they wait for the record where it goes)
+        slot.waiters.clear()
+        moved.refusal = slot.refusal  # (a blocking goes on: its sockets hear nothing new)
         if blocked:
-            slot.resolve(f"{go_key} and {slot.key} hold other writers' data")
-            moved.retry_at = time.monotonic() + self.cfg.timeout / 3
-            self._refused.add(moved)
-        else:
-            moved.waiters += slot.waiters  # (they wait for the record where it goes)
-            slot.waiters.clear()
-            if go_key not in self.blocked:
-                log_event(logging.INFO, "id_collision", key=slot.key, moved_to=moved.key)
+            self._retry_later(moved, "its key and its collision-free key hold others' data")
+        elif go_key not in self.blocked:
+            log_event(logging.INFO, "id_collision", key=slot.key, moved_to=moved.key)
         self._mark(moved)
 
     def _unblocked(self, reg: Registration) -> None:
@@ -3160,9 +3158,14 @@ class Registry:
 
     def _set_aside(self, slot: Slot, op: Op) -> None:
         """An op raised what nothing expects: what it did is unknown (as when etcd does not
-        answer). Tell waiting handshakes, and try again a period later, not at once."""
+        answer). Tried again a period later, not at once."""
         self._unanswered(slot, op)
-        slot.resolve("skyapi failed on it (an internal error, logged)")
+        self._retry_later(slot, "skyapi failed on it (an internal error, logged)")
+
+    def _retry_later(self, slot: Slot, why: str) -> None:
+        """Tell waiting handshakes why the record is not in etcd; try again a period later."""
+        slot.resolve(why)
+        slot.refusal = why
         slot.retry_at = time.monotonic() + self.cfg.timeout / 3
         self._refused.add(slot)
 
@@ -3172,11 +3175,10 @@ class Registry:
             slot.state = State.ABSENT  # (a DELETE: its TTL or lease takes it)
         elif op.write is Write.UNMARK and not slot.holders:
             slot.marker = ""  # its TTL or lease takes it
-        slot.resolve(error)
         if slot.holders:
-            slot.refusal = error
-            slot.retry_at = time.monotonic() + self.cfg.timeout / 3
-            self._refused.add(slot)
+            self._retry_later(slot, error)
+        else:
+            slot.resolve(error)
 
     # -- what etcd says ------------------------------------------------------------
 

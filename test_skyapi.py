@@ -5341,10 +5341,18 @@ async def test_a_socket_whose_two_keys_hold_others_data_says_so_once_and_is_coun
     def blocked_lines():
         return [r for r in caplog.records if "event=record_blocked" in r.getMessage()]
     async with running(cfg) as server:
-        conn = await connect(server, "service=hit&port=1")
+        conn = await websocket.websocket_connect(  # (one that hears its record's status)
+            f"ws://127.0.0.1:{server.port}/provide?service=hit&port=1",
+            subprotocols=[skyapi.STATUS_PROTOCOL])
+        assert await until_stored(conn) == ["STATUS: stored"]
         assert await put_bytes(view, free_key, b'{"host":"192.0.2.1","port":9}') < 300
         assert await put_bytes(view, go_key, b"a script's note") < 300  # over ours
         await wait_until(blocked_lines, 2)
+        heard = [await asyncio.wait_for(conn.read_message(), 5)]
+        while not heard[-1].startswith("STATUS: unstored: refused"):  # (lost, pending...)
+            heard.append(await asyncio.wait_for(conn.read_message(), 5))
+        assert heard[-1] == ("STATUS: unstored: refused: its key and its collision-free key "
+                             "hold others' data")
         assert sample(await scrape(server.port), "skyapi_records_blocked") == 1
         async def writes():
             return sum(v for (name, labels), v in (await scrape(server.port)).items()
@@ -5361,6 +5369,7 @@ async def test_a_socket_whose_two_keys_hold_others_data_says_so_once_and_is_coun
         await view.delete(go_key)  # the way is clear: at its Go id, within a period
         await wait_until(lambda: view.records(prefix_of(cfg)), 2,
                          until=lambda r: r.get(go_key, "").startswith(ours))
+        assert await until_stored(conn, 1) == ["STATUS: stored"]  # (nothing more meanwhile)
         assert sample(await scrape(server.port), "skyapi_records_blocked") == 0
         conn.close()
         await wait_until(lambda: view.keys_are(cfg, {free_key}), 2)
