@@ -257,8 +257,8 @@ import time
 import traceback
 import urllib.parse
 from collections import deque
-from typing import (Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, NamedTuple,
-                    NoReturn, Protocol, Sequence, cast)
+from typing import (Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator,
+                    Mapping, NamedTuple, NoReturn, Protocol, Sequence, cast)
 
 import yaml
 from tornado import httputil, iostream, netutil, web, websocket
