@@ -2761,23 +2761,26 @@ async def test_at_the_open_file_limit_skyapi_refuses_backs_off_and_logs_once(etc
         assert start["open_file_limit"] == "600" and 350 < capacity < 500
 
         # 800 clients at once: as many as fit are held, the rest refused for now (1013).
-        async def client(i: int):
-            conn = await websocket.websocket_connect(HTTPRequest(
-                f"ws://127.0.0.1:{sky.port}/provide?service=fd&port={i + 1}",
-                connect_timeout=30, request_timeout=30))
-            try:
-                message = await asyncio.wait_for(conn.read_message(), 3)
-            except asyncio.TimeoutError:
-                return conn  # held: nothing to say
-            assert message.startswith("ERROR: max_connections: ")
-            assert await conn.read_message() is None and conn.close_code == 1013
-            return None
-        clients = await asyncio.gather(*(client(i) for i in range(800)))
-        held = [c for c in clients if c is not None]
-        assert len(held) == capacity
+        refused: set[int] = set()
+
+        async def refusal_of(i: int, conn) -> None:
+            message = await conn.read_message()  # a held socket hears nothing until closed
+            if message is not None:
+                assert message.startswith("ERROR: max_connections: ")
+                assert await conn.read_message() is None and conn.close_code == 1013
+                refused.add(i)
+        conns = await asyncio.gather(*(websocket.websocket_connect(HTTPRequest(
+            f"ws://127.0.0.1:{sky.port}/provide?service=fd&port={i + 1}",
+            connect_timeout=60, request_timeout=60)) for i in range(800)))
+        readers = [asyncio.ensure_future(refusal_of(i, c)) for i, c in enumerate(conns)]
+        await wait_until(lambda: len(refused), 60, until=lambda n: n == 800 - capacity)
         await wait_until(lambda: view.records(prefix), 10, until=lambda r: len(r) == capacity)
+        held = [c for i, c in enumerate(conns) if i not in refused]
+        assert len(held) == capacity
         for conn in held:
             conn.close()
+        await asyncio.gather(*readers)
+        assert len(refused) == 800 - capacity  # none more: the held ones heard nothing
         await wait_until(lambda: view.records(prefix), 10, until=lambda r: not r)
         # Accepting may have paused in the storm: one episode, logged when it began and when over.
         episodes = await wait_until(
