@@ -2395,7 +2395,7 @@ class EtcdV2:
             if code >= 300 and error != KEY_NOT_FOUND:
                 raise self._refused("scan", directory, doc)
             top = doc["node"] if code < 300 else {"dir": True}  # (a 404: nothing there)
-            stack = [top]
+            stack: list[dict[str, Any]] = [top]
             while stack:
                 node = stack.pop()
                 if not node.get("dir"):
