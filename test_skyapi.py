@@ -3644,6 +3644,43 @@ async def test_a_hanging_etcd_member_costs_no_record(version, caplog):
             m.stop()
 
 
+@pytest.mark.slow
+@async_test
+async def test_requests_that_fail_as_an_outage_ends_belong_to_it(etcd, version, caplog):
+    """One outage is one line when it begins and one when it ends, even when a request
+    begun before its end fails after it: here a handshake's put waits out etcd_timeout at
+    the etcd behind the proxy (frozen), then at an endpoint that never answers, while a
+    keep-alive's failure begins the outage and the proxy flows again, ending it."""
+    caplog.set_level(logging.INFO)
+    hole = BlackHole()
+    await hole.start()
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    cfg = config([f"http://127.0.0.1:{hole.port}", proxy.url], version, timeout=6,
+                 etcd_timeout=5.0)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        held = [await connect(server, f"service=steady&port={p}") for p in (1, 2)]
+        proxy.freeze()
+        frozen_at = time.monotonic()
+        await wait_until(lambda: time.monotonic() - frozen_at > 2, 3)
+        assert not outage_lines(caplog, "etcd_outage_began")
+        late = asyncio.ensure_future(connect(server, "service=late&port=3"))  # its put waits
+        await wait_until(lambda: outage_lines(caplog, "etcd_outage_began"), 4 * cfg.etcd_timeout)
+        proxy.flowing.set()
+        await wait_until(lambda: outage_lines(caplog, "etcd_outage_ended"), cfg.timeout)
+        conn = await late
+        await wait_until(lambda: view.count_is(cfg, 3), 2 * cfg.etcd_timeout + 3)
+        began = outage_lines(caplog, "etcd_outage_began")
+        ended = outage_lines(caplog, "etcd_outage_ended")
+        assert len(began) == len(ended) == 1, [r.getMessage() for r in began + ended]
+        for c in held + [conn]:
+            c.close()
+        await wait_until(lambda: view.empty(cfg), 2)
+    await proxy.cut()
+    hole.close()
+
+
 class MiniSkyDNS(asyncio.DatagramProtocol):
     """Answers SRV queries from etcd the way SkyDNS does (one SRV per record under the
     name's path, target <id>.<name>, the target's A/AAAA in the additional section).
