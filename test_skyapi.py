@@ -3911,12 +3911,15 @@ async def test_v2_watch_dropped_by_etcd_behind_a_frozen_member_is_started_over(c
     caplog.set_level(logging.INFO)
     members = TestEtcd.cluster(3)
     try:
-        cfg = config([m.url for m in members], 2, timeout=30, etcd_timeout=5.0)
+        leader = await leader_of(members)
+        followers = [m for i, m in enumerate(members) if i != leader]
+        ordered = [followers[0], members[leader], followers[1]]  # (no election: a follower hangs)
+        cfg = config([m.url for m in ordered], 2, timeout=30, etcd_timeout=5.0)
         async with running(cfg) as server:
             conns = [await connect(server, f"service=live&port={port}") for port in (1, 2)]
             (stream,) = server.registry.backend.client._streams
-            frozen = next(m for m in members if m.url == stream.url)
-            healthy = next(m for m in members if m is not frozen)
+            frozen, healthy = ordered[0], ordered[1]
+            assert stream.url == frozen.url
             view = EtcdView(healthy.url, 2)
             # (the watch check writes the first record again; the second is the watch's alone)
             key = skyapi.record_key(skyapi.Registration("live", ("services",), "127.0.0.1", 2),
@@ -4069,11 +4072,15 @@ async def test_requests_that_fail_as_an_outage_ends_belong_to_it(etcd, version, 
         await wait_until(lambda: time.monotonic() - frozen_at > 2, 3)
         assert not outage_lines(caplog, "etcd_outage_began")
         late = asyncio.ensure_future(connect(server, "service=late&port=3"))  # its put waits
+        late_at = time.monotonic()
         await wait_until(lambda: outage_lines(caplog, "etcd_outage_began"), 4 * cfg.etcd_timeout)
         proxy.flowing.set()
         await wait_until(lambda: outage_lines(caplog, "etcd_outage_ended"), cfg.timeout)
         conn = await late
         await wait_until(lambda: view.count_is(cfg, 3), 2 * cfg.etcd_timeout + 3)
+        # the put has tried both endpoints by now, whatever came of it
+        await wait_until(lambda: time.monotonic() - late_at > 2 * cfg.etcd_timeout + 0.5,
+                         2 * cfg.etcd_timeout + 1, interval=0.1)
         began = outage_lines(caplog, "etcd_outage_began")
         ended = outage_lines(caplog, "etcd_outage_ended")
         assert len(began) == len(ended) == 1, [r.getMessage() for r in began + ended]
