@@ -2973,7 +2973,7 @@ class Registry:
                          and s.state is State.STORED), None)
             if slot is None or not self.watching.is_set():
                 continue  # nothing of ours the watch must keep, or it is not on yet
-            started, written = time.monotonic(), slot.written
+            started, written, watch = time.monotonic(), slot.written, self._watch
             try:
                 revision = await self.backend.touch(slot.key, written)
             except EtcdUnavailable as e:
@@ -2994,7 +2994,7 @@ class Registry:
             try:
                 await asyncio.wait_for(self._echo[1], WATCH_GRACE)
             except asyncio.TimeoutError:
-                if self.watching.is_set():  # (not restarted meanwhile, by an outage)
+                if self._watch is watch and self.watching.is_set():  # (not started anew since)
                     log_event(logging.WARNING, "watch_stalled", seconds=WATCH_GRACE,
                               revision=revision, heard=self.heard)
                     self._restart_watch()

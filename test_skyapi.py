@@ -92,6 +92,8 @@ def test_go_original_flags_keep_their_meaning():
     ({"dns_root": "-x.com"}, "dns_root"),
     ({"timeout": "30"}, "timeout"),
     ({"timeout": 0}, "timeout"),
+    ({"timeout": 2}, "timeout"),  # a keep-alive could not wait half a second for a member
+    ({"etcd_timeout": 0.3}, "etcd_timeout"),  # a busy member would look down
     ({"timeout": True}, "timeout"),
     ({"etcd_version": 4}, "etcd_version"),
     ({"etcd_api": ["ftp://x"]}, "etcd_api"),
