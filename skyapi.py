@@ -923,8 +923,9 @@ class Config:
                                      "request, and a kept-alive HTTP connection may idle, "
                                      "before it is closed", _at_least(0.1), metavar="SECONDS",
                                      group="listening")
-    drain_grace: float = setting(10.0, "seconds SIGTERM keeps the records of the sockets it "
-                                 "closes, while their clients reconnect to another instance",
+    drain_grace: float = setting(10.0, "seconds SIGTERM keeps, at most, the records of the "
+                                 "sockets it closes, while their clients reconnect to another "
+                                 "instance (not at all when no other instance serves the root)",
                                  _at_least(0), metavar="SECONDS", group="lifecycle")
     dev: bool = setting(False, "start a throwaway etcd child on loopback (etcd from PATH or "
                         "beside this Python) and use it instead of etcd_api", group="lifecycle")
@@ -2000,7 +2001,9 @@ class EtcdClient:
 # still ours (its value names its owner), and a record found gone is claimed
 # back only if absent. An instance that holds a record another owns leaves a
 # marker beside it, so that the owner, letting go, hands the record over to it
-# rather than deleting it: DNS never misses it.
+# rather than deleting it: DNS never misses it. Each instance also keeps a
+# presence key while it serves a root, so a draining one knows whether anyone is
+# left to take its records over.
 #
 # EtcdUnavailable means no endpoint answered: the registry treats it as an
 # outage and retries. EtcdError means etcd answered no.
@@ -2030,6 +2033,7 @@ class Write(enum.Enum):
 class Found(enum.Enum):
     """What a write met."""
     DONE = "done"  # done as asked (a DELETE also when there was nothing of ours to delete)
+    KEPT = "kept"  # a DELETE to keep: no other instance holds the record, so it stays
     GONE = "gone"  # REPLACE: nothing was there any more
     OTHERS = "others"  # another instance's record for the same endpoint is there
     COLLISION = "collision"  # another endpoint's record is there: their Go ids collide
@@ -2043,6 +2047,7 @@ class Op:
     endpoint: tuple[str, int] = ("", 0)  # whose record it is: tells OTHERS from a COLLISION
     old: str = ""  # REPLACE: our value there now
     shared: bool = False  # DELETE: another instance may hold it too: hand it over if one does
+    keep: bool = False  # ... and if none does, keep it (a drain's grace: for the next instance)
 
 
 @dataclasses.dataclass
@@ -2076,8 +2081,18 @@ class Backend(Protocol):
         etcd refused them."""
 
     async def keep_alive(self, full: bool) -> Lost:
-        """Keep what apply() wrote from expiring, this backend's way; called every tick
-        (full: at once, after an outage)."""
+        """Keep what apply() wrote from expiring, this backend's way, and the presence key
+        until withdraw(); called every tick (full: at once, after an outage)."""
+
+    async def announce(self) -> None:
+        """Say now that this instance serves the root: a presence key that goes with it,
+        which keep_alive keeps (and puts, if this was not answered) until withdraw()."""
+
+    async def withdraw(self) -> None:
+        """No longer say so (a drain: it takes nothing over any more)."""
+
+    async def others(self) -> int:
+        """How many other instances say they serve the root."""
 
     def changes(self) -> AsyncGenerator[list[Change] | None, None]:
         """Changes below the root as etcd makes them. None each time the watch (re)opens:
@@ -2103,6 +2118,13 @@ def marker_prefix(cfg: Config, key: str) -> str:
     """Where instances that hold a record another instance owns say so: outside every zone
     (no DNS server reads it), under etcd_prefix (the same permissions)."""
     return f"{cfg.etcd_prefix}/_skyapi/holders/{hashlib.sha1(key.encode()).hexdigest()[:24]}."
+
+
+def presence_prefix(cfg: Config) -> str:
+    """Where the instances that serve the root say so, each by a key that expires with
+    it: beside the markers, outside every zone."""
+    root = hashlib.sha1(root_dir(cfg).encode()).hexdigest()[:24]
+    return f"{cfg.etcd_prefix}/_skyapi/instances/{root}."
 
 
 def _may_write(there: str, op: Op, owner: str) -> Found:
@@ -2162,6 +2184,9 @@ class EtcdV2:
         self.period = cfg.timeout / 3  # two refreshes may fail before a record expires
         self.root = root_dir(cfg)
         self.holders = f"{cfg.etcd_prefix}/_skyapi/holders"
+        self.presence = presence_prefix(cfg) + owner
+        self._present = True  # keep_alive puts the presence key once a period
+        self._announced = 0.0  # when it last did
         self._kept: dict[str, _Kept] = {}
         self._ring: deque[str] = deque()  # kept keys in refresh order
         self._credit = 0.0  # refreshes owed, carried between ticks so the rate stays even
@@ -2263,6 +2288,8 @@ class EtcdV2:
         if op.write in (Write.TAKE, Write.CLAIM, Write.REPLACE):
             return await self._write(op)
         if op.write is Write.DELETE and op.shared and not await self._hand_over(op):
+            if op.keep:
+                return Outcome(Found.KEPT)
             self._settle(op, (await self._many("delete", [self._delete(op.key, op.value)]))[0])
         if op.write is Write.PRUNE:
             await self._prune(op.key.rsplit("/", 1)[0])
@@ -2340,6 +2367,8 @@ class EtcdV2:
         answers = await self._many("refresh", [("PUT", kept.path, (refresh + kept.ours).encode(),
                                                 FORM) for _, kept in due],
                                    keep_alive_patience(self.cfg))
+        if self._present and (full or now - self._announced >= self.period):
+            await self.announce()  # a plain put: it comes back if it expired or went
         lost = Lost([], [])
         for (key, kept), (code, error, doc) in zip(due, answers):
             if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):
@@ -2357,6 +2386,25 @@ class EtcdV2:
         if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):
             raise self._refused("touch", key, doc)
         return _v2_index(doc) if code < 300 else 0
+
+    async def announce(self) -> None:
+        self._announced = time.monotonic()  # (refused: tried again a period later)
+        (code, _, doc), = await self._many("presence", [self._encode(  # (on keep-alive's time)
+            "PUT", self.presence, form={"value": self.owner, "ttl": self.cfg.timeout})],
+            keep_alive_patience(self.cfg))
+        if code >= 300:
+            raise self._refused("presence", self.presence, doc)
+
+    async def withdraw(self) -> None:
+        self._present = False
+        await self._request("presence", "DELETE", self.presence)
+
+    async def others(self) -> int:
+        directory, prefix = self.presence.rsplit("/", 1)[0], presence_prefix(self.cfg)
+        code, _, doc = await self._request("presence", "GET", directory)
+        nodes = doc["node"].get("nodes", []) if code < 300 else []
+        return sum(1 for node in nodes if node.get("key", "").startswith(prefix)
+                   and node["key"] != self.presence)
 
     async def scan(self) -> dict[str, str]:
         code, error, doc = await self._request("scan", "GET", self.root, {"recursive": "true"})
@@ -2403,6 +2451,7 @@ class EtcdV2:
 
     async def close(self) -> None:
         deletes = [self._delete(key, kept.value) for key, kept in self._kept.items()]
+        deletes.append(self._delete(self.presence, self.owner))  # (a put may outrun withdraw())
         directories = {key.rsplit("/", 1)[0] for key in self._kept}
         self._kept.clear()
         await self._many("delete", deletes)
@@ -2458,6 +2507,10 @@ class EtcdV3:
         self.root = root_dir(cfg) + "/"
         self.lease = ""  # "" until granted; an int64 as a string, as the JSON gateway has it
         self.last_beat = 0.0
+        self.presence = presence_prefix(cfg) + owner
+        self._present = True  # keep_alive puts the presence key on the lease, a new one too
+        self._presence_on = ""  # the lease it was put on
+        self._announced = 0.0  # when it was last put
         self._kept: dict[str, str] = {}  # keys on our lease -> their record's key
         self._lost = Lost([], [])  # what a lease found lost took, for keep_alive to say
         self._granting = asyncio.Lock()  # workers put concurrently; one lease for all of them
@@ -2546,6 +2599,8 @@ class EtcdV3:
             if op.write is Write.PRUNE or (op.write is Write.DELETE and op.shared
                                            and await self._hand_over(op)):
                 outcomes[i] = Outcome(Found.DONE)  # (v3 has no directories to prune)
+            elif op.write is Write.DELETE and op.shared and op.keep:
+                outcomes[i] = Outcome(Found.KEPT)
         # A TAKE of another instance's record, or a CLAIM of our own, is written in a next
         # round, compared on the revision the round before read.
         seen: dict[int, tuple[str, str]] = {}  # op index -> (mod revision, value) read
@@ -2642,6 +2697,9 @@ class EtcdV3:
                                     keep_alive_patience(self.cfg))
             if int(beat.get("TTL", 0)) <= 0:
                 self._lease_lost(lease)
+        if (self._present and (not self.lease or self._presence_on != self.lease)
+                and (full or time.monotonic() - self._announced >= self.period)):
+            await self.announce()  # on a new lease: the one it was on was lost
         lost, self._lost = self._lost, Lost([], [])
         return lost
 
@@ -2652,6 +2710,21 @@ class EtcdV3:
             "compare": [_compare(key, "VALUE", value)],
             "success": [self._put(key, value, self.lease)]}, keep_alive_patience(self.cfg))
         return int(reply.get("header", {}).get("revision", 0)) if reply.get("succeeded") else 0
+
+    async def announce(self) -> None:
+        self._announced = time.monotonic()  # (refused: tried again a period later)
+        await self._transact(lambda lease: [self._put(self.presence, self.owner, lease)])
+        self._presence_on = self.lease
+
+    async def withdraw(self) -> None:
+        self._present = False
+        await self._call("presence", "kv/deleterange", {"key": _b64(self.presence)})
+
+    async def others(self) -> int:
+        prefix = presence_prefix(self.cfg)
+        reply = await self._call("presence", "kv/range", {
+            "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "keys_only": True})
+        return sum(1 for kv in reply.get("kvs", []) if _unb64(kv.get("key", "")) != self.presence)
 
     async def scan(self) -> dict[str, str]:
         reply = await self._call("scan", "kv/range",
@@ -2739,7 +2812,8 @@ class State(enum.Enum):
         ABSENT   nothing of ours                 TAKE               drop the slot
         LOST     nothing: ours went              CLAIM              drop
         STORED   ours, slot.written              REPLACE if the     DELETE, or hand it to
-                                                 value changed      another holder
+                                                 value changed      another holder (draining:
+                                                                    hand it, or keep it)
         UNKNOWN  ours or nothing: a request      TAKE               DELETE
                  went unanswered
         OTHERS   another instance's, for the     MARK (with the     UNMARK if marked; drop
@@ -2759,8 +2833,8 @@ class Slot:
     """One record (one key) and the sockets of this instance that hold it."""
 
     __slots__ = ("key", "endpoint", "holders", "state", "written", "marker", "shared",
-                 "inflight", "recheck", "waiters", "retry_at", "answered_at", "revision",
-                 "leavers", "refusal")
+                 "inflight", "recheck", "rechecked", "waiters", "retry_at", "answered_at",
+                 "revision", "leavers", "refusal")
 
     def __init__(self, key: str, endpoint: tuple[str, int]):
         self.key = key
@@ -2772,6 +2846,7 @@ class Slot:
         self.shared = False  # it was another instance's before ours: it may hold it still
         self.inflight: Write | None = None  # the op a worker has in flight for it
         self.recheck = 0  # the latest change the watch saw while an op was in flight
+        self.rechecked: str | None = None  # its value (None: the key went)
         self.revision = 0  # etcd's index or revision of the last op's outcome: older changes
         #                    (our own puts' and deletes' echoes among them) tell nothing new
         self.waiters: list[asyncio.Future] = []  # handshakes waiting for it to be in etcd
@@ -2827,6 +2902,7 @@ class Registry:
         self.outage_since: float | None = None
         self.outage_error = ""
         self._keep: set[Slot] = set()  # while draining: records that outlive their sockets
+        self._sparing = False  # within a drain's grace: a record no one else holds is kept
         self._dirty: dict[Slot, None] = {}  # an ordered set of slots to reconcile
         self._prunes: list[Op] = []  # directories to prune, of slots already gone
         self._refused: set[Slot] = set()  # to try again at their retry_at
@@ -2861,8 +2937,8 @@ class Registry:
         slot.holders.remove(holding)
         self._listening.discard(holding)
         holding.tell = None
-        if self.draining:  # closed for the hand-over: the record waits for the next instance
-            self._keep.add(slot)
+        if self.draining and not (slot.shared and self._sparing):  # closed for the hand-over:
+            self._keep.add(slot)  # the record waits (a shared one: once no one else holds it)
         settled = asyncio.get_running_loop().create_future()
         slot.leavers.append(settled)
         self._mark(slot)
@@ -2968,7 +3044,8 @@ class Registry:
                 return op(Write.MARK, value=slot.value)
             return None
         if state in (State.STORED, State.UNKNOWN) and slot not in self._keep:
-            return op(Write.DELETE, value=slot.written, shared=slot.shared)
+            return op(Write.DELETE, value=slot.written, shared=slot.shared,
+                      keep=self._sparing)
         return None
 
     def _mark(self, slot: Slot) -> None:
@@ -3043,11 +3120,19 @@ class Registry:
                     if slot is not None:
                         slot.inflight = None
                         slot.answered_at = time.monotonic()
-                        if slot.recheck > slot.revision and slot.holders and \
-                                slot.state in (State.STORED, State.OTHERS):
-                            slot.state = State.LOST  # changed after the op: a claim looks
-                        slot.recheck = 0
-                        self._mark(slot)
+                        self._after_op(slot)
+
+    def _after_op(self, slot: Slot) -> None:
+        """What the slot needs now its op is done, heeding a change the watch saw meanwhile."""
+        later, slot.recheck = slot.recheck, 0
+        if later <= slot.revision:
+            self._mark(slot)
+        elif slot.holders:
+            if slot.state in (State.STORED, State.OTHERS):
+                slot.state = State.LOST  # changed after the op: a claim looks
+            self._mark(slot)
+        else:  # a record handed to us as we let go (our marker's value) is ours to delete
+            self._changed(slot.key, slot.rechecked, later)
 
     def _done(self, slot: Slot, op: Op, outcome: Outcome) -> None:
         """What an op's outcome means for its slot."""
@@ -3058,11 +3143,15 @@ class Registry:
             slot.marker = op.value
         elif write is Write.UNMARK:
             slot.marker = ""
+        elif found is Found.KEPT:
+            if self._sparing:  # (otherwise the grace is over: marked again, it goes)
+                self._keep.add(slot)
         elif write is Write.DELETE:
             slot.state, slot.shared = State.ABSENT, False
         elif found is Found.DONE:
             slot.state, slot.written, slot.refusal = State.STORED, op.value, ""
-            slot.shared = slot.shared or outcome.took_over
+            # (a claim may win over another instance that held it too, and now marks it)
+            slot.shared = slot.shared or outcome.took_over or write is Write.CLAIM
             slot.resolve(None)
         elif found is Found.GONE:
             slot.state = State.LOST
@@ -3129,8 +3218,9 @@ class Registry:
         if revision and revision <= slot.revision:
             return  # what the last op's outcome already told
         ours = record is not None and record[1] == self.owner
-        if slot.inflight:  # its outcome comes first; then a claim looks, if this was later
-            slot.recheck = max(slot.recheck, revision)
+        if slot.inflight:  # its outcome comes first; then this, if it was later
+            if revision > slot.recheck:
+                slot.recheck, slot.rechecked = revision, value
             return
         state = slot.state
         if value is None:
@@ -3335,31 +3425,85 @@ class Registry:
             self._outage(e)
         else:
             self._watch = asyncio.ensure_future(self._watch_loop())
+            with contextlib.suppress(EtcdUnavailable, EtcdError):  # (keep-alive puts it later)
+                await self.backend.announce()
 
-    def begin_drain(self) -> None:
+    async def begin_drain(self) -> None:
         """SIGTERM: from now on records outlive their sockets, until drain() ends, so a
-        client that moves to another instance is never out of DNS."""
-        self.draining = True
+        client that moves to another instance is never out of DNS; unless no other instance
+        serves the root. This one's presence goes at once: a drain takes nothing over, so
+        others need not wait for it."""
+        self.draining = self._sparing = True
+        if self._healthy.is_set():
+            _, alone = await asyncio.gather(self._withdraw(), self._alone(time.monotonic() + 1.0))
+            if alone:
+                self._nobody_left()
+
+    async def _withdraw(self) -> None:
+        with contextlib.suppress(EtcdUnavailable, EtcdError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.backend.withdraw(), 1.0)  # (else its TTL or lease)
+
+    def _nobody_left(self) -> None:
+        """No other instance serves the root: what is still ours waits for the deletes at
+        the end (no hand-over, no one to hand it to)."""
+        self._sparing = False
+        self._keep.update(s for s in self.slots.values()
+                          if not s.holders and s.state is State.STORED)
+
+    async def _alone(self, until: float) -> bool:
+        """No other instance serves the root: no one is left to take a record over. Asked
+        of etcd until the monotonic until at most."""
+        try:
+            return not await asyncio.wait_for(self.backend.others(),
+                                              max(0.01, until - time.monotonic()))
+        except (EtcdUnavailable, EtcdError, asyncio.TimeoutError):
+            return False  # (who knows: the grace decides)
+
+    async def _grace(self, until: float) -> str:
+        """Wait while waiting can help, until the monotonic until at most: why it ended."""
+        ask_at = 0.0  # when to ask etcd next whether any other instance is left
+        while time.monotonic() < until:
+            if not self._healthy.is_set():
+                return "etcd away"
+            if not any(s.state is State.STORED for s in self.slots.values()):
+                return "taken over"
+            if time.monotonic() >= ask_at:
+                ask_at = time.monotonic() + 0.5
+                if await self._alone(until):
+                    return "no other instance"
+            await asyncio.sleep(0.02)
+        return "grace over"
 
     async def drain(self, grace: float, deadline: float) -> None:
         """Keep the records of closed sockets while another instance's put takes each over,
-        at most grace seconds; finish other work, then delete what is still ours (until
-        the monotonic deadline) and stop."""
-        until = time.monotonic() + grace
-        while (time.monotonic() < until and self._healthy.is_set()
-               and any(s.state is State.STORED for s in self._keep)):
-            await asyncio.sleep(0.02)
+        at most grace seconds (a record another instance holds too goes to it at once);
+        finish other work, then delete what is still ours (until the monotonic deadline)
+        and stop."""
+        started = time.monotonic()
+        reason = await self._grace(started + grace) if self._sparing else "no other instance"
+        log_event(logging.INFO, "drain_ended", reason=reason,
+                  seconds=round(time.monotonic() - started, 3))
+        if reason == "no other instance":
+            self._nobody_left()
+        else:
+            self._sparing = False
+            for slot in [s for s in self._keep if s.shared]:  # hand it over if one holds it now
+                self._keep.discard(slot)
+                self._mark(slot)
         while ((self._dirty or self._prunes or any(s.inflight for s in self.slots.values()))
                and self._healthy.is_set() and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
         for task in [*self._tasks, self._watch]:
             if task is not None:
                 task.cancel()
+        budget = max(0.1, deadline - time.monotonic())
         try:
-            await asyncio.wait_for(self.backend.close(), max(0.1, deadline - time.monotonic()))
+            await asyncio.wait_for(self.backend.close(), budget)
         except (EtcdUnavailable, EtcdError, asyncio.TimeoutError) as e:
-            log_event(logging.WARNING, "shutdown_incomplete", error=e or "timeout",
-                      left=len(self.slots))
+            why = str(e) or f"etcd did not answer within {budget:.1f} s" + (
+                "" if self.outage_since is None else f" ({self.outage_error})")
+            log_event(logging.WARNING, "shutdown_incomplete", error=why, left=len(self.slots),
+                      expire_within=self.cfg.timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -4162,13 +4306,13 @@ class Skyapi:
         """A hand-over (SIGTERM, SIGINT): /readyz says 503 and new registrations are
         refused; every socket is closed with 1001 "going away", so its client reconnects to
         another instance at once; the records stay for drain_grace while that instance's
-        put takes each over; then what is still ours is deleted. A rolling restart never
-        takes a live client out of DNS."""
+        put takes each over (not at all when no other instance serves the root); then what
+        is still ours is deleted. A rolling restart never takes a live client out of DNS."""
         self._stopping_at = time.monotonic()
         if self._self is not None:  # no new client should pick this instance
             self.registry.release(self._self)
             self._self = None
-        self.registry.begin_drain()
+        await self.registry.begin_drain()
         held = list(self.sockets)
         log_event(logging.INFO, "stopping", sockets=len(held), records=self.registry.records,
                   grace=self.cfg.drain_grace)

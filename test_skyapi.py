@@ -267,7 +267,7 @@ README_LINES = 250
 OTHERS_FLAGS = {"--data-dir", "--enable-v2", "--listen-client-urls", "--advertise-client-urls",
                 "--client-cert-auth", "--quota-backend-bytes", "--endpoints", "--prefix",
                 "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now", "--ulimit",
-                "--from-file"}
+                "--from-file", "--stop-timeout"}
 OTHERS_NAMES = {"stop_grace_period"}  # docker compose's
 
 
@@ -1397,12 +1397,13 @@ async def test_provide_in_process_holds_until_the_stop_event(etcd, version):
 
 @async_test
 async def test_provide_client_reconnects_after_the_server_restarts(etcd):
-    # A grace, so that the client's move at once meets the stopping server, which refuses it.
+    # A grace (another instance serves the root, so it is kept), so that the client's move
+    # at once meets the stopping server, which refuses it.
     cfg = config([etcd.url], listen_addr=f"127.0.0.1:{free_port()}", drain_grace=0.5)
     view = EtcdView(etcd.url, 2)
     proc = None
     try:
-        async with running(cfg) as server:
+        async with running(config([etcd.url], dns_root=cfg.dns_root)), running(cfg) as server:
             proc = provide_process(server.port, "--service", "phoenix", "--port", "1")
             records = await wait_until(lambda: view.records(prefix_of(cfg)), 15)
             await wait_until(lambda: server.sockets, 5)  # the handshake is done
@@ -2529,13 +2530,18 @@ def guarded_view(url: str, version: int, headers=None, **defaults) -> EtcdView:
     return view
 
 
+def presence_key(key: str) -> bool:
+    """An instance's presence key (every running skyapi keeps one)."""
+    return "/_skyapi/instances/" in key
+
+
 async def every_key(view: EtcdView) -> set[str]:
-    """Every key in etcd now (v2: every leaf), wherever it is."""
+    """Every key in etcd now (v2: every leaf), wherever it is, but presence keys."""
     if view.version == 2:
-        return set(await view.records("/"))
+        return {k for k in await view.records("/") if not presence_key(k)}
     _, doc = await view._fetch("/v3/kv/range", "POST", json.dumps(
         {"key": b64("\0"), "range_end": b64("\0"), "keys_only": True}))
-    return {unb64(kv["key"]) for kv in doc.get("kvs", [])}
+    return {unb64(kv["key"]) for kv in doc.get("kvs", []) if not presence_key(unb64(kv["key"]))}
 
 
 async def keys_ever_written(view: EtcdView) -> set[str]:
@@ -2909,7 +2915,8 @@ def test_any_query_string_is_refused_cleanly_or_registered_inside_the_root(priva
 
         async def finally_():
             written = await keys_ever_written(view)
-            assert written and all(k.startswith(prefix_of(cfg)) for k in written), written
+            assert written and all(k.startswith((prefix_of(cfg), skyapi.presence_prefix(cfg)))
+                                   for k in written), written
             # A query over Tornado's header limit (64 KiB) never reaches skyapi; the server stays.
             with pytest.raises((HTTPClientError, OSError, websocket.WebSocketClosedError,
                                 tornado.iostream.StreamClosedError)):
@@ -3340,7 +3347,7 @@ async def test_hang_ups_and_bad_requests_log_one_line_each_and_no_traceback(priv
         events = log_events(sky.log)  # every line is one key=value event
         assert {e["event"] for e in events} <= {
             "start", "no_tokens", "connect", "refuse", "disconnect",
-            "etcd_outage_began", "stopping", "shutdown_incomplete", "stopped"}, text
+            "etcd_outage_began", "stopping", "drain_ended", "shutdown_incomplete", "stopped"}, text
         assert 5 <= len(events_named(sky.log, "refuse")) <= 10
         assert len(events_named(sky.log, "disconnect")) <= 7
     finally:
@@ -4015,35 +4022,114 @@ async def test_failover_past_a_dead_endpoint_and_a_black_hole(etcd, version):
     hole.close()
 
 
+async def presences(view: EtcdView, cfg) -> list[str]:
+    """The presence keys of the instances that serve cfg's root."""
+    found = await view.records(cfg.etcd_prefix + "/_skyapi/instances/")
+    return [k for k in found if k.startswith(skyapi.presence_prefix(cfg))]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @async_test
-async def test_sigterm_and_sigint_hand_over_200_sockets(etcd, version, sig, tmp_path):
-    """Alone, an instance's hand-over closes every socket with 1001 at once, keeps their
-    records for drain_grace (no other instance takes them over), and they are gone by its exit."""
+async def test_sigterm_and_sigint_alone_close_200_sockets_and_exit_at_once(etcd, version, sig,
+                                                                          tmp_path):
+    """Alone on its root, an instance's hand-over closes every socket with 1001 at once and,
+    with no other instance to take a record over, deletes them and exits at once, well
+    inside Docker's 10 s stop timeout with the default drain_grace (10 s)."""
     cfg = config([etcd.url], version)
     view = EtcdView(etcd.url, version)
-    grace = 1.5
-    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", str(grace))
+    sky = SkyapiProcess(tmp_path, *process_args(cfg))
     try:
         await sky.started()
+        assert len(await presences(view, cfg)) == 1  # it says it serves the root
         conns = await asyncio.gather(*(
             websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}/provide?service=d&port={p}")
             for p in range(1, 201)))
-        assert len(await view.records(prefix_of(cfg))) == 200
+        await wait_until(lambda: view.count_is(cfg, 200), 5)  # (a loaded etcd may lag)
         sky.proc.send_signal(sig)
         signalled = time.monotonic()
         closes = await asyncio.gather(*(c.read_message() for c in conns))
         assert closes == [None] * 200
         assert {(c.close_code, c.close_reason) for c in conns} == {(1001, "going away")}
-        assert time.monotonic() - signalled < grace
-        assert len(await view.records(prefix_of(cfg))) == 200  # kept for the next instance
-        assert await get(sky.port, "/readyz") == (503, "shutting down\n")
-        message, code = await refusal(types.SimpleNamespace(port=sky.port), "service=d&port=1")
-        assert (message, code) == ("ERROR: server: is shutting down", 1001)
-        await wait_until(sky.exited, grace + skyapi.DELETE_TIME + 1)
+        await wait_until(sky.exited, 5)
+        assert time.monotonic() - signalled < 5  # (a grace waited out: 10 s)
         assert sky.proc.returncode == 0
         assert await view.records(prefix_of(cfg)) == {}
-        assert time.monotonic() - signalled >= grace
+        assert await presences(view, cfg) == []
+        (ended,) = events_named(sky.log, "drain_ended")
+        assert ended["reason"] == "no other instance"
+    finally:
+        sky.kill()
+
+
+@pytest.mark.slow
+@async_test
+async def test_sigterm_keeps_records_for_the_grace_while_another_instance_serves(etcd, version,
+                                                                                 tmp_path):
+    """With another instance alive on the root, the grace holds: the records of the
+    sockets it closed stay for drain_grace (their clients may reconnect there), it refuses
+    new ones meanwhile, and they are gone by its exit; its presence goes with it, and a
+    killed instance's expires within timeout."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    grace = 3
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", str(grace))
+    killed = SkyapiProcess(tmp_path, *process_args(cfg))
+    try:
+        await sky.started()
+        await killed.started()
+        async with running(cfg) as other:
+            assert len(await presences(view, cfg)) == 3
+            conns = await asyncio.gather(*(websocket.websocket_connect(
+                f"ws://127.0.0.1:{sky.port}/provide?service=d&port={p}") for p in range(1, 21)))
+            assert len(await view.records(prefix_of(cfg))) == 20
+            killed.proc.kill()
+            killed_at = time.monotonic()
+            sky.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert await asyncio.gather(*(c.read_message() for c in conns)) == [None] * 20
+            assert {(c.close_code, c.close_reason) for c in conns} == {(1001, "going away")}
+            assert len(await view.records(prefix_of(cfg))) == 20  # kept for the next instance
+            assert await get(sky.port, "/readyz") == (503, "shutting down\n")
+            message, code = await refusal(types.SimpleNamespace(port=sky.port), "service=d&port=1")
+            assert (message, code) == ("ERROR: server: is shutting down", 1001)
+            await wait_until(sky.exited, grace + skyapi.DELETE_TIME + 1)
+            assert time.monotonic() - signalled >= grace
+            assert sky.proc.returncode == 0
+            assert await view.records(prefix_of(cfg)) == {}
+            (ended,) = events_named(sky.log, "drain_ended")
+            assert ended["reason"] == "grace over"
+            # etcd sweeps expired keys and leases every 500 ms, hence the allowance.
+            await wait_until(lambda: presences(view, cfg), cfg.timeout + 1,
+                             until=lambda keys: len(keys) == 1, what="the killed one's expired")
+            assert time.monotonic() - killed_at <= cfg.timeout + 0.6
+            assert await presences(view, cfg) == [skyapi.presence_prefix(cfg) + other.owner]
+        assert await presences(view, cfg) == []
+    finally:
+        sky.kill()
+        killed.kill()
+
+
+@pytest.mark.slow
+@async_test
+async def test_sigterm_during_an_etcd_outage_says_what_was_left_and_why(private_etcd, tmp_path):
+    """etcd frozen, unnoticed yet: the drain cannot delete, and says so in words (not an
+    empty error), with what is left and when it expires."""
+    cfg = config([private_etcd.url], 2, etcd_timeout=4.5)
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", "0")
+    try:
+        await sky.started()
+        conn = await websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}/provide?service=f&port=1")
+        private_etcd.proc.send_signal(signal.SIGSTOP)
+        try:
+            sky.proc.send_signal(signal.SIGTERM)
+            assert await conn.read_message() is None
+            await wait_until(sky.exited, skyapi.DELETE_TIME + 2)
+        finally:
+            private_etcd.proc.send_signal(signal.SIGCONT)
+        assert sky.proc.returncode == 0
+        (line,) = events_named(sky.log, "shutdown_incomplete")
+        assert re.fullmatch(r"etcd did not answer within \d+\.\d s", line["error"]), line
+        assert (line["left"], line["expire_within"]) == ("1", str(cfg.timeout))
     finally:
         sky.kill()
 
@@ -5145,6 +5231,153 @@ async def test_sigterm_hands_250_clients_to_another_instance_without_a_gap(etcd,
         sky.kill()
 
 
+async def etcd_revision(url: str, version: int) -> int:
+    """etcd's index (v2) or revision (v3) now: history after it is what happens next."""
+    if version == 2:
+        r = await AsyncHTTPClient().fetch(url + "/v2/keys/", raise_error=False)
+        return int(r.headers["X-Etcd-Index"])
+    _, doc = await EtcdView(url, 3)._fetch("/v3/kv/range", "POST", json.dumps({"key": b64("\0")}))
+    return int(doc["header"]["revision"])
+
+
+async def key_history(url: str, version: int, key: str, after: int) -> list[tuple[str, str]]:
+    """Every change etcd made to key after index or revision after, from etcd's own
+    history (nothing between two polls can hide): (action, the value it left)."""
+    events = []
+    if version == 2:
+        index = after + 1
+        while True:
+            try:
+                r = await AsyncHTTPClient().fetch(
+                    f"{url}/v2/keys{key}?wait=true&waitIndex={index}", request_timeout=0.5)
+            except HTTPClientError as e:
+                assert e.code == 599, e  # nothing more happened to it: the wait timed out
+                return events
+            doc = json.loads(r.body)
+            events.append((doc["action"], doc["node"].get("value", "")))
+            index = doc["node"]["modifiedIndex"] + 1
+    chunks = []
+    with contextlib.suppress(HTTPClientError):  # the stream ends by its timeout
+        await AsyncHTTPClient().fetch(
+            url + "/v3/watch", method="POST", request_timeout=1, streaming_callback=chunks.append,
+            body=json.dumps({"create_request": {"key": b64(key), "start_revision": after + 1}}))
+    for line in b"".join(chunks).splitlines():
+        for event in json.loads(line).get("result", {}).get("events", []):
+            events.append((event.get("type", "PUT"), unb64(event["kv"].get("value", ""))))
+    return events
+
+
+@pytest.mark.slow
+@async_test
+async def test_sigterm_hands_a_record_another_instance_holds_to_it_at_once(etcd, version,
+                                                                           tmp_path):
+    """An identity held through B, then through A (A owns the record, B marks that it holds
+    it too). A's drain hands the record to B at once, as a release does: it never
+    disappears, and A does not wait out its grace for it."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    key = record_of(cfg, "shared", 1)
+    grace = 5
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", str(grace))
+    try:
+        await sky.started()
+        async with running(cfg) as b:
+            on_b = await connect(b, "service=shared&port=1&weight=3")
+            on_a = await websocket.websocket_connect(
+                f"ws://127.0.0.1:{sky.port}/provide?service=shared&port=1")
+            await wait_until(lambda: b.registry.slots[key].marker, 2)
+            assert not await view.owned_by(cfg, key, b.owner)  # A's
+            before = await etcd_revision(etcd.url, version)
+            sky.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert await on_a.read_message() is None
+            await wait_until(sky.exited, grace + skyapi.DELETE_TIME + 1)
+            assert sky.proc.returncode == 0
+            exited = time.monotonic()
+            history = await key_history(etcd.url, version, key, before)
+            assert history and all(action in ("compareAndSwap", "set", "PUT")
+                                   for action, _ in history), history  # never deleted
+            assert exited - signalled < grace  # handed over: nothing to wait for
+            assert await view.owned_by(cfg, key, b.owner)
+            assert json.loads((await view.records(prefix_of(cfg)))[key])["weight"] == 3
+            await asyncio.sleep(cfg.timeout)  # a whole TTL: B keeps it alive as its own
+            assert await view.owned_by(cfg, key, b.owner)
+            on_b.close()
+            await wait_until(lambda: view.empty(cfg), 2)
+    finally:
+        sky.kill()
+
+
+@pytest.mark.slow
+@async_test
+async def test_sigterm_keeps_records_taken_over_from_another_instance_for_the_hand_over(
+        etcd, version, tmp_path):
+    """Records A took over from B (a client that moved) are A's to keep for the grace like
+    any other, once B no longer holds them: a second move, back to B, leaves no gap."""
+    cfg = config([etcd.url], version)
+    n = 20
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", "5")
+    try:
+        await sky.started()
+        async with running(cfg) as b:
+            query = "/provide?service=twice&port={}"
+            first = [await connect(b, query.format(p)[len("/provide?"):]) for p in range(1, n + 1)]
+            on_a = [await websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}" + query.format(p))
+                    for p in range(1, n + 1)]  # A takes each over from B
+            for conn in first:
+                conn.close()  # B lets go: the records are A's alone
+            await wait_until(lambda: not b.registry.slots, 2)
+            moved = [asyncio.ensure_future(follow_to(c, f"ws://127.0.0.1:{b.port}" + query.format(p)))
+                     for p, c in enumerate(on_a, 1)]
+            with EtcdPoller(etcd.url, version, prefix_of(cfg)) as poller:
+                assert poller.samples[-1][1] == n
+                sky.proc.send_signal(signal.SIGTERM)
+                on_b = await asyncio.gather(*moved)
+                await wait_until(sky.exited, 5 + skyapi.DELETE_TIME + 1)
+                await asyncio.sleep(0.2)  # the poller's view after A is gone
+            assert sky.proc.returncode == 0
+            assert poller.lowest == n, [s for s in poller.samples if s[1] < n][:5]
+            (ended,) = events_named(sky.log, "drain_ended")
+            assert ended["reason"] == "taken over"
+            records = await EtcdView(etcd.url, version).records(prefix_of(cfg))
+            assert {json.loads(v)["owner"] for v in records.values()} == {b.owner}
+            assert len(records) == n
+            for c in on_b:
+                c.close()
+    finally:
+        sky.kill()
+
+
+@async_test
+async def test_a_lone_drain_deletes_records_it_took_over_without_looking_for_holders(etcd,
+                                                                                     version):
+    """Records taken over from an instance that has since stopped: alone, the drain neither
+    waits nor asks etcd for co-holders one record at a time; it deletes them all at once."""
+    cfg = config([etcd.url], version, drain_grace=10)
+    view = EtcdView(etcd.url, version)
+    n = 200
+    a = skyapi.Skyapi(cfg)
+    await a.start()
+    try:
+        async with running(cfg) as b:
+            first = await open_many(b, n, "moved")
+            on_a = await open_many(a, n, "moved")  # A takes each over from B
+            for conn in first:
+                conn.close()
+            await wait_until(lambda: not b.registry.slots, 5)
+        assert all(s.shared for s in a.registry.slots.values())
+        holders = a.metrics.etcd_requests.get(("holders", "ok"), 0)
+        stopping = time.monotonic()
+        await a.stop()
+        assert time.monotonic() - stopping < 3  # (a grace waited out: 10 s)
+        assert a.metrics.etcd_requests.get(("holders", "ok"), 0) == holders
+        assert await view.records(prefix_of(cfg)) == {}
+        assert {c.close_code for c in on_a} == {1001}
+    finally:
+        if not a.registry.draining:
+            await a.stop()
+
+
 @pytest.mark.slow
 @async_test
 async def test_one_identity_through_two_instances_is_never_missing_whichever_goes_first(
@@ -5179,8 +5412,47 @@ async def test_one_identity_through_two_instances_is_never_missing_whichever_goe
             assert await view.owned_by(cfg, key, second.owner)
             again.close()  # the last socket anywhere: gone at once
             await wait_until(lambda: view.empty(cfg), 1)
-        markers = await EtcdView(etcd.url, version).records(cfg.etcd_prefix + "/_skyapi/")
+        markers = await EtcdView(etcd.url, version).records(cfg.etcd_prefix + "/_skyapi/holders/")
         assert markers == {}
+
+
+async def etcd_exact_after_close(view, cfg, keys) -> bool:
+    """No record below the root, no marker of keys, no directory left empty (v2)."""
+    if await view.records(prefix_of(cfg)):
+        return False
+    holders = await view.records(cfg.etcd_prefix + "/_skyapi/holders/")
+    if any(k.startswith(skyapi.marker_prefix(cfg, key)) for k in holders for key in keys):
+        return False
+    return view.version == 3 or not (await view.dirs(prefix_of(cfg))) - {skyapi.root_dir(cfg)}
+
+
+@pytest.mark.slow
+@async_test
+async def test_shared_records_closed_at_once_by_both_sockets_leave_nothing(etcd, version):
+    """30 identities each held through two instances, every socket closed at once: the
+    owner hands each record to the other's marker while the other deletes that marker.
+    Whoever ends up with a record no socket holds deletes it: etcd ends exact at once (a
+    timeout of 30 s, so no TTL can tidy up behind a leak)."""
+    cfg = config([etcd.url], version, timeout=30)
+    view = EtcdView(etcd.url, version)
+    n = 30
+    keys = [record_of(cfg, "twice", p) for p in range(1, n + 1)]
+    async with running(cfg) as a, running(cfg) as b:
+        for _ in range(4):
+            pairs = []
+            for p in range(1, n + 1):
+                first, second = (a, b) if p % 2 else (b, a)  # either instance the owner
+                pairs.append((await connect(first, f"service=twice&port={p}"),
+                              await connect(second, f"service=twice&port={p}")))
+            await wait_until(lambda: all(s.marker for x in (a, b) for s in x.registry.slots.values()
+                                         if s.state is skyapi.State.OTHERS)
+                             and sum(len(x.registry.slots) for x in (a, b)) == 2 * n, 5)
+            for pair in pairs:
+                for conn in pair:
+                    conn.close()
+            await wait_until(lambda: etcd_exact_after_close(view, cfg, keys), 3,
+                             what="no record, marker or empty directory left")
+            assert not a.registry.slots and not b.registry.slots
 
 
 @async_test
