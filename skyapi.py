@@ -863,8 +863,11 @@ class Config:
                                 "lease (CoreDNS)", _one_of(2, 3), metavar="2|3", group="etcd")
     etcd_prefix: str = setting("/skydns", "the path all records live under", _etcd_prefix,
                                metavar="PATH", group="records")
+    # timeout at least 3, etcd_timeout at least 0.5: a keep-alive waits for a silent member
+    # keep_alive_patience(), then at least half a second; less, and a member that is merely
+    # busy (an fsync stall) would look down.
     timeout: int = setting(30, "seconds a record outlives skyapi if skyapi dies (the etcd TTL or "
-                           "lease TTL)", _at_least(2), metavar="SECONDS", group="records")
+                           "lease TTL)", _at_least(3), metavar="SECONDS", group="records")
     ping_interval: float = setting(10.0, "seconds between websocket pings to each client",
                                    _at_least(0.1), metavar="SECONDS", group="listening")
     ping_timeout: float = setting(10.0, "seconds a client has to answer a ping, at most "
@@ -876,7 +879,7 @@ class Config:
                              _one_of("error", "warn", "info", "debug"), metavar="LEVEL",
                              group="lifecycle")
     etcd_timeout: float = setting(5.0, "seconds etcd may leave requests unanswered before "
-                                  "they fail over to the next endpoint", _at_least(0.1),
+                                  "they fail over to the next endpoint", _at_least(0.5),
                                   metavar="SECONDS", group="etcd")
     # 64, not 16: 20,000 v2 deletes reached etcd at 17,200/s against 14,500/s, and etcd spent
     # 38 us of CPU per delete against 47 us, its commits batching more (bench_etcdclient.py).
@@ -1011,6 +1014,14 @@ def _checked(s: Setting, values: Mapping[str, Any], flags: Mapping[str, Any]) ->
         raise ConfigError(f"{s.name}: {e.problem}") from None
     except ValueError as e:
         raise ConfigError(f"{s.name}: {e}") from None
+
+
+def keep_alive_patience(cfg: Config) -> float:
+    """How long a keep-alive waits on a silent endpoint before it tries the next: a third
+    of the time its records have left when it goes out (timeout, less the keep-alive
+    period of timeout/3), and no longer than etcd_timeout. So a member that hangs costs a
+    keep-alive a third of that time, and a healthy one still has two thirds to answer."""
+    return min(cfg.etcd_timeout, (cfg.timeout - cfg.timeout / 3) / 3)
 
 
 # Checks across settings, each naming the setting to change.
@@ -1526,16 +1537,18 @@ def _why(error: BaseException) -> str:
 
 class _Batch:
     """Requests sent together and awaited once: each answer (status, body), or the
-    exception that lost it, lands in its place; done resolves when the last has."""
+    exception that lost it, lands in its place; done resolves when the last has. patience:
+    the seconds etcd may stay silent on their connection before they fail."""
 
-    __slots__ = ("results", "seconds", "left", "done", "started")
+    __slots__ = ("results", "seconds", "left", "done", "started", "patience")
 
-    def __init__(self, size: int, started: float):
+    def __init__(self, size: int, started: float, patience: float):
         self.results: list[Any] = [None] * size
         self.seconds = [0.0] * size
         self.left = size
         self.done = asyncio.get_running_loop().create_future()
         self.started = started
+        self.patience = patience
 
     def settle(self, i: int, result: Any) -> None:
         self.results[i], self.seconds[i] = result, time.monotonic() - self.started
@@ -1549,7 +1562,8 @@ class _Connection(asyncio.Protocol):
     written at once, however many wait ahead of it, and etcd's HTTP server (Go's) answers
     them one after another in order, so each answer settles the oldest waiting request.
     One deadline for the connection rather than one per request: it fails when etcd has
-    sent nothing for `timeout` seconds while requests wait."""
+    sent nothing for `timeout` seconds while requests wait, or for less once a batch with
+    less patience (a keep-alive) has been sent on it since it was last idle."""
 
     def __init__(self, pool: "_Pool"):
         self.pool = pool
@@ -1560,6 +1574,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
         self.unsent: list[bytes] = []  # written while connecting
         self.progress_at = 0.0  # when etcd last sent something, or the first request waited
+        self.patience = pool.timeout  # the least of the waiting requests' batches
         self.closed = False
         self._body: list[bytes] = []  # the parts so far of a streamed answer
         self._timer: asyncio.TimerHandle | None = None
@@ -1586,9 +1601,14 @@ class _Connection(asyncio.Protocol):
 
     def send(self, entries: list[tuple[_Batch, int, bytes, bool]]) -> None:
         if not self.waiting:
-            self.progress_at = self.loop.time()
-            if self._timer is None:
-                self._timer = self.loop.call_at(self.progress_at + self.pool.timeout, self._check)
+            self.progress_at, self.patience = self.loop.time(), self.pool.timeout
+        if entries[0][0].patience < self.patience:
+            self.patience = entries[0][0].patience
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if self._timer is None:
+            self._timer = self.loop.call_at(self.progress_at + self.patience, self._check)
         self.waiting.extend(entries)
         data = entries[0][2] if len(entries) == 1 else b"".join([e[2] for e in entries])
         if self.transport is None:
@@ -1631,11 +1651,11 @@ class _Connection(asyncio.Protocol):
     def _check(self) -> None:
         self._timer = None
         if self.waiting:
-            late = self.progress_at + self.pool.timeout
+            late = self.progress_at + self.patience
             if self.loop.time() < late:
                 self._timer = self.loop.call_at(late, self._check)
             else:
-                self.abort(TimeoutError(f"no answer within {self.pool.timeout:g} s"))
+                self.abort(TimeoutError(f"no answer within {self.patience:g} s"))
 
     def abort(self, error: Exception) -> None:
         """Close the connection; what waits on it fails with error, except requests lost
@@ -1856,16 +1876,22 @@ class EtcdClient:
 
     async def request(self, op: str, method: str, path: str, body: bytes = b"",
                       content_type: str = "application/json",
-                      authorization: str | None = None) -> tuple[int, bytes]:
+                      authorization: str | None = None,
+                      patience: float | None = None) -> tuple[int, bytes]:
         """(status, body) from the first endpoint that answers; EtcdUnavailable if none does.
         authorization replaces the client's own Authorization header (the v3 auth token)."""
-        return (await self.request_many(op, [(method, path, body, content_type, authorization)]))[0]
+        return (await self.request_many(op, [(method, path, body, content_type, authorization)],
+                                        patience))[0]
 
-    async def request_many(self, op: str, requests: Sequence[Sequence[Any]]) -> list[tuple[int, bytes]]:
+    async def request_many(self, op: str, requests: Sequence[Sequence[Any]],
+                           patience: float | None = None) -> list[tuple[int, bytes]]:
         """(status, body) for each request, in order: each request a tuple of request()'s
         arguments after op, (method, path[, body[, content_type[, authorization]]]). They
         are sent together (pipelined, a few to a connection) and awaited once; each fails
-        over on its own; EtcdUnavailable if one found no endpoint to answer it."""
+        over on its own; EtcdUnavailable if one found no endpoint to answer it. patience:
+        the seconds an endpoint may stay silent before they go to the next (at most, and by
+        default, the client's timeout)."""
+        patience = self.timeout if patience is None else min(patience, self.timeout)
         started = time.monotonic()
         results: list[Any] = [None] * len(requests)
         todo = list(range(len(requests)))
@@ -1874,7 +1900,7 @@ class EtcdClient:
             if not todo:
                 break
             pool = self._pools[index]
-            batch = _Batch(len(todo), started)
+            batch = _Batch(len(todo), started, patience)
             pool.send([self._encode(pool, *requests[i]) for i in todo], batch)
             await batch.done
             failed = []
@@ -2049,6 +2075,7 @@ class Lost(NamedTuple):
 
 # A key below the root, its value (None: it went) and the index (v2) or revision (v3) of
 # the change: what is not newer than an op's outcome says nothing new (our own puts' echoes).
+# A key ending in "/" is a directory that went (v2), and every key below it with it.
 Change = tuple[str, "str | None", int]
 
 
@@ -2081,6 +2108,11 @@ class Backend(Protocol):
         """Changes below the root as etcd makes them. None each time the watch (re)opens:
         what changed before it is not told, so the registry compares everything with a
         scan() then."""
+
+    async def touch(self, key: str, value: str) -> int:
+        """Write key's value again, only if it is still value, as a change the watch must
+        report (not a refresh): the index (v2) or revision (v3) of that change; 0 if key
+        holds value no more."""
 
     async def scan(self) -> dict[str, str]:
         """Every key and value below the root, now."""
@@ -2197,8 +2229,9 @@ class EtcdV2:
                        **form: Any) -> tuple[int, int, dict]:
         return self._answer(*await self.client.request(op, *self._encode(method, key, query, form)))
 
-    async def _many(self, op: str, requests: Sequence[tuple]) -> list[tuple[int, int, dict]]:
-        return [self._answer(*r) for r in await self.client.request_many(op, requests)]
+    async def _many(self, op: str, requests: Sequence[tuple],
+                    patience: float | None = None) -> list[tuple[int, int, dict]]:
+        return [self._answer(*r) for r in await self.client.request_many(op, requests, patience)]
 
     @staticmethod
     def _refused(what: str, key: str, doc: dict) -> EtcdError:
@@ -2349,7 +2382,8 @@ class EtcdV2:
                 due.append((key, self._kept[key]))
         refresh = f"ttl={self.cfg.timeout}&refresh=true&"
         answers = await self._many("refresh", [("PUT", kept.path, (refresh + kept.ours).encode(),
-                                                FORM) for _, kept in due])
+                                                FORM) for _, kept in due],
+                                   keep_alive_patience(self.cfg))
         if self._present and (full or now - self._announced >= self.period):
             await self.announce()  # a plain put: it comes back if it expired or went
         lost = Lost([], [])
@@ -2362,10 +2396,19 @@ class EtcdV2:
                 (lost.records if key == kept.record else lost.markers).append(kept.record)
         return lost
 
+    async def touch(self, key: str, value: str) -> int:
+        (code, error, doc), = await self._many("touch", [self._encode(
+            "PUT", key, form={"value": value, "ttl": self.cfg.timeout, "prevValue": value})],
+            keep_alive_patience(self.cfg))
+        if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):
+            raise self._refused("touch", key, doc)
+        return _v2_index(doc) if code < 300 else 0
+
     async def announce(self) -> None:
         self._announced = time.monotonic()  # (refused: tried again a period later)
-        code, _, doc = await self._request("presence", "PUT", self.presence,
-                                           value=self.owner, ttl=self.cfg.timeout)
+        (code, _, doc), = await self._many("presence", [self._encode(  # (on keep-alive's time)
+            "PUT", self.presence, form={"value": self.owner, "ttl": self.cfg.timeout})],
+            keep_alive_patience(self.cfg))
         if code >= 300:
             raise self._refused("presence", self.presence, doc)
 
@@ -2408,8 +2451,10 @@ class EtcdV2:
 
     async def changes(self) -> AsyncGenerator[list[Change] | None, None]:
         # A stream from now on (with a waitIndex etcd still remembers, etcd 3.5 sends that
-        # one event and then nothing), then a scan for what came before. etcd ends a stream
-        # that falls 100 events behind: then again.
+        # one event and then nothing), then a scan for what came before. A stream that falls
+        # 100 events behind is dropped by etcd without a word (it stays open and says
+        # nothing more): the registry's watch check notices. A directory deleted (or
+        # expired) takes every key below it, in one event.
         path = _v2_path(self.root) + "?wait=true&recursive=true&stream=true"
         while True:
             async with self.client.stream("watch", "GET", path) as chunks:
@@ -2420,10 +2465,13 @@ class EtcdV2:
                     for line in _lines(buffer, data):
                         event = json.loads(line)
                         node = event["node"]
+                        written = event["action"] in ("set", "create", "update", "compareAndSwap")
                         if not node.get("dir"):
-                            batch.append((node["key"], node.get("value") if event["action"]
-                                          in ("set", "create", "update", "compareAndSwap")
-                                          else None, node["modifiedIndex"]))
+                            batch.append((node["key"], node.get("value") if written else None,
+                                          node["modifiedIndex"]))
+                        elif not written:
+                            batch.append((node["key"].rstrip("/") + "/", None,
+                                          node["modifiedIndex"]))
                     if batch:
                         yield batch
 
@@ -2500,15 +2548,15 @@ class EtcdV3:
         self.auth_token = ""  # etcd's token for the credentials, once authenticated
         self._authenticating = asyncio.Lock()  # one authentication (bcrypt: costly) for all
 
-    async def _call(self, op: str, path: str, doc: dict) -> dict:
+    async def _call(self, op: str, path: str, doc: dict, patience: float | None = None) -> dict:
         auth_token = await self._auth_token()
         try:
-            return await self._post(op, path, doc, auth_token)
+            return await self._post(op, path, doc, auth_token, patience)
         except EtcdError as e:
             if not auth_token or not any(m in str(e) for m in AUTH_TOKEN_REJECTED):
                 raise
         # etcd forgot the token (it restarted, the token expired, auth changed): a new one, once.
-        return await self._post(op, path, doc, await self._auth_token(stale=auth_token))
+        return await self._post(op, path, doc, await self._auth_token(stale=auth_token), patience)
 
     async def _auth_token(self, stale: str = "") -> str:
         """The auth token ("" without credentials); a new one if it is still the stale one."""
@@ -2521,9 +2569,11 @@ class EtcdV3:
                 log_event(logging.DEBUG, "etcd_authenticated", user=self.credentials["name"])
         return self.auth_token
 
-    async def _post(self, op: str, path: str, doc: dict, auth_token: str) -> dict:
+    async def _post(self, op: str, path: str, doc: dict, auth_token: str,
+                    patience: float | None = None) -> dict:
         code, data = await self.client.request(op, "POST", "/v3/" + path,
-                                               json.dumps(doc).encode(), authorization=auth_token)
+                                               json.dumps(doc).encode(), authorization=auth_token,
+                                               patience=patience)
         try:
             reply = json.loads(data.split(b"\n", 1)[0]) if data else {}
         except ValueError:
@@ -2673,7 +2723,8 @@ class EtcdV3:
         lease = self.lease
         if lease and (full or time.monotonic() - self.last_beat >= self.period):
             self.last_beat = time.monotonic()
-            beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": lease})
+            beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": lease},
+                                    keep_alive_patience(self.cfg))
             if int(beat.get("TTL", 0)) <= 0:
                 self._lease_lost(lease)
         if (self._present and (not self.lease or self._presence_on != self.lease)
@@ -2681,6 +2732,14 @@ class EtcdV3:
             await self.announce()  # on a new lease: the one it was on was lost
         lost, self._lost = self._lost, Lost([], [])
         return lost
+
+    async def touch(self, key: str, value: str) -> int:
+        if not self.lease:
+            return 0
+        reply = await self._call("touch", "kv/txn", {
+            "compare": [_compare(key, "VALUE", value)],
+            "success": [self._put(key, value, self.lease)]}, keep_alive_patience(self.cfg))
+        return int(reply.get("header", {}).get("revision", 0)) if reply.get("succeeded") else 0
 
     async def announce(self) -> None:
         self._announced = time.monotonic()  # (refused: tried again a period later)
@@ -2766,6 +2825,13 @@ def make_backend(cfg: Config, owner: str,
 # pauses, one prober retries with capped backoff, and on its return everything
 # is compared with etcd and put right. Only the registry changes a slot.
 # ---------------------------------------------------------------------------
+
+
+# The watch check (Registry._watch_check_loop): how often the watch is asked to report a
+# change of our own, and how long it has to. An echo takes milliseconds; a second of grace
+# leaves room for an etcd under load before the watch is started over (a full compare).
+WATCH_CHECK = 1.0
+WATCH_GRACE = 1.0
 
 
 class State(enum.Enum):
@@ -2927,6 +2993,9 @@ class Registry:
         self._tasks: list[asyncio.Task] = []
         self._watch: asyncio.Task | None = None
         self.watching = asyncio.Event()  # the watch is on: a record that goes is back at once
+        self.heard = 0  # the newest index or revision the watch has reported since it opened
+        self._watch_ready = False  # its stream is open and compared: the watch check may test it
+        self._echo: tuple[int, asyncio.Future] | None = None  # the watch check's, awaited
         self._back_at = 0.0  # when etcd last came back: a slot's state is known again once
         #                      compared with etcd (watching) or answered since
         self._listening: set[Holding] = set()  # holdings told of their record's status
@@ -3114,8 +3183,9 @@ class Registry:
                 self._work.clear()
                 await self._work.wait()
                 continue
+            started = time.monotonic()
             try:
-                await self._apply(batch)
+                await self._apply(batch, started)
             finally:
                 for slot, _ in batch:
                     if slot is not None:
@@ -3135,8 +3205,8 @@ class Registry:
         else:  # a record handed to us as we let go (our marker's value) is ours to delete
             self._changed(slot.key, slot.rechecked, later)
 
-    async def _apply(self, batch: list[tuple[Slot | None, Op]]) -> None:
-        """A batch of ops, and what came of each for its slot."""
+    async def _apply(self, batch: list[tuple[Slot | None, Op]], started: float) -> None:
+        """A batch of ops (sent at started), and what came of each for its slot."""
         try:
             outcomes = await self.backend.apply([op for _, op in batch])
             for (slot, op), outcome in zip(batch, outcomes):
@@ -3146,7 +3216,7 @@ class Registry:
             for slot, op in batch:
                 if slot is not None:
                     self._unanswered(slot, op)
-            self._outage(e)
+            self._outage(e, started)
         except EtcdError as e:
             log_event(logging.ERROR, "etcd_refused", error=e, keys=len(batch))
             for slot, op in batch:
@@ -3155,7 +3225,7 @@ class Registry:
         except Exception as e:  # a bug, or what etcd held that nothing foresaw
             if len(batch) > 1:  # one op at a time, to set aside only the one that fails
                 for one in batch:
-                    await self._apply([one])
+                    await self._apply([one], started)
                 return
             [(slot, op)] = batch
             self.tasks.failed("worker", e, write=op.write.value, key=op.key)
@@ -3335,19 +3405,80 @@ class Registry:
             async with contextlib.aclosing(self.backend.changes()) as changes:
                 async for batch in changes:
                     if batch is None:
+                        self.heard = 0
                         since = time.monotonic()
                         self._compare(await self.backend.scan(), since)
                         self.watching.set()
+                        self._watch_ready = True
                         self._tell_all()
                         continue
                     for key, value, revision in batch:
-                        self._heard(key, value, revision)
+                        if key.endswith("/"):  # a directory went, and all below it
+                            for below in [k for k in self.slots if k.startswith(key)]:
+                                self._heard(below, None, revision)
+                        else:
+                            self._heard(key, value, revision)
+                        self.heard = max(self.heard, revision)
+                    if self._echo is not None and self.heard >= self._echo[0] \
+                            and not self._echo[1].done():
+                        self._echo[1].set_result(None)
         except EtcdUnavailable as e:
             self._outage(e)
         except EtcdError as e:
             log_event(logging.ERROR, "watch_failed", error=e)
             await asyncio.sleep(self.cfg.etcd_timeout)
             self._watch = self.tasks.start("watch", self._watch_loop)
+
+    def _restart_watch(self) -> None:
+        """Give up the watch and open it again: it starts with a full compare. (Records stay
+        as known as they were: etcd answers.)"""
+        self._watch_ready = False
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch = asyncio.ensure_future(self._watch_loop())
+
+    async def _watch_check_loop(self) -> None:
+        """A watch can go quiet while etcd answers: etcd v2 drops a watcher that falls 100
+        events behind and leaves its stream open, saying nothing more; a proxy or a frozen
+        member may stop passing it on. Every WATCH_CHECK seconds one of our records is
+        written again with its own value (touch()), a change the watch must report; if it
+        has not within WATCH_GRACE seconds, the watch starts over, with a full compare. So
+        a change below the root goes unnoticed at most WATCH_CHECK + WATCH_GRACE seconds,
+        plus the compare, however the watch failed."""
+        while True:
+            await asyncio.sleep(WATCH_CHECK)
+            await self._healthy.wait()
+            slot = next((s for s in self.slots.values() if s.holders and not s.inflight
+                         and s.state is State.STORED), None)
+            if slot is None or not (self.watching.is_set() and self._watch_ready):
+                continue  # nothing of ours the watch must keep, or it is not on yet
+            started, written, watch = time.monotonic(), slot.written, self._watch
+            try:
+                revision = await self.backend.touch(slot.key, written)
+            except EtcdUnavailable as e:
+                self._outage(e, started)
+                continue
+            except EtcdError:
+                continue  # (keep-alive or the next op says what is wrong with the record)
+            if not revision and slot.state is State.STORED and slot.written == written \
+                    and not slot.inflight:  # gone or changed hands, and no word of it yet
+                log_event(logging.INFO, "record_lost", key=slot.key)
+                self._changed(slot.key, None)
+            if not revision or not self._watch_ready:
+                continue
+            slot.revision = max(slot.revision, revision)  # its echo says nothing new
+            self._echo = (revision, asyncio.get_running_loop().create_future())
+            if self.heard >= revision:
+                self._echo[1].set_result(None)
+            try:
+                await asyncio.wait_for(self._echo[1], WATCH_GRACE)
+            except asyncio.TimeoutError:
+                if self._watch is watch and self._watch_ready:  # (not started anew since)
+                    log_event(logging.WARNING, "watch_stalled", seconds=WATCH_GRACE,
+                              revision=revision, heard=self.heard)
+                    self._restart_watch()
+            finally:
+                self._echo = None
 
     # -- keeping records alive -------------------------------------------------
 
@@ -3357,10 +3488,12 @@ class Registry:
             await asyncio.sleep(tick)
             await self._healthy.wait()
             full, self._full = self._full, False
+            started = time.monotonic()
             try:
                 lost = await self.backend.keep_alive(full)
             except EtcdUnavailable as e:
-                self._outage(e)
+                self._full = self._full or full
+                self._outage(e, started)
                 continue
             except EtcdError as e:
                 log_event(logging.ERROR, "keep_alive_failed", error=e)
@@ -3381,7 +3514,12 @@ class Registry:
 
     # -- outages ---------------------------------------------------------------
 
-    def _outage(self, error: Exception) -> None:
+    def _outage(self, error: Exception, started: float | None = None) -> None:
+        """etcd did not answer a request begun at started (None: the watch, which an
+        outage's end opens anew). One that began before the last outage ended belongs to
+        that outage (its requests may fail as it ends): its work is simply done again."""
+        if started is not None and started < self._back_at:
+            return
         self.outage_error = str(error)
         if not self._healthy.is_set():
             return
@@ -3404,10 +3542,10 @@ class Registry:
                 break
             except (EtcdUnavailable, EtcdError) as e:
                 self.outage_error = str(e)
-        log_event(logging.WARNING, "etcd_outage_ended",
-                  seconds=round(time.monotonic() - (self.outage_since or 0), 3))
-        self.outage_since = None
         self._back_at = time.monotonic()
+        log_event(logging.WARNING, "etcd_outage_ended",
+                  seconds=round(self._back_at - (self.outage_since or 0), 3))
+        self.outage_since = None
         # While etcd was away, records may have expired or etcd may have lost its data:
         # keep everything alive at once, and compare everything (the watch starts with it).
         self._full = True
@@ -3422,6 +3560,7 @@ class Registry:
         self._tasks = [self.tasks.start(f"worker-{i}", self._worker)
                        for i in range(self.cfg.etcd_concurrency)]
         self._tasks.append(self.tasks.start("keep_alive", self._keep_alive_loop))
+        self._tasks.append(self.tasks.start("watch_check", self._watch_check_loop))
         try:
             await self.backend.ping()
         except (EtcdUnavailable, EtcdError) as e:

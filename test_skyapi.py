@@ -93,6 +93,8 @@ def test_go_original_flags_keep_their_meaning():
     ({"dns_root": "-x.com"}, "dns_root"),
     ({"timeout": "30"}, "timeout"),
     ({"timeout": 0}, "timeout"),
+    ({"timeout": 2}, "timeout"),  # a keep-alive could not wait half a second for a member
+    ({"etcd_timeout": 0.3}, "etcd_timeout"),  # a busy member would look down
     ({"timeout": True}, "timeout"),
     ({"etcd_version": 4}, "etcd_version"),
     ({"etcd_api": ["ftp://x"]}, "etcd_api"),
@@ -1069,19 +1071,29 @@ async def test_record_never_expires_while_the_socket_is_open(etcd, version):
 @pytest.mark.slow
 @async_test
 async def test_v2_refresh_emits_no_watch_event(etcd):
-    """refresh=true keeps the key without a 'set' or 'expire' event for watchers. (An etcd
-    slow past etcd_timeout is an outage, after which the record is put again: so a timeout
-    a loaded test machine does not reach.)"""
+    """refresh=true keeps the key without a 'set' or 'expire' event for watchers: over more
+    than two TTLs the only events are the watch check's, each a compare-and-swap of the
+    record with its own value. (An etcd slow past etcd_timeout is an outage, after which
+    the record is put again: so a timeout a loaded test machine does not reach.)"""
     cfg = config([etcd.url], etcd_timeout=5.0)
     async with running(cfg) as server:
         conn = await connect(server, "service=watched&port=1")
         http = AsyncHTTPClient()
         r = await http.fetch(f"{etcd.url}/v2/keys{skyapi.root_dir(cfg)}?recursive=true")
         index = int(r.headers["X-Etcd-Index"])
-        with pytest.raises(HTTPClientError) as e:
-            await http.fetch(f"{etcd.url}/v2/keys{skyapi.root_dir(cfg)}?wait=true&recursive=true"
-                             f"&waitIndex={index + 1}", request_timeout=2.5 * cfg.timeout)
-        assert e.value.code == 599  # the watch timed out: no event over more than two TTLs
+        until = time.monotonic() + 2.5 * cfg.timeout
+        while time.monotonic() < until - 0.1:
+            try:
+                r = await http.fetch(f"{etcd.url}/v2/keys{skyapi.root_dir(cfg)}?wait=true"
+                                     f"&recursive=true&waitIndex={index + 1}",
+                                     request_timeout=until - time.monotonic())
+            except HTTPClientError as e:
+                assert e.code == 599  # the watch timed out: no event since the last
+                break
+            event = json.loads(r.body)
+            assert event["action"] == "compareAndSwap", event
+            assert event["node"]["value"] == event["prevNode"]["value"], event
+            index = event["node"]["modifiedIndex"]
         conn.close()
 
 
@@ -3816,7 +3828,10 @@ class TcpProxy:
     """A loopback TCP proxy that can cut every connection and refuse new ones, or freeze
     them (bytes stop flowing, sockets stay open), while the server behind it runs on:
     a partition, as etcd or skyapi sees it. It counts the connections it accepted, and
-    can cut the next few at the moment an answer comes back (drop_answers)."""
+    can cut the next few at the moment an answer comes back (drop_answers). With
+    mute_watches, it swallows what etcd sends on watch connections (v2 wait=true, v3
+    /v3/watch) after their first bytes (the answer's head), and passes everything else:
+    a watch gone quiet while etcd answers."""
 
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
@@ -3827,6 +3842,7 @@ class TcpProxy:
         self.flowing.set()
         self.accepted = 0
         self.drop_answers = 0
+        self.mute_watches = False
 
     def freeze(self):
         self.flowing.clear()
@@ -3852,11 +3868,18 @@ class TcpProxy:
             writer.close()
             return
         self.writers |= {writer, up_writer}
+        watch, answered = False, False
 
         async def pipe(r, w):
+            nonlocal watch, answered
             try:
                 while data := await r.read(65536):
+                    watch = watch or w is up_writer and (b"wait=true" in data
+                                                         or b"/v3/watch" in data)
                     await self.flowing.wait()
+                    if w is writer and watch and self.mute_watches and answered:
+                        continue
+                    answered = answered or w is writer
                     if w is writer and self.drop_answers:
                         self.drop_answers -= 1
                         up_writer.transport.abort()
@@ -3891,8 +3914,9 @@ class BlackHole:
             w.transport.abort()
 
 
-def outage_lines(caplog, event):
-    return [r for r in caplog.records if f"event={event}" in r.getMessage()]
+def outage_lines(caplog, *events):
+    return [r for r in caplog.records
+            if any(f"event={event} " in r.getMessage() + " " for event in events)]
 
 
 @pytest.mark.slow
@@ -4811,6 +4835,201 @@ async def test_etcd_leader_killed_under_200_sockets(version):
     finally:
         for m in members:
             m.stop()
+
+
+def puts_below(root: str, n: int) -> list[tuple]:
+    """n v2 puts of other writers' keys below root, for EtcdClient.request_many."""
+    return [("PUT", f"/v2/keys{root}other/n{i}", b"value=x", FORM) for i in range(n)]
+
+
+@pytest.mark.slow
+@async_test
+async def test_v2_watch_dropped_by_etcd_behind_a_frozen_member_is_started_over(caplog):
+    """etcd drops a v2 stream watcher that falls 100 events behind, and leaves its stream
+    open and silent, as it does to the watch of a member frozen while more changes than
+    that happen. The watch check notices: a live record deleted afterwards is back at once
+    through the watch, not at its next refresh."""
+    caplog.set_level(logging.INFO)
+    members = TestEtcd.cluster(3)
+    try:
+        leader = await leader_of(members)
+        followers = [m for i, m in enumerate(members) if i != leader]
+        ordered = [followers[0], members[leader], followers[1]]  # (no election: a follower hangs)
+        cfg = config([m.url for m in ordered], 2, timeout=30, etcd_timeout=5.0)
+        async with running(cfg) as server:
+            conns = [await connect(server, f"service=live&port={port}") for port in (1, 2)]
+            (stream,) = server.registry.backend.client._streams
+            frozen, healthy = ordered[0], ordered[1]
+            assert stream.url == frozen.url
+            view = EtcdView(healthy.url, 2)
+            # (the watch check writes the first record again; the second is the watch's alone)
+            key = skyapi.record_key(skyapi.Registration("live", ("services",), "127.0.0.1", 2),
+                                    cfg.etcd_prefix, cfg.dns_root)
+            writer = skyapi.EtcdClient([healthy.url], 5.0, 4)
+            frozen.proc.send_signal(signal.SIGSTOP)
+            try:
+                await writer.request_many("put", puts_below(prefix_of(cfg), 600))
+            finally:
+                frozen.proc.send_signal(signal.SIGCONT)
+                writer.close()
+            await wait_until(lambda: local_count(frozen.url, 2, prefix_of(cfg)), 5)  # it is back
+            bound = skyapi.WATCH_CHECK + skyapi.WATCH_GRACE + 0.5
+            for _ in range(3):
+                await view.delete(key)
+                gone_at = time.monotonic()
+                await wait_until(lambda: view.has(cfg, key), bound + 1, interval=0.01)
+                assert time.monotonic() - gone_at <= bound
+            assert not outage_lines(caplog, "record_lost")  # the watch put it back, not keep-alive
+            for conn in conns:
+                conn.close()
+            await wait_until(lambda: view.records(prefix_of(cfg) + "services/"), 2,
+                             until=lambda records: not records)
+    finally:
+        for m in members:
+            m.stop()
+
+
+@pytest.mark.slow
+@async_test
+async def test_a_watch_gone_quiet_while_etcd_answers_is_started_over(etcd, version, caplog):
+    """A watch whose stream stops coming (here a proxy swallows it; etcd v2 dropping the
+    watcher, a frozen member, a middlebox do the same) while etcd answers everything else:
+    the watch check notices and starts it over with a full compare, so a deleted live
+    record is back within WATCH_CHECK + WATCH_GRACE and the compare, wherever in the
+    check's cycle the delete lands. A watch that delivers is left alone."""
+    caplog.set_level(logging.INFO)
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    cfg = config([proxy.url], version, timeout=30)
+    view = EtcdView(etcd.url, version)
+    bound = skyapi.WATCH_CHECK + skyapi.WATCH_GRACE + 0.5
+    async with running(cfg) as server:
+        conns = [await connect(server, f"service=quiet&port={port}") for port in (1, 2)]
+        # (the check writes the first record again; the second goes unseen but for the watch)
+        key = skyapi.record_key(skyapi.Registration("quiet", ("services",), "127.0.0.1", 2),
+                                cfg.etcd_prefix, cfg.dns_root)
+        assert await view.has(cfg, key)
+        touched = lambda: server.metrics.etcd_requests.get(("touch", "ok"), 0)  # noqa: E731
+        await wait_until(lambda: touched() >= 2, 3 * skyapi.WATCH_CHECK)
+        assert not outage_lines(caplog, "watch_stalled")
+        proxy.mute_watches = True
+        took = []
+        for delay in (0.1, 0.45, 0.8, 1.3):  # the deletes land at points of the check's cycle
+            await asyncio.sleep(delay)
+            await view.delete(key)
+            gone_at = time.monotonic()
+            await wait_until(lambda: view.has(cfg, key), bound + 1, interval=0.01)
+            took.append(time.monotonic() - gone_at)
+        assert max(took) <= bound, took
+        assert outage_lines(caplog, "watch_stalled")
+        proxy.mute_watches = False
+        for conn in conns:
+            conn.close()
+        await wait_until(lambda: view.empty(cfg), 2)
+    await proxy.cut()
+
+
+@async_test
+async def test_v2_a_directory_deleted_recursively_is_repaired_at_once(private_etcd, caplog):
+    """A directory deleted with all below it (a category, the root domain's, the whole
+    prefix) is the deletion of every record we hold there: each is back within 1 s, by the
+    watch, not at its next refresh."""
+    caplog.set_level(logging.INFO)
+    cfg = config([private_etcd.url], 2, timeout=30)
+    view = EtcdView(private_etcd.url, 2)
+    root = prefix_of(cfg)
+    async with running(cfg) as server:
+        conns = [await connect(server, f"service=s{i % 3}&port={i}&category=c{i % 2}")
+                 for i in range(1, 13)]
+        keys = set(await view.records(root))
+        assert len(keys) == 12
+        for directory in (root + "c0", root.rstrip("/"), cfg.etcd_prefix):
+            await view._fetch(f"/v2/keys{directory}?recursive=true&dir=true", "DELETE")
+            gone_at = time.monotonic()
+            await wait_until(lambda: view.keys_are(cfg, keys), 1.5, interval=0.01)
+            assert time.monotonic() - gone_at <= 1.0, directory
+        assert not outage_lines(caplog, "record_lost")
+        for c in conns:
+            c.close()
+        await wait_until(lambda: view.empty(cfg), 2)
+
+
+@pytest.mark.slow
+@async_test
+async def test_a_hanging_etcd_member_costs_no_record(version, caplog):
+    """The member skyapi uses hangs (SIGSTOP) while records have 4 s left between
+    keep-alives (timeout 6) and etcd_timeout is longer than that: keep-alives give up on it
+    within a third of the time left and go to a healthy member, and stay there. No record
+    goes missing, no lease is lost, no outage."""
+    caplog.set_level(logging.INFO)
+    members = TestEtcd.cluster(3)
+    try:
+        leader = await leader_of(members)
+        followers = [m for i, m in enumerate(members) if i != leader]
+        ordered = [followers[0], members[leader], followers[1]]  # (no election: a follower hangs)
+        cfg = config([m.url for m in ordered], version, timeout=6, etcd_timeout=8.0)
+        assert skyapi.keep_alive_patience(cfg) < cfg.timeout * 2 / 3 / 2
+        prefix = prefix_of(cfg)
+        async with running(cfg) as server:
+            conns = await open_many(server, 50, "hang")
+            with EtcdPoller(members[leader].url, version, prefix, interval=0.02) as poller:
+                ordered[0].proc.send_signal(signal.SIGSTOP)
+                try:
+                    frozen_at = time.monotonic()
+                    await wait_until(lambda: time.monotonic() - frozen_at > 1.5 * cfg.timeout,
+                                     2 * cfg.timeout, interval=0.1)
+                finally:
+                    ordered[0].proc.send_signal(signal.SIGCONT)
+            assert poller.lowest == 50, [s for s in poller.samples if s[1] != 50][:5]
+            assert not outage_lines(caplog, "record_lost", "lease_lost", "etcd_outage_began")
+            assert server.registry.backend.client.url() != ordered[0].url
+            assert all(c.close_code is None for c in conns)
+            for c in conns:
+                c.close()
+    finally:
+        for m in members:
+            m.stop()
+
+
+@pytest.mark.slow
+@async_test
+async def test_requests_that_fail_as_an_outage_ends_belong_to_it(etcd, version, caplog):
+    """One outage is one line when it begins and one when it ends, even when a request
+    begun before its end fails after it: here a handshake's put waits out etcd_timeout at
+    the etcd behind the proxy (frozen), then at an endpoint that never answers, while a
+    keep-alive's failure begins the outage and the proxy flows again, ending it."""
+    caplog.set_level(logging.INFO)
+    hole = BlackHole()
+    await hole.start()
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    cfg = config([f"http://127.0.0.1:{hole.port}", proxy.url], version, timeout=6,
+                 etcd_timeout=5.0)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        held = [await connect(server, f"service=steady&port={p}") for p in (1, 2)]
+        proxy.freeze()
+        frozen_at = time.monotonic()
+        await wait_until(lambda: time.monotonic() - frozen_at > 2, 3)
+        assert not outage_lines(caplog, "etcd_outage_began")
+        late = asyncio.ensure_future(connect(server, "service=late&port=3"))  # its put waits
+        late_at = time.monotonic()
+        await wait_until(lambda: outage_lines(caplog, "etcd_outage_began"), 4 * cfg.etcd_timeout)
+        proxy.flowing.set()
+        await wait_until(lambda: outage_lines(caplog, "etcd_outage_ended"), cfg.timeout)
+        conn = await late
+        await wait_until(lambda: view.count_is(cfg, 3), 2 * cfg.etcd_timeout + 3)
+        # the put has tried both endpoints by now, whatever came of it
+        await wait_until(lambda: time.monotonic() - late_at > 2 * cfg.etcd_timeout + 0.5,
+                         2 * cfg.etcd_timeout + 1, interval=0.1)
+        began = outage_lines(caplog, "etcd_outage_began")
+        ended = outage_lines(caplog, "etcd_outage_ended")
+        assert len(began) == len(ended) == 1, [r.getMessage() for r in began + ended]
+        for c in held + [conn]:
+            c.close()
+        await wait_until(lambda: view.empty(cfg), 2)
+    await proxy.cut()
+    hole.close()
 
 
 class MiniSkyDNS(asyncio.DatagramProtocol):
