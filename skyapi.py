@@ -1769,6 +1769,34 @@ class Lost(NamedTuple):
 Change = tuple[str, "str | None", int]
 
 
+class NoApi(EtcdError):
+    """etcd answers, but not with the API version skyapi is configured for: str() says
+    which etcd lacks what, and what to do."""
+
+    def __init__(self, lack: str, fix: str):
+        super().__init__(f"{lack}: {fix}")
+        self.lack, self.fix = lack, fix
+
+
+# What to do about an etcd without the API of etcd_version (v2 is off by default since
+# etcd 3.4, and gone in 3.6; the v3 JSON gateway is at /v3 since 3.4).
+API_FIX = {
+    2: "start it with --enable-v2 (etcd 3.4, 3.5), or use etcd_version: 3 with CoreDNS "
+       "(etcd 3.6 has no v2)",
+    3: "skyapi needs etcd 3.4 or later with its JSON gateway on (--enable-grpc-gateway, "
+       "the default; etcd 3.3 serves it at /v3beta only)",
+}
+
+
+async def check_api(client: EtcdClient, version: int, method: str, path: str,
+                    body: bytes = b"") -> None:
+    """NoApi unless etcd serves path. A path it does not serve gets Go's plain
+    "404 page not found"; a key that is not there, or a refusal, is a JSON answer."""
+    code, data = await client.request("api_check", method, path, body)
+    if code == 404 and data.startswith(b"404 page not found"):
+        raise NoApi(f"etcd at {client.url()} has no v{version} API", API_FIX[version])
+
+
 class Backend(Protocol):
     """What the registry needs of etcd. A backend turns ops into requests and says what
     came of each; only the registry decides what that means for a record."""
@@ -1792,7 +1820,8 @@ class Backend(Protocol):
         """Every key and value below the root, now."""
 
     async def ping(self) -> None:
-        """EtcdUnavailable or EtcdError unless etcd answers."""
+        """EtcdUnavailable or EtcdError unless etcd answers; NoApi if it answers without
+        the API this backend speaks."""
 
     async def close(self) -> None:
         """Delete what is still ours (v2: each key by its value; v3: revoke the lease)."""
@@ -2084,6 +2113,7 @@ class EtcdV2:
 
     async def ping(self) -> None:
         await self.client.ping()
+        await check_api(self.client, 2, "GET", "/v2/keys/")
 
     async def close(self) -> None:
         deletes = [self._delete(key, kept.value) for key, kept in self._kept.items()]
@@ -2361,6 +2391,7 @@ class EtcdV3:
 
     async def ping(self) -> None:
         await self.client.ping()
+        await check_api(self.client, 3, "POST", "/v3/maintenance/status", b"{}")
 
     async def close(self) -> None:
         lease, self.lease = self.lease, ""
@@ -2489,6 +2520,8 @@ class Registry:
         self.draining = False
         self.outage_since: float | None = None
         self.outage_error = ""
+        self.no_api: NoApi | None = None  # etcd answers without the configured API: clients
+        #                                   are refused, saying what to do
         self._keep: set[Slot] = set()  # while draining: records that outlive their sockets
         self._dirty: dict[Slot, None] = {}  # an ordered set of slots to reconcile
         self._prunes: list[Op] = []  # directories to prune, of slots already gone
@@ -2831,10 +2864,18 @@ class Registry:
         self._healthy.clear()
         self.watching.clear()
         self.outage_since = time.monotonic()
-        log_event(logging.WARNING, "etcd_outage_began", error=error)
+        if not self._lacks_api(error):
+            log_event(logging.WARNING, "etcd_outage_began", error=error)
         if self._watch is not None:
             self._watch.cancel()
         self._tasks.append(asyncio.ensure_future(self._probe()))
+
+    def _lacks_api(self, error: Exception) -> bool:
+        """Whether error says etcd lacks the API; said in the log once, when found so."""
+        was, self.no_api = self.no_api, error if isinstance(error, NoApi) else None
+        if self.no_api and not was:
+            log_event(logging.ERROR, "etcd_api_missing", error=error)
+        return self.no_api is not None
 
     async def _probe(self) -> None:
         delay, cap = 0.05, min(5.0, self.cfg.timeout / 6)
@@ -2846,6 +2887,8 @@ class Registry:
                 break
             except (EtcdUnavailable, EtcdError) as e:
                 self.outage_error = str(e)
+                self._lacks_api(e)
+        self.no_api = None
         log_event(logging.WARNING, "etcd_outage_ended",
                   seconds=round(time.monotonic() - (self.outage_since or 0), 3))
         self.outage_since = None
@@ -3117,6 +3160,7 @@ def upgrade_problem(method: str, headers: Mapping[str, str]) -> str | None:
 # Every other refusal is 1008 (policy violation): the same request would be refused again.
 NOT_THE_REQUESTS_FAULT = {
     "shutting_down": (1001, "going away"),
+    "etcd_api_missing": (1011, "etcd lacks the API"),
     "max_connections": (1013, "try again later"),
     "max_connections_per_ip": (1013, "try again later"),
 }
@@ -3212,6 +3256,9 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
             self.reg, self.token = admit(server.cfg, self.request.query_arguments,
                                          self.request.headers, peer, server.admissions.total,
                                          server.admissions.of(peer))
+            no_api = server.registry.no_api  # (told only to those admitted: it names etcd)
+            if no_api:
+                raise Refusal(no_api.lack, no_api.fix, "etcd_api_missing")
         except Refusal as e:
             self.refusal = e
             return
@@ -3379,8 +3426,8 @@ class ReadyHandler(_ServerHandler):
         if registry.outage_since is None and not registry.draining:
             return self.write("ok\n")
         self.set_status(503)
-        self.write("shutting down\n" if registry.draining else
-                   f"etcd unreachable: {registry.outage_error}\n")
+        self.write("shutting down\n" if registry.draining else f"{registry.no_api}\n"
+                   if registry.no_api else f"etcd unreachable: {registry.outage_error}\n")
 
 
 class ServicesHandler(_AdminHandler):

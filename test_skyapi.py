@@ -2627,8 +2627,9 @@ class TcpProxy:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def cut(self):
+        # close() stops the listening at once. Not wait_closed(): since Python 3.12 it
+        # waits for every connection to end, and these end only below.
         self.server.close()
-        await self.server.wait_closed()
         for w in list(self.writers):
             w.transport.abort()
 
@@ -2638,6 +2639,10 @@ class TcpProxy:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
             writer.close()
+            return
+        if not self.server.is_serving():  # cut while this one was connecting upstream
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self.writers |= {writer, up_writer}
 
@@ -2681,6 +2686,49 @@ class BlackHole:
 
 def outage_lines(caplog, event):
     return [r for r in caplog.records if f"event={event}" in r.getMessage()]
+
+
+@pytest.mark.parametrize("version, without", [(2, "--enable-v2=false"),
+                                              (3, "--enable-grpc-gateway=false")], ids=["v2", "v3"])
+@async_test
+async def test_an_etcd_without_the_api_is_named_on_readyz_once_in_the_log_and_to_clients(
+        version, without, caplog):
+    # etcd 3.4 and 3.5 serve v2 only with --enable-v2 (3.6 not at all); v3 needs the JSON
+    # gateway. Such an etcd answers /health, and "404 page not found" to every record.
+    caplog.set_level("INFO", logger="skyapi")
+    server_etcd = TestEtcd(extra_args=[without]).start()
+    fix = {2: "start it with --enable-v2 (etcd 3.4, 3.5), or use etcd_version: 3 with "
+              "CoreDNS (etcd 3.6 has no v2)",
+           3: "skyapi needs etcd 3.4 or later with its JSON gateway on (--enable-grpc-gateway, "
+              "the default; etcd 3.3 serves it at /v3beta only)"}[version]
+    said = f"etcd at {server_etcd.url} has no v{version} API: {fix}"
+    try:
+        cfg = config([server_etcd.url], version)
+        view = EtcdView(server_etcd.url, version)
+        server = skyapi.Skyapi(cfg)  # not running(): it waits for a watch, which cannot start
+        await server.start()
+        try:
+            assert await probe(server.port, "/readyz") == (503, said + "\n")
+            assert await refusal(server, "service=a&port=1") == ("ERROR: " + said, 1011)
+            # The prober asks again and again (api_check: 404), and the log says it once.
+            await wait_until(lambda: server.metrics.etcd_requests.get(("api_check", "http_404")),
+                             5, until=lambda n: n >= 3)
+            assert [r.getMessage() for r in outage_lines(caplog, "etcd_api_missing")] == [
+                f"event=etcd_api_missing error={json.dumps(said)}"]
+            assert not outage_lines(caplog, "etcd_outage_began")
+            # Started again with the API: found on reconnecting, and all is well.
+            server_etcd.kill()
+            server_etcd.extra_args = []
+            await server_etcd.restart()
+            await wait_until(lambda: probe(server.port, "/readyz"), 10,
+                             until=lambda r: r == (200, "ok\n"))
+            conn = await connect(server, "service=a&port=1")
+            assert await view.count_is(cfg, 1)
+            conn.close()
+        finally:
+            await server.stop()
+    finally:
+        server_etcd.stop()
 
 
 @pytest.mark.slow
