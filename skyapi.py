@@ -2945,10 +2945,10 @@ class Registry:
 # /provide turns a socket into a held record. prepare() checks the request (a
 # valid upgrade, then admit()), holds the record and waits (bounded) until
 # etcd has it, before Tornado answers: a client whose socket opens is in DNS.
-# A request Tornado then answers itself (400, 403, 426) never held anything,
-# and on_finish() gives back whatever is held by a response that is not a 101;
-# a hang-up, a close frame, a reset, a missed pong or our own close give it
-# back at once. A client's close frame is answered once etcd has let go of the
+# A request that is no valid upgrade is answered there (400, 403, 405, 426)
+# and holds nothing; on_finish() gives back whatever is held by a response
+# that is not a 101; a hang-up, a close frame, a reset, a missed pong or our
+# own close give it back at once. A client's close frame is answered once etcd has let go of the
 # record too: a socket closes out of DNS as it opened in it. Each count has one
 # owner: Admissions (requests from admission to their end, by peer: what the
 # limits count), OpenSockets (the open ones, pinged from one timer), Metrics
@@ -3132,27 +3132,26 @@ class OpenSockets:
                 self._on_missed_pong(handler)
 
 
-def upgrade_problem(method: str, headers: Mapping[str, str]) -> str | None:
-    """Why Tornado will not upgrade this request to a websocket (it answers 400, 403 or 426
-    itself), or None: the checks of Tornado 6.6's WebSocketHandler.get and accept_connection,
-    made first so that nothing is held for a request that never becomes a socket. (Tornado
-    6.5 also upgrades versions 7 and 8, and cross-site requests without an Origin: those
-    then hear ERROR + 1008. Either way nothing is held, and on_finish gives back anything
-    held for a request Tornado answers itself.)"""
+def upgrade_problem(method: str, headers: Mapping[str, str]) -> tuple[int, str] | None:
+    """The HTTP status and the reason this request is not upgraded to a websocket, or None:
+    the checks of Tornado 6.6's WebSocketHandler.get and accept_connection, made first so
+    that nothing is held for a request that never becomes a socket, and answered by skyapi
+    so that every Tornado answers alike (6.5 upgrades versions 7 and 8, and cross-site
+    requests without an Origin)."""
     if method != "GET":
-        return f"{method} is not GET"
+        return 405, f"{method} is not GET"
     if headers.get("Upgrade", "").lower() != "websocket":
-        return "needs 'Upgrade: websocket'"
+        return 400, "needs 'Upgrade: websocket'"
     if "upgrade" not in [s.strip().lower() for s in headers.get("Connection", "").split(",")]:
-        return "needs 'Connection: Upgrade'"
+        return 400, "needs 'Connection: Upgrade'"
     if headers.get("Sec-WebSocket-Version") != "13":
-        return "needs 'Sec-WebSocket-Version: 13'"
+        return 426, "needs 'Sec-WebSocket-Version: 13'"
     for name in ("Host", "Sec-WebSocket-Key"):
         if not headers.get(name):
-            return f"needs a {name} header"
+            return 400, f"needs a {name} header"
     site = headers.get("Sec-Fetch-Site")
     if site not in (None, "same-origin", "none") and not headers.get("Origin"):
-        return "a cross-site request needs an Origin header"
+        return 403, "a cross-site request needs an Origin header"
     return None
 
 
@@ -3246,10 +3245,15 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
     async def prepare(self) -> None:
         """Check the request and hold its record before Tornado answers it."""
         server = self.server
+        problem = upgrade_problem(self.request.method or "", self.request.headers)
+        if problem:  # no websocket: nothing is held
+            status, why = problem
+            self.set_status(status)
+            if status == 426:
+                self.set_header("Sec-WebSocket-Version", "13")
+            self.finish(why + "\n")
+            return
         try:
-            problem = upgrade_problem(self.request.method or "", self.request.headers)
-            if problem:  # Tornado answers it (400, 403, 426): nothing is held
-                raise Refusal("upgrade", problem)
             if server.registry.draining:
                 raise Refusal("server", "is shutting down", "shutting_down")
             peer = check_peer(self.request.remote_ip or "")  # with xheaders, as the proxy says
