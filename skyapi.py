@@ -2929,9 +2929,11 @@ class Registry:
         while ((self._dirty or self._prunes or any(s.inflight for s in self.slots.values()))
                and self._healthy.is_set() and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
-        for task in [*self._tasks, self._watch]:
-            if task is not None:
-                task.cancel()
+        tasks = [t for t in [*self._tasks, self._watch] if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # ended, not only told to: a loop closed next must find none pending
+            await asyncio.wait(tasks, timeout=1)
         try:
             await asyncio.wait_for(self.backend.close(), max(0.1, deadline - time.monotonic()))
         except (EtcdUnavailable, EtcdError, asyncio.TimeoutError) as e:

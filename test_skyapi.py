@@ -221,7 +221,8 @@ def test_readme_settings_table_and_commands_as_a_newcomer_runs_them():
     commands = re.findall(r"^    (\S.*)$", first, re.M)
     test_it = ".venv/bin/python -m pytest -q -n 6 --dist worksteal test_skyapi.py"
     with open(os.path.join(HERE, ".ci", "run")) as f:
-        assert test_it in commands and test_it in f.read().splitlines()  # CI runs it as written
+        ci = [line.strip() for line in f.read().splitlines()]
+    assert test_it in commands and test_it in ci  # CI runs it as written
     for command in commands:  # after "Try it", python is the venv's: nothing is activated
         assert not re.match(r"python3? (?!-m venv)", command), command
 
