@@ -4199,7 +4199,12 @@ class DevEtcd:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                # Too slow to stop (a loaded machine): stop() still ends it and its folder.
+                self.proc.kill()
+                self.proc.wait()
         self.proc = None
 
     def remove(self) -> None:
