@@ -13,7 +13,8 @@ FROM python:3.11-slim-bookworm
 
 # The runtime dependencies of requirements.txt, pinned to the versions the tests pass with.
 # User and group share one fixed id, outside the system range (no useradd warning).
-RUN pip install --no-cache-dir --disable-pip-version-check tornado==6.6.1 PyYAML==6.0.4 \
+RUN pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
+        tornado==6.6.1 PyYAML==6.0.4 \
  && groupadd --gid 10001 skyapi \
  && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin skyapi
 

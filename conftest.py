@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import shutil
 import ssl
 import subprocess
@@ -424,13 +425,22 @@ def process_args(cfg) -> list[str]:
 class SkyapiProcess:
     """skyapi as a child process (for signals), its log in a file."""
 
-    def __init__(self, tmp_path, *args: str):
+    def __init__(self, tmp_path, *args: str, open_files: int | None = None):
+        """open_files: the process's hard limit on open files (it takes its hard limit)."""
         self.port = free_port()
         self.log = tmp_path / f"skyapi-{self.port}.log"
+        limit = None if open_files is None else functools.partial(
+            resource.setrlimit, resource.RLIMIT_NOFILE, (open_files, open_files))
         with open(self.log, "wb") as stderr:
             self.proc = subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "skyapi.py"), "--listen-addr",
-                 f"127.0.0.1:{self.port}", *args], stderr=stderr, cwd=HERE)
+                 f"127.0.0.1:{self.port}", *args], stderr=stderr, cwd=HERE, preexec_fn=limit)
+
+    def cpu_seconds(self) -> float:
+        """The CPU time the process has used so far (user and system)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     async def started(self) -> None:
         await wait_until(lambda: logged(self.log, "start") or self.proc.poll() is not None, 15)

@@ -36,6 +36,7 @@ import ctypes
 import dataclasses
 import difflib
 import enum
+import errno
 import fcntl
 import functools
 import gc
@@ -74,6 +75,7 @@ import yaml
 from tornado import httputil, iostream, netutil, web, websocket
 from tornado.httpclient import HTTPRequest
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
 
 __version__ = "1.0.0.dev0"  # skyapi.py --version
 
@@ -87,42 +89,77 @@ __version__ = "1.0.0.dev0"  # skyapi.py --version
 log = logging.getLogger("skyapi")
 
 
+def event_text(event: str, fields: Mapping[str, Any]) -> str:
+    """``event=name key=value ...``, a value quoted (as JSON) when it has a space, a quote,
+    an equals sign, a backslash or something unprintable, or is empty."""
+    parts = [f"event={event}"]
+    for k, v in fields.items():
+        s = str(v)
+        if not s or any(c in s for c in ' "=\\') or not s.isprintable():
+            s = json.dumps(s)
+        parts.append(f"{k}={s}")
+    return " ".join(parts)
+
+
 def log_event(level: int, event: str, exc_info: Any = None, **fields: Any) -> None:
-    """One line per event, as ``event=name key=value ...`` (values quoted when needed);
-    exc_info adds a traceback, for a bug."""
+    """One line per event; exc_info adds a traceback, for a bug."""
     if log.isEnabledFor(level):
-        parts = [f"event={event}"]
-        for k, v in fields.items():
-            s = str(v)
-            if not s or any(c in s for c in ' "=\\') or not s.isprintable():
-                s = json.dumps(s)
-            parts.append(f"{k}={s}")
-        log.log(level, " ".join(parts), exc_info=exc_info)
+        log.log(level, event_text(event, fields), exc_info=exc_info)
 
 
 QUERY_STRING = re.compile(r"(?:\?|%3[Ff])[^\s\"']*")
+TORNADO_TLS_ERROR = "SSL Error on %s %s: %s"  # tornado.iostream's, with (fd, peer, error)
+# Tornado names the peer of a failed handshake only while the socket is still connected, and
+# a client's alert (an unknown CA) comes as it hangs up: the server notes the peer of each
+# connection it accepts by its file descriptor, which only a later connection reuses.
+TLS_PEERS: dict[int, str] = {}
 
 
-def _without_query_strings(record: logging.LogRecord) -> bool:
-    """Others' lines (Tornado's, asyncio's) may quote a request's URI, and its query string
-    may carry a client's token: cut it out. skyapi's own lines never carry one."""
-    if record.name != log.name:
-        message = record.getMessage()
-        if QUERY_STRING.search(message):
-            record.msg, record.args = QUERY_STRING.sub("?<redacted>", message), ()
+def _address(peer: Any) -> str:
+    """A socket address as host:port ([host]:port for IPv6), or the text given."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def _as_event(record: logging.LogRecord) -> bool:
+    """Others' lines (Tornado's, asyncio's) become events too. A failed TLS handshake is
+    tls_failed, whichever side it failed on; any other line is library_log with its text,
+    less any query string: a URI quoted there may carry a client's token."""
+    if record.name == log.name:
+        return True
+    args = record.args
+    if record.msg == TORNADO_TLS_ERROR and isinstance(args, tuple) and len(args) == 3:
+        peer = (_address(args[1]) if isinstance(args[1], tuple)
+                else TLS_PEERS.get(cast(int, args[0]), ""))
+        text = event_text("tls_failed", {"peer": peer or "unknown", "error": args[2]})
+    else:
+        text = event_text("library_log", {"logger": record.name, "message": QUERY_STRING.sub(
+            "?<redacted>", record.getMessage())})
+    record.msg, record.args = text, ()
     return True
 
 
+class _EventFormatter(logging.Formatter):
+    """time= level= and the event; a traceback (a bug's) stays on its line, as one more
+    key=value, so that every line of the log is one event."""
+
+    def formatException(self, ei: Any) -> str:
+        return "traceback=" + json.dumps(super().formatException(ei))
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " ")  # only before the traceback
+
+
 def setup_logging(level: str) -> None:
-    # Every part of a line is key=value, so log tools parse it without a pattern of their own.
-    formatter = logging.Formatter("time=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
-                                  "%Y-%m-%dT%H:%M:%S")
+    formatter = _EventFormatter("time=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
+                                "%Y-%m-%dT%H:%M:%S")
     formatter.converter = time.gmtime
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
-    handler.addFilter(_without_query_strings)
+    handler.addFilter(_as_event)
     wanted = {"warn": logging.WARNING}.get(level, getattr(logging, level.upper()))
-    # Others (Tornado, asyncio) only from warnings up: their debug lines are not key=value.
+    # Others (Tornado, asyncio) only from warnings up: their debug and info lines are chatter.
     logging.basicConfig(handlers=[handler], level=max(wanted, logging.WARNING))
     log.setLevel(wanted)
     logging.addLevelName(logging.WARNING, "warn")
@@ -421,6 +458,7 @@ class Setting:
     item: type = str  # what a list holds: str, or dict (a flag gives each as YAML/JSON text)
     secret: bool = False  # its value is never shown: not in errors, not in the Config's repr
     metavar: str = ""  # how --help names its value; empty: by its kind
+    group: str = ""  # the part of --help it is listed in: one of HELP_GROUPS
     name: str = ""  # its Config field's (SETTINGS fills it in)
 
     @property
@@ -624,83 +662,91 @@ class Config:
     the one place its setting is declared: SETTINGS, the YAML keys, the flags and --help
     are all derived from these fields, in this order."""
     listen_addr: str = setting(":8053", "host:port where websocket clients connect; "
-                               ":8053 is every address", _listen_addr, metavar="HOST:PORT")
+                               ":8053 is every address", _listen_addr, metavar="HOST:PORT",
+                               group="listening")
     dns_root: str = setting("skydns.local.", "the root domain SkyDNS/CoreDNS serves", _dns_root,
-                            metavar="DOMAIN")
+                            metavar="DOMAIN", group="records")
     default_category: str = setting("services", "the category when a client gives none (a comma "
                                     "list, left to right as in the DNS name)", _categories,
-                                    metavar="LABELS")
+                                    metavar="LABELS", group="records")
     etcd_api: list[str] = setting(["http://127.0.0.1:2379"], "an etcd endpoint; repeat the flag "
-                                  "for several, tried in order", _urls, metavar="URL")
+                                  "for several, tried in order", _urls, metavar="URL", group="etcd")
     etcd_version: int = setting(2, "2: etcd v2 keys with TTLs (SkyDNS); 3: etcd v3 keys on one "
-                                "lease (CoreDNS)", _one_of(2, 3), metavar="2|3")
+                                "lease (CoreDNS)", _one_of(2, 3), metavar="2|3", group="etcd")
     etcd_prefix: str = setting("/skydns", "the path all records live under", _etcd_prefix,
-                               metavar="PATH")
+                               metavar="PATH", group="records")
     timeout: int = setting(30, "seconds a record outlives skyapi if skyapi dies (the etcd TTL or "
-                           "lease TTL)", _at_least(2), metavar="SECONDS")
+                           "lease TTL)", _at_least(2), metavar="SECONDS", group="records")
     ping_interval: float = setting(10.0, "seconds between websocket pings to each client",
-                                   _at_least(0.1), metavar="SECONDS")
+                                   _at_least(0.1), metavar="SECONDS", group="listening")
     ping_timeout: float = setting(10.0, "seconds a client has to answer a ping, at most "
                                   "ping_interval; a client that does not is dropped",
-                                  _at_least(0.1), metavar="SECONDS")
+                                  _at_least(0.1), metavar="SECONDS", group="listening")
     dns_ttl: int = setting(30, "the ttl field of each record: seconds a DNS answer may be cached",
-                           _at_least(0), metavar="SECONDS")
+                           _at_least(0), metavar="SECONDS", group="records")
     log_level: str = setting("info", "error, warn, info or debug",
-                             _one_of("error", "warn", "info", "debug"), metavar="LEVEL")
+                             _one_of("error", "warn", "info", "debug"), metavar="LEVEL",
+                             group="lifecycle")
     etcd_timeout: float = setting(5.0, "seconds etcd may leave requests unanswered before "
                                   "they fail over to the next endpoint", _at_least(0.1),
-                                  metavar="SECONDS")
+                                  metavar="SECONDS", group="etcd")
     # 64, not 16: 20,000 v2 deletes reached etcd at 17,200/s against 14,500/s, and etcd spent
     # 38 us of CPU per delete against 47 us, its commits batching more (bench_etcdclient.py).
     etcd_concurrency: int = setting(64, "the most connections to each etcd endpoint; requests "
-                                    "beyond them are pipelined on them", _at_least(1))
+                                    "beyond them are pipelined on them", _at_least(1), group="etcd")
     self_register: str = setting("", "register this skyapi as service 'skyapi' at HOST[:PORT] "
                                  "(no port: the one it listens on), so clients find every "
                                  "instance by SRV; empty: off", _advertised,
-                                 metavar="HOST[:PORT]")
+                                 metavar="HOST[:PORT]", group="records")
     tokens: tuple[Token, ...] = setting(
         [], "a token clients must present and what it may register, as YAML or JSON: "
         "'{value_file: PATH, services: [web-*], categories: [prod], admin: false}'; repeat the "
         "flag for several. Without tokens, anyone may register anything", _tokens, item=dict,
-        secret=True, metavar="MAPPING")
+        secret=True, metavar="MAPPING", group="security")
     host_policy: str = setting("any", "any: a client may register any host; peer: only its own "
-                               "address", _one_of("any", "peer"), metavar="any|peer")
+                               "address", _one_of("any", "peer"), metavar="any|peer",
+                               group="security")
     xheaders: bool = setting(False, "take the peer's address from X-Real-IP/X-Forwarded-For "
-                             "(only behind a proxy that sets them)")
-    max_connections: int = setting(0, "the most registrations held at once (0: no limit)",
-                                   _at_least(0))
+                             "(only behind a proxy that sets them)", group="security")
+    max_connections: int = setting(0, "the most registrations held at once (0: as many as "
+                                   "the open file limit allows, said at start)", _at_least(0),
+                                   group="security")
     max_connections_per_ip: int = setting(0, "the most registrations held for one peer address "
-                                          "(0: no limit)", _at_least(0))
+                                          "(0: no limit)", _at_least(0), group="security")
     allowed_origins: list[str] = setting([], "a browser origin (https://host[:port]) that may "
                                          "connect; repeat the flag for several. Requests without "
                                          "an Origin header come from programs, not browsers, and "
-                                         "are not affected", _origins, metavar="ORIGIN")
+                                         "are not affected", _origins, metavar="ORIGIN",
+                                         group="security")
     tls_cert_file: str = setting("", "PEM certificate (chain): serve wss:// and https:// instead "
-                                 "of ws:// and http://", _readable, metavar="FILE")
-    tls_key_file: str = setting("", "PEM private key of tls_cert_file", _readable, metavar="FILE")
+                                 "of ws:// and http://", _readable, metavar="FILE", group="TLS")
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file", _readable, metavar="FILE",
+                                group="TLS")
     etcd_ca_file: str = setting("", "PEM CA bundle that signed the certificates of https:// etcd "
-                                "endpoints; empty: the system's CAs", _readable, metavar="FILE")
+                                "endpoints; empty: the system's CAs", _readable, metavar="FILE",
+                                group="TLS")
     etcd_cert_file: str = setting("", "PEM client certificate for etcd's --client-cert-auth",
-                                  _readable, metavar="FILE")
+                                  _readable, metavar="FILE", group="TLS")
     etcd_key_file: str = setting("", "PEM private key of etcd_cert_file", _readable,
-                                 metavar="FILE")
+                                 metavar="FILE", group="TLS")
     etcd_username: str = setting("", "etcd user (etcd auth, v2 or v3); needs one of the three "
-                                 "password settings", metavar="NAME")
+                                 "password settings", metavar="NAME", group="etcd")
     etcd_password: str = setting("", "etcd_username's password, inline (anyone who reads the "
                                  "file or the command line sees it)", secret=True,
-                                 metavar="PASSWORD")
+                                 metavar="PASSWORD", group="etcd")
     etcd_password_env: str = setting("", "the environment variable that holds the password",
-                                     metavar="VARIABLE")
+                                     metavar="VARIABLE", group="etcd")
     etcd_password_file: str = setting("", "the file that holds the password (a final newline "
-                                      "is ignored)", _readable, metavar="FILE")
+                                      "is ignored)", _readable, metavar="FILE", group="etcd")
     request_timeout: float = setting(10.0, "seconds a connection has to send its whole "
                                      "request, and a kept-alive HTTP connection may idle, "
-                                     "before it is closed", _at_least(0.1), metavar="SECONDS")
+                                     "before it is closed", _at_least(0.1), metavar="SECONDS",
+                                     group="listening")
     drain_grace: float = setting(10.0, "seconds SIGTERM keeps the records of the sockets it "
                                  "closes, while their clients reconnect to another instance",
-                                 _at_least(0), metavar="SECONDS")
+                                 _at_least(0), metavar="SECONDS", group="lifecycle")
     dev: bool = setting(False, "start a throwaway etcd child on loopback (etcd from PATH or "
-                        "beside this Python) and use it instead of etcd_api")
+                        "beside this Python) and use it instead of etcd_api", group="lifecycle")
 
 
 SETTINGS: tuple[Setting, ...] = tuple(dataclasses.replace(f.metadata["setting"], name=f.name)
@@ -918,9 +964,21 @@ def shown_default(s: Setting) -> str:
     return f" (default: {text})"
 
 
+# The parts of --help, in order: each setting names its own (Setting.group).
+HELP_GROUPS = {"listening": "where clients connect, and how long they may stay silent",
+               "etcd": "the etcd skyapi writes to",
+               "records": "what each registration becomes in DNS",
+               "security": "who may register what (see docs/security.md)",
+               "TLS": "certificates: wss:// for clients, https:// to etcd",
+               "lifecycle": "the log, stopping, and a throwaway etcd to try skyapi with"}
+
+
 def server_arg_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(  # no abbreviations: as Go's flags, and a typo is never another flag
-        prog="skyapi.py", usage="%(prog)s [-c FILE] [--SETTING VALUE ...]", allow_abbrev=False,
+        prog="skyapi.py", allow_abbrev=False,
+        usage="%(prog)s [-c FILE] [--SETTING VALUE ...]\n"
+              "       %(prog)s provide --url URL --service NAME --port N [FLAG ...]\n"
+              "       %(prog)s healthcheck (--pid PID | the server's or the client's arguments)",
         description="Keep SkyDNS/CoreDNS records in etcd for live websockets. Every setting is "
         "a flag and a key of the YAML file (--dns-root <-> dns_root); a flag wins over the file.",
         epilog="To try it: 'skyapi.py --dev' runs a throwaway etcd. The client that holds a "
@@ -929,6 +987,7 @@ def server_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="FILE", help="YAML file of settings (skyapi.yaml "
                    "lists every one)")
     p.add_argument("--version", action="version", version=f"skyapi {__version__}")
+    groups = {name: p.add_argument_group(name, text) for name, text in HELP_GROUPS.items()}
     for s in SETTINGS:
         kw: dict[str, Any] = {"dest": s.name, "default": None, "help": s.help + shown_default(s)}
         if s.kind is list:
@@ -937,7 +996,7 @@ def server_arg_parser() -> argparse.ArgumentParser:
             kw.update(nargs="?", const="true", metavar=s.metavar or "BOOL")
         else:
             kw.update(metavar=s.metavar or {int: "N", float: "NUMBER"}.get(s.kind, "TEXT"))
-        p.add_argument(s.flag, **kw)
+        groups[s.group].add_argument(s.flag, **kw)
     return p
 
 
@@ -958,6 +1017,16 @@ def load_config(argv: Sequence[str]) -> Config:
     given = vars(args)
     values = read_config_file(given.pop("config")) if given.get("config") else {}
     return make_config(values, {k: v for k, v in given.items() if v is not None})
+
+
+NO_CONFIG_FILE = "no file: defaults and flags"
+
+
+def config_source(argv: Sequence[str]) -> str:
+    """What the start line says was read: the -c file, or that there is none (a file
+    mounted at the usual place but not named with -c is not read, and this shows it)."""
+    path = server_arg_parser().parse_known_args(argv)[0].config
+    return os.path.abspath(path) if path else NO_CONFIG_FILE
 
 
 # ---------------------------------------------------------------------------
@@ -1042,6 +1111,23 @@ def check_limits(cfg: Config, peer: str, held: int, held_by_peer: int) -> None:
         raise Refusal("max_connections_per_ip", f"{peer} holds its limit of "
                       f"{cfg.max_connections_per_ip} connections; try again later",
                       "max_connections_per_ip")
+
+
+def client_descriptors(open_file_limit: int, cfg: Config) -> int:
+    """How many file descriptors connections from clients may take: not those etcd's
+    connections may need (etcd_concurrency to each endpoint, opened as the load grows, and
+    the watch; twice that, for connections closing while others replace them), nor the
+    few the log, certificates and DNS lookups take."""
+    return open_file_limit - 2 * (cfg.etcd_concurrency * len(cfg.etcd_api) + 2) - 16
+
+
+def socket_capacity(open_file_limit: int, in_use: int, cfg: Config) -> int:
+    """How many registrations fit under the open file limit: what clients may take, less
+    what is open already (the listener, the log) and a margin for connections not yet
+    admitted (handshakes, probes, a refusal's own socket): without it a client past the
+    limit would hear nothing at all, its connection left waiting to be accepted."""
+    margin = max(32, open_file_limit // 50)
+    return max(0, client_descriptors(open_file_limit, cfg) - in_use - margin)
 
 
 def admit(cfg: Config, query: Mapping[str, list[bytes]], headers: Mapping[str, str], peer: str,
@@ -1678,6 +1764,10 @@ class EtcdClient:
         self._on_request(op, "unavailable", time.monotonic() - started)
         raise EtcdUnavailable("; ".join(errors))
 
+    def connections(self) -> int:
+        """How many connections to etcd are open or opening (watches not counted)."""
+        return sum(len(pool.connections) for pool in self._pools)
+
     async def ping(self) -> None:
         code, data = await self.request("health", "GET", "/health")
         if code != 200:
@@ -1802,6 +1892,7 @@ class Backend(Protocol):
     came of each; only the registry decides what that means for a record."""
 
     batch_limit: int  # the most ops one apply() carries
+    client: EtcdClient
 
     async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
         """Each op's outcome. EtcdUnavailable: no answer (some may be done); EtcdError:
@@ -2578,6 +2669,12 @@ class Registry:
         """Records of live sockets this instance has in etcd."""
         return sum(1 for s in self.slots.values() if s.holders and s.state is State.STORED)
 
+    @property
+    def missing(self) -> int:
+        """Records of live sockets not in DNS: being written, refused by etcd, or etcd away."""
+        return sum(1 for s in self.slots.values()
+                   if s.holders and s.state not in (State.STORED, State.OTHERS))
+
     def _slot(self, reg: Registration, endpoint: tuple[str, int],
               collision_free: bool = False) -> Slot:
         """The slot of reg's record: at its Go id, unless that is another endpoint's."""
@@ -2996,6 +3093,7 @@ class Metrics:
         self.refused: dict[str, int] = {}
         self.dropped_peers = 0
         self.connections_total = 0
+        self.accept_pauses = 0
         self.etcd_requests: dict[tuple[str, str], int] = {}
         self.etcd_latency: dict[str, Histogram] = {}
 
@@ -3007,6 +3105,9 @@ class Metrics:
 
     def count_dropped_peer(self) -> None:
         self.dropped_peers += 1
+
+    def count_accept_pause(self) -> None:
+        self.accept_pauses += 1
 
     def on_etcd_request(self, op: str, outcome: str, seconds: float) -> None:
         self.etcd_requests[op, outcome] = self.etcd_requests.get((op, outcome), 0) + 1
@@ -3026,6 +3127,12 @@ class Metrics:
                [("", len(server.sockets))])
         family("skyapi_connections_total", "counter", "Registrations accepted since start.",
                [("", self.connections_total)])
+        family("skyapi_connections_max", "gauge", "Registrations that may be held at once: "
+               "max_connections, or what the open file limit allows.",
+               [("", server.cfg.max_connections)])
+        family("skyapi_accept_pauses_total", "counter", "Times accepting connections paused "
+               "for want of file descriptors (or memory), new clients waiting meanwhile.",
+               [("", self.accept_pauses)])
         family("skyapi_records", "gauge", "Records held in etcd.", [("", reg.records)])
         family("skyapi_refused_total", "counter", "Connections refused, by reason.",
                [(f'{{reason="{r}"}}', n) for r, n in sorted(self.refused.items())])
@@ -3038,7 +3145,38 @@ class Metrics:
                 for (op, o), n in sorted(self.etcd_requests.items())])
         family("skyapi_etcd_request_seconds", "histogram", "etcd request latency.",
                [s for op, h in sorted(self.etcd_latency.items()) for s in h.samples(f'op="{op}"')])
+        # What alerts compare with: the records that should be in DNS and are not, and how
+        # long a hand-over has run against the grace it may take.
+        family("skyapi_records_missing", "gauge", "Records of live sockets not in etcd (being "
+               "written, refused, or etcd away).", [("", reg.missing)])
+        family("skyapi_drain_grace_seconds", "gauge", "drain_grace: the longest a hand-over "
+               "keeps the records of the sockets it closed.", [("", server.cfg.drain_grace)])
+        family("skyapi_draining_seconds", "gauge", "Seconds since SIGTERM began the hand-over; "
+               "0 while serving.", [("", server.draining_seconds)])
+        for name, kind, help_, value in process_figures():
+            family(name, kind, help_, [("", value)])
         return "".join(out)
+
+
+def process_figures() -> list[tuple[str, str, str, float]]:
+    """The process_* series every Prometheus client library exports (name, type, help,
+    value), as far as Linux's /proc tells: CPU, memory and file descriptors, for dividing
+    by the sockets held and for the file limit's alert."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    figures = [("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.",
+                usage.ru_utime + usage.ru_stime),
+               ("process_max_fds", "gauge", "The open file limit (soft).",
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0])]
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        figures += [("process_resident_memory_bytes", "gauge", "Resident memory in bytes.",
+                     pages * resource.getpagesize()),
+                    ("process_open_fds", "gauge", "Open file descriptors.",
+                     len(os.listdir("/proc/self/fd")))]
+    except OSError:  # no /proc: not Linux
+        pass
+    return figures
 
 
 class Admissions:
@@ -3409,10 +3547,11 @@ class NotFoundHandler(_ServerHandler):
 
 def log_request(handler: web.RequestHandler) -> None:
     """Tornado's access log, without the query string, where a client's token may be:
-    failed requests only (skyapi logs its own events, not one line per health check). The
-    path is one of skyapi's routes, or 'unknown'; the method one of HTTP's, or 'other'."""
+    failed requests only, and never a probe's answer (a /readyz 503 every few seconds of an
+    outage would bury the one line that reports it). The path is one of skyapi's routes, or
+    'unknown'; the method one of HTTP's, or 'other'."""
     status = handler.get_status()
-    if status >= 400:
+    if status >= 400 and not isinstance(handler, (HealthHandler, ReadyHandler)):
         method = handler.request.method
         log_event(logging.WARNING if status < 500 else logging.ERROR, "http_error",
                   status=status,
@@ -3453,12 +3592,138 @@ class MetricsHandler(_AdminHandler):
 # Seconds a hand-over may take beyond drain_grace to delete what is still ours.
 DELETE_TIME = 4.0
 
+# accept() errors that say the process or the machine is out of something (descriptors,
+# buffers, memory) rather than that one connection failed.
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def raise_open_file_limit() -> int:
+    """Every socket is a file descriptor, and the usual soft limit (1024) is far below what
+    one skyapi holds: take the hard limit, as Go programs do by themselves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def open_descriptors() -> int | None:
+    """How many file descriptors this process has open, where the kernel tells at the cost
+    of one stat (Linux 6.2 and later give the count as the size of /proc/self/fd); None
+    elsewhere."""
+    try:
+        return os.stat("/proc/self/fd").st_size or None
+    except OSError:
+        return None
+
+
+def descriptors_left_for(cfg: Config, etcd: EtcdClient) -> Callable[[], bool]:
+    """Whether a new connection may take a descriptor (client_descriptors). Where the count
+    is not cheap to have, always yes: accept() failing is then the bound."""
+    most = client_descriptors(resource.getrlimit(resource.RLIMIT_NOFILE)[0], cfg)
+    return lambda: (open_descriptors() or 0) - etcd.connections() < most
+
+
+class _Acceptor:
+    """Accepts a listener's connections, as Tornado's own handler does, but not past the
+    descriptors etcd needs (room), and backs off when accept() fails for want of
+    descriptors: the connection then stays in the backlog, the listener stays readable, and
+    Tornado's handler would log a traceback and be called again at once, a spin that fills
+    the disk with tracebacks. This one stops accepting for a moment (doubling, up to a
+    quarter of a second). An episode is logged twice: when accepting stops, and once it has
+    gone a second without stopping, with the count."""
+
+    PAUSE_FIRST, PAUSE_MOST, QUIET = 0.02, 0.25, 1.0
+
+    def __init__(self, sock: socket.socket, callback: Callable[[socket.socket, Any], None],
+                 room: Callable[[], bool], on_pause: Callable[[], None]):
+        self.sock, self.callback, self.room, self.on_pause = sock, callback, room, on_pause
+        self.loop = IOLoop.current()
+        self.pauses = 0  # in this episode
+        self.since = self.last_pause = 0.0
+        self.pause = self.PAUSE_FIRST
+        self.resuming: object | None = None  # while paused
+        self.ending: object | None = None  # while accepting again in an episode
+        self.loop.add_handler(sock, self._accept, IOLoop.READ)
+
+    def _accept(self, fd: Any, events: int) -> None:
+        for _ in range(128):  # as Tornado: others get the loop between bursts
+            if not self.room():
+                self._paused("too few file descriptors left for etcd")
+                return
+            try:
+                connection, address = self.sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if e.errno not in OUT_OF_RESOURCES:
+                    raise
+                self._paused(e.strerror or str(e))
+                return
+            if self.pauses and self.ending is None:
+                self.ending = self.loop.call_later(self.QUIET, self._maybe_over)
+            self.callback(connection, address)
+
+    def _paused(self, why: str) -> None:
+        now = time.monotonic()
+        if not self.pauses:
+            self.since = now
+            log_event(logging.WARNING, "accept_paused", why=why,
+                      open_file_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.pauses += 1
+        self.last_pause = now
+        self.on_pause()
+        self.loop.remove_handler(self.sock)
+        self.resuming = self.loop.call_later(self.pause, self._resume)
+        self.pause = min(self.pause * 2, self.PAUSE_MOST)
+
+    def _resume(self) -> None:
+        self.resuming = None
+        self.loop.add_handler(self.sock, self._accept, IOLoop.READ)
+
+    def _maybe_over(self) -> None:
+        self.ending = None
+        quiet = time.monotonic() - self.last_pause
+        if quiet < self.QUIET:
+            self.ending = self.loop.call_later(self.QUIET - quiet, self._maybe_over)
+            return
+        log_event(logging.INFO, "accept_resumed", pauses=self.pauses,
+                  seconds=f"{self.last_pause - self.since:.1f}")
+        self.pauses, self.pause = 0, self.PAUSE_FIRST
+
+    def remove(self) -> None:
+        for timeout in (self.resuming, self.ending):
+            if timeout is not None:
+                self.loop.remove_timeout(timeout)
+        if self.resuming is None:
+            self.loop.remove_handler(self.sock)
+        self.resuming = self.ending = None
+
+
+class _Listener(HTTPServer):
+    """Tornado's HTTP server, accepting through _Acceptor (with TCPServer.add_sockets' own
+    bookkeeping: its stop() calls each entry of _handlers to end), and noting each
+    connection's peer for a failed TLS handshake's line."""
+
+    def handle_stream(self, stream: iostream.IOStream, address: tuple) -> None:
+        TLS_PEERS[stream.socket.fileno()] = _address(address)
+        super().handle_stream(stream, address)
+
+    def add_sockets_backing_off(self, sockets: Iterable[socket.socket], room: Callable[[], bool],
+                                on_pause: Callable[[], None]) -> None:
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = _Acceptor(sock, self._handle_connection, room,
+                                                      on_pause).remove
+
 
 class Skyapi:
     """One running server: its registry, its HTTP listener and the sockets it holds."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, config_file: str = NO_CONFIG_FILE):
         self.cfg = cfg
+        self.config_file = config_file  # where cfg came from, for the start line
         self.owner = instance_name()
         self.metrics = Metrics()
         self.registry = Registry(make_backend(cfg, self.owner, self.metrics.on_etcd_request),
@@ -3469,6 +3734,11 @@ class Skyapi:
         self.port = 0
         self._http: HTTPServer | None = None
         self._pinging: asyncio.Task | None = None
+        self._stopping_at: float | None = None  # monotonic time of SIGTERM
+
+    @property
+    def draining_seconds(self) -> float:
+        return 0.0 if self._stopping_at is None else time.monotonic() - self._stopping_at
 
     def _drop(self, handler: ProvideHandler) -> None:
         """A peer that missed its pong has vanished (power loss, partition): drop it now,
@@ -3490,7 +3760,24 @@ class Skyapi:
             default_handler_class=NotFoundHandler, default_handler_args=kw,
             websocket_max_message_size=4096, log_function=log_request)
 
+    def _fit_open_file_limit(self) -> int:
+        """Refuse registrations (1013, as max_connections does) before the process runs
+        out of file descriptors: max_connections is the capacity the limit allows when
+        none is set, and no more than that when one is. Returns the limit."""
+        limit = raise_open_file_limit()
+        in_use = open_descriptors() or len(os.listdir("/dev/fd"))
+        capacity = socket_capacity(limit, in_use, self.cfg)
+        wanted = self.cfg.max_connections
+        if wanted > capacity:
+            log_event(logging.WARNING, "max_connections_above_file_limit", max_connections=wanted,
+                      open_file_limit=limit, capacity=capacity,
+                      fix="raise the open file limit (LimitNOFILE, ulimit -n, --ulimit nofile)")
+        if not wanted or wanted > capacity:
+            self.cfg = dataclasses.replace(self.cfg, max_connections=capacity)
+        return limit
+
     async def start(self) -> None:
+        open_file_limit = self._fit_open_file_limit()
         host, port = split_host_port(self.cfg.listen_addr)
         sockets = netutil.bind_sockets(port, host or None, backlog=4096)
         self.port = sockets[0].getsockname()[1]
@@ -3498,18 +3785,21 @@ class Skyapi:
         # too: the wait for the next request is the same read) and as much for a body. No
         # request of skyapi's has a body: one of over 4 KB is answered 400 before a byte of it
         # is read (Tornado would hold up to 100 MB of it before any handler sees the request).
-        self._http = HTTPServer(self.application(), xheaders=self.cfg.xheaders,
-                                ssl_options=server_ssl_context(self.cfg),
-                                idle_connection_timeout=self.cfg.request_timeout,
-                                body_timeout=self.cfg.request_timeout, max_body_size=4096)
-        self._http.add_sockets(sockets)
+        self._http = _Listener(self.application(), xheaders=self.cfg.xheaders,
+                               ssl_options=server_ssl_context(self.cfg),
+                               idle_connection_timeout=self.cfg.request_timeout,
+                               body_timeout=self.cfg.request_timeout, max_body_size=4096)
+        room = descriptors_left_for(self.cfg, self.registry.backend.client)
+        self._http.add_sockets_backing_off(sockets, room,
+                                           self.metrics.count_accept_pause)
         self._pinging = asyncio.ensure_future(self.sockets.run())
         await self.registry.start()
         if self.cfg.self_register:
             await self._register_self()
         log_event(logging.INFO, "start", owner=self.owner, listen=self.cfg.listen_addr, port=self.port,
                   etcd=",".join(self.cfg.etcd_api), etcd_version=self.cfg.etcd_version,
-                  dns_root=self.cfg.dns_root)
+                  dns_root=self.cfg.dns_root, open_file_limit=open_file_limit,
+                  max_connections=self.cfg.max_connections, config=self.config_file)
         if not self.cfg.tokens:
             log_event(logging.WARNING, "no_tokens", risk="anyone who reaches skyapi may "
                       "register any name at any address: configure tokens")
@@ -3534,6 +3824,7 @@ class Skyapi:
         another instance at once; the records stay for drain_grace while that instance's
         put takes each over; then what is still ours is deleted. A rolling restart never
         takes a live client out of DNS."""
+        self._stopping_at = time.monotonic()
         if self._self is not None:  # no new client should pick this instance
             self.registry.release(self._self)
             self._self = None
@@ -3649,7 +3940,8 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
         conn = connecting.result()
     except Exception as e:  # refused, reset, timed out, not a websocket (HTTP 404)...
         why = str(e) or type(e).__name__
-        log_event(logging.WARNING, "provide_failed", url=url, error=why)
+        if not isinstance(e, ssl.SSLError):  # a failed handshake: Tornado's tls_failed said it
+            log_event(logging.WARNING, "provide_failed", url=url, error=why)
         return "failed", None, why
     state.now(f"connected to {url}, waiting for the server to accept")
     since = 0.0
@@ -3904,49 +4196,53 @@ def serve_provide_health(addr: str, state: ProvideState) -> HTTPServer:
 
 def provide_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="skyapi.py provide", allow_abbrev=False,
+        prog="skyapi.py provide", allow_abbrev=False, add_help=False,
         description="Register a service with skyapi and hold the registration until "
                     "SIGTERM/SIGINT; the record goes when this stops.",
         epilog=f"The token may also come from the environment variable {TOKEN_ENV} "
                "(a flag wins over it).")
-    p.add_argument("--url", required=True, action="append",
-                   help="skyapi address, e.g. ws://skyapi:8053 (wss:// with TLS), or "
-                   "srv://skyapi.services.skydns.local to find one by SRV (see self_register). "
-                   "Repeat for several: they are tried in turn, and one going away (close "
-                   "1001) sends the client to the next at once")
-    p.add_argument("--dns-server", metavar="HOST[:PORT]",
-                   help="DNS server for srv:// lookups (default: the first in /etc/resolv.conf)")
-    p.add_argument("--service", required=True,
-                   help="the service to register: one DNS label, e.g. web (required)")
-    p.add_argument("--port", required=True, type=int,
-                   help="the port the service listens on, 1-65535 (required)")
-    p.add_argument("--host", help="address to register (default: the address skyapi sees "
-                   "the connection come from)")
-    p.add_argument("--category", help="comma list of categories, left to right as in the "
-                   "DNS name (default: the server's default_category)")
-    p.add_argument("--priority", type=int,
-                   help="SRV priority, 0-65535, lower is tried first (default 1)")
-    p.add_argument("--weight", type=int,
-                   help="SRV weight among equal priorities, 0-65535 (default 100)")
-    p.add_argument("--prefix", help="label prepended to the record id, e.g. a datacenter")
-    p.add_argument("--token-file", metavar="PATH",
-                   help="file holding the bearer token, if the server wants one (a final "
-                   f"newline is ignored); or set {TOKEN_ENV}")
-    p.add_argument("--token", help="the bearer token itself: visible to every user of the "
-                   f"host in ps, so prefer --token-file or {TOKEN_ENV}")
-    p.add_argument("--reconnect", type=int, default=-1,
-                   help="reconnect attempts in a row without registering before giving up "
-                   "(default -1: forever)")
-    p.add_argument("--check-tcp", metavar="HOST:PORT",
-                   help="register only while HOST:PORT accepts TCP connections")
-    p.add_argument("--health-addr", metavar="HOST:PORT",
-                   help="serve /healthz (200 while running) and /readyz (200 while registered, "
-                   "else 503 and why) here, e.g. 127.0.0.1:8054 (default: none)")
-    p.add_argument("--ping-interval", type=float, default=10.0,
-                   help="seconds between pings to the server; one unanswered drops the socket "
-                   "(default 10)")
-    p.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"],
-                   help="(default info)")
+    # --help as the server's: what every client must give first, defaults as (default: X).
+    need, opt = p.add_argument_group("required"), p.add_argument_group("options")
+    need.add_argument("--url", required=True, action="append",
+                      help="skyapi address, e.g. ws://skyapi:8053 (wss:// with TLS), or "
+                      "srv://skyapi.services.skydns.local to find one by SRV (see "
+                      "self_register). Repeat for several: they are tried in turn, and one "
+                      "going away (close 1001) sends the client to the next at once")
+    need.add_argument("--service", required=True, metavar="NAME",
+                      help="the service to register: one DNS label, e.g. web")
+    need.add_argument("--port", required=True, type=int, metavar="N",
+                      help="the port the service listens on, 1-65535")
+    opt.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    opt.add_argument("--host", help="address to register; empty: the address skyapi sees the "
+                     "connection come from")
+    opt.add_argument("--category", metavar="LABELS", help="comma list of categories, left to "
+                     "right as in the DNS name; empty: the server's default_category")
+    opt.add_argument("--priority", type=int, metavar="N",
+                     help="SRV priority, 0-65535, lower is tried first (default: 1)")
+    opt.add_argument("--weight", type=int, metavar="N",
+                     help="SRV weight among equal priorities, 0-65535 (default: 100)")
+    opt.add_argument("--prefix", metavar="LABEL",
+                     help="label prepended to the record id, e.g. a datacenter")
+    opt.add_argument("--token-file", metavar="PATH",
+                     help="file holding the bearer token, if the server wants one (a final "
+                     f"newline is ignored); or set {TOKEN_ENV}")
+    opt.add_argument("--token", help="the bearer token itself: visible to every user of the "
+                     f"host in ps, so prefer --token-file or {TOKEN_ENV}")
+    opt.add_argument("--reconnect", type=int, default=-1, metavar="N",
+                     help="reconnect attempts in a row without registering before giving up; "
+                     "-1: never give up (default: -1)")
+    opt.add_argument("--check-tcp", metavar="HOST:PORT",
+                     help="register only while HOST:PORT accepts TCP connections")
+    opt.add_argument("--health-addr", metavar="HOST:PORT",
+                     help="serve /healthz (200 while running) and /readyz (200 while "
+                     "registered, else 503 and why) here, e.g. 127.0.0.1:8054; empty: none")
+    opt.add_argument("--ping-interval", type=float, default=10.0, metavar="SECONDS",
+                     help="seconds between pings to the server; one unanswered drops the "
+                     "socket (default: 10)")
+    opt.add_argument("--dns-server", metavar="HOST[:PORT]",
+                     help="DNS server for srv:// lookups; empty: the first in /etc/resolv.conf")
+    opt.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"],
+                     metavar="LEVEL", help="error, warn, info or debug (default: info)")
     return p
 
 
@@ -4260,15 +4556,6 @@ def dev_etcd(cfg: Config) -> Iterator[Config]:
 # ---------------------------------------------------------------------------
 
 
-def raise_open_file_limit() -> int:
-    """Every socket is a file descriptor, and the usual soft limit (1024) is far below what
-    one skyapi holds: take the hard limit, as Go programs do by themselves."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 def tune_garbage_collector() -> None:
     """Python's cyclic collector walks every live object again whenever enough new ones pile
     up, and thousands of sockets are a great many live objects: with the default thresholds
@@ -4278,10 +4565,9 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, config_file: str = NO_CONFIG_FILE) -> int:
     """Run until SIGTERM/SIGINT, then stop cleanly."""
-    log_event(logging.DEBUG, "open_file_limit", limit=raise_open_file_limit())
-    server = Skyapi(cfg)
+    server = Skyapi(cfg, config_file)
     try:
         await server.start()
     except OSError as e:  # a port in use or not ours, an address not on this host
@@ -4400,7 +4686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(argv)
         setup_logging(cfg.log_level)
         with dev_etcd(cfg) if cfg.dev else contextlib.nullcontext(cfg) as cfg:
-            return asyncio.run(serve(cfg))
+            return asyncio.run(serve(cfg, config_source(argv)))
     except ConfigError as e:  # every start-up error a user can cause: one line, exit code 2
         print(f"skyapi: {e}", file=sys.stderr)
         return 2

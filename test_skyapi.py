@@ -35,6 +35,7 @@ import time
 import types
 import typing
 import urllib.parse
+import warnings
 
 import hypothesis
 import pytest
@@ -187,6 +188,49 @@ def test_help_names_every_setting_with_its_default_as_written_in_yaml():
     assert "skyapi.py --dev" in r.stdout and "skyapi.py provide --help" in r.stdout
 
 
+def help_entries(text: str) -> dict[str, str]:
+    """--help's entries, by flag: one per option, whose first line starts with two spaces and
+    a dash, its text on one line."""
+    return {m.group(1): " ".join(m.group(2).split()) for m in re.finditer(
+        r"^  (-[-\w]+)(.*?)(?=^  -|^\S|\Z)", text, re.M | re.S)}
+
+
+def help_sections(text: str) -> dict[str, str]:
+    """--help's parts, by title (a line such as 'etcd:'), each with its text."""
+    parts = re.split(r"^(\w[\w ]*):\n", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_help_is_grouped_and_its_usage_names_every_command():
+    r = skyapi_command("--help")
+    usage = r.stdout.split("\n\n", 1)[0]
+    assert "skyapi.py provide --url" in usage and "skyapi.py healthcheck" in usage
+    sections = help_sections(r.stdout)
+    assert list(sections) == ["options", *skyapi.HELP_GROUPS]
+    for s in skyapi.SETTINGS:
+        assert s.group in skyapi.HELP_GROUPS, s.name
+        assert s.flag in help_entries(sections[s.group]), (s.name, s.group)
+
+
+def test_provide_help_describes_every_flag_as_the_server_does():
+    r = skyapi_command("provide", "--help")
+    assert r.returncode == 0 and r.stderr == ""
+    sections = help_sections(r.stdout)
+    assert list(sections) == ["required", "options"]  # what every client must give, first
+    parser = skyapi.provide_arg_parser()
+    required = {a.option_strings[-1] for a in parser._actions if a.required}
+    assert set(help_entries(sections["required"])) == required == {"--url", "--service", "--port"}
+    entries = help_entries(r.stdout)
+    for action in parser._actions:
+        text = entries[action.option_strings[0]]
+        assert action.help and text.count("default") <= 1, text
+        assert "(default " not in text and "(default)" not in text, text
+        if action.default not in (None, "==SUPPRESS=="):
+            shown = f"{action.default:g}" if isinstance(action.default, float) else action.default
+            assert text.endswith(f"(default: {shown})"), text
+    assert entries["--log-level"].endswith("error, warn, info or debug (default: info)")
+
+
 def test_version():
     r = skyapi_command("--version")
     assert (r.returncode, r.stdout) == (0, f"skyapi {skyapi.__version__}\n")
@@ -211,20 +255,177 @@ def test_shipped_yaml_is_every_setting_at_its_default():
     assert skyapi.make_config(shipped) == skyapi.make_config({})
 
 
-def test_readme_settings_table_and_commands_as_a_newcomer_runs_them():
-    with open(os.path.join(HERE, "README.md")) as f:
-        readme = f.read()
-    first = readme[readme.index("## Try it"):readme.index("## The /provide endpoint")]
-    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \|", first, re.M)
-    assert {name for row in rows for name in re.findall(r"`(\w+)`", row)} == {
-        s.name for s in skyapi.SETTINGS}
-    commands = re.findall(r"^    (\S.*)$", first, re.M)
+# The documentation: README.md is the front door, docs/ the rest. Everything they name exists,
+# every setting is documented, every link leads somewhere, every command runs as written.
+
+DOCS = ["README.md", "CHANGELOG.md",
+        *(f"docs/{n}" for n in sorted(os.listdir(os.path.join(HERE, "docs"))) if n.endswith(".md"))]
+README_LINES = 250
+# Flags of the other programs the documents run: etcd, etcdctl, docker/podman, pytest, systemctl.
+OTHERS_FLAGS = {"--data-dir", "--enable-v2", "--listen-client-urls", "--advertise-client-urls",
+                "--client-cert-auth", "--quota-backend-bytes", "--endpoints", "--prefix",
+                "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now", "--ulimit",
+                "--from-file"}
+OTHERS_NAMES = {"stop_grace_period"}  # docker compose's
+
+
+def read_doc(name: str) -> str:
+    with open(os.path.join(HERE, name)) as f:
+        return f.read()
+
+
+def parser_flags(parser) -> set[str]:
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+def help_flags(script: str) -> set[str]:
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return set(re.findall(r"--[a-z][a-z0-9-]*[a-z0-9]", r.stdout))
+
+
+def doc_commands(text: str) -> list[str]:
+    """The commands of a document: its lines indented by four spaces, a trailing \\ joined
+    with the next line."""
+    return re.findall(r"^    (\S(?:.*\\\n)*.*)$", text, re.M)
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
+
+
+def skyapi_args(command: str) -> list[str] | None:
+    """The arguments a command gives skyapi.py, or None when it runs something else."""
+    words = shlex.split(command.replace("\\\n", " "), comments=True)
+    runs = [i for i, w in enumerate(words[1:], 1) if posixpath.basename(w) == "skyapi.py"
+            and posixpath.basename(words[i - 1]).startswith("python")]
+    if not runs:
+        return None
+    args = words[runs[0] + 1:]
+    return args[:-1] if args[-1:] == ["&"] else args
+
+
+def check_skyapi_args(args: list[str], where) -> None:
+    """args as skyapi.py takes them, or fail: the server's settings are loaded (relative
+    to the checkout, as a newcomer runs them), the client's flags parsed."""
+    if args[:1] == ["healthcheck"]:
+        args = args[1:]
+        if args[:1] == ["--pid"]:
+            assert len(args) == 2 and args[1].isdigit(), where
+            return
+    if args[:1] == ["provide"]:
+        try:
+            skyapi.provide_arg_parser().parse_args(args[1:])
+        except SystemExit:
+            pytest.fail(f"{where}: provide {args[1:]}")
+        return
+    # Where a command names the installed copy of the shipped file, the shipped file it is.
+    args = [a if a != "/etc/skyapi/skyapi.yaml" else "skyapi.yaml" for a in args]
+    cwd = os.getcwd()
+    os.chdir(HERE)
+    try:
+        skyapi.load_config(args)
+    except skyapi.ConfigError as e:
+        pytest.fail(f"{where}: {e}")
+    finally:
+        os.chdir(cwd)
+
+
+def test_readme_is_a_front_door_that_names_every_document():
+    readme = read_doc("README.md")
+    assert len(readme.splitlines()) <= README_LINES
+    for name in DOCS[1:]:
+        assert f"]({name})" in readme, name
+
+
+def test_every_setting_is_in_configuration_md_once_in_order_with_its_default():
+    table = read_doc("docs/configuration.md").split("## Every setting", 1)[1]
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", table, re.M)
+    assert [name for name, _ in rows] == [s.name for s in skyapi.SETTINGS]
+    for s, (_, default) in zip(skyapi.SETTINGS, rows):
+        assert yaml.safe_load(default or '""') == s.default, (s.name, default)
+
+
+def test_readme_settings_are_settings_with_their_defaults():
+    readme = read_doc("README.md")
+    defaults = {s.name: s.default for s in skyapi.SETTINGS}
+    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \| `([^`]*)` \|", readme, re.M)
+    assert len(rows) >= 10
+    for names, default in rows:
+        for name in re.findall(r"`(\w+)`", names):
+            assert yaml.safe_load(default or '""') == defaults[name], name
+
+
+def test_every_flag_the_documents_name_exists():
+    ours = (parser_flags(skyapi.server_arg_parser()) | parser_flags(skyapi.provide_arg_parser())
+            | {"--pid"} | help_flags("bench_skyapi.py") | help_flags("bench_etcdclient.py"))
+    for name in DOCS:
+        text = read_doc(name)
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*[a-z0-9])(?![\w-])(?!: unknown flag)", text):
+            assert flag in ours | OTHERS_FLAGS, (name, flag)
+
+
+def test_every_setting_the_documents_name_exists():
+    """A name in backquotes that looks like a setting (snake_case) is one, or a name skyapi
+    itself uses (an event, a metric, a token's key): a setting renamed or removed fails."""
+    settings = {s.name for s in skyapi.SETTINGS}
+    known = set(re.findall(r"\w+", read_doc("skyapi.py") + read_doc("bench_skyapi.py")))
+    for name in DOCS:
+        text = read_doc(name)
+        for word in re.findall(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?::[^`]*)?`", text):
+            assert (word in settings | known | OTHERS_NAMES
+                    or re.fullmatch(r"http_\d{3}", word)), (name, word)
+        for block in code_blocks(text, "yaml"):
+            for doc in yaml.safe_load_all(block):
+                if doc.get("kind") == "ConfigMap":
+                    skyapi.make_config(yaml.safe_load(doc["data"]["skyapi.yaml"]))
+                elif "apiVersion" not in doc:  # skyapi's own file
+                    assert set(doc) <= settings, (name, set(doc) - settings)
+
+
+def test_every_relative_link_resolves():
+    def anchors(path: str) -> set[str]:
+        headings = re.findall(r"^#{1,6} (.+)$", re.sub(r"^```.*?^```", "", read_doc(path),
+                                                        flags=re.M | re.S), re.M)
+        return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+    for name in DOCS:
+        text = re.sub(r"^```.*?^```", "", read_doc(name), flags=re.M | re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            path = posixpath.normpath(posixpath.join(posixpath.dirname(name), path)) if path else name
+            assert os.path.exists(os.path.join(HERE, path)), (name, target)
+            assert not anchor or anchor in anchors(path), (name, target)
+
+
+def test_commands_in_the_documents_run_as_written():
+    readme = read_doc("README.md")
     test_it = ".venv/bin/python -m pytest -q -n 6 --dist worksteal test_skyapi.py"
     with open(os.path.join(HERE, ".ci", "run")) as f:
-        ci = [line.strip() for line in f.read().splitlines()]
-    assert test_it in commands and test_it in ci  # CI runs it as written
-    for command in commands:  # after "Try it", python is the venv's: nothing is activated
-        assert not re.match(r"python3? (?!-m venv)", command), command
+        ci = [line.strip() for line in f.read().splitlines()]  # (the command sits in a step)
+    assert test_it in doc_commands(readme) and test_it in ci  # CI runs it as written
+    checked = 0
+    for name in DOCS:
+        text = read_doc(name)
+        for command in doc_commands(text):  # after "Try it", python is the venv's: not activated
+            assert not re.match(r"python3? (?!-m venv)", command), (name, command)
+            args = skyapi_args(command)
+            if args is not None:
+                check_skyapi_args(args, (name, command))
+                checked += 1
+        for block in code_blocks(text, "yaml"):  # a Kubernetes container running the client
+            for doc in yaml.safe_load_all(block):
+                for container in doc.get("spec", {}).get("containers", []):
+                    if container.get("args", [None])[0] == "provide":
+                        check_skyapi_args(container["args"], (name, container["name"]))
+                        checked += 1
+        for line in re.findall(r"^ExecStart=(.*)$", text, re.M):  # systemd units
+            check_skyapi_args(skyapi_args(line), (name, line))
+            checked += 1
+    assert checked >= 6  # the units and pods themselves are deploy/'s, checked below
 
 
 # The security settings: tokens and etcd passwords are never shown.
@@ -922,6 +1123,26 @@ async def scrape(port: int) -> dict:
     return out
 
 
+@async_test
+async def test_operating_md_lists_every_metric_label_and_op_a_live_server_shows(etcd, version):
+    cfg = config([etcd.url], version)
+    async with running(cfg) as server:
+        conn = await connect(server, "service=documented&port=1")
+        await refusal(server, "service=bad.name&port=1")
+        kept = "refresh" if version == 2 else "lease_keepalive"
+        await wait_until(lambda: any(op == kept for op, _ in server.metrics.etcd_requests), 10)
+        conn.close()
+        await wait_until(lambda: EtcdView(etcd.url, version).empty(cfg), 5)
+        code, text = await get(server.port, "/metrics")
+    documented = read_doc("docs/operating.md")
+    for family in re.findall(r"^# TYPE (\w+)", text, re.M):
+        assert f"| `{family}" in documented, family
+    for label in set(re.findall(r"(\w+)=\"", text)) - {"le"}:
+        assert re.search(rf"`\w+\{{([a-z]+,)*{label}[,}}]", documented), label
+    for value in set(re.findall(r'(?:op|reason)="(\w+)"', text)):
+        assert f"`{value}`" in documented, value
+
+
 def sample(metrics: dict, name: str, **labels) -> float:
     return metrics.get((name, frozenset(labels.items())), 0.0)
 
@@ -982,6 +1203,26 @@ async def test_healthz_readyz_and_services_list_live_registrations(etcd):
         await wait_until(lambda: _services_are(server.port, []), 2)
 
 
+@pytest.mark.slow
+@async_test
+async def test_metrics_show_how_long_a_hand_over_has_run_against_its_grace(etcd):
+    """While a hand-over waits for another instance to take a record over, /metrics says
+    for how long, beside drain_grace: what the alert on an overrunning drain compares."""
+    cfg = config([etcd.url], drain_grace=3.0)
+    async with running(cfg) as other:  # another instance alive: the grace is waited out
+        server = skyapi.Skyapi(cfg)
+        await server.start()
+        held = await connect(server, "service=drain&port=1")  # closed by the stop, not back
+        stopping = asyncio.ensure_future(server.stop())
+        m = await wait_until(lambda: scrape(server.port), 2, until=lambda m: sample(
+            m, "skyapi_draining_seconds") > 0.5)
+        assert sample(m, "skyapi_draining_seconds") < cfg.drain_grace
+        assert sample(m, "skyapi_drain_grace_seconds") == cfg.drain_grace
+        await stopping
+        held.close()
+        assert sample(await scrape(other.port), "skyapi_draining_seconds") == 0
+
+
 async def _services_are(port, services):
     return [d["service"] for d in json.loads((await get(port, "/services"))[1])] == services
 
@@ -1002,6 +1243,11 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage(private_
         assert m["TYPE", "skyapi_etcd_request_seconds"] == "histogram"
         assert (sample(m, "skyapi_connections_open"), sample(m, "skyapi_records"),
                 sample(m, "skyapi_etcd_up")) == (0, 0, 1)
+        assert (sample(m, "skyapi_records_missing"), sample(m, "skyapi_draining_seconds"),
+                sample(m, "skyapi_drain_grace_seconds")) == (0, 0, cfg.drain_grace)
+        assert sample(m, "process_max_fds") >= sample(m, "process_open_fds") > 0
+        assert sample(m, "process_resident_memory_bytes") > 10e6
+        assert sample(m, "process_cpu_seconds_total") > 0
 
         conns = [await connect(server, f"service=m&port={p}") for p in (1, 2)]
         m = await scrape(server.port)
@@ -1037,13 +1283,15 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage(private_
         assert sum(v for k, v in m.items() if k[0] == "skyapi_etcd_requests_total"
                    and ("outcome", "unavailable") in k[1]) >= 1
         assert sample(m, "skyapi_connections_open") == 2 and sample(m, "skyapi_records") == 1
+        assert sample(m, "skyapi_records_missing") == 1  # held, not in etcd
         code, reason = await get(server.port, "/readyz")
         assert code == 503 and reason.startswith("etcd unreachable: ")
         assert await get(server.port, "/healthz") == (200, "ok\n")
 
         await etcd.restart()
         await wait_until(lambda: scrape(server.port), cfg.timeout, until=lambda m: (
-            sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records")) == (1, 2))
+            sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records"),
+            sample(m, "skyapi_records_missing")) == (1, 2, 0))
         assert await get(server.port, "/readyz") == (200, "ok\n")
         m = await scrape(server.port)
         assert sample(m, "skyapi_etcd_requests_total", op="health", outcome="unavailable") >= 1
@@ -1324,9 +1572,8 @@ async def test_provide_client_keeps_its_registration_across_server_pings(etcd):
 def test_provide_help_explains_every_flag_and_its_default(capsys):
     flags = {a.option_strings[-1]: a.help for a in skyapi.provide_arg_parser()._actions}
     assert all(flags.values()), [f for f, h in flags.items() if not h]
-    assert "(required)" in flags["--service"] and "(required)" in flags["--port"]
-    assert flags["--priority"].endswith("(default 1)")
-    assert flags["--weight"].endswith("(default 100)")
+    assert flags["--priority"].endswith("(default: 1)")  # not a default argparse knows
+    assert flags["--weight"].endswith("(default: 100)")
     assert "SKYAPI_TOKEN" in flags["--token-file"] and "ps" in flags["--token"]
     assert skyapi.main(["healthcheck", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: skyapi.py healthcheck ")
@@ -1537,6 +1784,450 @@ async def test_healthcheck_of_a_client_asks_its_health_listener():
         bare.kill()
 
 
+# --- deployment parts: deploy/, checked against skyapi and by their own tools -----------
+
+DEPLOY = os.path.join(HERE, "deploy")
+RESTRICTED_VOLUMES = {"configMap", "secret", "emptyDir", "projected", "downwardAPI", "csi",
+                      "ephemeral", "persistentVolumeClaim"}
+# Python, Tornado and skyapi before any socket, and the least a socket costs: the
+# benchmark's figures are 19.8-24.3 KB a socket at 2,000 and 10,000 sockets.
+BASE_MEMORY, MEMORY_PER_SOCKET = 40e6, 20e3
+QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9, "": 1}
+
+
+def loud_skip(why: str) -> None:
+    """Skip, and say so in the warnings summary, where a quiet skip would pass for a pass."""
+    warnings.warn(f"SKIPPED, not checked: {why}", pytest.PytestWarning)
+    pytest.skip(why)
+
+
+def kubernetes_objects() -> dict:
+    """(kind, name) -> object, of every manifest under deploy/kubernetes."""
+    objects = {}
+    for path in sorted(glob.glob(os.path.join(DEPLOY, "kubernetes", "*.yaml"))):
+        with open(path) as f:
+            for doc in yaml.safe_load_all(f):
+                objects[doc["kind"], doc["metadata"]["name"]] = doc
+    return objects
+
+
+def container(pod: dict, name: str) -> dict:
+    return next(c for c in pod["containers"] if c["name"] == name)
+
+
+def mounted_from(pod: dict, c: dict, path: str) -> tuple[dict, str]:
+    """The volume a container sees path in, and path inside that volume."""
+    for m in c.get("volumeMounts", []):
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            volume = next(v for v in pod["volumes"] if v["name"] == m["name"])
+            return volume, path[len(m["mountPath"].rstrip("/")) + 1:]
+    raise AssertionError(f"{c['name']}: {path} is in no volume")
+
+
+def port_number(c: dict, port) -> int:
+    return port if isinstance(port, int) else next(
+        p["containerPort"] for p in c["ports"] if p.get("name") == port)
+
+
+def check_restricted(pod: dict) -> None:
+    """The 'restricted' Pod Security Standard (Kubernetes 1.25+), rule by rule."""
+    pod_sc = pod.get("securityContext", {})
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    assert all(set(v) - {"name"} <= RESTRICTED_VOLUMES for v in pod.get("volumes", []))
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = {**pod_sc, **c.get("securityContext", {})}
+        assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 1) != 0, c["name"]
+        assert (sc.get("seccompProfile") or {}).get("type") in ("RuntimeDefault", "Localhost")
+        c_sc = c.get("securityContext", {})
+        assert c_sc.get("allowPrivilegeEscalation") is False, c["name"]
+        assert c_sc.get("privileged", False) is False, c["name"]
+        assert "ALL" in c_sc.get("capabilities", {}).get("drop", []), c["name"]
+        assert set(c_sc.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}
+        assert not any(p.get("hostPort") for p in c.get("ports", []))
+
+
+def check_secrets_readable(pod: dict) -> None:
+    """Secrets mounted for uid 10001 (the image's user): the pod's fsGroup is 10001's group,
+    and each Secret's files are readable by that group."""
+    if any("secret" in v for v in pod.get("volumes", [])):
+        assert pod["securityContext"]["fsGroup"] == 10001
+    for v in pod.get("volumes", []):
+        if "secret" in v:
+            assert v["secret"]["defaultMode"] & 0o040, v["name"]
+
+
+def secret_text(inside: str) -> str:
+    """What a test puts in a Secret's file: a token of its own per key."""
+    return f"shipped-manifests-{inside}-0123456789"
+
+
+def materialised(pod: dict, c: dict, values, root, token=secret_text):
+    """values (a config, or a list of flags) with each file that a Secret volume holds
+    given a file under root holding token(its path in the volume): what the container
+    reads, on this machine."""
+    if isinstance(values, dict):
+        return {k: materialised(pod, c, v, root, token) for k, v in values.items()}
+    if isinstance(values, list):
+        return [materialised(pod, c, v, root, token) for v in values]
+    secret_mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])
+                     if any("secret" in v and v["name"] == m["name"] for v in pod["volumes"])]
+    if isinstance(values, str) and values.startswith(tuple(secret_mounts)):
+        volume, inside = mounted_from(pod, c, values)
+        path = root / volume["name"] / inside
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token(inside) + "\n")
+        return str(path)
+    return values
+
+
+def kubernetes_setup(tmp_path):
+    objects = kubernetes_objects()
+    server_pod = objects["Deployment", "skyapi"]["spec"]["template"]["spec"]
+    server = container(server_pod, "skyapi")
+    args = skyapi.server_arg_parser().parse_args(server["args"])
+    volume, inside = mounted_from(server_pod, server, args.config)
+    text = objects["ConfigMap", volume["configMap"]["name"]]["data"][inside]
+    (tmp_path / "skyapi.yaml").write_text(text)
+    values = materialised(server_pod, server, skyapi.read_config_file(
+        str(tmp_path / "skyapi.yaml")), tmp_path)
+    return objects, server_pod, server, values
+
+
+def test_kubernetes_manifests_are_what_skyapi_reads_and_serves(tmp_path):
+    objects, server_pod, server, values = kubernetes_setup(tmp_path)
+    cfg = skyapi.make_config(values)  # the ConfigMap's file, as skyapi loads it
+    deployment = objects["Deployment", "skyapi"]["spec"]
+    assert deployment["replicas"] >= 2
+    assert deployment["strategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    assert server_pod["terminationGracePeriodSeconds"] > cfg.drain_grace + skyapi.DELETE_TIME
+    listen_port = skyapi.split_host_port(cfg.listen_addr)[1]
+    assert [p["containerPort"] for p in server["ports"]] == [listen_port]
+    for probe_, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert server[probe_]["httpGet"]["path"] == path
+        assert port_number(server, server[probe_]["httpGet"]["port"]) == listen_port
+    labels = objects["Deployment", "skyapi"]["spec"]["template"]["metadata"]["labels"]
+    for selector in (deployment["selector"]["matchLabels"],
+                     objects["PodDisruptionBudget", "skyapi"]["spec"]["selector"]["matchLabels"],
+                     objects["Service", "skyapi"]["spec"]["selector"]):
+        assert selector.items() <= labels.items()
+    service_port, = objects["Service", "skyapi"]["spec"]["ports"]
+    assert port_number(server, service_port["targetPort"]) == listen_port
+    assert objects["PodDisruptionBudget", "skyapi"]["spec"]["minAvailable"] == 1
+    memory = re.fullmatch(r"(\d+)([A-Za-z]*)", server["resources"]["requests"]["memory"])
+    assert cfg.max_connections > 0 and int(memory[1]) * QUANTITY[memory[2]] >= (
+        BASE_MEMORY + cfg.max_connections * MEMORY_PER_SOCKET)
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+
+    app_pod = objects["Deployment", "foo"]["spec"]["template"]["spec"]
+    sidecar = container(app_pod, "provide")
+    env = {e["name"]: "10.0.0.5" for e in sidecar.get("env", [])}
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in sidecar["args"]]
+    assert argv[0] == "provide"
+    a = skyapi.provide_arg_parser().parse_args(argv[1:])
+    assert "--token" not in argv and a.token_file  # the token is a file, never an argument
+    assert "secret" in mounted_from(app_pod, sidecar, a.token_file)[0]
+    health_port = skyapi.split_host_port(a.health_addr)[1]
+    assert skyapi.split_host_port(a.health_addr)[0] == ""  # the kubelet probes the pod's IP
+    assert [port_number(sidecar, sidecar[p]["httpGet"]["port"]) for p in (
+        "livenessProbe", "readinessProbe")] == [health_port, health_port]
+    assert [sidecar[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")] == [
+        "/healthz", "/readyz"]
+    assert sidecar["image"].split(":")[0] == server["image"].split(":")[0]
+    for pod in (server_pod, app_pod):
+        check_restricted(pod)
+        check_secrets_readable(pod)
+        for p in (p for c in pod["containers"] for p in c.get("ports", [])):
+            assert re.fullmatch(r"(?=.{1,15}$)[a-z0-9]+(-[a-z0-9]+)*", p.get("name", "x"))
+    for pod, c in ((server_pod, server), (app_pod, sidecar)):  # the image's user, by number
+        assert {**pod["securityContext"], **c["securityContext"]}["runAsUser"] == 10001
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@async_test
+async def test_kubernetes_pods_as_shipped_serve_their_probes_and_register(etcd, tmp_path):
+    """The ConfigMap's settings and both containers' arguments, run here: the server's
+    probes answer 200 where the Deployment probes them; the sidecar registers foo with
+    the token its Secret holds, and its probes say so."""
+    objects, server_pod, server, values = kubernetes_setup(tmp_path)
+    root = unique_root()
+    conf = tmp_path / "run.yaml"
+    conf.write_text(yaml.safe_dump({**values, "dns_root": root, "etcd_api": [etcd.url],
+                                    "listen_addr": "127.0.0.1:0"}))
+    sky = SkyapiProcess(tmp_path, "-c", str(conf))
+    app = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    sidecar_proc = None
+    try:
+        await sky.started()
+        for probe_ in ("livenessProbe", "readinessProbe"):
+            path = server[probe_]["httpGet"]["path"]
+            await wait_until(lambda: probe(sky.port, path), 5, until=lambda r: r[0] == 200)
+        app_pod = objects["Deployment", "foo"]["spec"]["template"]["spec"]
+        sidecar = container(app_pod, "provide")
+        argv = [re.sub(r"\$\(POD_IP\)", "10.0.0.5", a) for a in sidecar["args"][1:]]
+        # The sidecar's Secret holds the token the server's "clients" key does.
+        argv = materialised(app_pod, sidecar, argv, tmp_path / "app",
+                            lambda inside: secret_text("clients"))
+        health = free_port()
+        local = {"--check-tcp": f"127.0.0.1:{app.sockets[0].getsockname()[1]}",
+                 "--health-addr": f"127.0.0.1:{health}"}
+        flags = dict(zip(argv[::2], argv[1::2]))
+        del flags["--url"]  # provide_process gives the test server's
+        argv = [w for flag, value in {**flags, **local}.items() for w in (flag, value)]
+        sidecar_proc = provide_process(sky.port, *argv)
+        for probe_ in ("livenessProbe", "readinessProbe"):
+            path = sidecar[probe_]["httpGet"]["path"]
+            await wait_until(lambda: probe(health, path), 10, until=lambda r: r[0] == 200)
+        view = EtcdView(etcd.url, values["etcd_version"])
+        records = await view.records(prefix_of(config([etcd.url], values["etcd_version"],
+                                                      dns_root=root)))
+        assert [json.loads(v)["host"] for k, v in records.items() if "/foo/" in k] == ["10.0.0.5"]
+    finally:
+        if sidecar_proc is not None:
+            sidecar_proc.terminate()
+            sidecar_proc.wait(10)
+        app.close()
+        sky.proc.send_signal(signal.SIGTERM)
+        await wait_until(sky.exited, 20)
+        sky.kill()
+
+
+def systemd_unit(name: str) -> dict[str, list[str]]:
+    """A unit file's settings: 'Section.Key' -> its values in order (keys may repeat)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    with open(os.path.join(DEPLOY, "systemd", name)) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("["):
+                section = line.strip("[]")
+            elif line and not line.startswith(("#", ";")):
+                key, value = line.split("=", 1)
+                out.setdefault(f"{section}.{key}", []).append(value)
+    return out
+
+
+def systemd_command(line: str, env: dict[str, str]) -> list[str]:
+    """ExecStart as systemd splits it: ${VAR} one word, $VAR split on whitespace; %d the
+    credentials directory, here /run/cred."""
+    words = []
+    for word in shlex.split(line.replace("%d", "/run/cred")):
+        if re.fullmatch(r"\$\w+", word):
+            words += env.get(word[1:], "").split()
+        else:
+            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m[1]], word))
+    return words
+
+
+def test_systemd_units_run_skyapi_as_it_reads_its_flags():
+    shipped = skyapi.make_config(skyapi.read_config_file(os.path.join(HERE, "skyapi.yaml")))
+    for name, mode in (("skyapi.service", "server"), ("skyapi-provide@.service", "provide")):
+        unit = systemd_unit(name)
+        hardening = {k: unit.get(f"Service.{k}") for k in (
+            "ProtectSystem", "NoNewPrivileges", "DynamicUser")}
+        assert hardening == {"ProtectSystem": ["strict"], "NoNewPrivileges": ["yes"],
+                             "DynamicUser": ["yes"]}, name
+        exec_start, = unit["Service.ExecStart"]
+        assert "--token " not in exec_start and "--tokens" not in exec_start
+        words = exec_start.split()
+        assert words[1] == "/opt/skyapi/skyapi.py"
+        if mode == "server":
+            args = skyapi.server_arg_parser().parse_args(words[2:])
+            assert args.config == "/etc/skyapi/skyapi.yaml"
+            assert float(unit["Service.TimeoutStopSec"][0]) > (shipped.drain_grace +
+                                                                skyapi.DELETE_TIME)
+            assert int(unit["Service.LimitNOFILE"][0]) >= 65536
+            continue
+        with open(os.path.join(DEPLOY, "systemd", "provide-example.env")) as f:
+            env = dict(line.strip().split("=", 1) for line in f
+                       if line.strip() and not line.startswith("#"))
+        assert unit["Service.EnvironmentFile"] == ["/etc/skyapi/provide/%i.env"]
+        credential, = unit["Service.LoadCredential"]
+        assert credential.split(":", 1)[0] == "token"
+        words = systemd_command(exec_start, env)
+        assert words[2] == "provide"
+        a = skyapi.provide_arg_parser().parse_args(words[3:])
+        assert a.token_file == "/run/cred/token" and a.token is None
+        assert (a.service, a.port) == (env["SERVICE"], int(env["PORT"]))
+        assert a.url == [env["SKYAPI_URL"], *env["PROVIDE_ARGS"].split()[1:2]]
+
+
+def test_systemd_units_pass_systemd_analyze(tmp_path):
+    """systemd's own checks: verify (every key known, every value parsed; the tool wants
+    the programs to exist, so the copies name this Python) and the security exposure."""
+    if not shutil.which("systemd-analyze"):
+        loud_skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
+    for name in ("skyapi.service", "skyapi-provide@.service"):
+        with open(os.path.join(DEPLOY, "systemd", name)) as f:
+            text = f.read().replace("/opt/skyapi/venv/bin/python", sys.executable)
+        (tmp_path / name).write_text(text)
+        result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+        result = subprocess.run(["systemd-analyze", "security", "--offline=yes",
+                                 "--threshold=25", str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout[-500:] + result.stderr
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    if not shutil.which("promtool"):
+        loud_skip("promtool is not installed (Debian: apt-get install prometheus)")
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.join(DEPLOY, "prometheus"))
+
+
+def alert_rules() -> list[dict]:
+    with open(os.path.join(DEPLOY, "prometheus", "skyapi-rules.yml")) as f:
+        return [r for g in yaml.safe_load(f)["groups"] for r in g["rules"]]
+
+
+def test_prometheus_rules_pass_promtool_check_and_their_unit_tests():
+    for args in (["check", "rules", "skyapi-rules.yml"], ["test", "rules", "skyapi-rules.test.yml"],
+                 ["check", "config", "scrape-example.yml"]):
+        result = promtool(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_summary_a_unit_test_and_a_runbook():
+    docs = os.path.join(HERE, "docs", "operating.md")
+    with open(docs if os.path.exists(docs) else os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    with open(os.path.join(DEPLOY, "prometheus", "skyapi-rules.test.yml")) as f:
+        tested = {t["alertname"] for case in yaml.safe_load(f)["tests"]
+                  for t in case.get("alert_rule_test", []) if t.get("exp_alerts")}
+    alerts = [r for r in alert_rules() if "alert" in r]
+    for rule in alerts:
+        assert rule["annotations"]["summary"] and rule["labels"]["severity"], rule["alert"]
+        assert re.search(rf"^#+ .*`{rule['alert']}`", text, re.M), rule["alert"]  # its runbook
+    assert tested == {r["alert"] for r in alerts}  # each fires in a unit test
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
+                "unless", "bool", "offset", "inf", "nan"}
+
+
+def promql_names(expr: str) -> tuple[set[str], set[str]]:
+    """The metric names and label names an expression refers to."""
+    expr = re.sub(r"\$\{?\w+\}?", "X", expr)  # Grafana's variables
+    labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", expr))
+    for words in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)",
+                            expr):
+        labels |= {w.strip() for w in words.split(",") if w.strip()}
+    bare = re.sub(r"\"[^\"]*\"|\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    bare = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", bare)
+    names = {n for n in re.findall(r"\b([a-zA-Z_:][\w:]*)\b(?!\s*\()", bare)
+             if n.lower() not in PROMQL_WORDS}
+    return names, labels
+
+
+@async_test
+async def test_dashboard_and_rules_name_only_what_metrics_shows(etcd):
+    """Every query of the dashboard and every rule, and every series the rules' unit test
+    feeds them, names metrics and labels a live skyapi's /metrics has (job and instance
+    are the scrape's)."""
+    async with running(config([etcd.url], max_connections=5)) as server:
+        held = await connect(server, "service=dash&port=1")
+        await refusal(server, "service=dash&port=0")
+        code, text = await get(server.port, "/metrics")
+        held.close()
+    shown_names, shown_labels = set(), {"job", "instance"}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            shown_names.add(s.name)
+            shown_labels |= set(s.labels)
+    recorded = {r["record"] for r in alert_rules() if "record" in r}
+    with open(os.path.join(DEPLOY, "grafana", "skyapi.json")) as f:
+        dashboard = json.load(f)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    exprs += [r["expr"] for r in alert_rules()]
+    with open(os.path.join(DEPLOY, "prometheus", "skyapi-rules.test.yml")) as f:
+        exprs += [s["series"] for case in yaml.safe_load(f)["tests"]
+                  for s in case["input_series"] if 'job="skyapi"' in s["series"]]
+    assert len(exprs) > 30
+    for expr in exprs:
+        if values_of := re.fullmatch(r"label_values\((.*),\s*(\w+)\)", expr):
+            expr = f'{values_of[1]} / on ({values_of[2]}) {values_of[1]}'
+        names, labels = promql_names(expr)
+        assert names <= shown_names | recorded | {"up"}, (expr, names - shown_names)
+        assert labels <= shown_labels, (expr, labels - shown_labels)
+    panels = {p["title"] for p in dashboard["panels"]}
+    assert {"Records in etcd, and records missing", "Sockets open", "Refusals by reason",
+            "CPU per socket", "Memory per socket"} <= panels
+
+
+@pytest.mark.slow
+@async_test
+async def test_prometheus_scrapes_skyapi_and_the_etcd_alert_goes_pending(private_etcd, tmp_path):
+    """Debian's Prometheus, the shipped rules, a live skyapi: the target is up, and when
+    etcd stops, skyapi_etcd_up falls to 0 and SkyapiEtcdUnreachable is pending."""
+    if not shutil.which("prometheus"):
+        loud_skip("prometheus is not installed (Debian: apt-get install prometheus)")
+    sky = SkyapiProcess(tmp_path, *process_args(config([private_etcd.url])))
+    web_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [os.path.join(DEPLOY, "prometheus", "skyapi-rules.yml")],
+        "scrape_configs": [{"job_name": "skyapi", "static_configs": [
+            {"targets": [f"127.0.0.1:{sky.port}"]}]}]}))
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prom = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{web_port}"], stdout=log, stderr=log)
+    http = AsyncHTTPClient()
+
+    async def api(path: str):
+        try:
+            r = await http.fetch(f"http://127.0.0.1:{web_port}/api/v1/{path}", request_timeout=2)
+        except (OSError, HTTPClientError):
+            return None
+        return json.loads(r.body)["data"]
+
+    async def etcd_up():
+        data = await api("query?query=" + urllib.parse.quote('skyapi_etcd_up{job="skyapi"}'))
+        return data and [float(r["value"][1]) for r in data["result"]]
+
+    try:
+        await sky.started()
+        targets = await wait_until(lambda: api("targets"), 30, interval=0.2, until=lambda d: d and [
+            t for t in d["activeTargets"] if t["health"] == "up"])
+        assert targets["activeTargets"][0]["labels"]["job"] == "skyapi"
+        await wait_until(etcd_up, 15, interval=0.2, until=lambda v: v == [1.0])
+        private_etcd.kill()
+        held = await connect(sky, "service=scraped&port=1")  # its put meets the outage
+        await wait_until(etcd_up, 15, interval=0.2, until=lambda v: v == [0.0])
+        alerts = await wait_until(lambda: api("alerts"), 15, interval=0.2, until=lambda d: d and [
+            a for a in d["alerts"] if a["labels"]["alertname"] == "SkyapiEtcdUnreachable"])
+        alert, = [a for a in alerts["alerts"] if a["labels"]["alertname"] == "SkyapiEtcdUnreachable"]
+        assert alert["state"] == "pending" and alert["labels"]["instance"] == f"127.0.0.1:{sky.port}"
+        held.close()
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(15)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait()
+        sky.kill()
+
+
+@async_test
+async def test_the_start_line_names_the_config_file_read(etcd, tmp_path):
+    """A file mounted but not named with -c is not read: the start line says what was."""
+    (tmp_path / "mine.yaml").write_text(f"etcd_api: [{etcd.url}]\n")
+    for args, source in ((["-c", str(tmp_path / "mine.yaml")], str(tmp_path / "mine.yaml")),
+                         (["--etcd-api", etcd.url], "no file: defaults and flags")):
+        sky = SkyapiProcess(tmp_path, *args)
+        try:
+            await sky.started()
+            start, = events_named(sky.log, "start")
+            assert start["config"] == source
+        finally:
+            sky.kill()
+
+
+
 # --- security and limits ------------------------------------------------------------
 
 
@@ -1713,6 +2404,93 @@ def test_admit_checks_origin_token_name_policy_and_room_in_that_order():
         with pytest.raises(skyapi.Refusal) as e:
             skyapi.admit(cfg, query_args(query), headers, peer, held, by_peer)
         assert str(e.value).startswith(problem), e.value
+
+
+def test_socket_capacity_keeps_etcd_and_a_margin_out_of_the_open_file_limit():
+    cfg = skyapi.make_config({"etcd_api": ["http://a:2379", "http://b:2379"]})
+    # etcd: 2 x (2 x 64 connections and the watch's 2); 16 for the rest; clients get the others
+    assert skyapi.client_descriptors(20_000, cfg) == 20_000 - 260 - 16
+    # of which 20 are open already, and a margin of 2% (at least 32) is left for handshakes
+    assert skyapi.socket_capacity(20_000, 20, cfg) == 20_000 - 260 - 16 - 20 - 400
+    assert skyapi.socket_capacity(600, 20, cfg) == 600 - 260 - 16 - 20 - 32
+    assert skyapi.socket_capacity(300, 20, cfg) == 0  # no room: every client is refused
+
+
+@pytest.mark.slow
+@async_test
+async def test_at_the_open_file_limit_skyapi_refuses_backs_off_and_logs_once(etcd, tmp_path):
+    cfg = config([etcd.url])
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--log-level", "info",
+                        "--request-timeout", "30", open_files=600)
+    view, prefix = EtcdView(etcd.url, 2), prefix_of(cfg)
+    try:
+        await sky.started()
+        (start,) = events_named(sky.log, "start")
+        capacity = int(start["max_connections"])
+        assert start["open_file_limit"] == "600" and 350 < capacity < 500
+
+        # 800 clients at once: as many as fit are held, the rest refused for now (1013).
+        async def client(i: int):
+            conn = await websocket.websocket_connect(HTTPRequest(
+                f"ws://127.0.0.1:{sky.port}/provide?service=fd&port={i + 1}",
+                connect_timeout=30, request_timeout=30))
+            try:
+                message = await asyncio.wait_for(conn.read_message(), 3)
+            except asyncio.TimeoutError:
+                return conn  # held: nothing to say
+            assert message.startswith("ERROR: max_connections: ")
+            assert await conn.read_message() is None and conn.close_code == 1013
+            return None
+        clients = await asyncio.gather(*(client(i) for i in range(800)))
+        held = [c for c in clients if c is not None]
+        assert len(held) == capacity
+        await wait_until(lambda: view.records(prefix), 10, until=lambda r: len(r) == capacity)
+        for conn in held:
+            conn.close()
+        await wait_until(lambda: view.records(prefix), 10, until=lambda r: not r)
+        # Accepting may have paused in the storm: one episode, logged when it began and when over.
+        episodes = await wait_until(
+            lambda: events_named(sky.log, "accept_paused", "accept_resumed"), 5,
+            until=lambda e: [x["event"] for x in e] in ([], ["accept_paused", "accept_resumed"]))
+
+        # Connections that send nothing take the descriptors. No spin, and no etcd starved of
+        # connections: accepting pauses short of the limit, and the episode is logged once.
+        idle = []
+        for _ in range(700):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", sky.port))
+            idle.append(s)
+        await wait_until(lambda: logged(sky.log, "accept_paused", len(episodes) // 2 + 1), 10)
+        used = sky.cpu_seconds()
+        await asyncio.sleep(2)  # a window to measure, not a wait for something
+        assert sky.cpu_seconds() - used < 0.5  # a spin would take the whole core
+        late = asyncio.ensure_future(connect(sky, "service=late&port=1"))
+        for s in idle:
+            s.close()
+        conn = await asyncio.wait_for(late, 20)
+        await wait_until(lambda: view.records(prefix), 10, until=lambda r: len(r) == 1)
+        # One more episode: one line as it began, one with its count once it was over.
+        paused, resumed = await wait_until(
+            lambda: events_named(sky.log, "accept_paused", "accept_resumed")[len(episodes):], 5,
+            until=lambda e: len(e) == 2)
+        assert (paused["event"], resumed["event"], int(resumed["pauses"]) >= 1) == (
+            "accept_paused", "accept_resumed", True)
+        assert paused["why"] in ("too few file descriptors left for etcd",  # Linux 6.2+
+                                 "Too many open files")  # where counting costs too much
+        # etcd's connections were never starved: no outage, whatever the clients took.
+        assert not logged(sky.log, "etcd_outage_began")
+        metrics = (await probe(sky.port, "/metrics"))[1]
+        assert f"skyapi_connections_max {capacity}\n" in metrics
+        assert "skyapi_accept_pauses_total 0\n" not in metrics
+        conn.close()
+        await wait_until(lambda: view.records(prefix), 10, until=lambda r: not r)
+        text = sky.log.read_text()
+        assert "Traceback" not in text and "level=error" not in text
+        assert len(text.splitlines()) < 3 * 800  # connect, refuse, disconnect lines: no flood
+    finally:
+        sky.kill()
 
 
 # Property: what a client sends never leaves etcd_prefix/<root>/
@@ -2130,21 +2908,119 @@ async def test_tokens_and_query_strings_never_reach_the_log(etcd, tmp_path, monk
         sky.kill()
 
 
-def test_others_log_lines_lose_their_query_strings(tmp_path):
-    """Tornado's and asyncio's lines (whatever hook writes them) lose any query string, as
-    written or percent-encoded; skyapi's own lines carry none to begin with."""
+def test_others_log_lines_are_events_without_query_strings(tmp_path):
+    """Tornado's and asyncio's lines (whatever hook writes them) are events too: a failed
+    TLS handshake is tls_failed, anything else library_log, which loses any query string, as
+    written or percent-encoded; a traceback stays on its line. skyapi's own lines carry no
+    query string to begin with."""
     path = tmp_path / "log"
-    script = (f"import logging, skyapi; skyapi.setup_logging('info')\n"
+    script = (f"import logging, ssl, skyapi; skyapi.setup_logging('info')\n"
               f"logging.getLogger('tornado.general').warning('%d %s: %s', 400, "
               f"'POST /services?token={TOKEN} (10.0.0.1)', 'Invalid body')\n"
               f"logging.getLogger('tornado.access').error('404 GET /provide%3Fservice=x%26token="
               f"{TOKEN} (10.0.0.1)')\n"
-              f"logging.getLogger('asyncio').error('Task exception: GET /x?a=1&token={TOKEN}')\n")
+              f"logging.getLogger('asyncio').error('Task exception: GET /x?a=1&token={TOKEN}')\n"
+              f"logging.getLogger('tornado.general').warning('SSL Error on %s %s: %s', 9, "
+              f"('::1', 55610, 0, 0), ssl.SSLError(1, '[SSL: WRONG_VERSION_NUMBER] wrong'))\n"
+              f"try:\n    1 / 0\nexcept ZeroDivisionError:\n"
+              f"    logging.getLogger('asyncio').exception('Exception in callback')\n")
     with open(path, "wb") as stderr:
         subprocess.run([sys.executable, "-c", script], stderr=stderr, cwd=HERE, check=True)
-    lines = [line.split(" ", 2)[2] for line in path.read_text().splitlines()]
-    assert lines == ["400 POST /services?<redacted> (10.0.0.1): Invalid body",
-                     "404 GET /provide?<redacted> (10.0.0.1)", "Task exception: GET /x?<redacted>"]
+    events = log_events(path)  # every line time= level= event= key=value
+    assert [(e["level"], e["event"], e.get("logger"), e.get("message")) for e in events[:3]] == [
+        ("warn", "library_log", "tornado.general",
+         "400 POST /services?<redacted> (10.0.0.1): Invalid body"),
+        ("error", "library_log", "tornado.access", "404 GET /provide?<redacted> (10.0.0.1)"),
+        ("error", "library_log", "asyncio", "Task exception: GET /x?<redacted>")]
+    assert events[3] == {"time": events[3]["time"], "level": "warn", "event": "tls_failed",
+                         "peer": "[::1]:55610", "error": "[SSL: WRONG_VERSION_NUMBER] wrong"}
+    assert events[4]["message"] == "Exception in callback"
+    assert "ZeroDivisionError" in events[4]["traceback"] and len(events) == 5
+
+
+@pytest.mark.slow
+@async_test
+async def test_every_log_line_is_an_event_through_outages_drains_tls_failures_and_hang_ups(
+        private_etcd, certs, tmp_path):
+    """A server on TLS and its clients, through what a log must tell: refusals, hang-ups,
+    TLS handshakes that fail (a plain HTTP client, a client that does not trust the
+    certificate) on both sides, an etcd outage, a drain. Every line of every log is
+    time= level= event= key=value; probes are no events, a failed handshake is one line."""
+    cfg = config([private_etcd.url])
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", "1", "--log-level",
+                        "debug", "--tls-cert-file", certs.server_cert, "--tls-key-file",
+                        certs.server_key)
+    trusting = ssl.create_default_context(cafile=certs.ca)
+    base, wss = f"https://127.0.0.1:{sky.port}", f"wss://127.0.0.1:{sky.port}"
+    client_log, untrusting_log = tmp_path / "client.log", tmp_path / "untrusting.log"
+    clients = []
+
+    def client(log, **env):
+        with open(log, "wb") as stderr:
+            clients.append(subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "skyapi.py"), "provide", "--url", wss,
+                 "--service", "logged", "--port", "1", "--log-level", "debug",
+                 "--ping-interval", "1"], stderr=stderr, cwd=HERE, env={**os.environ, **env}))
+
+    async def probes() -> list[int]:
+        return [(await AsyncHTTPClient().fetch(base + path, ca_certs=certs.ca,
+                                               raise_error=False)).code
+                for path in ("/healthz", "/readyz", "/healthz", "/readyz")]
+
+    def tls_failures() -> int:
+        return len(re.findall(" event=tls_failed ", sky.log.read_text()))
+
+    try:
+        await sky.started()
+        client(client_log, SSL_CERT_FILE=certs.ca)
+        await wait_until(lambda: logged(client_log, "provide_registered"), 15)
+        client(untrusting_log, SSL_CERT_FILE=os.devnull)  # trusts no certificate at all
+        await wait_until(lambda: logged(untrusting_log, "tls_failed", 2), 15)
+        await wait_until(lambda: tls_failures() >= 2, 5)
+        clients.pop().send_signal(signal.SIGTERM)
+        before = tls_failures()
+        with socket.create_connection(("127.0.0.1", sky.port), timeout=5) as plain:
+            plain.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                assert plain.recv(100) == b""  # the server hangs up on what is no TLS
+        await wait_until(lambda: tls_failures() == before + 1, 5)
+        for query in ("service=bad.name&port=1", "service=ok&port=0", "service=ok&port=1&x=1"):
+            conn = await websocket.websocket_connect(HTTPRequest(
+                f"{wss}/provide?{query}", ssl_options=trusting))
+            assert (await conn.read_message()).startswith("ERROR: ")
+        hung_up = await websocket.websocket_connect(HTTPRequest(
+            f"{wss}/provide?service=gone&port=1", ssl_options=trusting))
+        hung_up.stream.close()  # a hang-up, no close frame
+        with socket.create_connection(("127.0.0.1", sky.port), timeout=5):
+            pass  # a TCP hang-up before any TLS
+        assert await probes() == [200, 200, 200, 200]
+        private_etcd.kill()
+        await wait_until(lambda: logged(sky.log, "etcd_outage_began"), 15)
+        assert await probes() == [200, 503, 200, 503]
+        await private_etcd.restart()
+        await wait_until(lambda: logged(sky.log, "etcd_outage_ended"), 15)
+        sky.proc.send_signal(signal.SIGTERM)  # a drain: the client goes away, then retries
+        await wait_until(sky.exited, 15)
+        await wait_until(lambda: logged(client_log, "provide_retry"), 15)
+    finally:
+        for c in clients:
+            c.send_signal(signal.SIGTERM)
+            c.wait(10)
+        sky.kill()
+    server_events = log_events(sky.log)  # each asserts every line is time= level= event= ...
+    client_events = log_events(client_log)
+    untrusting = log_events(untrusting_log)
+    assert not [e for e in server_events if e["event"] == "http_error"]  # probes are no events
+    assert {e["event"] for e in server_events} >= {
+        "start", "connect", "refuse", "disconnect", "tls_failed", "etcd_outage_began",
+        "etcd_outage_ended", "stopping", "stopped"}
+    assert {e["event"] for e in client_events} >= {"provide_registered", "provide_going_away",
+                                                   "provide_retry"}
+    assert all(e["level"] == "warn" and e["peer"].startswith("127.0.0.1:") and e["error"]
+               for e in server_events + untrusting if e["event"] == "tls_failed")
+    # The client's failed handshake is one line: tls_failed, not a provide_failed beside it.
+    assert [e["event"] for e in untrusting if e["level"] == "warn"] == [
+        "tls_failed"] * len(events_named(untrusting_log, "tls_failed"))
 
 
 @async_test
@@ -2183,7 +3059,7 @@ async def test_hang_ups_and_bad_requests_log_one_line_each_and_no_traceback(priv
         assert "Traceback" not in text and "exception" not in text.lower(), text
         events = log_events(sky.log)  # every line is one key=value event
         assert {e["event"] for e in events} <= {
-            "open_file_limit", "start", "no_tokens", "connect", "refuse", "disconnect",
+            "start", "no_tokens", "connect", "refuse", "disconnect",
             "etcd_outage_began", "stopping", "shutdown_incomplete", "stopped"}, text
         assert 5 <= len(events_named(sky.log, "refuse")) <= 10
         assert len(events_named(sky.log, "disconnect")) <= 7
