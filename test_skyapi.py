@@ -265,7 +265,7 @@ README_LINES = 250
 OTHERS_FLAGS = {"--data-dir", "--enable-v2", "--listen-client-urls", "--advertise-client-urls",
                 "--client-cert-auth", "--quota-backend-bytes", "--endpoints", "--prefix",
                 "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now", "--ulimit",
-                "--from-file"}
+                "--from-file", "--enable-grpc-gateway"}
 OTHERS_NAMES = {"stop_grace_period"}  # docker compose's
 
 
