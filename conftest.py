@@ -299,6 +299,7 @@ def certs(tmp_path_factory):
 
     ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "skyapi test CA")])
+
     def key_usage(**allowed):
         return x509.KeyUsage(**{**dict.fromkeys(
             ["digital_signature", "content_commitment", "key_encipherment", "data_encipherment",

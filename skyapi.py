@@ -3047,9 +3047,9 @@ class Registry:
 # A request that is no valid upgrade is answered there (400, 403, 405, 426)
 # and holds nothing; on_finish() gives back whatever is held by a response
 # that is not a 101; a hang-up, a close frame, a reset, a missed pong or our
-# own close give it back at once. A client's close frame is answered once etcd has let go of the
-# record too: a socket closes out of DNS as it opened in it. Each count has one
-# owner: Admissions (requests from admission to their end, by peer: what the
+# own close give it back at once. A client's close frame is answered once etcd
+# has let go of the record too: a socket closes out of DNS as it opened in it.
+# Each count has one owner: Admissions (requests from admission to their end, by peer: what the
 # limits count), OpenSockets (the open ones, pinged from one timer), Metrics
 # (counters), the registry (records). Around /provide: health, readiness, the
 # registration list and Prometheus metrics. No log line carries a query string,
