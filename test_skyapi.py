@@ -3183,8 +3183,16 @@ async def test_connections_that_never_finish_their_request_are_closed(etcd):
                     return
                 slow_writer.write(bytes([byte]))
         dribbling = asyncio.ensure_future(dribble())
+        async def closed(reader) -> bool:
+            # A reset is a close too: one with bytes of ours unread (the body, a dribbled
+            # byte that crossed the close), as seen under load.
+            try:
+                return await asyncio.wait_for(reader.read(), cfg.request_timeout + 2) == b""
+            except ConnectionResetError:
+                return True
+
         for reader, _ in [*silent, *partial, *body, *idle, (slow_reader, slow_writer)]:
-            assert await asyncio.wait_for(reader.read(), cfg.request_timeout + 2) == b""
+            assert await closed(reader)
         assert time.monotonic() - started <= cfg.request_timeout + 2
         dribbling.cancel()
         assert ws.close_code is None and await view.count_is(cfg, 1)  # the websocket stays
