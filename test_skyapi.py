@@ -4534,6 +4534,8 @@ async def test_instances_self_register_and_the_client_finds_them_by_srv(etcd, ve
             ping_interval=1, backoff_cap=0.5))
         found = prefix_of(cfg) + "services/found/"
         await wait_until(lambda: view.records(found), 10)
+        # The record is in etcd before the handshake's answer, and the socket open after it.
+        await wait_until(lambda: len(a.sockets) + len(b.sockets), 5)
         first, other = (a, b) if a.sockets else (b, a)
         assert len(first.sockets) == 1 and not other.sockets
         await first.stop()  # it deletes its own skyapi record, then closes with 1001
@@ -4570,6 +4572,7 @@ async def test_a_client_sent_away_tries_another_instance_than_a_stale_srv_answer
             dns_server=("127.0.0.1", dns_port), ping_interval=1, backoff_cap=0.5))
         found = prefix_of(cfg) + "services/moved/"
         await wait_until(lambda: view.records(found), 10)
+        await wait_until(lambda: len(a.sockets), 5)  # open after the record is in etcd
         assert len(a.sockets) == 1 and not b.sockets
         with EtcdPoller(etcd.url, version, found) as poller:
             stopping = asyncio.ensure_future(a.stop())  # 1001 to the client; record kept 2 s
