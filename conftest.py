@@ -151,10 +151,25 @@ class TestEtcd(skyapi.DevEtcd):
             self.kill(15)
 
 
+def started_etcd() -> TestEtcd:
+    """A started TestEtcd, on other ports if a port free a moment ago was taken meanwhile
+    (free_port() can only say what was free: on a busy machine another process may win)."""
+    attempts = 3
+    while True:
+        server = TestEtcd()
+        try:
+            return server.start()
+        except skyapi.ConfigError as e:
+            server.stop()
+            attempts -= 1
+            if "address already in use" not in str(e) or not attempts:
+                raise
+
+
 @pytest.fixture(scope="session")
 def etcd():
     """One etcd the whole session shares: each test keeps to a dns_root of its own."""
-    server = TestEtcd().start()
+    server = started_etcd()
     yield server
     server.stop()
 
@@ -162,7 +177,7 @@ def etcd():
 @pytest.fixture
 def private_etcd():
     """An etcd of this test's own, to kill, freeze and wipe."""
-    server = TestEtcd().start()
+    server = started_etcd()
     yield server
     server.stop()
 
