@@ -2558,8 +2558,16 @@ class ChaosRun:
         etcd, instances = self.faults_near(t0)
         if etcd or instances:
             parts.append("faults in the 15 s before: " + "; ".join(etcd + instances))
-        category = (f"etcd {self.fault_kinds_near(t0)}" if etcd else category
-                    or ("an instance drained or killed nearby" if instances else "no fault nearby"))
+        signalled = max((when for lives in self.lives for life in lives
+                         for when in (life.termed, life.killed, life.frozen)
+                         if when is not None and t0 - 15 < when <= t0), default=None)
+        etcd_last = max((min(t0, w[1] or t0) for w in self.member_windows
+                         if w[0] <= t0 and (w[1] is None or w[1] > t0 - 15)), default=None)
+        if etcd_last is not None and (signalled is None or etcd_last >= signalled):
+            category = f"etcd {self.fault_kinds_near(t0)}"  # the latest fault first
+        elif not category:
+            category = ("an instance drained or killed nearby" if signalled is not None
+                        else "no fault nearby")
         return category, ", ".join(parts)
 
     def faults_near(self, t: float, before: float = 15) -> tuple[list[str], list[str]]:
