@@ -1820,6 +1820,7 @@ class ChaosRun:
         self.faulting = True    # faults still begin
         self.reader_turn = 0
         self.ws_bases: list[str] = []
+        self.sockets: set[Socket] = set()        # every lean socket not yet lost
         self.views: list[Any] = []
         self.fds: list[dict] = []
 
@@ -1942,8 +1943,8 @@ class ChaosRun:
         return i
 
     async def open(self, client: LeanClient) -> None:
-        if self.stopping:
-            return
+        if self.stopping or client.conn is not None and client.conn.ended is None:
+            return  # (one socket per client: a second reopen for the same end does nothing)
         i = self.pick_instance(client)
         ident = client.ident
         conn = Conn(ident, i, time.time())
@@ -1951,6 +1952,7 @@ class ChaosRun:
         sock = Socket(self, (ident.service, ident.host, ident.port), i)  # type: ignore[arg-type]
         sock.client, sock.conn = client, conn  # type: ignore[attr-defined]
         client.sock, client.conn = sock, conn
+        self.sockets.add(sock)
         if i in self.down:
             conn.dying, conn.dying_by = time.time(), "connect to a dying instance"
         try:
@@ -2023,6 +2025,7 @@ class ChaosRun:
             who.away = None
 
     def on_lost(self, sock: Any) -> None:
+        self.sockets.discard(sock)
         conn, client = sock.conn, sock.client
         if conn.ended is None:
             self.end(conn, "lost")
@@ -2609,6 +2612,10 @@ class ChaosRun:
             if c.conn is not None and c.conn.ended is None and c.sock is not None:
                 if c.sock.transport is not None and c.sock.handshake.done():
                     self.close_client(c)  # (one still in its handshake closes when it opens)
+        for sock in list(self.sockets):  # none should be left beside the clients' own: say so
+            if sock is not sock.client.sock and sock.transport is not None:
+                self.events["harness: a stray socket closed at the end"] += 1
+                sock.transport.abort()
         for p in self.provides:
             p.proc.send_signal(signal.SIGCONT)
             p.proc.terminate()
