@@ -1942,7 +1942,9 @@ class EtcdV2:
         self.root = root_dir(cfg)
         self.holders = f"{cfg.etcd_prefix}/_skyapi/holders"
         self._kept: dict[str, _Kept] = {}
-        self._ring: deque[str] = deque()  # kept keys in refresh order
+        # Kept keys in refresh order, each once: a key deleted and put again before its turn
+        # came keeps its place (a second place would refresh it twice a period, for good).
+        self._ring: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._credit = 0.0  # refreshes owed, carried between ticks so the rate stays even
         self._last = time.monotonic()
 
@@ -1975,8 +1977,7 @@ class EtcdV2:
         return EtcdError(f"{what} {key}: {doc.get('message')} (etcd error {doc.get('errorCode')})")
 
     def _keep(self, key: str, value: str, record: str) -> None:
-        if key not in self._kept:
-            self._ring.append(key)
+        self._ring.setdefault(key)
         self._kept[key] = _Kept.of(key, value, record)
 
     def _delete(self, key: str, value: str) -> tuple:
@@ -2110,9 +2111,9 @@ class EtcdV2:
         due = []
         while self._credit >= 1 and self._ring:
             self._credit -= 1
-            key = self._ring.popleft()
+            key, _ = self._ring.popitem(last=False)
             if key in self._kept:
-                self._ring.append(key)
+                self._ring[key] = None
                 due.append((key, self._kept[key]))
         refresh = f"ttl={self.cfg.timeout}&refresh=true&"
         answers = await self._many("refresh", [("PUT", kept.path, (refresh + kept.ours).encode(),
@@ -2511,7 +2512,9 @@ class Slot:
     def __init__(self, key: str, endpoint: tuple[str, int]):
         self.key = key
         self.endpoint = endpoint
-        self.holders: list[Holding] = []  # oldest first; the newest's value is the record's
+        # Oldest first; the newest's value is the record's. An ordered set (a dict): a close
+        # takes its socket out at once, however many sockets hold the same record.
+        self.holders: dict[Holding, None] = {}
         self.state = State.ABSENT
         self.written = ""  # the value we last wrote (STORED: what etcd has)
         self.marker = ""  # the value of our marker in etcd (we hold it too), or ""
@@ -2527,7 +2530,7 @@ class Slot:
 
     @property
     def value(self) -> str:
-        return self.holders[-1].value if self.holders else self.written
+        return next(reversed(self.holders)).value if self.holders else self.written
 
     @property
     def directory(self) -> str:
@@ -2587,7 +2590,7 @@ class Registry:
         endpoint = (reg.host, reg.port)
         slot = self._slot(reg, endpoint)
         holding = Holding(reg, record_value(reg, self.cfg.dns_ttl, self.owner), slot)
-        slot.holders.append(holding)
+        slot.holders[holding] = None
         self._mark(slot)
         return holding
 
@@ -2595,7 +2598,7 @@ class Registry:
         """Let go of a socket's hold. The future resolves once the record owes etcd no
         delete: deleted, or staying (for another socket, or for the hand-over)."""
         slot = holding.slot
-        slot.holders.remove(holding)
+        del slot.holders[holding]
         if self.draining:  # closed for the hand-over: the record waits for the next instance
             self._keep.add(slot)
         settled = asyncio.get_running_loop().create_future()
@@ -2762,7 +2765,7 @@ class Registry:
     def _collided(self, slot: Slot) -> None:
         """Another endpoint's record sits on the slot's key: its holders move to their
         collision-free key, and neither endpoint evicts the other."""
-        holders, slot.holders = slot.holders, []
+        holders, slot.holders = slot.holders, {}
         slot.state = State.ABSENT  # not ours (if it was, another endpoint wrote over it)
         if not holders:
             return
@@ -2774,7 +2777,7 @@ class Registry:
                              f"{slot.key} holds another endpoint's record")
                 return
             holding.slot = moved
-            moved.holders.append(holding)
+            moved.holders[holding] = None
             moved.waiters += slot.waiters
             slot.waiters.clear()
             self._mark(moved)
