@@ -3720,6 +3720,43 @@ async def test_a_hold_and_release_costs_the_same_with_50_or_1000_sockets_held(et
     assert growth_per_socket_held < 0.25, lines
 
 
+def test_bench_report_fits_100_columns_and_ends_with_the_targets_met_and_missed(capsys):
+    import bench_skyapi as bench
+
+    def scenario(n: int, kb: float, storm: float) -> dict:
+        return {"kind": "scenario", "label": f"v3 {bench.size_name(n)}", "version": 3, "n": n,
+                "run": None, "baseline": None, "opened": n, "records_in_etcd_s": storm,
+                "records_most_counted": n, "hold_lowest_records": n, "rss_per_conn_kb": kb,
+                "cpu_ms_per_socket_min": 0.2, "etcd_rps_skyapi": 0.1, "close_gone_p99_ms": 900.0,
+                "records_left_after_teardown": 0, "sigterm_seconds": 1.4}
+
+    def floor(n: int) -> dict:
+        return {"kind": "floor", "label": f"floor {bench.size_name(n)}", "version": 0, "n": n,
+                "handshakes_s": n / 3000, "rss_per_conn_kb": 15.0, "close_answered_p99_ms": 500.0,
+                "sigterm_seconds": 0.1}
+
+    args = bench.parse_args(["--versions", "3", "--sizes", "10000,18000", "--floor", "--check"])
+    # At 18,000: 1.2 x the memory per socket of 10,000 (a miss), the same storm time per socket.
+    results = {"machine": {"skyapi": "x", "nproc": 2, "cpu": "cpu", "python": "3", "tornado": "6",
+                           "etcd": "etcd", "client_loop": "uvloop"}, "wall_seconds": 1.0,
+               "floor": [floor(10000), floor(18000)],
+               "scenarios": [scenario(10000, 20.0, 4.0), scenario(18000, 24.0, 7.2)],
+               "comparisons": [], "handover": [], "churn": [], "error": None}
+    results["targets"] = bench.evaluate_targets(results["floor"] + results["scenarios"], args)
+    bench.report(args, results)
+    code = bench.verdict(args, results)
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 100
+    assert "issue" not in "\n".join(lines).lower()
+    missed = [line for line in lines if "MISSED" in line]
+    assert len(missed) == 1 and "v3 18k" in missed[0] and "memory per socket" in missed[0]
+    assert re.fullmatch(r"(\d+) targets met, 1 missed", lines[-1]) and code == 1
+    results["scenarios"][1]["rss_per_conn_kb"] = 21.0
+    results["targets"] = bench.evaluate_targets(results["floor"] + results["scenarios"], args)
+    assert bench.verdict(args, results) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("targets met, 0 missed")
+
+
 async def v3_lease_of(url: str, key: str) -> str:
     _, doc = await EtcdView(url, 3)._fetch("/v3/kv/range", "POST", json.dumps({"key": b64(key)}))
     return (doc.get("kvs") or [{}])[0].get("lease", "0")  # "0": on no lease, or not there
