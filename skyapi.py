@@ -2573,7 +2573,10 @@ class Registry:
         self.outage_since: float | None = None
         self.outage_error = ""
         self._keep: set[Slot] = set()  # while draining: records that outlive their sockets
-        self._dirty: dict[Slot, None] = {}  # an ordered set of slots to reconcile
+        # An ordered set of slots to reconcile, taken oldest first: an OrderedDict, as a dict
+        # taken from the front rescans the holes its earlier takes left (all dirty at once, as
+        # in a mass close, that cost 0.1 s of CPU at 18,000 slots and 3 s at 100,000).
+        self._dirty: collections.OrderedDict[Slot, None] = collections.OrderedDict()
         self._prunes: list[Op] = []  # directories to prune, of slots already gone
         self._refused: set[Slot] = set()  # to try again at their retry_at
         self._work = asyncio.Event()
@@ -2696,8 +2699,7 @@ class Registry:
         while self._prunes and len(batch) < limit:
             batch.append((None, self._prunes.pop()))
         while self._dirty and len(batch) < limit:
-            slot = next(iter(self._dirty))
-            del self._dirty[slot]
+            slot, _ = self._dirty.popitem(last=False)
             op = None if slot.inflight else self._next_op(slot)
             if op is not None and self.slots.get(slot.key) is slot:
                 slot.inflight = op.write
