@@ -472,6 +472,7 @@ class WatchLog:
 
 OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA
 GOING_AWAY = 1001
+CLOSE_WAIT_BOUND = 10  # seconds a server may take to close the connection after its close
 
 
 def client_frame(opcode: int, payload: bytes = b"") -> bytes:
@@ -632,7 +633,7 @@ class ClientWorker:
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
             self.server_closed[str(code)] += 1
             sock.send_close(code or 1000)
-            sock.transport.close()
+            asyncio.get_running_loop().call_later(CLOSE_WAIT_BOUND, sock.transport.abort)
             self.forget(sock)
             if code == GOING_AWAY and sock.url + 1 < len(self.ws_bases):
                 self.move(sock)
@@ -640,7 +641,11 @@ class ClientWorker:
             sent = self.closing_at.pop(sock, None)
             if sent is not None:
                 self.close_answers.append(time.monotonic() - sent)
-            sock.transport.close()
+            # The server closes the connection first (RFC 6455 7.1.1), and so keeps its
+            # TIME_WAIT: a client that closed first would hold one on an ephemeral port per
+            # socket for a minute, and 18,000 sockets soon after another run's would find
+            # too few ports left. (A server that never closes is cut off.)
+            asyncio.get_running_loop().call_later(CLOSE_WAIT_BOUND, sock.transport.abort)
 
     def move(self, sock: Socket) -> None:
         """Reconnect at the next URL at once, timing it."""
