@@ -1101,7 +1101,10 @@ def run_floor(n: int, args: argparse.Namespace, workdir: str) -> dict:
         start_connect(workers, SERVICE, n, args.storm_timeout)
         replies = all_replies(workers, args.storm_timeout + 30)
         opened = [t for reply in replies for _, _, t in reply["opened"] if t is not None]
-        r.update(opened=len(opened),
+        errors: collections.Counter = collections.Counter()
+        for reply in replies:
+            errors.update(reply["errors"])
+        r.update(opened=len(opened), connect_errors=dict(errors),
                  handshakes_s=round(max(opened, default=started) - started, 3),
                  storm_cpu_s=round(server.cpu_seconds() - cpu0, 2))
         time.sleep(1)
@@ -1963,7 +1966,8 @@ def render_table(rows: Sequence[tuple[str, Callable[[dict], Any]]], results: lis
 # The summary: a row per scenario (and per floor), a column per figure.
 SUMMARY: list[tuple[str, Callable[[dict, list[dict]], Any]]] = [
     ("run", lambda r, _: r["label"]),
-    ("storm", lambda r, _: r["records_in_etcd_s"] if r["kind"] != "floor" else r["handshakes_s"]),
+    ("storm", lambda r, _: None if r["opened"] < r["n"] else r["records_in_etcd_s"]
+     if r["kind"] != "floor" else r["handshakes_s"]),
     ("x floor", lambda r, rs: to_floor("records_in_etcd_s", "handshakes_s")(r, rs)),
     ("lowest", lambda r, _: f"{r['hold_lowest_records']:,}"),
     ("KB", lambda r, _: r["rss_per_conn_kb"]),
@@ -1975,11 +1979,12 @@ SUMMARY: list[tuple[str, Callable[[dict, list[dict]], Any]]] = [
     ("exit", lambda r, _: r["sigterm_seconds"]),
 ]
 SUMMARY_LEGEND = """\
-storm: s until every record is in etcd (floor: until every handshake is done); x floor: the
-storm over the bare server's at the same N; lowest: the lowest record count while held; KB:
-memory per socket; CPU: skyapi's CPU ms per socket-minute while held; etcd/s: skyapi's etcd
-requests/s while held; close p99: ms from each close to its record gone, all closed at once
-(floor: to the server's answer); left: records in etcd after that; exit: s from SIGTERM."""
+storm: s until every record is in etcd (floor: every handshake done; -: not all opened);
+x floor: the storm over the bare server's at the same N; lowest: the lowest record count
+while held; KB: memory per socket; CPU: skyapi's CPU ms per socket-minute while held;
+etcd/s: skyapi's etcd requests/s while held; close p99: ms from each close to its record
+gone, all closed at once (floor: to the server's answer); left: records in etcd after that;
+exit: s from SIGTERM."""
 
 
 def render_summary(results: list[dict], everything: list[dict]) -> str:
@@ -2248,13 +2253,13 @@ def plot_handover(plt: Any, r: dict, folder: str) -> str:
     for at, what in ((0.0, "SIGTERM"), (r.get("a_exit_s"), "A exits")):
         if at is not None:
             ax.axvline(at, color="grey", linewidth=1)
-            ax.annotate(what, (at, r["n"] * 0.5), rotation=90, fontsize=8,
-                        xytext=(3, 0), textcoords="offset points")
+            ax.annotate(what, (at, r["n"] * 1.03), fontsize=8, xytext=(3, 0),
+                        textcoords="offset points")
     ax.set_xlabel("s after SIGTERM to A")
     ax.set_ylabel("records in etcd")
-    ax.set_ylim(0, r["n"] * 1.1)
+    ax.set_ylim(0, r["n"] * 1.12)
     ax.grid(alpha=0.3)
-    ax.legend(loc="center right", fontsize=8)
+    ax.legend(loc="center left", fontsize=8)
     ax.set_title(f"skyapi {r['label']}: records on A and B")
     fig.tight_layout()
     path = os.path.join(folder, f"handover-{chart_name(r['label'].replace(' hand-over', ''))}.png")
