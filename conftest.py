@@ -305,8 +305,17 @@ def certs(tmp_path_factory):
     ca_file, _ = write("ca", ca, ca_key)
     server_cert, server_key_file = write("server", server, server_key)
     client_cert, client_key_file = write("client", client, client_key)
+
+    def server_named(name: str) -> tuple[str, str]:
+        """A server certificate (and its key) for the DNS name, from the same CA."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        return write(name, issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key,
+                                 ca_name, ca_key, (usage, False),
+                                 (x509.SubjectAlternativeName([x509.DNSName(name)]), False)), key)
+
     return types.SimpleNamespace(ca=ca_file, server_cert=server_cert, server_key=server_key_file,
                                  client_cert=client_cert, client_key=client_key_file,
+                                 server_named=server_named,
                                  etcd=(server_cert, server_key_file, ca_file),
                                  client={"ca_certs": ca_file, "client_cert": client_cert,
                                          "client_key": client_key_file})

@@ -8,10 +8,11 @@ with TTLs, or v3 keys on one lease); when the socket ends, the record goes.
     python skyapi.py -c skyapi.yaml             # the server
     python skyapi.py --dev                      # the server with a throwaway etcd
     python skyapi.py provide --url ws://h:8053 --service foo --port 9999
-    python skyapi.py healthcheck -c skyapi.yaml # is the server alive? exit 0 or 1
+    python -m skyapi healthcheck -c skyapi.yaml # is the server alive? exit 0 or 1
 
 The file reads top to bottom, each section using only what stands above it:
 
+    The health check    is a server or client alive? (stdlib only: first, before the rest)
     Logging             one key=value line per event
     Names and records   what a client may ask for, and the key and value it becomes (pure)
     Configuration       the typed Config: one table behind YAML, flags, --help (pure but files)
@@ -22,9 +23,202 @@ The file reads top to bottom, each section using only what stands above it:
     HTTP handlers       /provide and the operating endpoints; the running server
     The client          `provide`: hold a registration for a process
     Dev etcd            --dev's throwaway etcd
-    main                the command line: the server, provide, healthcheck
+    main                the command line: the server, provide (and healthcheck)
 """
 from __future__ import annotations
+
+# The health check needs only these (PyYAML too, to read a config file): see below.
+import http.client
+import os
+import ssl
+import stat
+import sys
+import urllib.error
+import urllib.request
+
+# ---------------------------------------------------------------------------
+# The health check
+#
+# `healthcheck` asks a server or a provide client on this machine whether it is
+# alive: GET its /healthz. It comes first, on the standard library alone, and
+# runs before the rest of the module is even imported: the image runs it every
+# 30 s beside a small container, and a check that loads Tornado weighs as much
+# again as the sidecar it checks. (Run as `python -m skyapi`, from its cached
+# compiled form: `python skyapi.py` compiles the whole file first.) It reads
+# only what locates the listener (listen_addr and tls_cert_file; a client's
+# --health-addr): other settings may be unset or unreadable where it runs.
+# Given a pid, it reads that process's command line and config file, bounded
+# in time and bytes, and repeats nothing of another program's command line.
+# ---------------------------------------------------------------------------
+
+HEALTHCHECK_TIMEOUT = 3.0  # seconds: inside the image's HEALTHCHECK --timeout=5s, start-up included
+DEFAULT_LISTEN_ADDR = ":8053"
+READ_LIMIT = 1 << 20  # bytes of a command line or a config file the check reads, at most
+
+HEALTHCHECK_USAGE = f"""\
+usage: python -m skyapi healthcheck [-c FILE] [SERVER FLAGS ...]
+       python -m skyapi healthcheck provide [CLIENT FLAGS ...]
+       python -m skyapi healthcheck --pid PID
+       (or skyapi.py healthcheck ..., which compiles the whole file first: heavier)
+
+Ask a skyapi server or provide client on this machine whether it is alive: GET its /healthz
+within {HEALTHCHECK_TIMEOUT:g} s. Give the arguments it was started with: the server's (the check reads
+listen_addr and tls_cert_file from its flags and file, so it follows listen_addr, a wildcard
+host meaning loopback, and uses https with tls_cert_file, whoever signed the certificate;
+other settings are not read) or the client's (it needs --health-addr). Or give --pid to read
+them from that process's command line (the image's HEALTHCHECK uses --pid 1: whatever the
+container runs). Prints one line; exit 0 when /healthz answered 200, 1 otherwise. Liveness
+only: /readyz says whether etcd answers or the registration is held.
+"""
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """'host:port', ':port' or '[v6]:port' as (host, port); raises ValueError."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{addr!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def local_url(scheme: str, addr: str, path: str) -> str:
+    """The URL, from this machine, of a listener bound to addr (host:port): a wildcard
+    host (empty, 0.0.0.0, ::) is on loopback too."""
+    host, port = split_host_port(addr)
+    if port == 0:
+        raise ValueError(f"{addr!r}: port 0 is chosen at start, so there is none to check")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}{path}"
+
+
+def read_bounded(path: str) -> bytes:
+    """A regular file's bytes, at most READ_LIMIT of them: never a device (/dev/zero reads
+    for ever) nor a FIFO (it would wait for a writer for ever). Raises OSError or ValueError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = b""
+        while len(data) <= READ_LIMIT and (chunk := os.read(fd, READ_LIMIT + 1 - len(data))):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > READ_LIMIT:
+        raise ValueError(f"{path} is larger than {READ_LIMIT} bytes")
+    return data
+
+
+def last_values(argv: list[str], flags: dict[str, str]) -> dict[str, str]:
+    """{name: value} of the flags (flag -> name) argv gives ('--flag value', '--flag=value',
+    '-cVALUE'), the last of each, as argparse takes them; every other word is passed over."""
+    found: dict[str, str] = {}
+    for i, word in enumerate(argv):
+        flag, eq, value = word.partition("=") if word.startswith("--") else (word[:2], "", word[2:])
+        if flag in flags and (eq or value or i + 1 < len(argv)):
+            found[flags[flag]] = value if eq or value else argv[i + 1]
+    return found
+
+
+def located_in_file(path: str) -> dict[str, str]:
+    """listen_addr and tls_cert_file, as far as the config file gives them."""
+    import yaml  # (here only: a server started without a file is checked without PyYAML)
+    try:
+        data = yaml.safe_load(read_bounded(path))
+    except OSError as e:
+        raise ValueError(f"config: cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ValueError(f"config: {e}") from None
+    except yaml.YAMLError:
+        raise ValueError(f"config: {path} is not valid YAML") from None
+    if not isinstance(data, (dict, type(None))):
+        raise ValueError(f"config: {path} must be a mapping of settings")
+    found = {k: v for k, v in (data or {}).items() if k in ("listen_addr", "tls_cert_file")}
+    for key, value in found.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string")
+    return found
+
+
+def health_target(argv: list[str]) -> tuple[str, ssl.SSLContext | None]:
+    """The /healthz URL of the process these arguments start, and the TLS context to
+    reach it with. Raises ValueError."""
+    if argv[:1] == ["provide"]:
+        addr = last_values(argv[1:], {"--health-addr": "addr"}).get("addr")
+        if not addr:
+            raise ValueError("this provide client serves no health: start it with "
+                             "--health-addr, e.g. 127.0.0.1:8054")
+        try:
+            return local_url("http", addr, "/healthz"), None
+        except ValueError as e:
+            raise ValueError(f"--health-addr: {e}") from None
+    given = last_values(argv, {"-c": "config", "--config": "config",
+                               "--listen-addr": "listen_addr", "--tls-cert-file": "tls_cert_file"})
+    settings = {"listen_addr": DEFAULT_LISTEN_ADDR, "tls_cert_file": "",
+                **(located_in_file(given.pop("config")) if "config" in given else {}), **given}
+    try:
+        url = local_url("https" if settings["tls_cert_file"] else "http",
+                        settings["listen_addr"], "/healthz")
+    except ValueError as e:
+        raise ValueError(f"listen_addr: {e}") from None
+    if not settings["tls_cert_file"]:
+        return url, None
+    # A liveness check of a listener on this machine: whether its certificate's names and
+    # issuer suit remote clients is not what it checks, so a private CA or a self-signed
+    # certificate is fine here.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return url, context
+
+
+def arguments_of(pid: int) -> list[str]:
+    """The arguments a running skyapi was started with (those after skyapi.py, or after
+    -m skyapi). Raises ValueError (OSError: /proc cannot be read)."""
+    if not os.path.exists(f"/proc/{pid}"):
+        raise ValueError(f"no process {pid} is running")
+    words = [w.decode(errors="replace") for w in read_bounded(f"/proc/{pid}/cmdline").split(b"\0")]
+    for i, word in enumerate(words):
+        if os.path.basename(word) == "skyapi.py" or word == "skyapi" and words[i - 1] == "-m":
+            return words[i + 1:-1]  # (the command line ends with a NUL)
+    raise ValueError(f"process {pid} does not run skyapi.py")  # (its arguments may be secrets)
+
+
+def healthcheck_main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(HEALTHCHECK_USAGE, end="")
+        return 0
+    try:
+        if argv[:1] == ["--pid"]:
+            if len(argv) != 2 or not argv[1].isdigit():
+                raise ValueError("--pid takes one process id and nothing else")
+            pid = int(argv[1])
+            argv = arguments_of(pid)
+            os.chdir(f"/proc/{pid}/cwd")  # its relative paths (-c skyapi.yaml) start there
+        url, context = health_target(argv)
+    except (ValueError, OSError) as e:
+        print(f"unhealthy: {e}")
+        return 1
+    # No proxy from the environment: the listener is on this machine.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(url, timeout=HEALTHCHECK_TIMEOUT) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (OSError, http.client.HTTPException) as e:  # refused, timed out, not HTTP(S)
+        print(f"unhealthy: {url}: {getattr(e, 'reason', None) or e}")
+        return 1
+    if status != 200:
+        print(f"unhealthy: {url} answered {status}")
+        return 1
+    print(f"healthy: {url} answered 200")
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["healthcheck"]:
+    sys.exit(healthcheck_main(sys.argv[2:]))
 
 import argparse
 import asyncio
@@ -44,13 +238,11 @@ import fnmatch
 import glob
 import hashlib
 import hmac
-import http.client
 import ipaddress
 import itertools
 import json
 import logging
 import math
-import os
 import random
 import re
 import resource
@@ -58,15 +250,11 @@ import shlex
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import deque
 from typing import (Any, AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, NamedTuple,
                     NoReturn, Protocol, Sequence, cast)
@@ -130,7 +318,8 @@ def _as_event(record: logging.LogRecord) -> bool:
         return True
     args = record.args
     if record.msg == TORNADO_TLS_ERROR and isinstance(args, tuple) and len(args) == 3:
-        peer = _address(args[1]) if isinstance(args[1], tuple) else TLS_PEERS.get(args[0], "")
+        peer = (_address(args[1]) if isinstance(args[1], tuple)
+                else TLS_PEERS.get(cast(int, args[0]), ""))
         text = event_text("tls_failed", {"peer": peer or "unknown", "error": args[2]})
     else:
         text = event_text("library_log", {"logger": record.name, "message": QUERY_STRING.sub(
@@ -273,16 +462,6 @@ def split_advertised(addr: str) -> tuple[str, int]:
     if not checked:  # empty or unspecified: nothing others could connect to
         raise ValueError(f"{addr!r} is not a host[:port] others can connect to")
     return checked, port
-
-
-def split_host_port(addr: str) -> tuple[str, int]:
-    """'host:port', ':port' or '[v6]:port' as (host, port); raises ValueError."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{addr!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 def check_int(param: str, value: str, low: int, high: int) -> int:
@@ -660,7 +839,7 @@ class Config:
     """The checked settings, one field each; make_config() makes one. A field's Setting is
     the one place its setting is declared: SETTINGS, the YAML keys, the flags and --help
     are all derived from these fields, in this order."""
-    listen_addr: str = setting(":8053", "host:port where websocket clients connect; "
+    listen_addr: str = setting(DEFAULT_LISTEN_ADDR, "host:port where websocket clients connect; "
                                ":8053 is every address", _listen_addr, metavar="HOST:PORT",
                                group="listening")
     dns_root: str = setting("skydns.local.", "the root domain SkyDNS/CoreDNS serves", _dns_root,
@@ -741,8 +920,9 @@ class Config:
                                      "request, and a kept-alive HTTP connection may idle, "
                                      "before it is closed", _at_least(0.1), metavar="SECONDS",
                                      group="listening")
-    drain_grace: float = setting(10.0, "seconds SIGTERM keeps the records of the sockets it "
-                                 "closes, while their clients reconnect to another instance",
+    drain_grace: float = setting(10.0, "seconds SIGTERM keeps, at most, the records of the "
+                                 "sockets it closes, while their clients reconnect to another "
+                                 "instance (not at all when no other instance serves the root)",
                                  _at_least(0), metavar="SECONDS", group="lifecycle")
     dev: bool = setting(False, "start a throwaway etcd child on loopback (etcd from PATH or "
                         "beside this Python) and use it instead of etcd_api", group="lifecycle")
@@ -1016,6 +1196,16 @@ def load_config(argv: Sequence[str]) -> Config:
     given = vars(args)
     values = read_config_file(given.pop("config")) if given.get("config") else {}
     return make_config(values, {k: v for k, v in given.items() if v is not None})
+
+
+NO_CONFIG_FILE = "no file: defaults and flags"
+
+
+def config_source(argv: Sequence[str]) -> str:
+    """What the start line says was read: the -c file, or that there is none (a file
+    mounted at the usual place but not named with -c is not read, and this shows it)."""
+    path = server_arg_parser().parse_known_args(argv)[0].config
+    return os.path.abspath(path) if path else NO_CONFIG_FILE
 
 
 # ---------------------------------------------------------------------------
@@ -1785,7 +1975,9 @@ class EtcdClient:
 # still ours (its value names its owner), and a record found gone is claimed
 # back only if absent. An instance that holds a record another owns leaves a
 # marker beside it, so that the owner, letting go, hands the record over to it
-# rather than deleting it: DNS never misses it.
+# rather than deleting it: DNS never misses it. Each instance also keeps a
+# presence key while it serves a root, so a draining one knows whether anyone is
+# left to take its records over.
 #
 # EtcdUnavailable means no endpoint answered: the registry treats it as an
 # outage and retries. EtcdError means etcd answered no.
@@ -1815,6 +2007,7 @@ class Write(enum.Enum):
 class Found(enum.Enum):
     """What a write met."""
     DONE = "done"  # done as asked (a DELETE also when there was nothing of ours to delete)
+    KEPT = "kept"  # a DELETE to keep: no other instance holds the record, so it stays
     GONE = "gone"  # REPLACE: nothing was there any more
     OTHERS = "others"  # another instance's record for the same endpoint is there
     COLLISION = "collision"  # another endpoint's record is there: their Go ids collide
@@ -1828,6 +2021,7 @@ class Op:
     endpoint: tuple[str, int] = ("", 0)  # whose record it is: tells OTHERS from a COLLISION
     old: str = ""  # REPLACE: our value there now
     shared: bool = False  # DELETE: another instance may hold it too: hand it over if one does
+    keep: bool = False  # ... and if none does, keep it (a drain's grace: for the next instance)
 
 
 @dataclasses.dataclass
@@ -1860,8 +2054,18 @@ class Backend(Protocol):
         etcd refused them."""
 
     async def keep_alive(self, full: bool) -> Lost:
-        """Keep what apply() wrote from expiring, this backend's way; called every tick
-        (full: at once, after an outage)."""
+        """Keep what apply() wrote from expiring, this backend's way, and the presence key
+        until withdraw(); called every tick (full: at once, after an outage)."""
+
+    async def announce(self) -> None:
+        """Say now that this instance serves the root: a presence key that goes with it,
+        which keep_alive keeps (and puts, if this was not answered) until withdraw()."""
+
+    async def withdraw(self) -> None:
+        """No longer say so (a drain: it takes nothing over any more)."""
+
+    async def others(self) -> int:
+        """How many other instances say they serve the root."""
 
     def changes(self) -> AsyncGenerator[list[Change] | None, None]:
         """Changes below the root as etcd makes them. None each time the watch (re)opens:
@@ -1882,6 +2086,13 @@ def marker_prefix(cfg: Config, key: str) -> str:
     """Where instances that hold a record another instance owns say so: outside every zone
     (no DNS server reads it), under etcd_prefix (the same permissions)."""
     return f"{cfg.etcd_prefix}/_skyapi/holders/{hashlib.sha1(key.encode()).hexdigest()[:24]}."
+
+
+def presence_prefix(cfg: Config) -> str:
+    """Where the instances that serve the root say so, each by a key that expires with
+    it: beside the markers, outside every zone."""
+    root = hashlib.sha1(root_dir(cfg).encode()).hexdigest()[:24]
+    return f"{cfg.etcd_prefix}/_skyapi/instances/{root}."
 
 
 def _may_write(there: str, op: Op, owner: str) -> Found:
@@ -1941,6 +2152,9 @@ class EtcdV2:
         self.period = cfg.timeout / 3  # two refreshes may fail before a record expires
         self.root = root_dir(cfg)
         self.holders = f"{cfg.etcd_prefix}/_skyapi/holders"
+        self.presence = presence_prefix(cfg) + owner
+        self._present = True  # keep_alive puts the presence key once a period
+        self._announced = 0.0  # when it last did
         self._kept: dict[str, _Kept] = {}
         # Kept keys in refresh order, each once: a key deleted and put again before its turn
         # came keeps its place (a second place would refresh it twice a period, for good).
@@ -2042,6 +2256,8 @@ class EtcdV2:
         if op.write in (Write.TAKE, Write.CLAIM, Write.REPLACE):
             return await self._write(op)
         if op.write is Write.DELETE and op.shared and not await self._hand_over(op):
+            if op.keep:
+                return Outcome(Found.KEPT)
             self._settle(op, (await self._many("delete", [self._delete(op.key, op.value)]))[0])
         if op.write is Write.PRUNE:
             await self._prune(op.key.rsplit("/", 1)[0])
@@ -2118,6 +2334,8 @@ class EtcdV2:
         refresh = f"ttl={self.cfg.timeout}&refresh=true&"
         answers = await self._many("refresh", [("PUT", kept.path, (refresh + kept.ours).encode(),
                                                 FORM) for _, kept in due])
+        if self._present and (full or now - self._announced >= self.period):
+            await self.announce()  # a plain put: it comes back if it expired or went
         lost = Lost([], [])
         for (key, kept), (code, error, doc) in zip(due, answers):
             if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):
@@ -2127,6 +2345,24 @@ class EtcdV2:
                 del self._kept[key]
                 (lost.records if key == kept.record else lost.markers).append(kept.record)
         return lost
+
+    async def announce(self) -> None:
+        self._announced = time.monotonic()  # (refused: tried again a period later)
+        code, _, doc = await self._request("presence", "PUT", self.presence,
+                                           value=self.owner, ttl=self.cfg.timeout)
+        if code >= 300:
+            raise self._refused("presence", self.presence, doc)
+
+    async def withdraw(self) -> None:
+        self._present = False
+        await self._request("presence", "DELETE", self.presence)
+
+    async def others(self) -> int:
+        directory, prefix = self.presence.rsplit("/", 1)[0], presence_prefix(self.cfg)
+        code, _, doc = await self._request("presence", "GET", directory)
+        nodes = doc["node"].get("nodes", []) if code < 300 else []
+        return sum(1 for node in nodes if node.get("key", "").startswith(prefix)
+                   and node["key"] != self.presence)
 
     async def scan(self) -> dict[str, str]:
         code, error, doc = await self._request("scan", "GET", self.root, {"recursive": "true"})
@@ -2168,6 +2404,7 @@ class EtcdV2:
 
     async def close(self) -> None:
         deletes = [self._delete(key, kept.value) for key, kept in self._kept.items()]
+        deletes.append(self._delete(self.presence, self.owner))  # (a put may outrun withdraw())
         directories = {key.rsplit("/", 1)[0] for key in self._kept}
         self._kept.clear()
         await self._many("delete", deletes)
@@ -2223,6 +2460,10 @@ class EtcdV3:
         self.root = root_dir(cfg) + "/"
         self.lease = ""  # "" until granted; an int64 as a string, as the JSON gateway has it
         self.last_beat = 0.0
+        self.presence = presence_prefix(cfg) + owner
+        self._present = True  # keep_alive puts the presence key on the lease, a new one too
+        self._presence_on = ""  # the lease it was put on
+        self._announced = 0.0  # when it was last put
         self._kept: dict[str, str] = {}  # keys on our lease -> their record's key
         self._lost = Lost([], [])  # what a lease found lost took, for keep_alive to say
         self._granting = asyncio.Lock()  # workers put concurrently; one lease for all of them
@@ -2309,6 +2550,8 @@ class EtcdV3:
             if op.write is Write.PRUNE or (op.write is Write.DELETE and op.shared
                                            and await self._hand_over(op)):
                 outcomes[i] = Outcome(Found.DONE)  # (v3 has no directories to prune)
+            elif op.write is Write.DELETE and op.shared and op.keep:
+                outcomes[i] = Outcome(Found.KEPT)
         # A TAKE of another instance's record, or a CLAIM of our own, is written in a next
         # round, compared on the revision the round before read.
         seen: dict[int, tuple[str, str]] = {}  # op index -> (mod revision, value) read
@@ -2404,8 +2647,26 @@ class EtcdV3:
             beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": lease})
             if int(beat.get("TTL", 0)) <= 0:
                 self._lease_lost(lease)
+        if (self._present and (not self.lease or self._presence_on != self.lease)
+                and (full or time.monotonic() - self._announced >= self.period)):
+            await self.announce()  # on a new lease: the one it was on was lost
         lost, self._lost = self._lost, Lost([], [])
         return lost
+
+    async def announce(self) -> None:
+        self._announced = time.monotonic()  # (refused: tried again a period later)
+        await self._transact(lambda lease: [self._put(self.presence, self.owner, lease)])
+        self._presence_on = self.lease
+
+    async def withdraw(self) -> None:
+        self._present = False
+        await self._call("presence", "kv/deleterange", {"key": _b64(self.presence)})
+
+    async def others(self) -> int:
+        prefix = presence_prefix(self.cfg)
+        reply = await self._call("presence", "kv/range", {
+            "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "keys_only": True})
+        return sum(1 for kv in reply.get("kvs", []) if _unb64(kv.get("key", "")) != self.presence)
 
     async def scan(self) -> dict[str, str]:
         reply = await self._call("scan", "kv/range",
@@ -2486,7 +2747,8 @@ class State(enum.Enum):
         ABSENT   nothing of ours                 TAKE               drop the slot
         LOST     nothing: ours went              CLAIM              drop
         STORED   ours, slot.written              REPLACE if the     DELETE, or hand it to
-                                                 value changed      another holder
+                                                 value changed      another holder (draining:
+                                                                    hand it, or keep it)
         UNKNOWN  ours or nothing: a request      TAKE               DELETE
                  went unanswered
         OTHERS   another instance's, for the     MARK (with the     UNMARK if marked; drop
@@ -2506,8 +2768,8 @@ class Slot:
     """One record (one key) and the sockets of this instance that hold it."""
 
     __slots__ = ("key", "endpoint", "holders", "state", "written", "marker", "shared",
-                 "inflight", "recheck", "waiters", "retry_at", "answered_at", "revision",
-                 "leavers")
+                 "inflight", "recheck", "rechecked", "waiters", "retry_at", "answered_at",
+                 "revision", "leavers", "refusal")
 
     def __init__(self, key: str, endpoint: tuple[str, int]):
         self.key = key
@@ -2521,12 +2783,14 @@ class Slot:
         self.shared = False  # it was another instance's before ours: it may hold it still
         self.inflight: Write | None = None  # the op a worker has in flight for it
         self.recheck = 0  # the latest change the watch saw while an op was in flight
+        self.rechecked: str | None = None  # its value (None: the key went)
         self.revision = 0  # etcd's index or revision of the last op's outcome: older changes
         #                    (our own puts' and deletes' echoes among them) tell nothing new
         self.waiters: list[asyncio.Future] = []  # handshakes waiting for it to be in etcd
         self.retry_at = 0.0  # after etcd refused it: not before then
         self.answered_at = 0.0  # when etcd last answered an op of it (a scan before knows less)
         self.leavers: list[asyncio.Future] = []  # released sockets waiting until no delete is due
+        self.refusal = ""  # why etcd last refused to store it, until it does
 
     @property
     def value(self) -> str:
@@ -2547,10 +2811,12 @@ class Slot:
 class Holding:
     """One socket's hold on a record."""
 
-    __slots__ = ("reg", "value", "slot")
+    __slots__ = ("reg", "value", "slot", "tell", "told")
 
     def __init__(self, reg: Registration, value: str, slot: Slot):
         self.reg, self.value, self.slot = reg, value, slot
+        self.tell: Callable[[str], None] | None = None  # a socket that asked hears its status
+        self.told = ""  # the status it heard last
 
     @property
     def key(self) -> str:
@@ -2573,6 +2839,7 @@ class Registry:
         self.outage_since: float | None = None
         self.outage_error = ""
         self._keep: set[Slot] = set()  # while draining: records that outlive their sockets
+        self._sparing = False  # within a drain's grace: a record no one else holds is kept
         # An ordered set of slots to reconcile, taken oldest first: an OrderedDict, as a dict
         # taken from the front rescans the holes its earlier takes left (all dirty at once, as
         # in a mass close, that cost 0.1 s of CPU at 18,000 slots and 3 s at 100,000).
@@ -2586,6 +2853,9 @@ class Registry:
         self._tasks: list[asyncio.Task] = []
         self._watch: asyncio.Task | None = None
         self.watching = asyncio.Event()  # the watch is on: a record that goes is back at once
+        self._back_at = 0.0  # when etcd last came back: a slot's state is known again once
+        #                      compared with etcd (watching) or answered since
+        self._listening: set[Holding] = set()  # holdings told of their record's status
 
     # -- what sockets do -------------------------------------------------------
 
@@ -2602,8 +2872,10 @@ class Registry:
         delete: deleted, or staying (for another socket, or for the hand-over)."""
         slot = holding.slot
         del slot.holders[holding]
-        if self.draining:  # closed for the hand-over: the record waits for the next instance
-            self._keep.add(slot)
+        self._listening.discard(holding)
+        holding.tell = None
+        if self.draining and not (slot.shared and self._sparing):  # closed for the hand-over:
+            self._keep.add(slot)  # the record waits (a shared one: once no one else holds it)
         settled = asyncio.get_running_loop().create_future()
         slot.leavers.append(settled)
         self._mark(slot)
@@ -2626,10 +2898,55 @@ class Registry:
         except asyncio.TimeoutError:
             return None
 
+    def listen(self, holding: Holding, tell: Callable[[str], None]) -> str:
+        """From now on call tell(status) whenever the status of holding's record changes
+        (until it is released). Its status now."""
+        holding.tell, holding.told = tell, self.status(holding.slot)
+        self._listening.add(holding)
+        return holding.told
+
+    def status(self, slot: Slot) -> str:
+        """Where a held record stands, in the words its sockets hear: 'stored' (in etcd, so
+        in DNS: ours, or another instance's for the same endpoint), or 'unstored: ' and why.
+        After an outage, what a slot's state says is known again only once etcd has been
+        compared with it, or has answered an op of it since."""
+        known = self.watching.is_set() or slot.answered_at >= self._back_at
+        if self.outage_since is not None or not known:
+            return f"unstored: unreachable: {self.outage_error}"[:200]
+        if slot.state in (State.STORED, State.OTHERS):
+            return "stored"
+        if slot.state is State.LOST:
+            return "unstored: lost: putting it back"
+        if slot.refusal:
+            return f"unstored: refused: {slot.refusal}"[:200]
+        return "unstored: pending: waiting for etcd"
+
+    def _tell(self, slot: Slot) -> None:
+        """Tell the slot's listening sockets its status, if it changed: stored, or not and
+        another why (unreachable, lost...), not only other details (another etcd error)."""
+        status = ""
+        for holding in slot.holders:
+            if holding.tell is not None:
+                status = status or self.status(slot)
+                if holding.told.split(": ")[:2] != status.split(": ")[:2]:
+                    holding.told = status
+                    holding.tell(status)
+
+    def _tell_all(self) -> None:
+        """Etcd went away or has been compared again: every listener's status may change."""
+        for slot in {holding.slot for holding in self._listening}:
+            self._tell(slot)
+
     @property
     def records(self) -> int:
         """Records of live sockets this instance has in etcd."""
         return sum(1 for s in self.slots.values() if s.holders and s.state is State.STORED)
+
+    @property
+    def missing(self) -> int:
+        """Records of live sockets not in DNS: being written, refused by etcd, or etcd away."""
+        return sum(1 for s in self.slots.values()
+                   if s.holders and s.state not in (State.STORED, State.OTHERS))
 
     def _slot(self, reg: Registration, endpoint: tuple[str, int],
               collision_free: bool = False) -> Slot:
@@ -2664,10 +2981,13 @@ class Registry:
                 return op(Write.MARK, value=slot.value)
             return None
         if state in (State.STORED, State.UNKNOWN) and slot not in self._keep:
-            return op(Write.DELETE, value=slot.written, shared=slot.shared)
+            return op(Write.DELETE, value=slot.written, shared=slot.shared,
+                      keep=self._sparing)
         return None
 
     def _mark(self, slot: Slot) -> None:
+        if self._listening:  # (every change of a slot's state ends here)
+            self._tell(slot)
         if slot.inflight:
             return  # the worker marks it again when its op is done
         op = self._next_op(slot)
@@ -2735,11 +3055,19 @@ class Registry:
                     if slot is not None:
                         slot.inflight = None
                         slot.answered_at = time.monotonic()
-                        if slot.recheck > slot.revision and slot.holders and \
-                                slot.state in (State.STORED, State.OTHERS):
-                            slot.state = State.LOST  # changed after the op: a claim looks
-                        slot.recheck = 0
-                        self._mark(slot)
+                        self._after_op(slot)
+
+    def _after_op(self, slot: Slot) -> None:
+        """What the slot needs now its op is done, heeding a change the watch saw meanwhile."""
+        later, slot.recheck = slot.recheck, 0
+        if later <= slot.revision:
+            self._mark(slot)
+        elif slot.holders:
+            if slot.state in (State.STORED, State.OTHERS):
+                slot.state = State.LOST  # changed after the op: a claim looks
+            self._mark(slot)
+        else:  # a record handed to us as we let go (our marker's value) is ours to delete
+            self._changed(slot.key, slot.rechecked, later)
 
     def _done(self, slot: Slot, op: Op, outcome: Outcome) -> None:
         """What an op's outcome means for its slot."""
@@ -2750,16 +3078,20 @@ class Registry:
             slot.marker = op.value
         elif write is Write.UNMARK:
             slot.marker = ""
+        elif found is Found.KEPT:
+            if self._sparing:  # (otherwise the grace is over: marked again, it goes)
+                self._keep.add(slot)
         elif write is Write.DELETE:
             slot.state, slot.shared = State.ABSENT, False
         elif found is Found.DONE:
-            slot.state, slot.written = State.STORED, op.value
-            slot.shared = slot.shared or outcome.took_over
+            slot.state, slot.written, slot.refusal = State.STORED, op.value, ""
+            # (a claim may win over another instance that held it too, and now marks it)
+            slot.shared = slot.shared or outcome.took_over or write is Write.CLAIM
             slot.resolve(None)
         elif found is Found.GONE:
             slot.state = State.LOST
         elif found is Found.OTHERS:
-            slot.state = State.OTHERS
+            slot.state, slot.refusal = State.OTHERS, ""
             slot.resolve(None)  # in DNS, by another instance
         else:
             self._collided(slot)
@@ -2803,6 +3135,7 @@ class Registry:
             slot.marker = ""  # its TTL or lease takes it
         slot.resolve(error)
         if slot.holders:
+            slot.refusal = error
             slot.retry_at = time.monotonic() + self.cfg.timeout / 3
             self._refused.add(slot)
 
@@ -2820,8 +3153,9 @@ class Registry:
         if revision and revision <= slot.revision:
             return  # what the last op's outcome already told
         ours = record is not None and record[1] == self.owner
-        if slot.inflight:  # its outcome comes first; then a claim looks, if this was later
-            slot.recheck = max(slot.recheck, revision)
+        if slot.inflight:  # its outcome comes first; then this, if it was later
+            if revision > slot.recheck:
+                slot.recheck, slot.rechecked = revision, value
             return
         state = slot.state
         if value is None:
@@ -2867,6 +3201,7 @@ class Registry:
                         since = time.monotonic()
                         self._compare(await self.backend.scan(), since)
                         self.watching.set()
+                        self._tell_all()
                         continue
                     for key, value, revision in batch:
                         self._changed(key, value, revision)
@@ -2920,6 +3255,7 @@ class Registry:
         if self._watch is not None:
             self._watch.cancel()
         self._tasks.append(asyncio.ensure_future(self._probe()))
+        self._tell_all()
 
     async def _probe(self) -> None:
         delay, cap = 0.05, min(5.0, self.cfg.timeout / 6)
@@ -2934,6 +3270,7 @@ class Registry:
         log_event(logging.WARNING, "etcd_outage_ended",
                   seconds=round(time.monotonic() - (self.outage_since or 0), 3))
         self.outage_since = None
+        self._back_at = time.monotonic()
         # While etcd was away, records may have expired or etcd may have lost its data:
         # keep everything alive at once, and compare everything (the watch starts with it).
         self._full = True
@@ -2954,31 +3291,85 @@ class Registry:
             self._outage(e)
         else:
             self._watch = asyncio.ensure_future(self._watch_loop())
+            with contextlib.suppress(EtcdUnavailable, EtcdError):  # (keep-alive puts it later)
+                await self.backend.announce()
 
-    def begin_drain(self) -> None:
+    async def begin_drain(self) -> None:
         """SIGTERM: from now on records outlive their sockets, until drain() ends, so a
-        client that moves to another instance is never out of DNS."""
-        self.draining = True
+        client that moves to another instance is never out of DNS; unless no other instance
+        serves the root. This one's presence goes at once: a drain takes nothing over, so
+        others need not wait for it."""
+        self.draining = self._sparing = True
+        if self._healthy.is_set():
+            _, alone = await asyncio.gather(self._withdraw(), self._alone(time.monotonic() + 1.0))
+            if alone:
+                self._nobody_left()
+
+    async def _withdraw(self) -> None:
+        with contextlib.suppress(EtcdUnavailable, EtcdError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.backend.withdraw(), 1.0)  # (else its TTL or lease)
+
+    def _nobody_left(self) -> None:
+        """No other instance serves the root: what is still ours waits for the deletes at
+        the end (no hand-over, no one to hand it to)."""
+        self._sparing = False
+        self._keep.update(s for s in self.slots.values()
+                          if not s.holders and s.state is State.STORED)
+
+    async def _alone(self, until: float) -> bool:
+        """No other instance serves the root: no one is left to take a record over. Asked
+        of etcd until the monotonic until at most."""
+        try:
+            return not await asyncio.wait_for(self.backend.others(),
+                                              max(0.01, until - time.monotonic()))
+        except (EtcdUnavailable, EtcdError, asyncio.TimeoutError):
+            return False  # (who knows: the grace decides)
+
+    async def _grace(self, until: float) -> str:
+        """Wait while waiting can help, until the monotonic until at most: why it ended."""
+        ask_at = 0.0  # when to ask etcd next whether any other instance is left
+        while time.monotonic() < until:
+            if not self._healthy.is_set():
+                return "etcd away"
+            if not any(s.state is State.STORED for s in self.slots.values()):
+                return "taken over"
+            if time.monotonic() >= ask_at:
+                ask_at = time.monotonic() + 0.5
+                if await self._alone(until):
+                    return "no other instance"
+            await asyncio.sleep(0.02)
+        return "grace over"
 
     async def drain(self, grace: float, deadline: float) -> None:
         """Keep the records of closed sockets while another instance's put takes each over,
-        at most grace seconds; finish other work, then delete what is still ours (until
-        the monotonic deadline) and stop."""
-        until = time.monotonic() + grace
-        while (time.monotonic() < until and self._healthy.is_set()
-               and any(s.state is State.STORED for s in self._keep)):
-            await asyncio.sleep(0.02)
+        at most grace seconds (a record another instance holds too goes to it at once);
+        finish other work, then delete what is still ours (until the monotonic deadline)
+        and stop."""
+        started = time.monotonic()
+        reason = await self._grace(started + grace) if self._sparing else "no other instance"
+        log_event(logging.INFO, "drain_ended", reason=reason,
+                  seconds=round(time.monotonic() - started, 3))
+        if reason == "no other instance":
+            self._nobody_left()
+        else:
+            self._sparing = False
+            for slot in [s for s in self._keep if s.shared]:  # hand it over if one holds it now
+                self._keep.discard(slot)
+                self._mark(slot)
         while ((self._dirty or self._prunes or any(s.inflight for s in self.slots.values()))
                and self._healthy.is_set() and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
         for task in [*self._tasks, self._watch]:
             if task is not None:
                 task.cancel()
+        budget = max(0.1, deadline - time.monotonic())
         try:
-            await asyncio.wait_for(self.backend.close(), max(0.1, deadline - time.monotonic()))
+            await asyncio.wait_for(self.backend.close(), budget)
         except (EtcdUnavailable, EtcdError, asyncio.TimeoutError) as e:
-            log_event(logging.WARNING, "shutdown_incomplete", error=e or "timeout",
-                      left=len(self.slots))
+            why = str(e) or f"etcd did not answer within {budget:.1f} s" + (
+                "" if self.outage_since is None else f" ({self.outage_error})")
+            log_event(logging.WARNING, "shutdown_incomplete", error=why, left=len(self.slots),
+                      expire_within=self.cfg.timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -3088,7 +3479,38 @@ class Metrics:
                 for (op, o), n in sorted(self.etcd_requests.items())])
         family("skyapi_etcd_request_seconds", "histogram", "etcd request latency.",
                [s for op, h in sorted(self.etcd_latency.items()) for s in h.samples(f'op="{op}"')])
+        # What alerts compare with: the records that should be in DNS and are not, and how
+        # long a hand-over has run against the grace it may take.
+        family("skyapi_records_missing", "gauge", "Records of live sockets not in etcd (being "
+               "written, refused, or etcd away).", [("", reg.missing)])
+        family("skyapi_drain_grace_seconds", "gauge", "drain_grace: the longest a hand-over "
+               "keeps the records of the sockets it closed.", [("", server.cfg.drain_grace)])
+        family("skyapi_draining_seconds", "gauge", "Seconds since SIGTERM began the hand-over; "
+               "0 while serving.", [("", server.draining_seconds)])
+        for name, kind, help_, value in process_figures():
+            family(name, kind, help_, [("", value)])
         return "".join(out)
+
+
+def process_figures() -> list[tuple[str, str, str, float]]:
+    """The process_* series every Prometheus client library exports (name, type, help,
+    value), as far as Linux's /proc tells: CPU, memory and file descriptors, for dividing
+    by the sockets held and for the file limit's alert."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    figures = [("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.",
+                usage.ru_utime + usage.ru_stime),
+               ("process_max_fds", "gauge", "The open file limit (soft).",
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0])]
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        figures += [("process_resident_memory_bytes", "gauge", "Resident memory in bytes.",
+                     pages * resource.getpagesize()),
+                    ("process_open_fds", "gauge", "Open file descriptors.",
+                     len(os.listdir("/proc/self/fd")))]
+    except OSError:  # no /proc: not Linux
+        pass
+    return figures
 
 
 class Admissions:
@@ -3217,6 +3639,18 @@ NOT_THE_REQUESTS_FAULT = {
 }
 
 
+# The websocket subprotocol of a client that asks to hear its record's status: text messages
+# "STATUS: stored" and "STATUS: unstored: <why>" (Registry.status), the first right after the
+# handshake, then one at each change. A client that does not ask hears nothing new.
+STATUS_PROTOCOL = "skyapi-status.v1"
+
+
+def may_send_close_code(code: int | None) -> bool:
+    """Whether a peer may send this close code (RFC 6455 7.4.1 and IANA's registry: not
+    1004-1006 or 1015, which are reserved or only reported locally, nor an unassigned one)."""
+    return code is None or 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
 def _retrieve(future: asyncio.Future) -> None:
     """A write to a client that has gone: its StreamClosedError is no error worth a traceback."""
     if not future.cancelled():
@@ -3249,7 +3683,8 @@ class _AnswerCloseWhenSettled(websocket.WebSocketProtocol13):
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if self.answer is None and self.client_terminated and not self.server_terminated:
-            self.answer = (code, reason)
+            # A code the client may not send is a protocol error, not one to echo back.
+            self.answer = (code, reason) if may_send_close_code(code) else (1002, "bad close code")
             handler = cast(ProvideHandler, self.handler)
             settled = handler.client_closed(self.close_code, self.close_reason)
             if settled is not None:
@@ -3288,6 +3723,9 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
     def get_websocket_protocol(self) -> websocket.WebSocketProtocol | None:
         protocol = cast(websocket.WebSocketProtocol13 | None, super().get_websocket_protocol())
         return protocol and _AnswerCloseWhenSettled(self, protocol.mask_outgoing, protocol.params)
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        return STATUS_PROTOCOL if STATUS_PROTOCOL in subprotocols else None
 
     def check_origin(self, origin: str) -> bool:
         # Tornado would answer a foreign origin with a bare 403; admit() refuses it with
@@ -3351,15 +3789,23 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
         log_event(logging.INFO, "connect", key=self.holding.key, peer=self.request.remote_ip,
                   stored=self.holding.stored,
                   **({"token": self.token.number} if self.token else {}))
+        if self.selected_subprotocol == STATUS_PROTOCOL:
+            self._tell_status(self.server.registry.listen(self.holding, self._tell_status))
+
+    def _tell_status(self, status: str) -> None:
+        self._send("STATUS: " + status)
 
     def _refuse(self, message: str, reason: str, code: int, close_reason: str) -> None:
         self.server.metrics.count_refusal(reason)
         log_event(logging.INFO, "refuse", peer=self.request.remote_ip, reason=reason, error=message)
-        try:
-            self.write_message("ERROR: " + message).add_done_callback(_retrieve)
-        except websocket.WebSocketClosedError:
-            pass
+        self._send("ERROR: " + message)
         self.close(code, close_reason)
+
+    def _send(self, text: str) -> None:
+        try:
+            self.write_message(text).add_done_callback(_retrieve)
+        except websocket.WebSocketClosedError:
+            pass  # closing: on_close follows
 
     def on_message(self, message: str | bytes) -> None:
         pass  # clients never need to send; oversized messages are closed by Tornado (1009)
@@ -3563,7 +4009,7 @@ class _Acceptor:
             except OSError as e:
                 if e.errno not in OUT_OF_RESOURCES:
                     raise
-                self._paused(e.strerror)
+                self._paused(e.strerror or str(e))
                 return
             if self.pauses and self.ending is None:
                 self.ending = self.loop.call_later(self.QUIET, self._maybe_over)
@@ -3625,8 +4071,9 @@ class _Listener(HTTPServer):
 class Skyapi:
     """One running server: its registry, its HTTP listener and the sockets it holds."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, config_file: str = NO_CONFIG_FILE):
         self.cfg = cfg
+        self.config_file = config_file  # where cfg came from, for the start line
         self.owner = instance_name()
         self.metrics = Metrics()
         self.registry = Registry(make_backend(cfg, self.owner, self.metrics.on_etcd_request),
@@ -3637,6 +4084,11 @@ class Skyapi:
         self.port = 0
         self._http: HTTPServer | None = None
         self._pinging: asyncio.Task | None = None
+        self._stopping_at: float | None = None  # monotonic time of SIGTERM
+
+    @property
+    def draining_seconds(self) -> float:
+        return 0.0 if self._stopping_at is None else time.monotonic() - self._stopping_at
 
     def _drop(self, handler: ProvideHandler) -> None:
         """A peer that missed its pong has vanished (power loss, partition): drop it now,
@@ -3697,7 +4149,7 @@ class Skyapi:
         log_event(logging.INFO, "start", owner=self.owner, listen=self.cfg.listen_addr, port=self.port,
                   etcd=",".join(self.cfg.etcd_api), etcd_version=self.cfg.etcd_version,
                   dns_root=self.cfg.dns_root, open_file_limit=open_file_limit,
-                  max_connections=self.cfg.max_connections)
+                  max_connections=self.cfg.max_connections, config=self.config_file)
         if not self.cfg.tokens:
             log_event(logging.WARNING, "no_tokens", risk="anyone who reaches skyapi may "
                       "register any name at any address: configure tokens")
@@ -3720,12 +4172,13 @@ class Skyapi:
         """A hand-over (SIGTERM, SIGINT): /readyz says 503 and new registrations are
         refused; every socket is closed with 1001 "going away", so its client reconnects to
         another instance at once; the records stay for drain_grace while that instance's
-        put takes each over; then what is still ours is deleted. A rolling restart never
-        takes a live client out of DNS."""
+        put takes each over (not at all when no other instance serves the root); then what
+        is still ours is deleted. A rolling restart never takes a live client out of DNS."""
+        self._stopping_at = time.monotonic()
         if self._self is not None:  # no new client should pick this instance
             self.registry.release(self._self)
             self._self = None
-        self.registry.begin_drain()
+        await self.registry.begin_drain()
         held = list(self.sockets)
         log_event(logging.INFO, "stopping", sockets=len(held), records=self.registry.records,
                   grace=self.cfg.drain_grace)
@@ -3744,9 +4197,10 @@ class Skyapi:
 # The client
 #
 # provide() holds one registration for a process that cannot speak websocket
-# itself: it connects, keeps the socket (pings both ways) and counts itself
-# registered once the server has answered a ping, since a refusal always comes
-# first. After a drop it reconnects with capped, jittered backoff; a server
+# itself: it connects, keeps the socket (pings both ways) and asks for record
+# status, so it counts itself registered only while the server says the record
+# is in etcd (from an older server without it: once the server has answered a
+# ping, since a refusal always comes first). After a drop it reconnects with capped, jittered backoff; a server
 # going away (close 1001, a restart) sends it to the next URL at once; a
 # refusal that retrying cannot fix stops it for good. With check_tcp it
 # registers only while host:port accepts connections. ProvideState says where
@@ -3764,8 +4218,9 @@ class ProvideGaveUp(Exception):
 
 
 class ProvideState:
-    """Where provide() stands: whether the server has confirmed the registration (held),
-    and in words what it is doing, as the client's /readyz answers."""
+    """Where provide() stands: whether the registration is held (the server says the record
+    is in etcd; from a server without record status: it accepted the registration), and in
+    words what it is doing or why it is not held, as the client's /readyz answers."""
 
     def __init__(self) -> None:
         self.held = False
@@ -3780,12 +4235,46 @@ STABLE = 5.0  # seconds a registration must hold for the backoff to start again 
 TOKEN_ENV = "SKYAPI_TOKEN"  # the client's token, when no flag gives one
 
 
+URL_FORMS = "ws://HOST[:PORT][/PATH], wss://HOST[:PORT][/PATH], srv://NAME or srv+wss://NAME"
+
+
+def check_url(url: str) -> str:
+    """A server URL in one of the documented forms; raises ValueError naming them. srv://
+    finds an instance by SRV and connects with ws://, srv+wss:// with wss://."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        direct = parts.scheme in ("ws", "wss") and parts.port != 0
+        found = parts.scheme in ("srv", "srv+wss") and parts.port is None \
+            and parts.path in ("", "/")
+    except ValueError:  # a port that is no number, or out of range
+        direct = found = False
+    if not (direct or found) or not parts.hostname or parts.username is not None \
+            or parts.query or parts.fragment:
+        raise ValueError(f"--url {url}: is not one of {URL_FORMS}")
+    return url
+
+
+def is_loopback(host: str) -> bool:
+    ip = canonical_ip(host.strip("[]"))
+    return ipaddress.ip_address(ip).is_loopback if ip else \
+        host.lower().rstrip(".").split(".")[-1] == "localhost"
+
+
+def check_token_safe(url: str) -> None:
+    """Raises ValueError if a token sent to url would cross the network unencrypted: plain
+    ws:// to a host that is not loopback, or srv://, whose instances are reached with ws://."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "srv" or parts.scheme == "ws" and not is_loopback(parts.hostname or ""):
+        secure = "srv+wss://" if parts.scheme == "srv" else "wss://"
+        raise ValueError(f"--url {url}: the token would cross the network unencrypted; use "
+                         f"{secure} (TLS), or --send-token-unencrypted to accept that risk")
+
+
 def provide_url(url: str, params: Mapping[str, Any]) -> str:
-    parts = urllib.parse.urlsplit(url if "://" in url else "ws://" + url)
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    parts = urllib.parse.urlsplit(url)
     path = parts.path if parts.path not in ("", "/") else "/provide"
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-    return urllib.parse.urlunsplit((scheme, parts.netloc, path, query, ""))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
 
 async def tcp_accepts(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -3808,16 +4297,43 @@ async def _first(*aws: Any) -> None:
 
 
 async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] | None,
-                     ping_interval: float, headers: Mapping[str, str],
-                     state: ProvideState) -> tuple[str, float | None, str]:
-    """One connection, held until it ends, stop is set or check_tcp's listener goes.
-    Returns how it ended ("stopped", "withdrawn", "going_away" on close 1001, "dropped"
-    after a registration, "failed" without one), the seconds it was registered (None: the
-    server never confirmed it) and what went wrong. Raises ProvideRefused."""
+                     ping_interval: float, headers: Mapping[str, str], state: ProvideState,
+                     address: tuple[str, int] | None = None) -> tuple[str, float | None, str]:
+    """One connection (to address, if given, rather than where url's host resolves to),
+    held until it ends, stop is set or check_tcp's listener goes. Returns how it ended
+    ("stopped", "withdrawn", "going_away" on close 1001, "dropped" after the server
+    accepted it, "failed" without that), the seconds it was accepted (None: never) and what
+    went wrong. Raises ProvideRefused."""
     state.now(f"connecting to {url}")
     listener = "{}:{}".format(*check_tcp) if check_tcp else ""
     error = None  # the server's ERROR message, if it sent one
-    closed, registered = asyncio.Event(), asyncio.Event()
+    closed, accepted = asyncio.Event(), asyncio.Event()
+    since = 0.0
+    listed: bool | None = None  # whether the server last said the record is in etcd
+    ever_listed = False
+
+    def accept() -> None:
+        nonlocal since
+        accepted.set()
+        since = time.monotonic()
+
+    def heard(status: str) -> None:
+        """The server's STATUS: a refusal never sends one, so the first means accepted."""
+        nonlocal listed, ever_listed
+        if not accepted.is_set():
+            accept()
+        stored = status == "stored"
+        if stored and not listed:
+            log_event(logging.INFO, "provide_listed" if ever_listed else "provide_registered",
+                      url=url)
+            state.now(f"registered at {url}", held=True)
+            ever_listed = True
+        elif not stored:
+            why = status.removeprefix("unstored: ")
+            if listed is not False:
+                log_event(logging.WARNING, "provide_unlisted", url=url, reason=why)
+            state.now(f"not in etcd ({why}); connected to {url}")
+        listed = stored
 
     def on_message(message: str | bytes | None) -> None:
         nonlocal error
@@ -3825,10 +4341,15 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
             closed.set()
         elif isinstance(message, str) and message.startswith("ERROR:"):
             error = message
+        elif isinstance(message, str) and message.startswith("STATUS: "):
+            heard(message[len("STATUS: "):])
 
+    resolver = None if address is None else netutil.OverrideResolver(
+        netutil.Resolver(), {urllib.parse.urlsplit(url).hostname: address[0]})
     connecting = cast(asyncio.Future, websocket.websocket_connect(  # (typed as an Awaitable)
         HTTPRequest(url, headers=dict(headers), connect_timeout=10, request_timeout=10),
-        on_message_callback=on_message, ping_interval=ping_interval, ping_timeout=ping_interval))
+        on_message_callback=on_message, ping_interval=ping_interval, ping_timeout=ping_interval,
+        subprotocols=[STATUS_PROTOCOL], resolver=resolver))
     await _first(asyncio.shield(connecting), stop.wait())
     if not connecting.done():  # stopped mid-connect: close the socket if it still opens
         connecting.add_done_callback(lambda f: f.exception() or f.result().close())
@@ -3840,17 +4361,17 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
         if not isinstance(e, ssl.SSLError):  # a failed handshake: Tornado's tls_failed said it
             log_event(logging.WARNING, "provide_failed", url=url, error=why)
         return "failed", None, why
-    state.now(f"connected to {url}, waiting for the server to accept")
-    since = 0.0
+    if not accepted.is_set():  # (its first STATUS may have come with the handshake)
+        state.now(f"connected to {url}, waiting for the server to accept")
 
     def on_pong(data: bytes) -> None:
-        # Frames arrive in order, and the server sends a refusal (ERROR, then its close)
-        # before it reads any frame of ours: a pong with neither before it proves that
-        # the registration is held.
-        nonlocal since
-        if not registered.is_set() and error is None and not closed.is_set():
-            registered.set()
-            since = time.monotonic()
+        # A server without record status (an older skyapi): frames arrive in order, and
+        # the server sends a refusal (ERROR, then its close) before it reads any frame of
+        # ours, so a pong with neither before it proves that the registration is held.
+        if conn.selected_subprotocol == STATUS_PROTOCOL:
+            return
+        if not accepted.is_set() and error is None and not closed.is_set():
+            accept()
             log_event(logging.INFO, "provide_registered", url=url)
             state.now(f"registered at {url}", held=True)
 
@@ -3880,7 +4401,7 @@ async def _hold_once(url: str, stop: asyncio.Event, check_tcp: tuple[str, int] |
     else:
         state.now(f"disconnected from {url}")
         conn.close()  # the server closed, or the stream broke: let go of the protocol
-    held = time.monotonic() - since if registered.is_set() else None
+    held = time.monotonic() - since if accepted.is_set() else None
     code, reason = conn.close_code, conn.close_reason or ""
     if code == 1008:  # policy violation: the same request would be refused again
         why = error or f"refused with close code 1008 {reason}"
@@ -3985,12 +4506,22 @@ def pick_srv(records: Sequence[tuple[int, int, str, int]],
 
 async def server_url(url: str, dns_server: tuple[str, int] | None,
                      avoid: tuple[str, int] | None = None) -> tuple[str, tuple[str, int] | None]:
-    """url itself, or for srv://NAME one live skyapi found by an SRV lookup of NAME (each
-    instance registers itself with self_register), looked up again at every attempt, other
-    than avoid if it can be; and the instance (host, port) it found."""
-    if not url.startswith("srv://"):
+    """url itself, or for srv://NAME (srv+wss://NAME) one live skyapi found by an SRV lookup
+    of NAME (each instance registers itself with self_register), looked up again at every
+    attempt, other than avoid if it can be; and the instance (host, port) it found, where
+    to connect. srv:// gives ws://host:port. srv+wss:// gives wss://NAME:port: the
+    certificate is checked for NAME, the name asked for, not for a target that DNS gave
+    (RFC 6125: an unsigned answer proves nothing), so every instance's certificate names it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("srv", "srv+wss"):
         return url, None
-    host, port = pick_srv(await resolve_srv(url[6:], dns_server or system_dns_server()), avoid)
+    name, server = parts.netloc, dns_server or system_dns_server()
+    records = await resolve_srv(name, server)
+    if not records:
+        raise ValueError(f"no SRV records for {name} at {server[0]}:{server[1]}")
+    host, port = pick_srv(records, avoid)
+    if parts.scheme == "srv+wss":
+        return f"wss://{name}:{port}", (host, port)
     return f"ws://{'[' + host + ']' if ':' in host else host}:{port}", (host, port)
 
 
@@ -4000,10 +4531,11 @@ async def provide(urls: str | Sequence[str], service: str, port: int, stop: asyn
                   prefix: str | None = None, token: str | None = None, reconnect: int = -1,
                   check_tcp: tuple[str, int] | None = None, ping_interval: float = 10.0,
                   backoff_cap: float = 30.0, dns_server: tuple[str, int] | None = None,
-                  state: ProvideState | None = None) -> None:
+                  state: ProvideState | None = None, send_token_unencrypted: bool = False) -> None:
     """Hold the registration until stop is set. urls (one, or several tried in turn) are
-    ws:// or wss:// URLs, or srv://NAME: every attempt then connects to an instance an SRV
-    lookup of NAME gives. A server going away (close 1001) sends the client to the next
+    ws:// or wss:// URLs, or srv://NAME (srv+wss://NAME): every attempt then connects to an
+    instance an SRV lookup of NAME gives. A token is sent over plain ws:// only to a loopback
+    host, unless send_token_unencrypted (a ValueError says so). A server going away (close 1001) sends the client to the next
     URL at once; after a drop or a failed attempt it reconnects with capped, jittered
     backoff. More than `reconnect` attempts in a row without a registration (-1: no limit)
     raise ProvideGaveUp; a refusal raises ProvideRefused. With check_tcp, register only
@@ -4011,6 +4543,10 @@ async def provide(urls: str | Sequence[str], service: str, port: int, stop: asyn
     urls = [urls] if isinstance(urls, str) else list(urls)
     if not urls:
         raise ValueError("provide: needs at least one URL")
+    for url in urls:
+        check_url(url)
+        if token and not send_token_unencrypted:
+            check_token_safe(url)
     state = state or ProvideState()
     params = {"service": service, "port": port, "host": host, "category": category,
               "priority": priority, "weight": weight, "prefix": prefix}
@@ -4042,7 +4578,7 @@ async def provide(urls: str | Sequence[str], service: str, port: int, stop: asyn
             log_event(logging.WARNING, "provide_no_server", url=url, error=str(e) or type(e).__name__)
         else:
             ended, held, why = await _hold_once(target, stop, check_tcp, ping_interval, headers,
-                                                state)
+                                                state, instance)
         if held is not None:  # it was registered
             attempts = moves = 0
             if held >= STABLE:
@@ -4070,6 +4606,8 @@ class ProvideHealthHandler(web.RequestHandler):
     """/healthz: 200 while the client runs its loop (the loop answers). /readyz: 200 while
     the registration is held, else 503; both say in words where the client stands."""
 
+    SUPPORTED_METHODS = ("GET", "HEAD")  # others: 405
+
     def initialize(self, state: ProvideState) -> None:
         self.state = state
 
@@ -4079,6 +4617,11 @@ class ProvideHealthHandler(web.RequestHandler):
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.write(("ok" if path == "healthz" else self.state.reason) + "\n")
 
+    head = get  # (Tornado sends no body with a HEAD answer)
+
+
+HEALTH_REQUEST_TIMEOUT = 10.0  # seconds a probe has to send its request (the server's default)
+
 
 def serve_provide_health(addr: str, state: ProvideState) -> HTTPServer:
     """The client's health listener on addr (host:port). Raises OSError."""
@@ -4086,13 +4629,17 @@ def serve_provide_health(addr: str, state: ProvideState) -> HTTPServer:
     sockets = netutil.bind_sockets(port, host or None)
     app = web.Application([(r"/(healthz|readyz)", ProvideHealthHandler, {"state": state})],
                           log_function=lambda handler: None)  # a probe is not an event
-    server = HTTPServer(app)
+    # The server's bounds: it listens where anyone on the pod network may connect, in a
+    # container with little memory. No request has a body, so none is read.
+    server = HTTPServer(app, idle_connection_timeout=HEALTH_REQUEST_TIMEOUT,
+                        body_timeout=HEALTH_REQUEST_TIMEOUT, max_body_size=0,
+                        max_header_size=8192)
     server.add_sockets(sockets)
     return server
 
 
 def provide_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _ArgumentParser(
         prog="skyapi.py provide", allow_abbrev=False, add_help=False,
         description="Register a service with skyapi and hold the registration until "
                     "SIGTERM/SIGINT; the record goes when this stops.",
@@ -4103,13 +4650,16 @@ def provide_arg_parser() -> argparse.ArgumentParser:
     need.add_argument("--url", required=True, action="append",
                       help="skyapi address, e.g. ws://skyapi:8053 (wss:// with TLS), or "
                       "srv://skyapi.services.skydns.local to find one by SRV (see "
-                      "self_register). Repeat for several: they are tried in turn, and one "
-                      "going away (close 1001) sends the client to the next at once")
+                      "self_register; srv+wss://NAME connects with TLS, the certificate naming "
+                      "NAME). Repeat for several: they are tried in turn, and one going away "
+                      f"(close 1001) sends the client to the next at once. Forms: {URL_FORMS}")
     need.add_argument("--service", required=True, metavar="NAME",
                       help="the service to register: one DNS label, e.g. web")
     need.add_argument("--port", required=True, type=int, metavar="N",
                       help="the port the service listens on, 1-65535")
     opt.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    opt.add_argument("--version", action="version", version=f"skyapi {__version__}",
+                     help="show the version and exit")
     opt.add_argument("--host", help="address to register; empty: the address skyapi sees the "
                      "connection come from")
     opt.add_argument("--category", metavar="LABELS", help="comma list of categories, left to "
@@ -4125,19 +4675,25 @@ def provide_arg_parser() -> argparse.ArgumentParser:
                      f"newline is ignored); or set {TOKEN_ENV}")
     opt.add_argument("--token", help="the bearer token itself: visible to every user of the "
                      f"host in ps, so prefer --token-file or {TOKEN_ENV}")
+    opt.add_argument("--send-token-unencrypted", action="store_true", default=None,
+                     help="send the token even over plain ws:// (or srv://) to a host that is "
+                     "not loopback, where anyone on the path can read it and register in your "
+                     "name; without it that is refused: use wss:// or srv+wss://")
     opt.add_argument("--reconnect", type=int, default=-1, metavar="N",
                      help="reconnect attempts in a row without registering before giving up; "
                      "-1: never give up (default: -1)")
     opt.add_argument("--check-tcp", metavar="HOST:PORT",
                      help="register only while HOST:PORT accepts TCP connections")
     opt.add_argument("--health-addr", metavar="HOST:PORT",
-                     help="serve /healthz (200 while running) and /readyz (200 while "
-                     "registered, else 503 and why) here, e.g. 127.0.0.1:8054; empty: none")
+                     help="serve /healthz (200 while running) and /readyz (200 while the "
+                     "server says the record is in etcd, else 503 and why) here, e.g. "
+                     "127.0.0.1:8054; empty: none")
     opt.add_argument("--ping-interval", type=float, default=10.0, metavar="SECONDS",
                      help="seconds between pings to the server; one unanswered drops the "
                      "socket (default: 10)")
     opt.add_argument("--dns-server", metavar="HOST[:PORT]",
-                     help="DNS server for srv:// lookups; empty: the first in /etc/resolv.conf")
+                     help="DNS server for srv:// and srv+wss:// lookups; empty: the first in "
+                     "/etc/resolv.conf")
     opt.add_argument("--log-level", default="info", choices=["error", "warn", "info", "debug"],
                      metavar="LEVEL", help="error, warn, info or debug (default: info)")
     return p
@@ -4162,18 +4718,20 @@ def provide_token(a: argparse.Namespace) -> str | None:
         raise ValueError(f"{name}: {e}") from None
 
 
-def provide_main(argv: Sequence[str]) -> int:
+def provide_arguments(argv: Sequence[str]) -> tuple[argparse.Namespace, str | None,
+                                                  tuple[str, int] | None,
+                                                  tuple[str, int] | None]:
+    """The checked flags, the token, the --check-tcp and --dns-server addresses. Raises
+    ConfigError."""
     p = provide_arg_parser()
     a = p.parse_args(argv)
-    setup_logging(a.log_level)
-    check_tcp = None
+    check_tcp = dns_server = None
     if a.check_tcp:
         try:
             check_host, check_port = split_host_port(a.check_tcp)
         except ValueError as e:
             p.error(f"--check-tcp: {e}")
         check_tcp = (check_host or "localhost", check_port)
-    dns_server = None
     if a.dns_server:
         try:
             dns_server = split_advertised(a.dns_server)
@@ -4187,8 +4745,22 @@ def provide_main(argv: Sequence[str]) -> int:
             p.error(f"--health-addr: {e}")
     try:
         token = provide_token(a)
+        for url in a.url:
+            check_url(url)
+            if token and not a.send_token_unencrypted:
+                check_token_safe(url)
     except ValueError as e:
         p.error(str(e))
+    return a, token, check_tcp, dns_server
+
+
+def provide_main(argv: Sequence[str]) -> int:
+    try:
+        a, token, check_tcp, dns_server = provide_arguments(argv)
+    except ConfigError as e:  # a usage error: one line, exit code 2, as the server's
+        print(f"skyapi provide: {e}", file=sys.stderr)
+        return 2
+    setup_logging(a.log_level)
 
     async def run() -> int:
         state = ProvideState()
@@ -4206,7 +4778,8 @@ def provide_main(argv: Sequence[str]) -> int:
             await provide(a.url, a.service, a.port, stop, host=a.host, category=a.category,
                           priority=a.priority, weight=a.weight, prefix=a.prefix, token=token,
                           reconnect=a.reconnect, check_tcp=check_tcp,
-                          ping_interval=a.ping_interval, dns_server=dns_server, state=state)
+                          ping_interval=a.ping_interval, dns_server=dns_server, state=state,
+                          send_token_unencrypted=bool(a.send_token_unencrypted))
         except (ProvideRefused, ProvideGaveUp) as e:
             print(f"skyapi provide: {e}", file=sys.stderr)
             return 1
@@ -4413,8 +4986,8 @@ def dev_etcd(cfg: Config) -> Iterator[Config]:
 # main
 #
 # The command line: the server (the default), `provide` (the client above) and
-# `healthcheck`, which asks a server or a client on this machine whether it is
-# alive, given the arguments that started it, or its pid to read them from.
+# `healthcheck` (the first section; run from here too when the module is
+# imported, or when it was not run as the main script).
 # ---------------------------------------------------------------------------
 
 
@@ -4427,9 +5000,9 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, config_file: str = NO_CONFIG_FILE) -> int:
     """Run until SIGTERM/SIGINT, then stop cleanly."""
-    server = Skyapi(cfg)
+    server = Skyapi(cfg, config_file)
     try:
         await server.start()
     except OSError as e:  # a port in use or not ours, an address not on this host
@@ -4445,99 +5018,6 @@ async def serve(cfg: Config) -> int:
     return 0
 
 
-HEALTHCHECK_TIMEOUT = 3.0  # seconds: inside the image's HEALTHCHECK --timeout=5s, start-up included
-
-HEALTHCHECK_USAGE = f"""\
-usage: skyapi.py healthcheck [-c FILE] [SERVER FLAGS ...]
-       skyapi.py healthcheck provide [CLIENT FLAGS ...]
-       skyapi.py healthcheck --pid PID
-
-Ask a skyapi server or provide client on this machine whether it is alive: GET its /healthz
-within {HEALTHCHECK_TIMEOUT:g} s. Give the arguments it was started with: the server's (the check reads the same
-configuration, so it follows listen_addr, a wildcard host meaning loopback, and uses https
-with tls_cert_file, whoever signed the certificate) or the client's (it needs --health-addr).
-Or give --pid to read them from that process's command line (the image's HEALTHCHECK uses
---pid 1: whatever the container runs). Prints one line; exit 0 when /healthz answered 200,
-1 otherwise. Liveness only: /readyz says whether etcd answers or the registration is held.
-"""
-
-
-def local_url(scheme: str, addr: str, path: str) -> str:
-    """The URL, from this machine, of a listener bound to addr (host:port): a wildcard
-    host (empty, 0.0.0.0, ::) is on loopback too."""
-    host, port = split_host_port(addr)
-    if port == 0:
-        raise ValueError(f"{addr!r}: port 0 is chosen at start, so there is none to check")
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}{path}"
-
-
-def arguments_of(pid: int) -> list[str]:
-    """The arguments a running skyapi.py was started with (those after the script)."""
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        words = [w.decode(errors="replace") for w in f.read().split(b"\0")[:-1]]
-    for i, word in enumerate(words):
-        if os.path.basename(word) == "skyapi.py":
-            return words[i + 1:]
-    raise ValueError(f"process {pid} does not run skyapi.py: {' '.join(words)}")
-
-
-def health_target(argv: Sequence[str]) -> tuple[str, ssl.SSLContext | None]:
-    """The /healthz URL of the process these arguments start, and the TLS context to
-    reach it with. Raises ConfigError or ValueError."""
-    if argv[:1] == ["provide"]:
-        addr = provide_arg_parser().parse_args(argv[1:]).health_addr
-        if not addr:
-            raise ValueError("this provide client serves no health: start it with "
-                             "--health-addr, e.g. 127.0.0.1:8054")
-        return local_url("http", addr, "/healthz"), None
-    cfg = load_config(argv)
-    if not cfg.tls_cert_file:
-        return local_url("http", cfg.listen_addr, "/healthz"), None
-    # A liveness check of a listener on this machine: whether its certificate's names and
-    # issuer suit remote clients is not what it checks, so a private CA or a self-signed
-    # certificate is fine here.
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return local_url("https", cfg.listen_addr, "/healthz"), context
-
-
-def healthcheck_main(argv: Sequence[str]) -> int:
-    if argv[:1] in (["-h"], ["--help"]):
-        print(HEALTHCHECK_USAGE, end="")
-        return 0
-    try:
-        if argv[:1] == ["--pid"]:
-            if len(argv) != 2 or not argv[1].isdigit():
-                raise ValueError("--pid takes one process id and nothing else")
-            pid = int(argv[1])
-            argv = arguments_of(pid)
-            os.chdir(f"/proc/{pid}/cwd")  # its relative paths (-c skyapi.yaml) start there
-        url, context = health_target(argv)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"unhealthy: {e}")
-        return 1
-    except SystemExit:  # argparse has said what is wrong with the arguments
-        return 1
-    # No proxy from the environment: the listener is on this machine.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                         urllib.request.HTTPSHandler(context=context))
-    try:
-        with opener.open(url, timeout=HEALTHCHECK_TIMEOUT) as response:
-            status = response.status
-    except urllib.error.HTTPError as e:
-        status = e.code
-    except (OSError, http.client.HTTPException) as e:  # refused, timed out, not HTTP(S)
-        print(f"unhealthy: {url}: {getattr(e, 'reason', None) or e}")
-        return 1
-    if status != 200:
-        print(f"unhealthy: {url} answered {status}")
-        return 1
-    print(f"healthy: {url} answered 200")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["provide"]:
@@ -4548,7 +5028,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(argv)
         setup_logging(cfg.log_level)
         with dev_etcd(cfg) if cfg.dev else contextlib.nullcontext(cfg) as cfg:
-            return asyncio.run(serve(cfg))
+            return asyncio.run(serve(cfg, config_source(argv)))
     except ConfigError as e:  # every start-up error a user can cause: one line, exit code 2
         print(f"skyapi: {e}", file=sys.stderr)
         return 2

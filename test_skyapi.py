@@ -35,6 +35,7 @@ import time
 import types
 import typing
 import urllib.parse
+import warnings
 
 import hypothesis
 import pytest
@@ -119,7 +120,7 @@ def test_flags_are_never_abbreviated():
     """As the Go original's: a shortened flag is a typo, named, never a longer flag."""
     with pytest.raises(skyapi.ConfigError, match=r"^--listen: unknown flag; did you mean --listen-addr\?"):
         skyapi.load_config(["--listen", "127.0.0.1:1"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(skyapi.ConfigError, match=r"^unrecognized arguments: --check "):
         skyapi.provide_arg_parser().parse_args(["--url", "ws://x", "--service", "web",
                                                 "--port", "1", "--check", "127.0.0.1:1"])
 
@@ -263,7 +264,8 @@ README_LINES = 250
 # Flags of the other programs the documents run: etcd, etcdctl, docker/podman, pytest, systemctl.
 OTHERS_FLAGS = {"--data-dir", "--enable-v2", "--listen-client-urls", "--advertise-client-urls",
                 "--client-cert-auth", "--quota-backend-bytes", "--endpoints", "--prefix",
-                "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now", "--ulimit"}
+                "--name", "--network", "--format", "--no-healthcheck", "--dist", "--now", "--ulimit",
+                "--from-file", "--stop-timeout"}
 OTHERS_NAMES = {"stop_grace_period"}  # docker compose's
 
 
@@ -314,9 +316,13 @@ def check_skyapi_args(args: list[str], where) -> None:
             return
     if args[:1] == ["provide"]:
         try:
-            skyapi.provide_arg_parser().parse_args(args[1:])
-        except SystemExit:
-            pytest.fail(f"{where}: provide {args[1:]}")
+            a = skyapi.provide_arg_parser().parse_args(args[1:])
+            for url in a.url:
+                skyapi.check_url(url)
+                if (a.token or a.token_file) and not a.send_token_unencrypted:
+                    skyapi.check_token_safe(url)  # else the client would stop at once
+        except (skyapi.ConfigError, ValueError) as e:
+            pytest.fail(f"{where}: provide {args[1:]}: {e}")
         return
     # Where a command names the installed copy of the shipped file, the shipped file it is.
     args = [a if a != "/etc/skyapi/skyapi.yaml" else "skyapi.yaml" for a in args]
@@ -422,7 +428,7 @@ def test_commands_in_the_documents_run_as_written():
         for line in re.findall(r"^ExecStart=(.*)$", text, re.M):  # systemd units
             check_skyapi_args(skyapi_args(line), (name, line))
             checked += 1
-    assert checked >= 8
+    assert checked >= 6  # the units and pods themselves are deploy/'s, checked below
 
 
 # The security settings: tokens and etcd passwords are never shown.
@@ -812,6 +818,21 @@ async def closed_by_client(conn, code: int = 1000) -> float:
 
 
 @async_test
+async def test_a_close_code_a_client_may_not_send_is_answered_1002_not_echoed(etcd):
+    cfg = config([etcd.url])
+    view = EtcdView(etcd.url, 2)
+    async with running(cfg) as server:
+        for port, code in enumerate([1000, 1001, 1003, 1007, 1011, 1014, 3000, 4999], 1):
+            await closed_by_client(await connect(server, f"service=code&port={port}"), code)
+        for port, code in enumerate([0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535], 1):
+            conn = await connect(server, f"service=bad&port={port}")
+            conn.close(code)
+            assert await asyncio.wait_for(conn.read_message(), 10) is None
+            assert (conn.close_code, conn.close_reason) == (1002, "bad close code"), code
+        await wait_until(lambda: view.empty(cfg), 2)  # every record went, as with any close
+
+
+@async_test
 async def test_a_close_is_answered_once_the_record_is_out_of_etcd(etcd, version):
     """As a socket opens with its record in etcd, a client's close ends with it gone: with
     etcd slow to answer (a frozen link), the answer waits for the delete."""
@@ -1149,6 +1170,26 @@ async def test_healthz_readyz_and_services_list_live_registrations(etcd):
         await wait_until(lambda: _services_are(server.port, []), 2)
 
 
+@pytest.mark.slow
+@async_test
+async def test_metrics_show_how_long_a_hand_over_has_run_against_its_grace(etcd):
+    """While a hand-over waits for another instance to take a record over, /metrics says
+    for how long, beside drain_grace: what the alert on an overrunning drain compares."""
+    cfg = config([etcd.url], drain_grace=3.0)
+    async with running(cfg) as other:  # another instance alive: the grace is waited out
+        server = skyapi.Skyapi(cfg)
+        await server.start()
+        held = await connect(server, "service=drain&port=1")  # closed by the stop, not back
+        stopping = asyncio.ensure_future(server.stop())
+        m = await wait_until(lambda: scrape(server.port), 2, until=lambda m: sample(
+            m, "skyapi_draining_seconds") > 0.5)
+        assert sample(m, "skyapi_draining_seconds") < cfg.drain_grace
+        assert sample(m, "skyapi_drain_grace_seconds") == cfg.drain_grace
+        await stopping
+        held.close()
+        assert sample(await scrape(other.port), "skyapi_draining_seconds") == 0
+
+
 async def _services_are(port, services):
     return [d["service"] for d in json.loads((await get(port, "/services"))[1])] == services
 
@@ -1169,6 +1210,11 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage(private_
         assert m["TYPE", "skyapi_etcd_request_seconds"] == "histogram"
         assert (sample(m, "skyapi_connections_open"), sample(m, "skyapi_records"),
                 sample(m, "skyapi_etcd_up")) == (0, 0, 1)
+        assert (sample(m, "skyapi_records_missing"), sample(m, "skyapi_draining_seconds"),
+                sample(m, "skyapi_drain_grace_seconds")) == (0, 0, cfg.drain_grace)
+        assert sample(m, "process_max_fds") >= sample(m, "process_open_fds") > 0
+        assert sample(m, "process_resident_memory_bytes") > 10e6
+        assert sample(m, "process_cpu_seconds_total") > 0
 
         conns = [await connect(server, f"service=m&port={p}") for p in (1, 2)]
         m = await scrape(server.port)
@@ -1204,13 +1250,15 @@ async def test_metrics_follow_sockets_refusals_drops_and_an_etcd_outage(private_
         assert sum(v for k, v in m.items() if k[0] == "skyapi_etcd_requests_total"
                    and ("outcome", "unavailable") in k[1]) >= 1
         assert sample(m, "skyapi_connections_open") == 2 and sample(m, "skyapi_records") == 1
+        assert sample(m, "skyapi_records_missing") == 1  # held, not in etcd
         code, reason = await get(server.port, "/readyz")
         assert code == 503 and reason.startswith("etcd unreachable: ")
         assert await get(server.port, "/healthz") == (200, "ok\n")
 
         await etcd.restart()
         await wait_until(lambda: scrape(server.port), cfg.timeout, until=lambda m: (
-            sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records")) == (1, 2))
+            sample(m, "skyapi_etcd_up"), sample(m, "skyapi_records"),
+            sample(m, "skyapi_records_missing")) == (1, 2, 0))
         assert await get(server.port, "/readyz") == (200, "ok\n")
         m = await scrape(server.port)
         assert sample(m, "skyapi_etcd_requests_total", op="health", outcome="unavailable") >= 1
@@ -1337,12 +1385,13 @@ async def test_provide_in_process_holds_until_the_stop_event(etcd, version):
 
 @async_test
 async def test_provide_client_reconnects_after_the_server_restarts(etcd):
-    # A grace, so that the client's move at once meets the stopping server, which refuses it.
+    # A grace (another instance serves the root, so it is kept), so that the client's move
+    # at once meets the stopping server, which refuses it.
     cfg = config([etcd.url], listen_addr=f"127.0.0.1:{free_port()}", drain_grace=0.5)
     view = EtcdView(etcd.url, 2)
     proc = None
     try:
-        async with running(cfg) as server:
+        async with running(config([etcd.url], dns_root=cfg.dns_root)), running(cfg) as server:
             proc = provide_process(server.port, "--service", "phoenix", "--port", "1")
             records = await wait_until(lambda: view.records(prefix_of(cfg)), 15)
             await wait_until(lambda: server.sockets, 5)  # the handshake is done
@@ -1456,10 +1505,12 @@ async def test_provide_client_sends_pings_answers_pings_and_needs_only_the_query
                            websocket_ping_interval=0.2, websocket_ping_timeout=0.1
                            ).listen(port, "127.0.0.1")
     try:
-        stop = asyncio.Event()
-        held = asyncio.ensure_future(
-            skyapi.provide(f"127.0.0.1:{port}", "go", 7, stop, ping_interval=0.2))
+        stop, state = asyncio.Event(), skyapi.ProvideState()
+        held = asyncio.ensure_future(skyapi.provide(f"ws://127.0.0.1:{port}", "go", 7, stop,
+                                                    ping_interval=0.2, state=state))
         await wait_until(lambda: seen["pings"] >= 5 and seen["pongs"] >= 5, 10)
+        # It asked for record status; a server that does not answer it is taken at its pong.
+        assert state.held and state.reason.startswith(f"registered at ws://127.0.0.1:{port}")
         assert seen["opened"] == 1 and seen["messages"] == 0  # never dropped, never talked
         assert seen["query"] == {"service": "go", "port": "7"}
         stop.set()
@@ -1495,7 +1546,53 @@ def test_provide_help_explains_every_flag_and_its_default(capsys):
     assert flags["--weight"].endswith("(default: 100)")
     assert "SKYAPI_TOKEN" in flags["--token-file"] and "ps" in flags["--token"]
     assert skyapi.main(["healthcheck", "--help"]) == 0
-    assert capsys.readouterr().out.startswith("usage: skyapi.py healthcheck ")
+    assert capsys.readouterr().out.startswith("usage: python -m skyapi healthcheck ")
+
+
+def run_provide(*args: str) -> tuple[int, str, str]:
+    """`skyapi.py provide ARGS` that ends by itself: its exit code, stdout and stderr."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "skyapi.py"), "provide", *args],
+                          capture_output=True, timeout=30, cwd=HERE)
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def test_provide_takes_only_the_documented_url_forms_and_tells_its_version():
+    assert run_provide("--version") == (0, f"skyapi {skyapi.__version__}\n", "")
+    for url in ["http://127.0.0.1:8053", "https://h", "127.0.0.1:8053", "localhost:8053",
+                "ws://", "ws://h:port", "ws://h:99999", "ws://u@h", "ws://h/provide?service=y",
+                "srv://skyapi.x.local:53", "srv://skyapi.x.local/provide", "ftp://h"]:
+        assert run_provide("--url", url, "--service", "x", "--port", "1") == (
+            2, "", f"skyapi provide: --url {url}: is not one of {skyapi.URL_FORMS}\n"), url
+        with pytest.raises(ValueError, match="is not one of ws://"):
+            asyncio.run(skyapi.provide(url, "x", 1, asyncio.Event()))
+    for url in ["ws://h", "ws://h:8053/skyapi/provide", "wss://[::1]:8053", "srv://skyapi.x.local",
+                "srv+wss://skyapi.x.local"]:
+        assert skyapi.check_url(url) == url
+
+
+def test_a_token_goes_over_plain_ws_only_to_loopback_unless_the_user_accepts_the_risk(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("client-token-0123456789abcdef\n")
+    for url, fix in [("ws://10.1.2.3:8053", "wss://"), ("ws://skyapi.example.com", "wss://"),
+                     ("ws://0.0.0.0:8053", "wss://"),
+                     ("srv://skyapi.services.x.local", "srv+wss://")]:
+        message = (f"--url {url}: the token would cross the network unencrypted; use {fix} "
+                   "(TLS), or --send-token-unencrypted to accept that risk")
+        # One line, exit 2, before anything is sent anywhere.
+        assert run_provide("--url", url, "--service", "x", "--port", "1", "--token-file",
+                           str(token)) == (2, "", f"skyapi provide: {message}\n")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            asyncio.run(skyapi.provide(url, "x", 1, asyncio.Event(), token="t" * 20))
+    # With the opt-in it goes ahead (0.0.0.0 is no loopback name, but reaches this host).
+    with pytest.raises(skyapi.ProvideGaveUp):
+        asyncio.run(skyapi.provide(f"ws://0.0.0.0:{free_port()}", "x", 1, asyncio.Event(),
+                                   token="t" * 20, reconnect=0, send_token_unencrypted=True))
+    for host in ["127.0.0.1", "127.3.2.1", "[::1]", "localhost", "LOCALHOST.", "a.localhost"]:
+        skyapi.check_token_safe(f"ws://{host}:8053")  # loopback: the token stays on this host
+        assert skyapi.is_loopback(host)
+    for url in ["wss://skyapi.example.com", "srv+wss://skyapi.services.x.local"]:
+        skyapi.check_token_safe(url)
+    assert not skyapi.is_loopback("localhost.example.com")
 
 
 @async_test
@@ -1533,9 +1630,9 @@ async def test_provide_reads_its_token_from_a_file_or_the_environment(etcd, tmp_
         code, last = await ends()
         assert code == 1 and last.startswith("skyapi provide: ERROR: token: ")
         assert await ends("--token", token, "--token-file", str(token_file)) == (
-            2, "skyapi.py provide: error: --token: give only one of --token and --token-file")
+            2, "skyapi provide: --token: give only one of --token and --token-file")
         assert await ends("--token-file", str(tmp_path / "missing")) == (
-            2, f"skyapi.py provide: error: --token-file: cannot read {tmp_path / 'missing'}: "
+            2, f"skyapi provide: --token-file: cannot read {tmp_path / 'missing'}: "
                "No such file or directory")
         assert await view.records(prefix_of(cfg)) == {}
 
@@ -1643,6 +1740,45 @@ async def test_provide_health_listener_is_ready_only_while_registered(private_et
 
 
 @async_test
+async def test_provide_health_listener_has_the_servers_bounds(monkeypatch):
+    monkeypatch.setattr(skyapi, "HEALTH_REQUEST_TIMEOUT", 0.5)
+    port = free_port()
+    state = skyapi.ProvideState()
+    server = skyapi.serve_provide_health(f"127.0.0.1:{port}", state)
+    try:
+        r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/readyz", method="HEAD",
+                                          raise_error=False)
+        assert (r.code, r.body) == (503, b"")
+        for method, body, code in [("POST", b"x" * 1_000_000, 400), ("PUT", b"", 405),
+                                   ("DELETE", None, 405), ("OPTIONS", None, 405)]:
+            r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/healthz", method=method,
+                                              body=body, raise_error=False,
+                                              allow_nonstandard_methods=True)
+            assert r.code == code, method
+
+        async def closed_within(first: bytes, seconds: float) -> bool:
+            """Whether the listener closes a connection that sent first (or nothing more)."""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(first)
+            try:
+                await asyncio.wait_for(reader.read(), seconds)  # (what it answered, if anything)
+                return True
+            except ConnectionResetError:  # closed with our bytes unread
+                return True
+            finally:
+                writer.close()
+        half_sent = [asyncio.ensure_future(closed_within(b"GET /healthz HTTP/1.1\r\n", 3))
+                     for _ in range(20)]
+        idle = asyncio.ensure_future(closed_within(b"", 3))
+        kept_alive = asyncio.ensure_future(closed_within(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 3))  # answered, then idle
+        assert all(await asyncio.gather(*half_sent, idle, kept_alive))
+        assert await closed_within(b"GET /healthz HTTP/1.1\r\nX: " + b"x" * 100_000, 3)
+    finally:
+        server.stop()
+
+
+@async_test
 async def test_healthcheck_follows_the_servers_listen_addr_and_tls(etcd, certs, tmp_path):
     port, tls_port, other = free_port(), free_port(), free_port()
     conf = tmp_path / "skyapi.yaml"
@@ -1703,6 +1839,664 @@ async def test_healthcheck_of_a_client_asks_its_health_listener():
         bare.kill()
 
 
+@async_test
+async def test_healthcheck_reads_only_what_locates_the_server(etcd, tmp_path, monkeypatch):
+    port = free_port()
+    conf = tmp_path / "skyapi.yaml"  # settings the check cannot read here, and needs not
+    conf.write_text(f"listen_addr: '127.0.0.1:{port}'\ndns_root: 'not..checked'\n"
+                    "tokens: [{value_env: SKYAPI_NOT_SET_HERE}, {value_file: /dev/zero}]\n"
+                    "etcd_username: u\netcd_password_file: /nowhere/password\n")
+    healthy = (0, f"healthy: http://127.0.0.1:{port}/healthz answered 200\n")
+    async with running(config([etcd.url], listen_addr=f"127.0.0.1:{port}")):
+        assert await healthcheck("-c", str(conf)) == healthy
+        assert await healthcheck("-c", str(conf), "--etcd-api", "nonsense", "--xheaders") == healthy
+    # A server whose token the checker's environment lacks.
+    monkeypatch.setenv("SKYAPI_SERVERS_TOKEN", "server-token-0123456789abcdef")
+    sky = SkyapiProcess(tmp_path, *process_args(config([etcd.url])), "--tokens",
+                        "{value_env: SKYAPI_SERVERS_TOKEN}")
+    try:
+        await sky.started()
+        monkeypatch.delenv("SKYAPI_SERVERS_TOKEN")
+        assert await healthcheck("--pid", str(sky.proc.pid)) == (
+            0, f"healthy: http://127.0.0.1:{sky.port}/healthz answered 200\n")
+    finally:
+        sky.kill()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid names no process now
+    assert await healthcheck("--pid", str(gone.pid)) == (
+        1, f"unhealthy: no process {gone.pid} is running\n")
+
+
+@async_test
+async def test_healthcheck_pid_is_bounded_and_repeats_no_other_programs_arguments(tmp_path):
+    fifo, big = tmp_path / "fifo", tmp_path / "big.yaml"
+    os.mkfifo(fifo)  # reading it would wait for a writer for ever
+    big.write_text("# " + "x" * (2 << 20) + "\n")
+
+    async def check_of(*args: str) -> tuple[int, str]:
+        """healthcheck --pid of a process with this command line."""
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
+        try:
+            return await asyncio.wait_for(healthcheck("--pid", str(proc.pid)), 10)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    code, out = await check_of("--password=hunter2", "--token", "secret")
+    assert code == 1 and re.fullmatch(r"unhealthy: process \d+ does not run skyapi.py\n", out)
+    for config_file, problem in [("/dev/zero", "/dev/zero is not a regular file"),
+                                 (str(fifo), f"{fifo} is not a regular file"),
+                                 (str(big), f"{big} is larger than 1048576 bytes")]:
+        assert await check_of("skyapi.py", "-c", config_file) == (1, f"unhealthy: config: {problem}\n")
+
+
+# Runs its arguments and says their peak memory. (Measured from a process forked by the test,
+# the peak would be the test's own: a forked child counts its parent's pages until its exec.)
+MEASURED = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(code)")
+
+
+def peak_rss_kb(args: list[str]) -> tuple[int, str, int]:
+    """Run args to the end: exit code, output, and peak resident memory in KB (Linux)."""
+    proc = subprocess.run([sys.executable, "-c", MEASURED, *args], capture_output=True,
+                          timeout=30, cwd=HERE)
+    return proc.returncode, proc.stdout.decode(), int(proc.stderr)
+
+
+@async_test
+async def test_healthcheck_takes_little_more_memory_than_a_bare_python_with_ssl(etcd, tmp_path):
+    """The image's check runs beside a small container: python -m skyapi healthcheck (from the
+    compiled file the image builds) weighs within 5 MB of Python with urllib and ssl alone."""
+    import py_compile
+    py_compile.compile(os.path.join(HERE, "skyapi.py"), doraise=True)  # as the image does
+    port = free_port()
+    conf = tmp_path / "skyapi.yaml"
+    conf.write_text(f"listen_addr: '127.0.0.1:{port}'\n")  # PyYAML reads it
+    sky = SkyapiProcess(tmp_path, *process_args(config([etcd.url])))
+    try:
+        await sky.started()
+        async with running(config([etcd.url], listen_addr=f"127.0.0.1:{port}")):
+            bare = await asyncio.to_thread(peak_rss_kb, [sys.executable, "-c",
+                                                         "import urllib.request, ssl"])
+            by_file = await asyncio.to_thread(peak_rss_kb, [sys.executable, "-m", "skyapi",
+                                                            "healthcheck", "-c", str(conf)])
+            by_pid = await asyncio.to_thread(peak_rss_kb, [sys.executable, "-m", "skyapi",
+                                                           "healthcheck", "--pid",
+                                                           str(sky.proc.pid)])
+    finally:
+        sky.kill()
+    assert bare[:2] == (0, "")
+    assert by_file[:2] == (0, f"healthy: http://127.0.0.1:{port}/healthz answered 200\n")
+    assert by_pid[:2] == (0, f"healthy: http://127.0.0.1:{sky.port}/healthz answered 200\n")
+    assert by_file[2] - bare[2] < 5 * 1024 and by_pid[2] - bare[2] < 5 * 1024, (bare, by_file,
+                                                                                 by_pid)
+
+
+# --- record status, and the client's readiness that follows it -------------------------
+
+
+async def until_stored(conn, timeout: float = 15) -> list[str]:
+    """The STATUS messages a socket that asked hears, up to and including 'stored'."""
+    heard = []
+    while not heard or heard[-1] != "STATUS: stored":
+        heard.append(await asyncio.wait_for(conn.read_message(), timeout))
+        assert heard[-1] is not None and heard[-1].startswith("STATUS: "), heard
+    return heard
+
+
+# --- deployment parts: deploy/, checked against skyapi and by their own tools -----------
+
+DEPLOY = os.path.join(HERE, "deploy")
+RESTRICTED_VOLUMES = {"configMap", "secret", "emptyDir", "projected", "downwardAPI", "csi",
+                      "ephemeral", "persistentVolumeClaim"}
+# Python, Tornado and skyapi before any socket, and the least a socket costs: the
+# benchmark's figures are 19.8-24.3 KB a socket at 2,000 and 10,000 sockets.
+BASE_MEMORY, MEMORY_PER_SOCKET = 40e6, 20e3
+QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9, "": 1}
+
+
+def loud_skip(why: str) -> None:
+    """Skip, and say so in the warnings summary, where a quiet skip would pass for a pass."""
+    warnings.warn(f"SKIPPED, not checked: {why}", pytest.PytestWarning)
+    pytest.skip(why)
+
+
+def kubernetes_objects() -> dict:
+    """(kind, name) -> object, of every manifest under deploy/kubernetes."""
+    objects = {}
+    for path in sorted(glob.glob(os.path.join(DEPLOY, "kubernetes", "*.yaml"))):
+        with open(path) as f:
+            for doc in yaml.safe_load_all(f):
+                objects[doc["kind"], doc["metadata"]["name"]] = doc
+    return objects
+
+
+def container(pod: dict, name: str) -> dict:
+    return next(c for c in pod["containers"] if c["name"] == name)
+
+
+def mounted_from(pod: dict, c: dict, path: str) -> tuple[dict, str]:
+    """The volume a container sees path in, and path inside that volume."""
+    for m in c.get("volumeMounts", []):
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            volume = next(v for v in pod["volumes"] if v["name"] == m["name"])
+            return volume, path[len(m["mountPath"].rstrip("/")) + 1:]
+    raise AssertionError(f"{c['name']}: {path} is in no volume")
+
+
+def port_number(c: dict, port) -> int:
+    return port if isinstance(port, int) else next(
+        p["containerPort"] for p in c["ports"] if p.get("name") == port)
+
+
+def check_restricted(pod: dict) -> None:
+    """The 'restricted' Pod Security Standard (Kubernetes 1.25+), rule by rule."""
+    pod_sc = pod.get("securityContext", {})
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    assert all(set(v) - {"name"} <= RESTRICTED_VOLUMES for v in pod.get("volumes", []))
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = {**pod_sc, **c.get("securityContext", {})}
+        assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 1) != 0, c["name"]
+        assert (sc.get("seccompProfile") or {}).get("type") in ("RuntimeDefault", "Localhost")
+        c_sc = c.get("securityContext", {})
+        assert c_sc.get("allowPrivilegeEscalation") is False, c["name"]
+        assert c_sc.get("privileged", False) is False, c["name"]
+        assert "ALL" in c_sc.get("capabilities", {}).get("drop", []), c["name"]
+        assert set(c_sc.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}
+        assert not any(p.get("hostPort") for p in c.get("ports", []))
+
+
+def check_secrets_readable(pod: dict) -> None:
+    """Secrets mounted for uid 10001 (the image's user): the pod's fsGroup is 10001's group,
+    and each Secret's files are readable by that group."""
+    if any("secret" in v for v in pod.get("volumes", [])):
+        assert pod["securityContext"]["fsGroup"] == 10001
+    for v in pod.get("volumes", []):
+        if "secret" in v:
+            assert v["secret"]["defaultMode"] & 0o040, v["name"]
+
+
+def secret_text(inside: str) -> str:
+    """What a test puts in a Secret's file: a token of its own per key."""
+    return f"shipped-manifests-{inside}-0123456789"
+
+
+def materialised(pod: dict, c: dict, values, root, token=secret_text):
+    """values (a config, or a list of flags) with each file that a Secret volume holds
+    given a file under root holding token(its path in the volume): what the container
+    reads, on this machine."""
+    if isinstance(values, dict):
+        return {k: materialised(pod, c, v, root, token) for k, v in values.items()}
+    if isinstance(values, list):
+        return [materialised(pod, c, v, root, token) for v in values]
+    secret_mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])
+                     if any("secret" in v and v["name"] == m["name"] for v in pod["volumes"])]
+    if isinstance(values, str) and values.startswith(tuple(secret_mounts)):
+        volume, inside = mounted_from(pod, c, values)
+        path = root / volume["name"] / inside
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token(inside) + "\n")
+        return str(path)
+    return values
+
+
+def kubernetes_setup(tmp_path):
+    objects = kubernetes_objects()
+    server_pod = objects["Deployment", "skyapi"]["spec"]["template"]["spec"]
+    server = container(server_pod, "skyapi")
+    args = skyapi.server_arg_parser().parse_args(server["args"])
+    volume, inside = mounted_from(server_pod, server, args.config)
+    text = objects["ConfigMap", volume["configMap"]["name"]]["data"][inside]
+    (tmp_path / "skyapi.yaml").write_text(text)
+    values = materialised(server_pod, server, skyapi.read_config_file(
+        str(tmp_path / "skyapi.yaml")), tmp_path)
+    return objects, server_pod, server, values
+
+
+def test_kubernetes_manifests_are_what_skyapi_reads_and_serves(tmp_path):
+    objects, server_pod, server, values = kubernetes_setup(tmp_path)
+    cfg = skyapi.make_config(values)  # the ConfigMap's file, as skyapi loads it
+    deployment = objects["Deployment", "skyapi"]["spec"]
+    assert deployment["replicas"] >= 2
+    assert deployment["strategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    assert server_pod["terminationGracePeriodSeconds"] > cfg.drain_grace + skyapi.DELETE_TIME
+    listen_port = skyapi.split_host_port(cfg.listen_addr)[1]
+    assert [p["containerPort"] for p in server["ports"]] == [listen_port]
+    for probe_, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert server[probe_]["httpGet"]["path"] == path
+        assert port_number(server, server[probe_]["httpGet"]["port"]) == listen_port
+    labels = objects["Deployment", "skyapi"]["spec"]["template"]["metadata"]["labels"]
+    for selector in (deployment["selector"]["matchLabels"],
+                     objects["PodDisruptionBudget", "skyapi"]["spec"]["selector"]["matchLabels"],
+                     objects["Service", "skyapi"]["spec"]["selector"]):
+        assert selector.items() <= labels.items()
+    service_port, = objects["Service", "skyapi"]["spec"]["ports"]
+    assert port_number(server, service_port["targetPort"]) == listen_port
+    assert objects["PodDisruptionBudget", "skyapi"]["spec"]["minAvailable"] == 1
+    memory = re.fullmatch(r"(\d+)([A-Za-z]*)", server["resources"]["requests"]["memory"])
+    assert cfg.max_connections > 0 and int(memory[1]) * QUANTITY[memory[2]] >= (
+        BASE_MEMORY + cfg.max_connections * MEMORY_PER_SOCKET)
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+
+    app_pod = objects["Deployment", "foo"]["spec"]["template"]["spec"]
+    sidecar = container(app_pod, "provide")
+    env = {e["name"]: "10.0.0.5" for e in sidecar.get("env", [])}
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in sidecar["args"]]
+    assert argv[0] == "provide"
+    a = skyapi.provide_arg_parser().parse_args(argv[1:])
+    assert "--token" not in argv and a.token_file  # the token is a file, never an argument
+    assert "secret" in mounted_from(app_pod, sidecar, a.token_file)[0]
+    health_port = skyapi.split_host_port(a.health_addr)[1]
+    assert skyapi.split_host_port(a.health_addr)[0] == ""  # the kubelet probes the pod's IP
+    assert [port_number(sidecar, sidecar[p]["httpGet"]["port"]) for p in (
+        "livenessProbe", "readinessProbe")] == [health_port, health_port]
+    assert [sidecar[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")] == [
+        "/healthz", "/readyz"]
+    assert sidecar["image"].split(":")[0] == server["image"].split(":")[0]
+    for pod in (server_pod, app_pod):
+        check_restricted(pod)
+        check_secrets_readable(pod)
+        for p in (p for c in pod["containers"] for p in c.get("ports", [])):
+            assert re.fullmatch(r"(?=.{1,15}$)[a-z0-9]+(-[a-z0-9]+)*", p.get("name", "x"))
+    for pod, c in ((server_pod, server), (app_pod, sidecar)):  # the image's user, by number
+        assert {**pod["securityContext"], **c["securityContext"]}["runAsUser"] == 10001
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@async_test
+async def test_kubernetes_pods_as_shipped_serve_their_probes_and_register(etcd, tmp_path):
+    """The ConfigMap's settings and both containers' arguments, run here: the server's
+    probes answer 200 where the Deployment probes them; the sidecar registers foo with
+    the token its Secret holds, and its probes say so."""
+    objects, server_pod, server, values = kubernetes_setup(tmp_path)
+    root = unique_root()
+    conf = tmp_path / "run.yaml"
+    conf.write_text(yaml.safe_dump({**values, "dns_root": root, "etcd_api": [etcd.url],
+                                    "listen_addr": "127.0.0.1:0"}))
+    sky = SkyapiProcess(tmp_path, "-c", str(conf))
+    app = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    sidecar_proc = None
+    try:
+        await sky.started()
+        for probe_ in ("livenessProbe", "readinessProbe"):
+            path = server[probe_]["httpGet"]["path"]
+            await wait_until(lambda: probe(sky.port, path), 5, until=lambda r: r[0] == 200)
+        app_pod = objects["Deployment", "foo"]["spec"]["template"]["spec"]
+        sidecar = container(app_pod, "provide")
+        argv = [re.sub(r"\$\(POD_IP\)", "10.0.0.5", a) for a in sidecar["args"][1:]]
+        # The sidecar's Secret holds the token the server's "clients" key does.
+        argv = materialised(app_pod, sidecar, argv, tmp_path / "app",
+                            lambda inside: secret_text("clients"))
+        health = free_port()
+        local = {"--check-tcp": f"127.0.0.1:{app.sockets[0].getsockname()[1]}",
+                 "--health-addr": f"127.0.0.1:{health}"}
+        flags: dict[str, str | None] = {}  # each flag, and its value (None: it takes none)
+        for word, after in zip(argv, [*argv[1:], "--"]):
+            if word.startswith("--"):
+                flags[word] = None if after.startswith("--") else after
+        del flags["--url"]  # provide_process gives the test server's
+        argv = [w for flag, value in {**flags, **local}.items() for w in (flag, value)
+                if w is not None]
+        sidecar_proc = provide_process(sky.port, *argv)
+        for probe_ in ("livenessProbe", "readinessProbe"):
+            path = sidecar[probe_]["httpGet"]["path"]
+            await wait_until(lambda: probe(health, path), 10, until=lambda r: r[0] == 200)
+        view = EtcdView(etcd.url, values["etcd_version"])
+        records = await view.records(prefix_of(config([etcd.url], values["etcd_version"],
+                                                      dns_root=root)))
+        assert [json.loads(v)["host"] for k, v in records.items() if "/foo/" in k] == ["10.0.0.5"]
+    finally:
+        if sidecar_proc is not None:
+            sidecar_proc.terminate()
+            sidecar_proc.wait(10)
+        app.close()
+        sky.proc.send_signal(signal.SIGTERM)
+        await wait_until(sky.exited, 20)
+        sky.kill()
+
+
+def systemd_unit(name: str) -> dict[str, list[str]]:
+    """A unit file's settings: 'Section.Key' -> its values in order (keys may repeat)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    with open(os.path.join(DEPLOY, "systemd", name)) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("["):
+                section = line.strip("[]")
+            elif line and not line.startswith(("#", ";")):
+                key, value = line.split("=", 1)
+                out.setdefault(f"{section}.{key}", []).append(value)
+    return out
+
+
+def systemd_command(line: str, env: dict[str, str]) -> list[str]:
+    """ExecStart as systemd splits it: ${VAR} one word, $VAR split on whitespace; %d the
+    credentials directory, here /run/cred."""
+    words = []
+    for word in shlex.split(line.replace("%d", "/run/cred")):
+        if re.fullmatch(r"\$\w+", word):
+            words += env.get(word[1:], "").split()
+        else:
+            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m[1]], word))
+    return words
+
+
+def test_systemd_units_run_skyapi_as_it_reads_its_flags():
+    shipped = skyapi.make_config(skyapi.read_config_file(os.path.join(HERE, "skyapi.yaml")))
+    for name, mode in (("skyapi.service", "server"), ("skyapi-provide@.service", "provide")):
+        unit = systemd_unit(name)
+        hardening = {k: unit.get(f"Service.{k}") for k in (
+            "ProtectSystem", "NoNewPrivileges", "DynamicUser")}
+        assert hardening == {"ProtectSystem": ["strict"], "NoNewPrivileges": ["yes"],
+                             "DynamicUser": ["yes"]}, name
+        exec_start, = unit["Service.ExecStart"]
+        assert "--token " not in exec_start and "--tokens" not in exec_start
+        words = exec_start.split()
+        assert words[1] == "/opt/skyapi/skyapi.py"
+        if mode == "server":
+            args = skyapi.server_arg_parser().parse_args(words[2:])
+            assert args.config == "/etc/skyapi/skyapi.yaml"
+            assert float(unit["Service.TimeoutStopSec"][0]) > (shipped.drain_grace +
+                                                                skyapi.DELETE_TIME)
+            assert int(unit["Service.LimitNOFILE"][0]) >= 65536
+            continue
+        with open(os.path.join(DEPLOY, "systemd", "provide-example.env")) as f:
+            env = dict(line.strip().split("=", 1) for line in f
+                       if line.strip() and not line.startswith("#"))
+        assert unit["Service.EnvironmentFile"] == ["/etc/skyapi/provide/%i.env"]
+        credential, = unit["Service.LoadCredential"]
+        assert credential.split(":", 1)[0] == "token"
+        words = systemd_command(exec_start, env)
+        assert words[2] == "provide"
+        a = skyapi.provide_arg_parser().parse_args(words[3:])
+        assert a.token_file == "/run/cred/token" and a.token is None
+        assert (a.service, a.port) == (env["SERVICE"], int(env["PORT"]))
+        assert a.url == [env["SKYAPI_URL"], *env["PROVIDE_ARGS"].split()[1:2]]
+        for url in a.url:  # with the token, the client would stop at once over plain ws://
+            skyapi.check_token_safe(url)
+
+
+def test_systemd_units_pass_systemd_analyze(tmp_path):
+    """systemd's own checks: verify (every key known, every value parsed; the tool wants
+    the programs to exist, so the copies name this Python) and the security exposure."""
+    if not shutil.which("systemd-analyze"):
+        loud_skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
+    for name in ("skyapi.service", "skyapi-provide@.service"):
+        with open(os.path.join(DEPLOY, "systemd", name)) as f:
+            text = f.read().replace("/opt/skyapi/venv/bin/python", sys.executable)
+        (tmp_path / name).write_text(text)
+        result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+        result = subprocess.run(["systemd-analyze", "security", "--offline=yes",
+                                 "--threshold=25", str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout[-500:] + result.stderr
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    if not shutil.which("promtool"):
+        loud_skip("promtool is not installed (Debian: apt-get install prometheus)")
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.join(DEPLOY, "prometheus"))
+
+
+def alert_rules() -> list[dict]:
+    with open(os.path.join(DEPLOY, "prometheus", "skyapi-rules.yml")) as f:
+        return [r for g in yaml.safe_load(f)["groups"] for r in g["rules"]]
+
+
+def test_prometheus_rules_pass_promtool_check_and_their_unit_tests():
+    for args in (["check", "rules", "skyapi-rules.yml"], ["test", "rules", "skyapi-rules.test.yml"],
+                 ["check", "config", "scrape-example.yml"]):
+        result = promtool(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_summary_a_unit_test_and_a_runbook():
+    docs = os.path.join(HERE, "docs", "operating.md")
+    with open(docs if os.path.exists(docs) else os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    with open(os.path.join(DEPLOY, "prometheus", "skyapi-rules.test.yml")) as f:
+        tested = {t["alertname"] for case in yaml.safe_load(f)["tests"]
+                  for t in case.get("alert_rule_test", []) if t.get("exp_alerts")}
+    alerts = [r for r in alert_rules() if "alert" in r]
+    for rule in alerts:
+        assert rule["annotations"]["summary"] and rule["labels"]["severity"], rule["alert"]
+        assert re.search(rf"^#+ .*`{rule['alert']}`", text, re.M), rule["alert"]  # its runbook
+    assert tested == {r["alert"] for r in alerts}  # each fires in a unit test
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
+                "unless", "bool", "offset", "inf", "nan"}
+
+
+def promql_names(expr: str) -> tuple[set[str], set[str]]:
+    """The metric names and label names an expression refers to."""
+    expr = re.sub(r"\$\{?\w+\}?", "X", expr)  # Grafana's variables
+    labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", expr))
+    for words in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)",
+                            expr):
+        labels |= {w.strip() for w in words.split(",") if w.strip()}
+    bare = re.sub(r"\"[^\"]*\"|\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    bare = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", bare)
+    names = {n for n in re.findall(r"\b([a-zA-Z_:][\w:]*)\b(?!\s*\()", bare)
+             if n.lower() not in PROMQL_WORDS}
+    return names, labels
+
+
+@async_test
+async def test_dashboard_and_rules_name_only_what_metrics_shows(etcd):
+    """Every query of the dashboard and every rule, and every series the rules' unit test
+    feeds them, names metrics and labels a live skyapi's /metrics has (job and instance
+    are the scrape's)."""
+    async with running(config([etcd.url], max_connections=5)) as server:
+        held = await connect(server, "service=dash&port=1")
+        await refusal(server, "service=dash&port=0")
+        code, text = await get(server.port, "/metrics")
+        held.close()
+    shown_names, shown_labels = set(), {"job", "instance"}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            shown_names.add(s.name)
+            shown_labels |= set(s.labels)
+    recorded = {r["record"] for r in alert_rules() if "record" in r}
+    with open(os.path.join(DEPLOY, "grafana", "skyapi.json")) as f:
+        dashboard = json.load(f)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    exprs += [r["expr"] for r in alert_rules()]
+    with open(os.path.join(DEPLOY, "prometheus", "skyapi-rules.test.yml")) as f:
+        exprs += [s["series"] for case in yaml.safe_load(f)["tests"]
+                  for s in case["input_series"] if 'job="skyapi"' in s["series"]]
+    assert len(exprs) > 30
+    for expr in exprs:
+        if values_of := re.fullmatch(r"label_values\((.*),\s*(\w+)\)", expr):
+            expr = f'{values_of[1]} / on ({values_of[2]}) {values_of[1]}'
+        names, labels = promql_names(expr)
+        assert names <= shown_names | recorded | {"up"}, (expr, names - shown_names)
+        assert labels <= shown_labels, (expr, labels - shown_labels)
+    panels = {p["title"] for p in dashboard["panels"]}
+    assert {"Records in etcd, and records missing", "Sockets open", "Refusals by reason",
+            "CPU per socket", "Memory per socket"} <= panels
+
+
+@pytest.mark.slow
+@async_test
+async def test_a_client_that_asks_hears_its_records_status_and_others_hear_nothing(
+        private_etcd, version):
+    etcd = private_etcd  # this test's own, to kill
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    async with running(cfg) as server:
+        url = f"ws://127.0.0.1:{server.port}/provide?"
+        asked = await websocket.websocket_connect(url + "service=asked&port=1",
+                                                  subprotocols=[skyapi.STATUS_PROTOCOL])
+        go_heard: list = []  # the Go client asks for nothing, and must hear nothing
+        go = await websocket.websocket_connect(url + "service=go&port=2",
+                                               on_message_callback=go_heard.append)
+        assert asked.selected_subprotocol == skyapi.STATUS_PROTOCOL
+        assert go.selected_subprotocol is None and "Sec-WebSocket-Protocol" not in go.headers
+        assert await until_stored(asked) == ["STATUS: stored"]  # at once: the first message
+
+        key = record_of(cfg, "asked", 1)
+        await view.delete(key)  # by hand: lost, and put back
+        assert await until_stored(asked) == ["STATUS: unstored: lost: putting it back",
+                                             "STATUS: stored"]
+        assert await view.has(cfg, key)
+
+        etcd.kill()
+        down = await asyncio.wait_for(asked.read_message(), 5)
+        assert down.startswith("STATUS: unstored: unreachable: ")
+        await etcd.restart()
+        back = await until_stored(asked)  # (lost first, if its TTL ran out meanwhile)
+        assert set(back[:-1]) <= {down, "STATUS: unstored: lost: putting it back"}, back
+        await wait_until(lambda: view.has(cfg, key), 5)
+        assert go_heard == [] and go.close_code is None
+        asked.close()
+        go.close()
+        await wait_until(lambda: view.empty(cfg), 5)
+
+
+@pytest.mark.slow
+@async_test
+async def test_provide_is_ready_only_while_the_server_says_its_record_is_in_etcd(
+        private_etcd, tmp_path):
+    etcd = private_etcd
+    etcd.kill()  # no etcd yet
+    cfg = config([etcd.url], listen_addr=f"127.0.0.1:{free_port()}")
+    view = EtcdView(etcd.url, 2)
+    health = free_port()
+    log = tmp_path / "provide.log"
+    port = int(cfg.listen_addr.rsplit(":", 1)[1])
+    at = f"ws://127.0.0.1:{port}/provide?service=ready&port=7"
+
+    async def readyz() -> tuple[int | None, str]:
+        return await probe(health, "/readyz")
+
+    proc = None
+    async with running(cfg):
+        try:
+            with open(log, "wb") as stderr:
+                proc = provide_process(port, "--service", "ready", "--port", "7",
+                                       "--health-addr", f"127.0.0.1:{health}", stderr=stderr)
+            # Accepted (after etcd_timeout), but not in etcd: not ready, and says why.
+            code, body = await wait_until(readyz, 15, until=lambda r: "not in etcd" in r[1])
+            assert code == 503 and body.startswith("not in etcd (unreachable: ")
+            assert body.endswith(f"); connected to {at}\n")
+            assert not logged(log, "provide_registered")
+            await etcd.restart()
+            assert await wait_until(readyz, 10, until=lambda r: r[0] == 200) == (
+                200, f"registered at {at}\n")
+            key = record_of(cfg, "ready", 7)
+            assert await view.has(cfg, key)
+
+            # An etcd stop longer than the record's TTL: not ready within a second.
+            etcd.kill()
+            stopped = time.monotonic()
+            code, body = await wait_until(readyz, 1, until=lambda r: r[0] == 503)
+            assert body.startswith("not in etcd (unreachable: ")
+            await asyncio.sleep(cfg.timeout + 1)  # (the record's TTL runs out meanwhile)
+            assert (await readyz())[0] == 503
+            await etcd.restart()
+            await wait_until(readyz, 10, until=lambda r: r[0] == 200)
+            assert await view.has(cfg, key)
+            assert time.monotonic() - stopped > cfg.timeout
+
+            # A record deleted by hand: unlisted (lost), then listed again.
+            listed = len(events_named(log, "provide_listed"))
+            await view.delete(key)
+            await wait_until(lambda: logged(log, "provide_listed", listed + 1), 5)
+            await wait_until(readyz, 5, until=lambda r: r[0] == 200)
+            names = [(e["event"], e.get("reason", "")[:len("unreachable")])
+                     for e in events_named(log, "provide_registered", "provide_unlisted",
+                                           "provide_listed")]
+            unlisted, back = ("provide_unlisted", "unreachable"), ("provide_listed", "")
+            assert names[:4] == [unlisted, ("provide_registered", ""), unlisted, back]
+            assert names[-2:] == [("provide_unlisted", "lost: putti"), back]
+            # (between them, a lost-and-back if etcd expired the record after its return)
+            assert names[4:-2] in ([], [("provide_unlisted", "lost: putti"), back]), names
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_until(proc.poll, 5, until=lambda code: code is not None) == 0
+        finally:
+            if proc is not None:
+                proc.kill()
+
+
+@pytest.mark.slow
+@async_test
+async def test_prometheus_scrapes_skyapi_and_the_etcd_alert_goes_pending(private_etcd, tmp_path):
+    """Debian's Prometheus, the shipped rules, a live skyapi: the target is up, and when
+    etcd stops, skyapi_etcd_up falls to 0 and SkyapiEtcdUnreachable is pending."""
+    if not shutil.which("prometheus"):
+        loud_skip("prometheus is not installed (Debian: apt-get install prometheus)")
+    sky = SkyapiProcess(tmp_path, *process_args(config([private_etcd.url])))
+    web_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [os.path.join(DEPLOY, "prometheus", "skyapi-rules.yml")],
+        "scrape_configs": [{"job_name": "skyapi", "static_configs": [
+            {"targets": [f"127.0.0.1:{sky.port}"]}]}]}))
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prom = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{web_port}"], stdout=log, stderr=log)
+    http = AsyncHTTPClient()
+
+    async def api(path: str):
+        try:
+            r = await http.fetch(f"http://127.0.0.1:{web_port}/api/v1/{path}", request_timeout=2)
+        except (OSError, HTTPClientError):
+            return None
+        return json.loads(r.body)["data"]
+
+    async def etcd_up():
+        data = await api("query?query=" + urllib.parse.quote('skyapi_etcd_up{job="skyapi"}'))
+        return data and [float(r["value"][1]) for r in data["result"]]
+
+    try:
+        await sky.started()
+        targets = await wait_until(lambda: api("targets"), 30, interval=0.2, until=lambda d: d and [
+            t for t in d["activeTargets"] if t["health"] == "up"])
+        assert targets["activeTargets"][0]["labels"]["job"] == "skyapi"
+        await wait_until(etcd_up, 15, interval=0.2, until=lambda v: v == [1.0])
+        private_etcd.kill()
+        held = await connect(sky, "service=scraped&port=1")  # its put meets the outage
+        await wait_until(etcd_up, 15, interval=0.2, until=lambda v: v == [0.0])
+        alerts = await wait_until(lambda: api("alerts"), 15, interval=0.2, until=lambda d: d and [
+            a for a in d["alerts"] if a["labels"]["alertname"] == "SkyapiEtcdUnreachable"])
+        alert, = [a for a in alerts["alerts"] if a["labels"]["alertname"] == "SkyapiEtcdUnreachable"]
+        assert alert["state"] == "pending" and alert["labels"]["instance"] == f"127.0.0.1:{sky.port}"
+        held.close()
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(15)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait()
+        sky.kill()
+
+
+@async_test
+async def test_the_start_line_names_the_config_file_read(etcd, tmp_path):
+    """A file mounted but not named with -c is not read: the start line says what was."""
+    (tmp_path / "mine.yaml").write_text(f"etcd_api: [{etcd.url}]\n")
+    for args, source in ((["-c", str(tmp_path / "mine.yaml")], str(tmp_path / "mine.yaml")),
+                         (["--etcd-api", etcd.url], "no file: defaults and flags")):
+        sky = SkyapiProcess(tmp_path, *args)
+        try:
+            await sky.started()
+            start, = events_named(sky.log, "start")
+            assert start["config"] == source
+        finally:
+            sky.kill()
+
+
+
 # --- security and limits ------------------------------------------------------------
 
 
@@ -1724,13 +2518,18 @@ def guarded_view(url: str, version: int, headers=None, **defaults) -> EtcdView:
     return view
 
 
+def presence_key(key: str) -> bool:
+    """An instance's presence key (every running skyapi keeps one)."""
+    return "/_skyapi/instances/" in key
+
+
 async def every_key(view: EtcdView) -> set[str]:
-    """Every key in etcd now (v2: every leaf), wherever it is."""
+    """Every key in etcd now (v2: every leaf), wherever it is, but presence keys."""
     if view.version == 2:
-        return set(await view.records("/"))
+        return {k for k in await view.records("/") if not presence_key(k)}
     _, doc = await view._fetch("/v3/kv/range", "POST", json.dumps(
         {"key": b64("\0"), "range_end": b64("\0"), "keys_only": True}))
-    return {unb64(kv["key"]) for kv in doc.get("kvs", [])}
+    return {unb64(kv["key"]) for kv in doc.get("kvs", []) if not presence_key(unb64(kv["key"]))}
 
 
 async def keys_ever_written(view: EtcdView) -> set[str]:
@@ -2104,7 +2903,8 @@ def test_any_query_string_is_refused_cleanly_or_registered_inside_the_root(priva
 
         async def finally_():
             written = await keys_ever_written(view)
-            assert written and all(k.startswith(prefix_of(cfg)) for k in written), written
+            assert written and all(k.startswith((prefix_of(cfg), skyapi.presence_prefix(cfg)))
+                                   for k in written), written
             # A query over Tornado's header limit (64 KiB) never reaches skyapi; the server stays.
             with pytest.raises((HTTPClientError, OSError, websocket.WebSocketClosedError,
                                 tornado.iostream.StreamClosedError)):
@@ -2535,7 +3335,7 @@ async def test_hang_ups_and_bad_requests_log_one_line_each_and_no_traceback(priv
         events = log_events(sky.log)  # every line is one key=value event
         assert {e["event"] for e in events} <= {
             "start", "no_tokens", "connect", "refuse", "disconnect",
-            "etcd_outage_began", "stopping", "shutdown_incomplete", "stopped"}, text
+            "etcd_outage_began", "stopping", "drain_ended", "shutdown_incomplete", "stopped"}, text
         assert 5 <= len(events_named(sky.log, "refuse")) <= 10
         assert len(events_named(sky.log, "disconnect")) <= 7
     finally:
@@ -3198,35 +3998,114 @@ async def test_failover_past_a_dead_endpoint_and_a_black_hole(etcd, version):
     hole.close()
 
 
+async def presences(view: EtcdView, cfg) -> list[str]:
+    """The presence keys of the instances that serve cfg's root."""
+    found = await view.records(cfg.etcd_prefix + "/_skyapi/instances/")
+    return [k for k in found if k.startswith(skyapi.presence_prefix(cfg))]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @async_test
-async def test_sigterm_and_sigint_hand_over_200_sockets(etcd, version, sig, tmp_path):
-    """Alone, an instance's hand-over closes every socket with 1001 at once, keeps their
-    records for drain_grace (no other instance takes them over), and they are gone by its exit."""
+async def test_sigterm_and_sigint_alone_close_200_sockets_and_exit_at_once(etcd, version, sig,
+                                                                          tmp_path):
+    """Alone on its root, an instance's hand-over closes every socket with 1001 at once and,
+    with no other instance to take a record over, deletes them and exits at once, well
+    inside Docker's 10 s stop timeout with the default drain_grace (10 s)."""
     cfg = config([etcd.url], version)
     view = EtcdView(etcd.url, version)
-    grace = 1.5
-    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", str(grace))
+    sky = SkyapiProcess(tmp_path, *process_args(cfg))
     try:
         await sky.started()
+        assert len(await presences(view, cfg)) == 1  # it says it serves the root
         conns = await asyncio.gather(*(
             websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}/provide?service=d&port={p}")
             for p in range(1, 201)))
-        assert len(await view.records(prefix_of(cfg))) == 200
+        await wait_until(lambda: view.count_is(cfg, 200), 5)  # (a loaded etcd may lag)
         sky.proc.send_signal(sig)
         signalled = time.monotonic()
         closes = await asyncio.gather(*(c.read_message() for c in conns))
         assert closes == [None] * 200
         assert {(c.close_code, c.close_reason) for c in conns} == {(1001, "going away")}
-        assert time.monotonic() - signalled < grace
-        assert len(await view.records(prefix_of(cfg))) == 200  # kept for the next instance
-        assert await get(sky.port, "/readyz") == (503, "shutting down\n")
-        message, code = await refusal(types.SimpleNamespace(port=sky.port), "service=d&port=1")
-        assert (message, code) == ("ERROR: server: is shutting down", 1001)
-        await wait_until(sky.exited, grace + skyapi.DELETE_TIME + 1)
+        await wait_until(sky.exited, 5)
+        assert time.monotonic() - signalled < 5  # (a grace waited out: 10 s)
         assert sky.proc.returncode == 0
         assert await view.records(prefix_of(cfg)) == {}
-        assert time.monotonic() - signalled >= grace
+        assert await presences(view, cfg) == []
+        (ended,) = events_named(sky.log, "drain_ended")
+        assert ended["reason"] == "no other instance"
+    finally:
+        sky.kill()
+
+
+@pytest.mark.slow
+@async_test
+async def test_sigterm_keeps_records_for_the_grace_while_another_instance_serves(etcd, version,
+                                                                                 tmp_path):
+    """With another instance alive on the root, the grace holds: the records of the
+    sockets it closed stay for drain_grace (their clients may reconnect there), it refuses
+    new ones meanwhile, and they are gone by its exit; its presence goes with it, and a
+    killed instance's expires within timeout."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    grace = 3
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", str(grace))
+    killed = SkyapiProcess(tmp_path, *process_args(cfg))
+    try:
+        await sky.started()
+        await killed.started()
+        async with running(cfg) as other:
+            assert len(await presences(view, cfg)) == 3
+            conns = await asyncio.gather(*(websocket.websocket_connect(
+                f"ws://127.0.0.1:{sky.port}/provide?service=d&port={p}") for p in range(1, 21)))
+            assert len(await view.records(prefix_of(cfg))) == 20
+            killed.proc.kill()
+            killed_at = time.monotonic()
+            sky.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert await asyncio.gather(*(c.read_message() for c in conns)) == [None] * 20
+            assert {(c.close_code, c.close_reason) for c in conns} == {(1001, "going away")}
+            assert len(await view.records(prefix_of(cfg))) == 20  # kept for the next instance
+            assert await get(sky.port, "/readyz") == (503, "shutting down\n")
+            message, code = await refusal(types.SimpleNamespace(port=sky.port), "service=d&port=1")
+            assert (message, code) == ("ERROR: server: is shutting down", 1001)
+            await wait_until(sky.exited, grace + skyapi.DELETE_TIME + 1)
+            assert time.monotonic() - signalled >= grace
+            assert sky.proc.returncode == 0
+            assert await view.records(prefix_of(cfg)) == {}
+            (ended,) = events_named(sky.log, "drain_ended")
+            assert ended["reason"] == "grace over"
+            # etcd sweeps expired keys and leases every 500 ms, hence the allowance.
+            await wait_until(lambda: presences(view, cfg), cfg.timeout + 1,
+                             until=lambda keys: len(keys) == 1, what="the killed one's expired")
+            assert time.monotonic() - killed_at <= cfg.timeout + 0.6
+            assert await presences(view, cfg) == [skyapi.presence_prefix(cfg) + other.owner]
+        assert await presences(view, cfg) == []
+    finally:
+        sky.kill()
+        killed.kill()
+
+
+@pytest.mark.slow
+@async_test
+async def test_sigterm_during_an_etcd_outage_says_what_was_left_and_why(private_etcd, tmp_path):
+    """etcd frozen, unnoticed yet: the drain cannot delete, and says so in words (not an
+    empty error), with what is left and when it expires."""
+    cfg = config([private_etcd.url], 2, etcd_timeout=4.5)
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", "0")
+    try:
+        await sky.started()
+        conn = await websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}/provide?service=f&port=1")
+        private_etcd.proc.send_signal(signal.SIGSTOP)
+        try:
+            sky.proc.send_signal(signal.SIGTERM)
+            assert await conn.read_message() is None
+            await wait_until(sky.exited, skyapi.DELETE_TIME + 2)
+        finally:
+            private_etcd.proc.send_signal(signal.SIGCONT)
+        assert sky.proc.returncode == 0
+        (line,) = events_named(sky.log, "shutdown_incomplete")
+        assert re.fullmatch(r"etcd did not answer within \d+\.\d s", line["error"]), line
+        assert (line["left"], line["expire_within"]) == ("1", str(cfg.timeout))
     finally:
         sky.kill()
 
@@ -4109,6 +4988,86 @@ async def test_a_client_sent_away_tries_another_instance_than_a_stale_srv_answer
         await asyncio.wait_for(client, 5)
 
 
+@pytest.mark.slow
+@async_test
+async def test_srv_over_tls_checks_the_certificate_for_the_srv_name(etcd, certs, tmp_path):
+    root = unique_root()
+    name = f"skyapi.services.{root}".rstrip(".")
+    cert, key = certs.server_named(name)  # every instance's certificate names the SRV name
+    token = "client-token-0123456789abcdef"
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    cfg = config([etcd.url], dns_root=root, self_register="127.0.0.1", tls_cert_file=cert,
+                 tls_key_file=key, tokens=[{"value": token}])
+    view = EtcdView(etcd.url, 2)
+    found = prefix_of(cfg) + "services/found/"
+    env = {**os.environ, "SSL_CERT_FILE": certs.ca}  # the private CA, as for any wss://
+    async with running(cfg) as server:
+        dns_port = await MiniSkyDNS(view).start()
+
+        def client(url: str, log, *args: str) -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "skyapi.py"), "provide", "--url", url,
+                 "--dns-server", f"127.0.0.1:{dns_port}", "--service", "found", "--port", "7",
+                 "--token-file", str(token_file), *args], stderr=log, cwd=HERE, env=env)
+
+        log = tmp_path / "provide.log"
+        with open(log, "wb") as stderr:
+            proc = client(f"srv+wss://{name}", stderr)
+        try:
+            await wait_until(lambda: view.records(found), 15)
+            await wait_until(lambda: len(server.sockets) == 1, 5)  # (just after the record)
+            await wait_until(lambda: logged(log, "provide_registered"), 5)
+            (registered,) = events_named(log, "provide_registered")
+            assert registered["url"].startswith(f"wss://{name}:{server.port}/provide?")
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_until(proc.poll, 5, until=lambda code: code is not None) == 0
+            await wait_until(lambda: view.records(found), 2, until=lambda r: not r)
+        finally:
+            proc.kill()
+
+        # The same instance with a certificate that names only its address: refused, and
+        # nothing is sent (the token never reaches a server it cannot verify).
+        async with running(dataclasses.replace(cfg, tls_cert_file=certs.server_cert,
+                                               tls_key_file=certs.server_key,
+                                               self_register="")) as other:
+            wrong = tmp_path / "wrong.log"
+            dns = MiniSkyDNS(view, fixed={record_of(cfg, "skyapi", other.port): json.dumps(
+                {"host": "127.0.0.1", "port": other.port, "priority": 1, "weight": 1})})
+            dns_port = await dns.start()
+            with open(wrong, "wb") as stderr:
+                proc = client(f"srv+wss://{name}", stderr, "--reconnect", "0")
+            try:
+                assert await wait_until(proc.poll, 15, until=lambda code: code is not None) == 1
+            finally:
+                proc.kill()
+            wrong.write_text(wrong.read_text().rsplit("\n", 2)[0])  # (the last: it gave up)
+            (failed,) = events_named(wrong, "tls_failed")
+            assert "CERTIFICATE_VERIFY_FAILED" in failed["error"]
+            assert f"is not valid for '{name}'" in failed["error"]
+            assert not other.sockets and other.metrics.connections_total == 0
+            assert not other.metrics.refused  # it never got as far as a request
+
+
+@async_test
+async def test_an_srv_name_without_records_says_so_and_backs_off(etcd, tmp_path):
+    view = EtcdView(etcd.url, 2)
+    dns_port = await MiniSkyDNS(view).start()
+    name = f"skyapi.services.{unique_root()}".rstrip(".")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.join(HERE, "skyapi.py"), "provide", "--url", f"srv://{name}",
+        "--dns-server", f"127.0.0.1:{dns_port}", "--service", "x", "--port", "1",
+        "--reconnect", "1", stderr=subprocess.PIPE, cwd=HERE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    log = tmp_path / "log"
+    log.write_bytes(err.rsplit(b"\n", 2)[0])  # (the last line says it gave up)
+    events = [(e["event"], e.get("error", "")) for e in log_events(log)]
+    nothing = f"no SRV records for {name} at 127.0.0.1:{dns_port}"
+    assert events[:3] == [("provide_no_server", nothing), ("provide_retry", ""),
+                          ("provide_no_server", nothing)]
+
+
 # Hand-over: clients move between instances without leaving DNS
 
 
@@ -4161,6 +5120,153 @@ async def test_sigterm_hands_250_clients_to_another_instance_without_a_gap(etcd,
         sky.kill()
 
 
+async def etcd_revision(url: str, version: int) -> int:
+    """etcd's index (v2) or revision (v3) now: history after it is what happens next."""
+    if version == 2:
+        r = await AsyncHTTPClient().fetch(url + "/v2/keys/", raise_error=False)
+        return int(r.headers["X-Etcd-Index"])
+    _, doc = await EtcdView(url, 3)._fetch("/v3/kv/range", "POST", json.dumps({"key": b64("\0")}))
+    return int(doc["header"]["revision"])
+
+
+async def key_history(url: str, version: int, key: str, after: int) -> list[tuple[str, str]]:
+    """Every change etcd made to key after index or revision after, from etcd's own
+    history (nothing between two polls can hide): (action, the value it left)."""
+    events = []
+    if version == 2:
+        index = after + 1
+        while True:
+            try:
+                r = await AsyncHTTPClient().fetch(
+                    f"{url}/v2/keys{key}?wait=true&waitIndex={index}", request_timeout=0.5)
+            except HTTPClientError as e:
+                assert e.code == 599, e  # nothing more happened to it: the wait timed out
+                return events
+            doc = json.loads(r.body)
+            events.append((doc["action"], doc["node"].get("value", "")))
+            index = doc["node"]["modifiedIndex"] + 1
+    chunks = []
+    with contextlib.suppress(HTTPClientError):  # the stream ends by its timeout
+        await AsyncHTTPClient().fetch(
+            url + "/v3/watch", method="POST", request_timeout=1, streaming_callback=chunks.append,
+            body=json.dumps({"create_request": {"key": b64(key), "start_revision": after + 1}}))
+    for line in b"".join(chunks).splitlines():
+        for event in json.loads(line).get("result", {}).get("events", []):
+            events.append((event.get("type", "PUT"), unb64(event["kv"].get("value", ""))))
+    return events
+
+
+@pytest.mark.slow
+@async_test
+async def test_sigterm_hands_a_record_another_instance_holds_to_it_at_once(etcd, version,
+                                                                           tmp_path):
+    """An identity held through B, then through A (A owns the record, B marks that it holds
+    it too). A's drain hands the record to B at once, as a release does: it never
+    disappears, and A does not wait out its grace for it."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    key = record_of(cfg, "shared", 1)
+    grace = 5
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", str(grace))
+    try:
+        await sky.started()
+        async with running(cfg) as b:
+            on_b = await connect(b, "service=shared&port=1&weight=3")
+            on_a = await websocket.websocket_connect(
+                f"ws://127.0.0.1:{sky.port}/provide?service=shared&port=1")
+            await wait_until(lambda: b.registry.slots[key].marker, 2)
+            assert not await view.owned_by(cfg, key, b.owner)  # A's
+            before = await etcd_revision(etcd.url, version)
+            sky.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert await on_a.read_message() is None
+            await wait_until(sky.exited, grace + skyapi.DELETE_TIME + 1)
+            assert sky.proc.returncode == 0
+            exited = time.monotonic()
+            history = await key_history(etcd.url, version, key, before)
+            assert history and all(action in ("compareAndSwap", "set", "PUT")
+                                   for action, _ in history), history  # never deleted
+            assert exited - signalled < grace  # handed over: nothing to wait for
+            assert await view.owned_by(cfg, key, b.owner)
+            assert json.loads((await view.records(prefix_of(cfg)))[key])["weight"] == 3
+            await asyncio.sleep(cfg.timeout)  # a whole TTL: B keeps it alive as its own
+            assert await view.owned_by(cfg, key, b.owner)
+            on_b.close()
+            await wait_until(lambda: view.empty(cfg), 2)
+    finally:
+        sky.kill()
+
+
+@pytest.mark.slow
+@async_test
+async def test_sigterm_keeps_records_taken_over_from_another_instance_for_the_hand_over(
+        etcd, version, tmp_path):
+    """Records A took over from B (a client that moved) are A's to keep for the grace like
+    any other, once B no longer holds them: a second move, back to B, leaves no gap."""
+    cfg = config([etcd.url], version)
+    n = 20
+    sky = SkyapiProcess(tmp_path, *process_args(cfg), "--drain-grace", "5")
+    try:
+        await sky.started()
+        async with running(cfg) as b:
+            query = "/provide?service=twice&port={}"
+            first = [await connect(b, query.format(p)[len("/provide?"):]) for p in range(1, n + 1)]
+            on_a = [await websocket.websocket_connect(f"ws://127.0.0.1:{sky.port}" + query.format(p))
+                    for p in range(1, n + 1)]  # A takes each over from B
+            for conn in first:
+                conn.close()  # B lets go: the records are A's alone
+            await wait_until(lambda: not b.registry.slots, 2)
+            moved = [asyncio.ensure_future(follow_to(c, f"ws://127.0.0.1:{b.port}" + query.format(p)))
+                     for p, c in enumerate(on_a, 1)]
+            with EtcdPoller(etcd.url, version, prefix_of(cfg)) as poller:
+                assert poller.samples[-1][1] == n
+                sky.proc.send_signal(signal.SIGTERM)
+                on_b = await asyncio.gather(*moved)
+                await wait_until(sky.exited, 5 + skyapi.DELETE_TIME + 1)
+                await asyncio.sleep(0.2)  # the poller's view after A is gone
+            assert sky.proc.returncode == 0
+            assert poller.lowest == n, [s for s in poller.samples if s[1] < n][:5]
+            (ended,) = events_named(sky.log, "drain_ended")
+            assert ended["reason"] == "taken over"
+            records = await EtcdView(etcd.url, version).records(prefix_of(cfg))
+            assert {json.loads(v)["owner"] for v in records.values()} == {b.owner}
+            assert len(records) == n
+            for c in on_b:
+                c.close()
+    finally:
+        sky.kill()
+
+
+@async_test
+async def test_a_lone_drain_deletes_records_it_took_over_without_looking_for_holders(etcd,
+                                                                                     version):
+    """Records taken over from an instance that has since stopped: alone, the drain neither
+    waits nor asks etcd for co-holders one record at a time; it deletes them all at once."""
+    cfg = config([etcd.url], version, drain_grace=10)
+    view = EtcdView(etcd.url, version)
+    n = 200
+    a = skyapi.Skyapi(cfg)
+    await a.start()
+    try:
+        async with running(cfg) as b:
+            first = await open_many(b, n, "moved")
+            on_a = await open_many(a, n, "moved")  # A takes each over from B
+            for conn in first:
+                conn.close()
+            await wait_until(lambda: not b.registry.slots, 5)
+        assert all(s.shared for s in a.registry.slots.values())
+        holders = a.metrics.etcd_requests.get(("holders", "ok"), 0)
+        stopping = time.monotonic()
+        await a.stop()
+        assert time.monotonic() - stopping < 3  # (a grace waited out: 10 s)
+        assert a.metrics.etcd_requests.get(("holders", "ok"), 0) == holders
+        assert await view.records(prefix_of(cfg)) == {}
+        assert {c.close_code for c in on_a} == {1001}
+    finally:
+        if not a.registry.draining:
+            await a.stop()
+
+
 @pytest.mark.slow
 @async_test
 async def test_one_identity_through_two_instances_is_never_missing_whichever_goes_first(
@@ -4195,8 +5301,47 @@ async def test_one_identity_through_two_instances_is_never_missing_whichever_goe
             assert await view.owned_by(cfg, key, second.owner)
             again.close()  # the last socket anywhere: gone at once
             await wait_until(lambda: view.empty(cfg), 1)
-        markers = await EtcdView(etcd.url, version).records(cfg.etcd_prefix + "/_skyapi/")
+        markers = await EtcdView(etcd.url, version).records(cfg.etcd_prefix + "/_skyapi/holders/")
         assert markers == {}
+
+
+async def etcd_exact_after_close(view, cfg, keys) -> bool:
+    """No record below the root, no marker of keys, no directory left empty (v2)."""
+    if await view.records(prefix_of(cfg)):
+        return False
+    holders = await view.records(cfg.etcd_prefix + "/_skyapi/holders/")
+    if any(k.startswith(skyapi.marker_prefix(cfg, key)) for k in holders for key in keys):
+        return False
+    return view.version == 3 or not (await view.dirs(prefix_of(cfg))) - {skyapi.root_dir(cfg)}
+
+
+@pytest.mark.slow
+@async_test
+async def test_shared_records_closed_at_once_by_both_sockets_leave_nothing(etcd, version):
+    """30 identities each held through two instances, every socket closed at once: the
+    owner hands each record to the other's marker while the other deletes that marker.
+    Whoever ends up with a record no socket holds deletes it: etcd ends exact at once (a
+    timeout of 30 s, so no TTL can tidy up behind a leak)."""
+    cfg = config([etcd.url], version, timeout=30)
+    view = EtcdView(etcd.url, version)
+    n = 30
+    keys = [record_of(cfg, "twice", p) for p in range(1, n + 1)]
+    async with running(cfg) as a, running(cfg) as b:
+        for _ in range(4):
+            pairs = []
+            for p in range(1, n + 1):
+                first, second = (a, b) if p % 2 else (b, a)  # either instance the owner
+                pairs.append((await connect(first, f"service=twice&port={p}"),
+                              await connect(second, f"service=twice&port={p}")))
+            await wait_until(lambda: all(s.marker for x in (a, b) for s in x.registry.slots.values()
+                                         if s.state is skyapi.State.OTHERS)
+                             and sum(len(x.registry.slots) for x in (a, b)) == 2 * n, 5)
+            for pair in pairs:
+                for conn in pair:
+                    conn.close()
+            await wait_until(lambda: etcd_exact_after_close(view, cfg, keys), 3,
+                             what="no record, marker or empty directory left")
+            assert not a.registry.slots and not b.registry.slots
 
 
 @async_test
