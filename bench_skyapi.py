@@ -1289,8 +1289,11 @@ class Scenario:
         self.measured("storm", self.connect_storm)
         say(f"{self.label}: {storm_line(r)}")
         self.measured("hold", self.hold)
-        say(f"{self.label}: held {r['hold_s']:g} s, lowest count {r['hold_lowest_records']:,}, "
-            f"{r['rss_per_conn_kb']:g} KB/socket, CPU {r['cpu_s_per_min']:g} s/min")
+        memory = max((i.result.get("rss_per_conn_kb", 0) for i in self.instances), default=0)
+        lowest = r["hold_lowest_records"]
+        say(f"{self.label}: held {r['hold_s']:g} s, lowest count "
+            f"{'-' if lowest is None else f'{lowest:,}'}, {memory:g} KB/socket, CPU "
+            f"{fmt(r.get('cpu_s_per_min'))} s/min")
         self.freeze()
         if r.get("freeze_sockets"):
             say(f"{self.label}: {r['freeze_gone']} of {r['freeze_present']} frozen sockets' "
