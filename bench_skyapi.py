@@ -1952,10 +1952,10 @@ def render_table(rows: Sequence[tuple[str, Callable[[dict], Any]]], results: lis
     """A metric per row, a result per column; as many blocks of columns as it takes to fit
     WIDTH."""
     names = [name for name, _ in rows]
-    columns = [[r["label"]] + [cell(get, r) for _, get in rows] for r in results]
+    cells = [[r["label"]] + [cell(get, r) for _, get in rows] for r in results]
     blocks: list[list[list[str]]] = []
     width = max(map(len, names + ["metric"]))
-    for column in columns:
+    for column in cells:
         need = max(map(len, column)) + 3
         if not blocks or width + need > WIDTH:
             blocks.append([])
