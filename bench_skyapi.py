@@ -1821,10 +1821,10 @@ def describe_machine() -> dict:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    etcd_version = subprocess.run([skyapi.etcd_binary(), "--version"], capture_output=True,
-                                  text=True, check=False).stdout.splitlines()[0]
+    binary = skyapi.etcd_binary()
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "tornado": tornado.version, "etcd": etcd_version, "kernel": platform.release(),
+            "tornado": tornado.version, "etcd": f"etcd {skyapi.etcd_release(binary)} ({binary})",
+            "kernel": platform.release(),
             "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "client_loop": CLIENT_LOOP, "skyapi": skyapi_version()}
 

