@@ -1117,7 +1117,7 @@ def run_floor(n: int, args: argparse.Namespace, workdir: str) -> dict:
             w.send("close_answers", timeout=30)
         replies = all_replies(workers, 60)
         answers = [a for reply in replies for a in reply["answers"]]
-        r["close_answered_p99_ms"] = round(1000 * percentile(answers, 99), 1) if answers else None
+        r["close_answered_p99_ms"] = p99_ms(answers)
         r["close_unanswered"] = sum(reply["unanswered"] for reply in replies)
         code, seconds = server.stop()
         r.update(sigterm_exit_code=code, sigterm_seconds=round(seconds, 3))
@@ -1160,6 +1160,12 @@ def count_series(times: list[float], base: int, step: int) -> list[list]:
     ordered = sorted(times)
     return thinned([[0.0, base]] + [[round(t, 3), base + step * (i + 1)]
                                     for i, t in enumerate(ordered)])
+
+
+def p99_ms(seconds: list[float]) -> float | None:
+    """The 99th percentile of durations in seconds, in ms (None: none)."""
+    p99 = percentile(seconds, 99)
+    return None if p99 is None else round(1000 * p99, 1)
 
 
 def storm_line(r: dict) -> str:
@@ -1518,8 +1524,7 @@ class Scenario:
         for w in self.workers:
             w.send("close_answers", timeout=30)
         answers = [a for reply in all_replies(self.workers, 60) for a in reply["answers"]]
-        self.result["close_answered_p99_ms"] = (round(1000 * percentile(answers, 99), 1)
-                                                if answers else None)
+        self.result["close_answered_p99_ms"] = p99_ms(answers)
         wait_until(lambda: self.reader.count(SERVICE) == 0, 10, 0.2)
         self.result["records_left_after_teardown"] = self.reader.count(SERVICE)
         for inst, ops0 in zip(self.instances, ops_before):
@@ -2322,11 +2327,12 @@ def plot_sizes(plt: Any, results: list[dict], folder: str) -> str | None:
 
 
 def plot_all(results: dict[str, Any], folder: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib  # type: ignore[import-not-found,unused-ignore]
+    matplotlib.use("Agg")  # (files only: no display needed)
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     os.makedirs(folder, exist_ok=True)
-    drawn = [plot_records(plt, r, folder) for r in results["scenarios"] if "series_hold" in r]
+    drawn: list[str | None] = [plot_records(plt, r, folder) for r in results["scenarios"]
+                               if "series_hold" in r]
     drawn += [plot_handover(plt, r, folder) for r in results["handover"]
               if "series_counted" in r]
     drawn.append(plot_sizes(plt, results["floor"] + results["scenarios"], folder))

@@ -3436,6 +3436,14 @@ class Registry:
         except Exception as e:
             self.tasks.failed("watch", e, key=key)
 
+    def _directory_gone(self, key: str, revision: int) -> None:
+        """A directory went (key ends in '/'), and every record below it. Most such events
+        are prunes of directories where this instance holds nothing, told apart by its
+        directories (per_dir), not by a scan of every slot for each event."""
+        if any((d + "/").startswith(key) for d in self.per_dir):
+            for below in [k for k in self.slots if k.startswith(key)]:
+                self._heard(below, None, revision)
+
     async def _watch_loop(self) -> None:
         """Hear of every change below the root; compare everything where the watch could
         not go on from where it was (a start, an outage, a gap in etcd's history)."""
@@ -3452,8 +3460,7 @@ class Registry:
                         continue
                     for key, value, revision in batch:
                         if key.endswith("/"):  # a directory went, and all below it
-                            for below in [k for k in self.slots if k.startswith(key)]:
-                                self._heard(below, None, revision)
+                            self._directory_gone(key, revision)
                         else:
                             self._heard(key, value, revision)
                         self.heard = max(self.heard, revision)
