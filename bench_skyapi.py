@@ -4041,8 +4041,10 @@ def main(argv: list[str] | None = None) -> int:
         plot_all(results, args.plot)
     report(args, results)
     code = verdict(args, results)
-    if any(c["violations"] for c in results["chaos"]):
-        code = 1
+    if results["chaos"]:
+        findings = sum(len(c["violations"]) for c in results["chaos"])
+        print(f"chaos: {findings} findings" + (" (see VIOLATIONS above)" if findings else ""))
+        code = 1 if findings else code
     return 1 if results["error"] else code
 
 
