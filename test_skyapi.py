@@ -353,6 +353,17 @@ def test_every_setting_is_in_configuration_md_once_in_order_with_its_default():
         assert yaml.safe_load(default or '""') == s.default, (s.name, default)
 
 
+def test_no_file_holds_a_merge_conflicts_markers():
+    texts = [os.path.join(HERE, name) for name in ("skyapi.py", "test_skyapi.py", "conftest.py",
+                                                   "bench_skyapi.py", "README.md", "CHANGELOG.md")]
+    texts += glob.glob(os.path.join(HERE, "docs", "*.md"))
+    texts += glob.glob(os.path.join(HERE, "deploy", "**", "*.*"), recursive=True)
+    for path in texts:
+        with open(path, encoding="utf-8") as f:
+            marked = [line for line in f if re.match(r"(<{7}|>{7}|={7})( |$)", line)]
+        assert not marked, (path, marked)
+
+
 def test_readme_settings_are_settings_with_their_defaults():
     readme = read_doc("README.md")
     defaults = {s.name: s.default for s in skyapi.SETTINGS}
