@@ -4823,7 +4823,7 @@ def test_bench_report_fits_100_columns_and_ends_with_the_targets_met_and_missed(
                            "etcd": "etcd", "client_loop": "uvloop"}, "wall_seconds": 1.0,
                "floor": [floor(10000), floor(18000)],
                "scenarios": [scenario(10000, 20.0, 4.0), scenario(18000, 24.0, 7.2)],
-               "comparisons": [], "handover": [], "churn": [], "error": None}
+               "comparisons": [], "handover": [], "churn": [], "chaos": [], "error": None}
     results["targets"] = bench.evaluate_targets(results["floor"] + results["scenarios"], args)
     bench.report(args, results)
     code = bench.verdict(args, results)
