@@ -749,7 +749,6 @@ NOT_RECORDS = [
     '{"host":"1.2.3.4","port":80,"owner":null}', '[{"host":"1.2.3.4","port":80}]', "[]", "{}",
     "null", "true", "1e999", '"text"', "80", "", "   ", "not json", '{"host":"1.2.3.4","port":80',
     "[" * 100_000 + "]" * 100_000, '{"a":' * 5000 + "1" + "}" * 5000,
-    '{"host":"1.2.3.4","port":80,"x":' + "[" * 3000 + "]" * 3000 + "}",
     b'{"host":"1.2.3.4","port":80,"x":"\xff\xfe"}'.decode("utf-8", "replace") + "\x00",
     bytes(range(256)).decode("utf-8", "replace"), "\ufffd" * 10, "x" * 1_000_000,
     '{"host":"1.2.3.4","port":80,"x":"' + "a" * 1_000_000 + '"',
@@ -759,6 +758,13 @@ NOT_RECORDS = [
 @pytest.mark.parametrize("value", NOT_RECORDS, ids=range(len(NOT_RECORDS)))
 def test_anything_but_a_well_formed_record_is_someone_elses_data(value):
     assert skyapi.read_record(value) is None
+
+
+def test_a_record_whose_other_fields_nest_deeper_than_json_reads_is_never_an_error():
+    # Python 3.10-3.12's JSON reader gives up at about 1,000 levels, 3.13's reads further:
+    # such a record is read, or passed over as someone else's data, but never raises.
+    value = '{"host":"1.2.3.4","port":80,"x":' + "[" * 3000 + "]" * 3000 + "}"
+    assert skyapi.read_record(value) in (None, (("1.2.3.4", 80), ""))
 
 
 def test_a_well_formed_record_is_read_whatever_else_it_carries():
