@@ -129,7 +129,7 @@ def located_in_file(path: str) -> dict[str, str]:
         raise ValueError(f"config: cannot read {path}: {e.strerror}") from None
     except ValueError as e:
         raise ValueError(f"config: {e}") from None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # (nested past what the reader goes: no config)
         raise ValueError(f"config: {path} is not valid YAML") from None
     if not isinstance(data, (dict, type(None))):
         raise ValueError(f"config: {path} must be a mapping of settings")
@@ -4417,11 +4417,12 @@ class _Acceptor:
 
 class _Listener(HTTPServer):
     """Tornado's HTTP server, accepting through _Acceptor (with TCPServer.add_sockets' own
-    bookkeeping: its stop() calls each entry of _handlers to end), and noting each
-    connection's peer for a failed TLS handshake's line."""
+    bookkeeping: its stop() calls each entry of _handlers to end), and, serving TLS, noting
+    each connection's peer for a failed handshake's line."""
 
     def handle_stream(self, stream: iostream.IOStream, address: tuple) -> None:
-        TLS_PEERS[stream.socket.fileno()] = _address(address)
+        if self.ssl_options is not None:  # (no handshake to fail otherwise)
+            TLS_PEERS[stream.socket.fileno()] = _address(address)
         super().handle_stream(stream, address)
 
     def add_sockets_backing_off(self, sockets: Iterable[socket.socket], room: Callable[[], bool],
