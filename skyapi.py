@@ -863,8 +863,8 @@ class Config:
                                 "lease (CoreDNS)", _one_of(2, 3), metavar="2|3", group="etcd")
     etcd_prefix: str = setting("/skydns", "the path all records live under", _etcd_prefix,
                                metavar="PATH", group="records")
-    # timeout at least 3, etcd_timeout at least 0.5: a keep-alive waits for a silent member
-    # keep_alive_patience(), then at least half a second; less, and a member that is merely
+    # timeout at least 3, etcd_timeout at least 0.5: a request waits for a silent member
+    # failover_patience(), so at least half a second; less, and a member that is merely
     # busy (an fsync stall) would look down.
     timeout: int = setting(30, "seconds a record outlives skyapi if skyapi dies (the etcd TTL or "
                            "lease TTL)", _at_least(3), metavar="SECONDS", group="records")
@@ -879,7 +879,9 @@ class Config:
                              _one_of("error", "warn", "info", "debug"), metavar="LEVEL",
                              group="lifecycle")
     etcd_timeout: float = setting(5.0, "seconds etcd may leave requests unanswered before "
-                                  "they fail over to the next endpoint", _at_least(0.5),
+                                  "they fail over to the next endpoint (less if timeout is "
+                                  "short); also how long a handshake waits for its record",
+                                  _at_least(0.5),
                                   metavar="SECONDS", group="etcd")
     # 64, not 16: 20,000 v2 deletes reached etcd at 17,200/s against 14,500/s, and etcd spent
     # 38 us of CPU per delete against 47 us, its commits batching more (bench_etcdclient.py).
@@ -1016,11 +1018,13 @@ def _checked(s: Setting, values: Mapping[str, Any], flags: Mapping[str, Any]) ->
         raise ConfigError(f"{s.name}: {e}") from None
 
 
-def keep_alive_patience(cfg: Config) -> float:
-    """How long a keep-alive waits on a silent endpoint before it tries the next: a third
-    of the time its records have left when it goes out (timeout, less the keep-alive
+def failover_patience(cfg: Config) -> float:
+    """How long a request waits on a silent endpoint before it tries the next: a third of
+    the time records have left when their keep-alive goes out (timeout, less the keep-alive
     period of timeout/3), and no longer than etcd_timeout. So a member that hangs costs a
-    keep-alive a third of that time, and a healthy one still has two thirds to answer."""
+    keep-alive a third of that time, and a healthy one still has two thirds to answer; and
+    a new record's put or a delete waits on it no longer than a keep-alive does (a put that
+    waited etcd_timeout there left its socket out of DNS that long)."""
     return min(cfg.etcd_timeout, (cfg.timeout - cfg.timeout / 3) / 3)
 
 
@@ -1537,18 +1541,16 @@ def _why(error: BaseException) -> str:
 
 class _Batch:
     """Requests sent together and awaited once: each answer (status, body), or the
-    exception that lost it, lands in its place; done resolves when the last has. patience:
-    the seconds etcd may stay silent on their connection before they fail."""
+    exception that lost it, lands in its place; done resolves when the last has."""
 
-    __slots__ = ("results", "seconds", "left", "done", "started", "patience")
+    __slots__ = ("results", "seconds", "left", "done", "started")
 
-    def __init__(self, size: int, started: float, patience: float):
+    def __init__(self, size: int, started: float):
         self.results: list[Any] = [None] * size
         self.seconds = [0.0] * size
         self.left = size
         self.done = asyncio.get_running_loop().create_future()
         self.started = started
-        self.patience = patience
 
     def settle(self, i: int, result: Any) -> None:
         self.results[i], self.seconds[i] = result, time.monotonic() - self.started
@@ -1562,8 +1564,7 @@ class _Connection(asyncio.Protocol):
     written at once, however many wait ahead of it, and etcd's HTTP server (Go's) answers
     them one after another in order, so each answer settles the oldest waiting request.
     One deadline for the connection rather than one per request: it fails when etcd has
-    sent nothing for `timeout` seconds while requests wait, or for less once a batch with
-    less patience (a keep-alive) has been sent on it since it was last idle."""
+    sent nothing for the pool's timeout while requests wait."""
 
     def __init__(self, pool: "_Pool"):
         self.pool = pool
@@ -1574,7 +1575,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
         self.unsent: list[bytes] = []  # written while connecting
         self.progress_at = 0.0  # when etcd last sent something, or the first request waited
-        self.patience = pool.timeout  # the least of the waiting requests' batches
         self.closed = False
         self._body: list[bytes] = []  # the parts so far of a streamed answer
         self._timer: asyncio.TimerHandle | None = None
@@ -1601,14 +1601,9 @@ class _Connection(asyncio.Protocol):
 
     def send(self, entries: list[tuple[_Batch, int, bytes, bool]]) -> None:
         if not self.waiting:
-            self.progress_at, self.patience = self.loop.time(), self.pool.timeout
-        if entries[0][0].patience < self.patience:
-            self.patience = entries[0][0].patience
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self.progress_at = self.loop.time()
         if self._timer is None:
-            self._timer = self.loop.call_at(self.progress_at + self.patience, self._check)
+            self._timer = self.loop.call_at(self.progress_at + self.pool.timeout, self._check)
         self.waiting.extend(entries)
         data = entries[0][2] if len(entries) == 1 else b"".join([e[2] for e in entries])
         if self.transport is None:
@@ -1651,11 +1646,11 @@ class _Connection(asyncio.Protocol):
     def _check(self) -> None:
         self._timer = None
         if self.waiting:
-            late = self.progress_at + self.patience
+            late = self.progress_at + self.pool.timeout
             if self.loop.time() < late:
                 self._timer = self.loop.call_at(late, self._check)
             else:
-                self.abort(TimeoutError(f"no answer within {self.patience:g} s"))
+                self.abort(TimeoutError(f"no answer within {self.pool.timeout:g} s"))
 
     def abort(self, error: Exception) -> None:
         """Close the connection; what waits on it fails with error, except requests lost
@@ -1876,22 +1871,18 @@ class EtcdClient:
 
     async def request(self, op: str, method: str, path: str, body: bytes = b"",
                       content_type: str = "application/json",
-                      authorization: str | None = None,
-                      patience: float | None = None) -> tuple[int, bytes]:
+                      authorization: str | None = None) -> tuple[int, bytes]:
         """(status, body) from the first endpoint that answers; EtcdUnavailable if none does.
         authorization replaces the client's own Authorization header (the v3 auth token)."""
-        return (await self.request_many(op, [(method, path, body, content_type, authorization)],
-                                        patience))[0]
+        return (await self.request_many(op, [(method, path, body, content_type, authorization)]))[0]
 
-    async def request_many(self, op: str, requests: Sequence[Sequence[Any]],
-                           patience: float | None = None) -> list[tuple[int, bytes]]:
+    async def request_many(self, op: str, requests: Sequence[Sequence[Any]]
+                           ) -> list[tuple[int, bytes]]:
         """(status, body) for each request, in order: each request a tuple of request()'s
         arguments after op, (method, path[, body[, content_type[, authorization]]]). They
         are sent together (pipelined, a few to a connection) and awaited once; each fails
-        over on its own; EtcdUnavailable if one found no endpoint to answer it. patience:
-        the seconds an endpoint may stay silent before they go to the next (at most, and by
-        default, the client's timeout)."""
-        patience = self.timeout if patience is None else min(patience, self.timeout)
+        over on its own, once its endpoint has been silent for the client's timeout;
+        EtcdUnavailable if one found no endpoint to answer it."""
         started = time.monotonic()
         results: list[Any] = [None] * len(requests)
         todo = list(range(len(requests)))
@@ -1900,7 +1891,7 @@ class EtcdClient:
             if not todo:
                 break
             pool = self._pools[index]
-            batch = _Batch(len(todo), started, patience)
+            batch = _Batch(len(todo), started)
             pool.send([self._encode(pool, *requests[i]) for i in todo], batch)
             await batch.done
             failed = []
@@ -2260,9 +2251,8 @@ class EtcdV2:
                        **form: Any) -> tuple[int, int, dict]:
         return self._answer(*await self.client.request(op, *self._encode(method, key, query, form)))
 
-    async def _many(self, op: str, requests: Sequence[tuple],
-                    patience: float | None = None) -> list[tuple[int, int, dict]]:
-        return [self._answer(*r) for r in await self.client.request_many(op, requests, patience)]
+    async def _many(self, op: str, requests: Sequence[tuple]) -> list[tuple[int, int, dict]]:
+        return [self._answer(*r) for r in await self.client.request_many(op, requests)]
 
     @staticmethod
     def _refused(what: str, key: str, doc: dict) -> EtcdError:
@@ -2412,8 +2402,7 @@ class EtcdV2:
                 due.append((key, self._kept[key]))
         refresh = f"ttl={self.cfg.timeout}&refresh=true&"
         answers = await self._many("refresh", [("PUT", kept.path, (refresh + kept.ours).encode(),
-                                                FORM) for _, kept in due],
-                                   keep_alive_patience(self.cfg))
+                                                FORM) for _, kept in due])
         if self._present and (full or now - self._announced >= self.period):
             await self.announce()  # a plain put: it comes back if it expired or went
         lost = Lost([], [])
@@ -2428,8 +2417,7 @@ class EtcdV2:
 
     async def touch(self, key: str, value: str) -> int:
         (code, error, doc), = await self._many("touch", [self._encode(
-            "PUT", key, form={"value": value, "ttl": self.cfg.timeout, "prevValue": value})],
-            keep_alive_patience(self.cfg))
+            "PUT", key, form={"value": value, "ttl": self.cfg.timeout, "prevValue": value})])
         if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):
             raise self._refused("touch", key, doc)
         return _v2_index(doc) if code < 300 else 0
@@ -2437,8 +2425,7 @@ class EtcdV2:
     async def announce(self) -> None:
         self._announced = time.monotonic()  # (refused: tried again a period later)
         (code, _, doc), = await self._many("presence", [self._encode(  # (on keep-alive's time)
-            "PUT", self.presence, form={"value": self.owner, "ttl": self.cfg.timeout})],
-            keep_alive_patience(self.cfg))
+            "PUT", self.presence, form={"value": self.owner, "ttl": self.cfg.timeout})])
         if code >= 300:
             raise self._refused("presence", self.presence, doc)
 
@@ -2579,15 +2566,15 @@ class EtcdV3:
         self.auth_token = ""  # etcd's token for the credentials, once authenticated
         self._authenticating = asyncio.Lock()  # one authentication (bcrypt: costly) for all
 
-    async def _call(self, op: str, path: str, doc: dict, patience: float | None = None) -> dict:
+    async def _call(self, op: str, path: str, doc: dict) -> dict:
         auth_token = await self._auth_token()
         try:
-            return await self._post(op, path, doc, auth_token, patience)
+            return await self._post(op, path, doc, auth_token)
         except EtcdError as e:
             if not auth_token or not any(m in str(e) for m in AUTH_TOKEN_REJECTED):
                 raise
         # etcd forgot the token (it restarted, the token expired, auth changed): a new one, once.
-        return await self._post(op, path, doc, await self._auth_token(stale=auth_token), patience)
+        return await self._post(op, path, doc, await self._auth_token(stale=auth_token))
 
     async def _auth_token(self, stale: str = "") -> str:
         """The auth token ("" without credentials); a new one if it is still the stale one."""
@@ -2600,11 +2587,9 @@ class EtcdV3:
                 log_event(logging.DEBUG, "etcd_authenticated", user=self.credentials["name"])
         return self.auth_token
 
-    async def _post(self, op: str, path: str, doc: dict, auth_token: str,
-                    patience: float | None = None) -> dict:
+    async def _post(self, op: str, path: str, doc: dict, auth_token: str) -> dict:
         code, data = await self.client.request(op, "POST", "/v3/" + path,
-                                               json.dumps(doc).encode(), authorization=auth_token,
-                                               patience=patience)
+                                               json.dumps(doc).encode(), authorization=auth_token)
         try:
             reply = json.loads(data.split(b"\n", 1)[0]) if data else {}
         except ValueError:
@@ -2754,8 +2739,7 @@ class EtcdV3:
         lease = self.lease
         if lease and (full or time.monotonic() - self.last_beat >= self.period):
             self.last_beat = time.monotonic()
-            beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": lease},
-                                    keep_alive_patience(self.cfg))
+            beat = await self._call("lease_keepalive", "lease/keepalive", {"ID": lease})
             if int(beat.get("TTL", 0)) <= 0:
                 self._lease_lost(lease)
         if (self._present and (not self.lease or self._presence_on != self.lease)
@@ -2769,7 +2753,7 @@ class EtcdV3:
             return 0
         reply = await self._call("touch", "kv/txn", {
             "compare": [_compare(key, "VALUE", value)],
-            "success": [self._put(key, value, self.lease)]}, keep_alive_patience(self.cfg))
+            "success": [self._put(key, value, self.lease)]})
         return int(reply.get("header", {}).get("revision", 0)) if reply.get("succeeded") else 0
 
     async def announce(self) -> None:
@@ -2839,7 +2823,7 @@ def make_backend(cfg: Config, owner: str,
     # etcd v2 auth is basic auth on every request; v3 authenticates for a token (EtcdV3._call).
     basic = ("Basic " + _b64(f"{cfg.etcd_username}:{cfg.etcd_password}")
              if cfg.etcd_username and cfg.etcd_version == 2 else "")
-    client = EtcdClient(cfg.etcd_api, cfg.etcd_timeout, cfg.etcd_concurrency, on_request,
+    client = EtcdClient(cfg.etcd_api, failover_patience(cfg), cfg.etcd_concurrency, on_request,
                         etcd_ssl_context(cfg), basic)
     return (EtcdV2 if cfg.etcd_version == 2 else EtcdV3)(client, cfg, owner)
 

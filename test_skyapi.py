@@ -5201,7 +5201,7 @@ async def test_a_hanging_etcd_member_costs_no_record(version, caplog):
         followers = [m for i, m in enumerate(members) if i != leader]
         ordered = [followers[0], members[leader], followers[1]]  # (no election: a follower hangs)
         cfg = config([m.url for m in ordered], version, timeout=6, etcd_timeout=8.0)
-        assert skyapi.keep_alive_patience(cfg) < cfg.timeout * 2 / 3 / 2
+        assert skyapi.failover_patience(cfg) < cfg.timeout * 2 / 3 / 2
         prefix = prefix_of(cfg)
         async with running(cfg) as server:
             conns = await open_many(server, 50, "hang")
@@ -5219,6 +5219,46 @@ async def test_a_hanging_etcd_member_costs_no_record(version, caplog):
             assert all(c.close_code is None for c in conns)
             for c in conns:
                 c.close()
+    finally:
+        for m in members:
+            m.stop()
+
+
+@pytest.mark.slow
+@async_test
+async def test_a_hanging_etcd_member_holds_up_no_put_or_delete(version):
+    """The member skyapi uses hangs (SIGSTOP), etcd_timeout 8, timeout 6: a socket that
+    connects at once has its handshake answered with its record in etcd, and a socket that
+    closes has its record out of etcd, each within the failover patience (1.3 s) and the
+    next member's answer, not after etcd_timeout."""
+    members = TestEtcd.cluster(3)
+    try:
+        leader = await leader_of(members)
+        followers = [m for i, m in enumerate(members) if i != leader]
+        ordered = [followers[0], members[leader], followers[1]]  # (no election: a follower hangs)
+        cfg = config([m.url for m in ordered], version, timeout=6, etcd_timeout=8.0)
+        bound = skyapi.failover_patience(cfg) + 1.0
+        assert bound < cfg.etcd_timeout / 2
+        view = EtcdView(members[leader].url, version)
+        async with running(cfg) as server:
+            leaving = await connect(server, "service=leaving&port=1")
+            await wait_until(lambda: view.count_is(cfg, 1), 2)
+            ordered[0].proc.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                late = await connect(server, "service=late&port=2")
+                opened_in = time.monotonic() - started
+                assert server.registry.records == 2  # its put is done: not opened without it
+                started = time.monotonic()
+                leaving.close()
+                await wait_until(lambda: view.count_is(cfg, 1), cfg.etcd_timeout)
+                gone_in = time.monotonic() - started
+            finally:
+                ordered[0].proc.send_signal(signal.SIGCONT)
+            assert opened_in < bound and gone_in < bound, (opened_in, gone_in)
+            assert await view.count_is(cfg, 1) and late.close_code is None
+            late.close()
+            await wait_until(lambda: view.empty(cfg), 3)
     finally:
         for m in members:
             m.stop()
