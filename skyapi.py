@@ -2635,8 +2635,14 @@ class EtcdV3:
                         [_range(op.key)])
         if op.write is Write.MARK:
             return self._put(self._marker(op), op.value, lease)
-        key = self._marker(op) if op.write is Write.UNMARK else op.key
-        return _txn([_compare(key, "VALUE", op.value)], [{"request_delete_range": {"key": _b64(key)}}])
+        return self._deletes([op])
+
+    def _deletes(self, ops: Sequence[Op]) -> dict:
+        """DELETEs and UNMARKs as one nested transaction: each key deleted if it still holds
+        the op's value, all or none."""
+        keys = [(self._marker(op) if op.write is Write.UNMARK else op.key, op) for op in ops]
+        return _txn([_compare(key, "VALUE", op.value) for key, op in keys],
+                    [{"request_delete_range": {"key": _b64(key)}} for key, _ in keys])
 
     async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(ops)
@@ -2647,19 +2653,32 @@ class EtcdV3:
             elif op.write is Write.DELETE and op.shared and op.keep:
                 outcomes[i] = Outcome(Found.KEPT)
         # A TAKE of another instance's record, or a CLAIM of our own, is written in a next
-        # round, compared on the revision the round before read.
+        # round, compared on the revision the round before read. The deletes go together, in
+        # one nested transaction: etcd spends a third less per delete than on one
+        # transaction each (a mass close is thousands of them); should one of them no longer
+        # hold our value, none is done, and the next round sends each on its own.
         seen: dict[int, tuple[str, str]] = {}  # op index -> (mod revision, value) read
+        alone: set[int] = set()  # deletes of a group that failed
         for _ in range(3):
             todo = [i for i, o in enumerate(outcomes) if o is None]
             if not todo:
                 break
+            group = [i for i in todo if ops[i].write in (Write.DELETE, Write.UNMARK)
+                     and i not in alone]
+            singles = [i for i in todo if i not in group] if len(group) > 1 else todo
             replies, revision = await self._transact(lambda lease: [
                 self._first(ops[i], lease) if i not in seen else
                 _txn([_compare(ops[i].key, "MOD", seen[i][0])],
                      [self._put(ops[i].key, ops[i].value, lease)], [_range(ops[i].key)])
-                for i in todo])
-            for i, reply in zip(todo, replies):
+                for i in singles] + ([self._deletes([ops[i] for i in group])]
+                                     if singles is not todo else []))
+            for i, reply in zip(singles, replies):
                 outcomes[i] = self._outcome(ops[i], reply, seen, i, revision)
+            if singles is not todo:
+                grouped = replies[len(singles)].get("response_txn", {}).get("succeeded")
+                for i in group:
+                    outcomes[i] = Outcome(Found.DONE, revision=revision) if grouped else None
+                alone.update(() if grouped else group)
         for i, op in enumerate(ops):
             outcome = outcomes[i]
             if outcome is None:

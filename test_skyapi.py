@@ -4898,6 +4898,38 @@ async def test_v3_lease_expired_during_a_partition_is_replaced(private_etcd):
 
 
 @async_test
+async def test_v3_a_batchs_deletes_go_in_one_transaction_and_spare_what_is_not_ours(etcd):
+    """A batch's deletes go together, all compared and all deleted or none: one request, not
+    one nested transaction each (a mass close is thousands). When a record holds another
+    value by then, the group fails and each goes on its own: the others go, that one stays."""
+    cfg = config([etcd.url], 3)
+    view = EtcdView(etcd.url, 3)
+    txns: list[str] = []
+    backend = skyapi.make_backend(cfg, "me", lambda op, outcome, s: txns.append(op))
+    regs = [skyapi.Registration(service="group", categories=("c",), host="127.0.0.1", port=p)
+            for p in range(1, 5)]
+    ops = [(skyapi.record_key(r, cfg.etcd_prefix, cfg.dns_root),
+            skyapi.record_value(r, cfg.dns_ttl, "me")) for r in regs]
+    Op, Write, Found = skyapi.Op, skyapi.Write, skyapi.Found
+    try:
+        for rounds, changed in ((1, None), (2, 1)):
+            written = await backend.apply([Op(Write.TAKE, k, v) for k, v in ops])
+            assert [o.found for o in written] == [Found.DONE] * 4
+            if changed is not None:  # another writer's value, since we wrote ours
+                await view.put(ops[changed][0], ops[changed][1] + " ")
+            txns.clear()
+            deleted = await backend.apply([Op(Write.DELETE, k, v) for k, v in ops])
+            assert [o.found for o in deleted] == [Found.DONE] * 4
+            assert txns == ["txn"] * rounds
+            left = await view.records(prefix_of(cfg))
+            assert left == ({} if changed is None else {ops[changed][0]: ops[changed][1] + " "})
+            await view.delete(ops[1][0])
+    finally:
+        await backend.close()
+        backend.client.close()
+
+
+@async_test
 async def test_v3_keys_are_exactly_the_v2_paths(etcd):
     """Switching a deployment between versions changes nothing: same key bytes, same DNS data
     (the owner field names the writing instance, which differs per process)."""
