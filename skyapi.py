@@ -3271,6 +3271,8 @@ class Registry:
     def _done(self, slot: Slot, op: Op, outcome: Outcome) -> None:
         """What an op's outcome means for its slot."""
         write, found = op.write, outcome.found
+        log_event(logging.DEBUG, "etcd_op", write=write.value, key=op.key, found=found.value,
+                  revision=outcome.revision)
         if write not in (Write.MARK, Write.UNMARK):  # (those are of another key)
             slot.revision = max(slot.revision, outcome.revision)
         if write is Write.MARK:
@@ -3383,6 +3385,8 @@ class Registry:
             if record is not None and record[1] == self.owner:
                 self._orphan(key, value, record[0])  # type: ignore[arg-type]
             return
+        log_event(logging.DEBUG, "etcd_changed", key=key, revision=revision, owner="(gone)"
+                  if value is None else "(not a record)" if record is None else record[1])
         if revision and revision <= slot.revision:
             return  # what the last op's outcome already told
         ours = record is not None and record[1] == self.owner
