@@ -51,6 +51,8 @@ _names = itertools.count()
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds; "
                                        "pytest -m 'not slow' is the inner loop")
+    config.addinivalue_line("markers", "chaos: a chaos run, judged to 100 ms: run these on "
+                                       "their own (-m chaos), not beside the rest")
 
 
 def async_test(fn):

@@ -2047,14 +2047,13 @@ class Op:
     value: str  # what to write; DELETE, UNMARK: what we wrote, to touch it only if still so
     endpoint: tuple[str, int] = ("", 0)  # whose record it is: tells OTHERS from a COLLISION
     old: str = ""  # REPLACE: our value there now
-    shared: bool = False  # DELETE: another instance may hold it too: hand it over if one does
-    keep: bool = False  # ... and if none does, keep it (a drain's grace: for the next instance)
+    keep: bool = False  # DELETE: unless another instance holds it too (then it is handed
+    #                     over, as always), keep it (a drain's grace: for the next instance)
 
 
 @dataclasses.dataclass
 class Outcome:
     found: Found
-    took_over: bool = False  # it was another instance's, which may hold it too
     revision: int = 0  # etcd's index (v2) or revision (v3) of what the op did or read
 
 
@@ -2166,10 +2165,27 @@ def _may_write(there: str, op: Op, owner: str) -> Found:
     return Found.DONE if op.write is Write.TAKE or record[1] == owner else Found.OTHERS
 
 
-def _is_marker(value: str, op: Op) -> bool:
-    """A marker's value is the record its instance would write (else: others' data)."""
-    record = read_record(value)
-    return record is not None and record[0] == op.endpoint
+# Other instances' markers, read once for a batch of deletes: (value, lease) by the
+# marker prefix of the record they are for (lease: v3's, "" for v2).
+Holders = Mapping[str, Sequence[tuple[str, str]]]
+
+
+def holders_of(cfg: Config, owner: str, markers: Iterable[tuple[str, str, str]]) -> Holders:
+    """Markers (key, value, lease) read from etcd, by record, less this instance's own."""
+    size = len(marker_prefix(cfg, ""))  # (a marker's key: that prefix, then its owner)
+    found: dict[str, list[tuple[str, str]]] = {}
+    for key, value, lease in markers:
+        if len(key) > size and key[size:] != owner:
+            found.setdefault(key[:size], []).append((value, lease))
+    return found
+
+
+def other_holders(cfg: Config, op: Op, holders: Holders) -> list[tuple[str, str]]:
+    """The other instances that hold op's record too: their markers' (value, lease). A
+    marker's value is the record its instance would write: anything else there is others'
+    data."""
+    return [(value, lease) for value, lease in holders.get(marker_prefix(cfg, op.key), ())
+            if (record := read_record(value)) is not None and record[0] == op.endpoint]
 
 
 def _v2_index(doc: dict) -> int:
@@ -2269,7 +2285,7 @@ class EtcdV2:
             kept = _Kept.of(key, value, key)
         return "DELETE", f"{kept.path}?{kept.ours}", b"", FORM
 
-    def _first(self, op: Op) -> tuple[str, tuple] | None:
+    def _first(self, op: Op, holders: Holders) -> tuple[str, tuple] | None:
         """An op's first request, and its name in the metrics; None if it starts otherwise."""
         ttl = self.cfg.timeout
         if op.write in (Write.TAKE, Write.CLAIM):
@@ -2280,16 +2296,18 @@ class EtcdV2:
                                                             "prevValue": op.old})
         if op.write is Write.MARK:
             return "put", self._encode("PUT", self._marker(op), form={"value": op.value, "ttl": ttl})
-        if op.write is Write.UNMARK or op.write is Write.DELETE and not op.shared:
-            return "delete", self._delete(op.key if op.write is Write.DELETE
-                                          else self._marker(op), op.value)
-        return None  # a PRUNE, or a hand-over
+        if op.write is Write.UNMARK:
+            return "delete", self._delete(self._marker(op), op.value)
+        if op.write is Write.DELETE and not op.keep and not other_holders(self.cfg, op, holders):
+            return "delete", self._delete(op.key, op.value)
+        return None  # a PRUNE, a hand-over, or a DELETE to keep
 
     def _marker(self, op: Op) -> str:
         return marker_prefix(self.cfg, op.key) + self.owner
 
     async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
-        firsts = [self._first(op) for op in ops]
+        holders = await self._holders() if any(op.write is Write.DELETE for op in ops) else {}
+        firsts = [self._first(op, holders) for op in ops]
         answers: dict[int, tuple[int, int, dict]] = {}
         for name in {first[0] for first in firsts if first}:
             these = [(i, first[1]) for i, first in enumerate(firsts) if first and first[0] == name]
@@ -2297,7 +2315,8 @@ class EtcdV2:
                                await self._many(name, [request for _, request in these])))
         outcomes = [self._settle(op, answers.get(i)) for i, op in enumerate(ops)]
         rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        for i, outcome in zip(rest, await asyncio.gather(*(self._go_on(ops[i]) for i in rest))):
+        for i, outcome in zip(rest, await asyncio.gather(*(self._go_on(ops[i], holders)
+                                                           for i in rest))):
             outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]
 
@@ -2319,14 +2338,18 @@ class EtcdV2:
             raise self._refused("put", op.key, doc)
         return None  # someone's record is there, or was: read it
 
-    async def _go_on(self, op: Op) -> Outcome:
+    async def _go_on(self, op: Op, holders: Holders) -> Outcome:
         """The rest of an op its first answer did not settle (or one that starts otherwise)."""
         if op.write in (Write.TAKE, Write.CLAIM, Write.REPLACE):
             return await self._write(op)
-        if op.write is Write.DELETE and op.shared and not await self._hand_over(op):
-            if op.keep:
-                return Outcome(Found.KEPT)
-            self._settle(op, (await self._many("delete", [self._delete(op.key, op.value)]))[0])
+        if op.write is Write.DELETE:
+            holders_too = other_holders(self.cfg, op, holders)
+            if not holders_too:
+                return Outcome(Found.KEPT)  # (to keep: else its first request deleted it)
+            # Handed over (or no longer ours to give): the record goes from our value to
+            # the holder's, never out of DNS.
+            await self._put(op.key, holders_too[0][0], {"prevValue": op.value})
+            self._kept.pop(op.key, None)
         if op.write is Write.PRUNE:
             await self._prune(op.key.rsplit("/", 1)[0])
         return Outcome(Found.DONE)
@@ -2353,9 +2376,7 @@ class EtcdV2:
             code, error, doc = await self._put(op.key, op.value, compare)
             if code < 300:
                 self._keep(op.key, op.value, op.key)
-                record = read_record(there) if there is not None else None
-                return Outcome(Found.DONE, took_over=record is not None and record[1] != self.owner,
-                               revision=_v2_index(doc))
+                return Outcome(Found.DONE, revision=_v2_index(doc))
         return Outcome(Found.OTHERS)  # it keeps changing hands: others are at work on it
 
     async def _put(self, key: str, value: str, compare: Mapping[str, str]) -> tuple[int, int, dict]:
@@ -2375,18 +2396,11 @@ class EtcdV2:
                 break  # not empty (others live here), or already gone
             directory = directory.rsplit("/", 1)[0]
 
-    async def _hand_over(self, op: Op) -> bool:
-        """Give the record to an instance that holds it too (its marker has its value), so
-        DNS never misses it. False if none does."""
+    async def _holders(self) -> Holders:
         code, _, doc = await self._request("holders", "GET", self.holders)
-        prefix = marker_prefix(self.cfg, op.key)
-        for node in doc["node"].get("nodes", []) if code < 300 else []:
-            if node["key"].startswith(prefix) and node["key"] != prefix + self.owner and \
-                    _is_marker(node.get("value", ""), op):
-                await self._put(op.key, node["value"], {"prevValue": op.value})
-                self._kept.pop(op.key, None)
-                return True  # handed over, or no longer ours to give
-        return False
+        nodes = doc["node"].get("nodes", []) if code < 300 else []
+        return holders_of(self.cfg, self.owner, ((node["key"], node.get("value", ""), "")
+                                                 for node in nodes if not node.get("dir")))
 
     async def keep_alive(self, full: bool) -> Lost:
         now = time.monotonic()
@@ -2645,19 +2659,20 @@ class EtcdV3:
                     [{"request_delete_range": {"key": _b64(key)}} for key, _ in keys])
 
     async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
+        holders = await self._holders() if any(op.write is Write.DELETE for op in ops) else {}
         outcomes: list[Outcome | None] = [None] * len(ops)
         for i, op in enumerate(ops):
-            if op.write is Write.PRUNE or (op.write is Write.DELETE and op.shared
-                                           and await self._hand_over(op)):
+            if op.write is Write.PRUNE or (op.write is Write.DELETE and await self._hand_over(
+                    op, other_holders(self.cfg, op, holders))):
                 outcomes[i] = Outcome(Found.DONE)  # (v3 has no directories to prune)
-            elif op.write is Write.DELETE and op.shared and op.keep:
+            elif op.write is Write.DELETE and op.keep:
                 outcomes[i] = Outcome(Found.KEPT)
         # A TAKE of another instance's record, or a CLAIM of our own, is written in a next
         # round, compared on the revision the round before read. The deletes go together, in
         # one nested transaction: etcd spends a third less per delete than on one
         # transaction each (a mass close is thousands of them); should one of them no longer
         # hold our value, none is done, and the next round sends each on its own.
-        seen: dict[int, tuple[str, str]] = {}  # op index -> (mod revision, value) read
+        seen: dict[int, str] = {}  # op index -> the mod revision read
         alone: set[int] = set()  # deletes of a group that failed
         for _ in range(3):
             todo = [i for i, o in enumerate(outcomes) if o is None]
@@ -2668,7 +2683,7 @@ class EtcdV3:
             singles = [i for i in todo if i not in group] if len(group) > 1 else todo
             replies, revision = await self._transact(lambda lease: [
                 self._first(ops[i], lease) if i not in seen else
-                _txn([_compare(ops[i].key, "MOD", seen[i][0])],
+                _txn([_compare(ops[i].key, "MOD", seen[i])],
                      [self._put(ops[i].key, ops[i].value, lease)], [_range(ops[i].key)])
                 for i in singles] + ([self._deletes([ops[i] for i in group])]
                                      if singles is not todo else []))
@@ -2701,13 +2716,12 @@ class EtcdV3:
                 self._lease_lost(lease)  # revoked or expired: the next attempt grants another
         return [], 0
 
-    def _outcome(self, op: Op, reply: dict, seen: dict[int, tuple[str, str]], i: int,
+    def _outcome(self, op: Op, reply: dict, seen: dict[int, str], i: int,
                  revision: int) -> Outcome | None:
         """What one op's response says; None: write again in the next round."""
         txn = reply.get("response_txn")
         if txn is None or txn.get("succeeded"):  # a plain put (MARK), or the compare held
-            return Outcome(Found.DONE, took_over=i in seen and read_record(  # type: ignore[index]
-                seen[i][1])[1] != self.owner, revision=revision)
+            return Outcome(Found.DONE, revision=revision)
         if op.write in (Write.DELETE, Write.UNMARK):
             return Outcome(Found.DONE, revision=revision)  # nothing of ours there to delete
         kvs = (txn.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
@@ -2720,7 +2734,7 @@ class EtcdV3:
         found = _may_write(there, op, self.owner)
         if found is not Found.DONE:
             return Outcome(found, revision=revision)
-        seen[i] = (kvs[0]["mod_revision"], there)
+        seen[i] = kvs[0]["mod_revision"]
         return None
 
     def _track(self, op: Op) -> None:
@@ -2732,20 +2746,22 @@ class EtcdV3:
         elif op.write in (Write.DELETE, Write.UNMARK):
             self._kept.pop(self._marker(op) if op.write is Write.UNMARK else op.key, None)
 
-    async def _hand_over(self, op: Op) -> bool:
-        """Give the record to an instance that holds it too: put its marker's value on its
-        lease, so DNS never misses it. False if no other instance holds it."""
-        prefix = marker_prefix(self.cfg, op.key)
+    async def _holders(self) -> Holders:
+        prefix = f"{self.cfg.etcd_prefix}/_skyapi/holders/"
         reply = await self._call("holders", "kv/range",
                                  {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
-        for kv in reply.get("kvs", []):
-            if _unb64(kv["key"]) == prefix + self.owner or not kv.get("lease") or \
-                    not _is_marker(_unb64(kv.get("value", "")), op):
-                continue
+        return holders_of(self.cfg, self.owner, ((_unb64(kv["key"]), _unb64(kv.get("value", "")),
+                                                  kv["lease"])
+                                                 for kv in reply.get("kvs", []) if kv.get("lease")))
+
+    async def _hand_over(self, op: Op, holders: list[tuple[str, str]]) -> bool:
+        """Give the record to an instance that holds it too: put its marker's value on its
+        lease, so DNS never misses it. False if no other instance holds it."""
+        for value, lease in holders:
             try:
                 await self._call("hand_over", "kv/txn", {
                     "compare": [_compare(op.key, "VALUE", op.value)],
-                    "success": [self._put(op.key, _unb64(kv["value"]), kv["lease"])]})
+                    "success": [self._put(op.key, value, lease)]})
             except EtcdError as e:
                 if "lease not found" in str(e):
                     continue  # that instance is gone: try the next
@@ -2897,7 +2913,7 @@ class State(enum.Enum):
 class Slot:
     """One record (one key) and the sockets of this instance that hold it."""
 
-    __slots__ = ("key", "endpoint", "holders", "state", "written", "marker", "shared",
+    __slots__ = ("key", "endpoint", "holders", "state", "written", "marker",
                  "inflight", "recheck", "rechecked", "waiters", "retry_at", "answered_at",
                  "revision", "leavers", "refusal")
 
@@ -2910,7 +2926,6 @@ class Slot:
         self.state = State.ABSENT
         self.written = ""  # the value we last wrote (STORED: what etcd has)
         self.marker = ""  # the value of our marker in etcd (we hold it too), or ""
-        self.shared = False  # it was another instance's before ours: it may hold it still
         self.inflight: Write | None = None  # the op a worker has in flight for it
         self.recheck = 0  # the latest change the watch saw while an op was in flight
         self.rechecked: str | None = None  # its value (None: the key went)
@@ -3063,8 +3078,8 @@ class Registry:
             self._unblocked(holding.reg)
         self._listening.discard(holding)
         holding.tell = None
-        if self.draining and not (slot.shared and self._sparing):  # closed for the hand-over:
-            self._keep.add(slot)  # the record waits (a shared one: once no one else holds it)
+        if self.draining and not self._sparing:  # (within the grace, its DELETE keeps it: KEPT)
+            self._keep.add(slot)  # the record waits for the deletes at the end
         settled = asyncio.get_running_loop().create_future()
         slot.leavers.append(settled)
         self._mark(slot)
@@ -3170,8 +3185,7 @@ class Registry:
                 return op(Write.MARK, value=slot.value)
             return None
         if state in (State.STORED, State.UNKNOWN) and slot not in self._keep:
-            return op(Write.DELETE, value=slot.written, shared=slot.shared,
-                      keep=self._sparing)
+            return op(Write.DELETE, value=slot.written, keep=self._sparing)
         return None
 
     def _mark(self, slot: Slot) -> None:
@@ -3276,6 +3290,8 @@ class Registry:
     def _done(self, slot: Slot, op: Op, outcome: Outcome) -> None:
         """What an op's outcome means for its slot."""
         write, found = op.write, outcome.found
+        log_event(logging.DEBUG, "etcd_op", write=write.value, key=op.key, found=found.value,
+                  revision=outcome.revision)
         if write not in (Write.MARK, Write.UNMARK):  # (those are of another key)
             slot.revision = max(slot.revision, outcome.revision)
         if write is Write.MARK:
@@ -3286,11 +3302,9 @@ class Registry:
             if self._sparing:  # (otherwise the grace is over: marked again, it goes)
                 self._keep.add(slot)
         elif write is Write.DELETE:
-            slot.state, slot.shared = State.ABSENT, False
+            slot.state = State.ABSENT
         elif found is Found.DONE:
             slot.state, slot.written, slot.refusal = State.STORED, op.value, ""
-            # (a claim may win over another instance that held it too, and now marks it)
-            slot.shared = slot.shared or outcome.took_over or write is Write.CLAIM
             slot.resolve(None)
             if slot.holders:
                 self._unblocked(next(iter(slot.holders)).reg)
@@ -3390,6 +3404,8 @@ class Registry:
             if record is not None and record[1] == self.owner:
                 self._orphan(key, value, record[0])  # type: ignore[arg-type]
             return
+        log_event(logging.DEBUG, "etcd_changed", key=key, revision=revision, owner="(gone)"
+                  if value is None else "(not a record)" if record is None else record[1])
         if revision and revision <= slot.revision:
             return  # what the last op's outcome already told
         ours = record is not None and record[1] == self.owner
@@ -3698,7 +3714,7 @@ class Registry:
             self._nobody_left()
         else:
             self._sparing = False
-            for slot in [s for s in self._keep if s.shared]:  # hand it over if one holds it now
+            for slot in list(self._keep):  # handed over if another instance holds it now
                 self._keep.discard(slot)
                 self._mark(slot)
         while ((self._dirty or self._prunes or any(s.inflight for s in self.slots.values()))
