@@ -2543,6 +2543,12 @@ def _compare(key: str, target: str, value: str) -> dict:
             field: _b64(value) if target == "VALUE" else value}
 
 
+def _none_below(prefix: str) -> dict:
+    """A compare that holds while no key starts with prefix."""
+    return {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "target": "VERSION",
+            "result": "EQUAL", "version": "0"}
+
+
 def _range(key: str) -> dict:
     return {"request_range": {"key": _b64(key)}}
 
@@ -2649,51 +2655,45 @@ class EtcdV3:
                         [_range(op.key)])
         if op.write is Write.MARK:
             return self._put(self._marker(op), op.value, lease)
-        return self._deletes([op])
+        key = self._deleted(op)
+        return _txn([_compare(key, "VALUE", op.value)], [{"request_delete_range": {"key": _b64(key)}}])
 
-    def _deletes(self, ops: Sequence[Op]) -> dict:
-        """DELETEs and UNMARKs as one nested transaction: each key deleted if it still holds
-        the op's value, all or none."""
-        keys = [(self._marker(op) if op.write is Write.UNMARK else op.key, op) for op in ops]
-        return _txn([_compare(key, "VALUE", op.value) for key, op in keys],
-                    [{"request_delete_range": {"key": _b64(key)}} for key, _ in keys])
+    def _deleted(self, op: Op) -> str:
+        """The key a DELETE or UNMARK deletes."""
+        return self._marker(op) if op.write is Write.UNMARK else op.key
 
     async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
-        holders = await self._holders() if any(op.write is Write.DELETE for op in ops) else {}
-        outcomes: list[Outcome | None] = [None] * len(ops)
-        for i, op in enumerate(ops):
-            if op.write is Write.PRUNE or (op.write is Write.DELETE and await self._hand_over(
-                    op, other_holders(self.cfg, op, holders))):
-                outcomes[i] = Outcome(Found.DONE)  # (v3 has no directories to prune)
-            elif op.write is Write.DELETE and op.keep:
-                outcomes[i] = Outcome(Found.KEPT)
+        outcomes: list[Outcome | None] = [Outcome(Found.DONE) if op.write is Write.PRUNE else None
+                                          for op in ops]  # (v3 has no directories to prune)
+        together = [i for i, op in enumerate(ops)
+                    if op.write is Write.UNMARK or op.write is Write.DELETE and not op.keep]
+        if together:
+            revision = await self._delete_together([ops[i] for i in together])
+            for i in together if revision else ():
+                outcomes[i] = Outcome(Found.DONE, revision=revision)
+        if any(o is None and op.write is Write.DELETE for op, o in zip(ops, outcomes)):
+            holders = await self._holders()
+            for i, op in enumerate(ops):
+                if outcomes[i] is not None or op.write is not Write.DELETE:
+                    continue
+                if await self._hand_over(op, other_holders(self.cfg, op, holders)):
+                    outcomes[i] = Outcome(Found.DONE)
+                elif op.keep:
+                    outcomes[i] = Outcome(Found.KEPT)
         # A TAKE of another instance's record, or a CLAIM of our own, is written in a next
-        # round, compared on the revision the round before read. The deletes go together, in
-        # one nested transaction: etcd spends a third less per delete than on one
-        # transaction each (a mass close is thousands of them); should one of them no longer
-        # hold our value, none is done, and the next round sends each on its own.
+        # round, compared on the revision the round before read.
         seen: dict[int, str] = {}  # op index -> the mod revision read
-        alone: set[int] = set()  # deletes of a group that failed
         for _ in range(3):
             todo = [i for i, o in enumerate(outcomes) if o is None]
             if not todo:
                 break
-            group = [i for i in todo if ops[i].write in (Write.DELETE, Write.UNMARK)
-                     and i not in alone]
-            singles = [i for i in todo if i not in group] if len(group) > 1 else todo
             replies, revision = await self._transact(lambda lease: [
                 self._first(ops[i], lease) if i not in seen else
                 _txn([_compare(ops[i].key, "MOD", seen[i])],
                      [self._put(ops[i].key, ops[i].value, lease)], [_range(ops[i].key)])
-                for i in singles] + ([self._deletes([ops[i] for i in group])]
-                                     if singles is not todo else []))
-            for i, reply in zip(singles, replies):
+                for i in todo])
+            for i, reply in zip(todo, replies):
                 outcomes[i] = self._outcome(ops[i], reply, seen, i, revision)
-            if singles is not todo:
-                grouped = replies[len(singles)].get("response_txn", {}).get("succeeded")
-                for i in group:
-                    outcomes[i] = Outcome(Found.DONE, revision=revision) if grouped else None
-                alone.update(() if grouped else group)
         for i, op in enumerate(ops):
             outcome = outcomes[i]
             if outcome is None:
@@ -2715,6 +2715,23 @@ class EtcdV3:
                     raise
                 self._lease_lost(lease)  # revoked or expired: the next attempt grants another
         return [], 0
+
+    async def _delete_together(self, ops: Sequence[Op]) -> int:
+        """DELETEs and UNMARKs first, in one transaction, all or none: each key deleted if it
+        still holds the op's value and, a DELETE's record, if no instance has marked it as
+        held. Its revision; 0 if a compare failed (then each goes its own way: the markers
+        are read, the record handed over or deleted on its own). In a mass close, etcd spends
+        a third less per delete than on a nested transaction each, and no read of the
+        markers per batch comes first."""
+        compare, success = [], []
+        for op in ops:
+            key = self._deleted(op)
+            compare.append(_compare(key, "VALUE", op.value))
+            if op.write is Write.DELETE:
+                compare.append(_none_below(marker_prefix(self.cfg, op.key)))
+            success.append({"request_delete_range": {"key": _b64(key)}})
+        reply = await self._call("txn", "kv/txn", {"compare": compare, "success": success})
+        return int(reply.get("header", {}).get("revision", 0)) if reply.get("succeeded") else 0
 
     def _outcome(self, op: Op, reply: dict, seen: dict[int, str], i: int,
                  revision: int) -> Outcome | None:

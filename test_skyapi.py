@@ -4900,32 +4900,44 @@ async def test_v3_lease_expired_during_a_partition_is_replaced(private_etcd):
 
 
 @async_test
-async def test_v3_a_batchs_deletes_go_in_one_transaction_and_spare_what_is_not_ours(etcd):
-    """A batch's deletes go together, all compared and all deleted or none: one request, not
-    one nested transaction each (a mass close is thousands). When a record holds another
-    value by then, the group fails and each goes on its own: the others go, that one stays."""
+async def test_v3_a_batchs_deletes_go_in_one_transaction_unless_one_is_not_ours_alone(etcd):
+    """A batch's deletes go together, in one request, all or none: each compared on our value
+    and on no other instance's marker for the record (a mass close is thousands; no read of
+    the markers first). When a record holds another value by then, or another instance
+    holds it too, the markers are read and each goes its own way: that one stays, or is
+    handed over, and the others go."""
     cfg = config([etcd.url], 3)
     view = EtcdView(etcd.url, 3)
-    txns: list[str] = []
-    backend = skyapi.make_backend(cfg, "me", lambda op, outcome, s: txns.append(op))
+    requests: list[str] = []
+    backend = skyapi.make_backend(cfg, "me", lambda op, outcome, s: requests.append(op))
     regs = [skyapi.Registration(service="group", categories=("c",), host="127.0.0.1", port=p)
             for p in range(1, 5)]
-    ops = [(skyapi.record_key(r, cfg.etcd_prefix, cfg.dns_root),
-            skyapi.record_value(r, cfg.dns_ttl, "me")) for r in regs]
+    records = [(skyapi.record_key(r, cfg.etcd_prefix, cfg.dns_root),
+                skyapi.record_value(r, cfg.dns_ttl, "me")) for r in regs]
+    key, value = records[1]
+    theirs = skyapi.record_value(regs[1], cfg.dns_ttl, "them")
+    _, lease = await view._fetch("/v3/lease/grant", "POST", json.dumps({"TTL": 30}))
+    marker = json.dumps({"key": b64(skyapi.marker_prefix(cfg, key) + "them"), "value": b64(theirs),
+                         "lease": lease["ID"]})
     Op, Write, Found = skyapi.Op, skyapi.Write, skyapi.Found
+    cases = [  # (what happens to the second record first, the requests, what is left)
+        (None, ["txn"], {}),
+        (lambda: view.put(key, value + " "), ["txn", "holders", "txn"], {key: value + " "}),
+        (lambda: view._fetch("/v3/kv/put", "POST", marker), ["txn", "holders", "hand_over", "txn"],
+         {key: theirs})]
     try:
-        for rounds, changed in ((1, None), (2, 1)):
-            written = await backend.apply([Op(Write.TAKE, k, v) for k, v in ops])
+        for change, sent, left in cases:
+            written = await backend.apply([Op(Write.TAKE, k, v, ("127.0.0.1", 1)) for k, v in records])
             assert [o.found for o in written] == [Found.DONE] * 4
-            if changed is not None:  # another writer's value, since we wrote ours
-                await view.put(ops[changed][0], ops[changed][1] + " ")
-            txns.clear()
-            deleted = await backend.apply([Op(Write.DELETE, k, v) for k, v in ops])
+            if change is not None:
+                await change()
+            requests.clear()
+            deleted = await backend.apply([Op(Write.DELETE, k, v, ("127.0.0.1", p))
+                                           for p, (k, v) in enumerate(records, 1)])
             assert [o.found for o in deleted] == [Found.DONE] * 4
-            assert txns == ["txn"] * rounds
-            left = await view.records(prefix_of(cfg))
-            assert left == ({} if changed is None else {ops[changed][0]: ops[changed][1] + " "})
-            await view.delete(ops[1][0])
+            assert requests == sent
+            assert await view.records(prefix_of(cfg)) == left
+            await view.delete(key)
     finally:
         await backend.close()
         backend.client.close()
