@@ -1120,6 +1120,7 @@ def run_floor(n: int, args: argparse.Namespace, workdir: str) -> dict:
         time.sleep(1)
         r["rss_held_kb"] = server.rss_kb()
         r["rss_per_conn_kb"] = round((r["rss_held_kb"] - r["rss_before_kb"]) / max(len(opened), 1), 2)
+        cpu0 = server.cpu_seconds()
         for w in workers:
             w.send("close_all")
         all_replies(workers, 60)
@@ -1128,6 +1129,7 @@ def run_floor(n: int, args: argparse.Namespace, workdir: str) -> dict:
         replies = all_replies(workers, 60)
         answers = [a for reply in replies for a in reply["answers"]]
         r["close_answered_p99_ms"] = p99_ms(answers)
+        r["close_cpu_s"] = round(server.cpu_seconds() - cpu0, 2)  # (skyapi's: cpu_teardown)
         r["close_unanswered"] = sum(reply["unanswered"] for reply in replies)
         code, seconds = server.stop()
         r.update(sigterm_exit_code=code, sigterm_seconds=round(seconds, 3))
