@@ -988,6 +988,35 @@ async def test_a_close_is_answered_once_the_record_is_out_of_etcd(etcd, version)
 
 
 @async_test
+async def test_a_closes_answer_waits_for_the_etcd_ops_in_flight_when_its_delete_was_done(etcd):
+    """In a mass close the deletes go before the answers: an answer due while other ops are
+    queued or in flight waits for them (not for those that come after), and with nothing
+    pending it goes at once."""
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    cfg = config([proxy.url], 3)
+    view = EtcdView(etcd.url, 3)
+    async with running(cfg) as server:
+        registry, called = server.registry, []
+        registry.when_caught_up(lambda: called.append("idle"))
+        assert called == ["idle"]  # nothing pending: at once
+        conn = await connect(server, "service=pending&port=1")
+        [key] = await view.records(prefix_of(cfg))
+        proxy.freeze()
+        conn.close()
+        await wait_until(lambda: registry._in_flight, 2)  # its delete is in flight, unanswered
+        registry.when_caught_up(lambda: called.append("after the delete"))
+        await asyncio.sleep(0.3)
+        assert called == ["idle"] and await view.has(cfg, key)
+        proxy.flowing.set()
+        await wait_until(lambda: len(called) == 2, 5)
+        assert await view.lacks(key)
+        later = await connect(server, "service=pending&port=2")  # ops after it: no matter
+        later.close()
+    await proxy.cut()
+
+
+@async_test
 async def test_a_close_that_leaves_the_record_to_another_socket_is_answered_at_once(etcd):
     cfg = config([etcd.url])
     view = EtcdView(etcd.url, 2)
