@@ -4956,7 +4956,8 @@ async def test_v3_a_batchs_deletes_go_in_one_transaction_unless_one_is_not_ours_
          {key: theirs})]
     try:
         for change, sent, left in cases:
-            written = await backend.apply([Op(Write.TAKE, k, v, ("127.0.0.1", 1)) for k, v in records])
+            written = await backend.apply([Op(Write.TAKE, k, v, ("127.0.0.1", p))
+                                           for p, (k, v) in enumerate(records, 1)])
             assert [o.found for o in written] == [Found.DONE] * 4
             if change is not None:
                 await change()
