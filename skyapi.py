@@ -3116,8 +3116,9 @@ class Registry:
     def _call_caught_up(self) -> None:
         idle = not self._dirty and not self._in_flight or not self._healthy.is_set()
         done = min(self._in_flight, default=self._batches + 1) - 1  # all up to it are
+        loop = asyncio.get_running_loop()
         while self._caught_up and (idle or self._caught_up[0][0] <= done):
-            self._caught_up.popleft()[1]()
+            loop.call_soon(self._caught_up.popleft()[1])  # (whatever it raises, not here)
 
     async def wait_stored(self, holding: Holding, timeout: float) -> str | None:
         """Wait until the record is in etcd with this socket's value (or another instance
