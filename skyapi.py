@@ -1650,7 +1650,7 @@ class _Connection(asyncio.Protocol):
             if self.loop.time() < late:
                 self._timer = self.loop.call_at(late, self._check)
             else:
-                self.abort(TimeoutError(f"no answer within {self.pool.timeout:g} s"))
+                self.abort(TimeoutError(f"no answer within {self.pool.timeout:.3g} s"))
 
     def abort(self, error: Exception) -> None:
         """Close the connection; what waits on it fails with error, except requests lost
@@ -1949,7 +1949,7 @@ class EtcdClient:
                     data.append((await asyncio.wait_for(link.part(), self.timeout)).data)
             except (OSError, asyncio.TimeoutError, BadResponse, _Lost) as e:
                 link.close()
-                errors.append(f"{pool.url}: " + (f"no answer within {self.timeout:g} s"
+                errors.append(f"{pool.url}: " + (f"no answer within {self.timeout:.3g} s"
                                                  if isinstance(e, asyncio.TimeoutError) else _why(e)))
                 continue
             if head.status >= 500:
