@@ -1908,7 +1908,7 @@ class Conn:
         self.deaf: float | None = None         # stopped answering pings at
         self.dying: float | None = None        # its instance got SIGTERM/SIGKILL at
         self.dying_by = ""
-        self.frozen: list[list] = []           # [SIGSTOP at, thawed + grace or None]
+        self.frozen: list[list] = []           # [SIGSTOP at, thawed + grace or None, thawed at]
         self.error = ""                        # the server's ERROR message
 
     def dns_end(self, t: float, bound: float) -> float | None:
@@ -1917,20 +1917,20 @@ class Conn:
         dropped before it thaws, or is still frozen past the bound. (One that froze in its
         handshake has no socket on the server until it thaws.)"""
         ends = [x for x in (self.ended, self.deaf) if x is not None]
-        for start, end in self.frozen:
+        for start, end, thawed in self.frozen:
             if self.registered is None or self.registered > start:
                 continue
             if self.ended is not None and start <= self.ended and (end is None or self.ended <= end):
                 ends.append(start)
-            elif start <= t and (end is None or t <= end) and t - start > bound:
-                ends.append(start)
+            elif start <= t and (thawed is None or t <= thawed) and t - start > bound:
+                ends.append(start)  # (one thawed in time answers its ping: the server keeps it)
         return min(ends) if ends else None
 
     def live_over(self, t0: float, t1: float) -> bool:
         """Registered before t0 and, as far as DNS is concerned, open until after t1."""
         return (self.registered is not None and self.registered <= t0
                 and all(x is None or x >= t1 for x in (self.ended, self.deaf, self.dying))
-                and all(end is not None and end < t0 or start > t1 for start, end in self.frozen))
+                and all(end is not None and end < t0 or start > t1 for start, end, _ in self.frozen))
 
 
 class Identity:
@@ -2365,14 +2365,15 @@ class ChaosRun:
         t = time.time()
         p.proc.send_signal(signal.SIGSTOP)
         conn = p.conn
-        window = [t, None]
+        window: list = [t, None, None]
         if conn is not None and conn.ended is None:
             conn.frozen.append(window)
         try:
             await asyncio.sleep(seconds)
         finally:
             p.proc.send_signal(signal.SIGCONT)
-            window[1] = time.time() + PROVIDE_THAW_GRACE
+            window[2] = time.time()
+            window[1] = window[2] + PROVIDE_THAW_GRACE
             p.frozen = False
 
     # -- provide processes' logs ---------------------------------------------------
