@@ -2049,6 +2049,8 @@ class Op:
     old: str = ""  # REPLACE: our value there now
     keep: bool = False  # DELETE: unless another instance holds it too (then it is handed
     #                     over, as always), keep it (a drain's grace: for the next instance)
+    drop: bool = False  # UNMARK: the record goes too if it holds our value (its owner handed
+    #                     it to us as we let go: no one holds it now)
 
 
 @dataclasses.dataclass
@@ -2165,27 +2167,33 @@ def _may_write(there: str, op: Op, owner: str) -> Found:
     return Found.DONE if op.write is Write.TAKE or record[1] == owner else Found.OTHERS
 
 
-# Other instances' markers, read once for a batch of deletes: (value, lease) by the
+# Other instances' markers, read once for a batch of deletes: (key, value, lease) by the
 # marker prefix of the record they are for (lease: v3's, "" for v2).
-Holders = Mapping[str, Sequence[tuple[str, str]]]
+#
+# A hand-over races with the holder letting go: the owner puts the holder's value only
+# while the holder's marker is there (v3: compared in the same transaction; v2: read again
+# after the put, and the record deleted if the marker went), and a holder that lets go
+# deletes the record too if it holds its value (v3: in the marker's transaction; v2: after
+# the marker). Either way the record goes: the holder's watch need not see it.
+Holders = Mapping[str, Sequence[tuple[str, str, str]]]
 
 
 def holders_of(cfg: Config, owner: str, markers: Iterable[tuple[str, str, str]]) -> Holders:
     """Markers (key, value, lease) read from etcd, by record, less this instance's own."""
     size = len(marker_prefix(cfg, ""))  # (a marker's key: that prefix, then its owner)
-    found: dict[str, list[tuple[str, str]]] = {}
+    found: dict[str, list[tuple[str, str, str]]] = {}
     for key, value, lease in markers:
         if len(key) > size and key[size:] != owner:
-            found.setdefault(key[:size], []).append((value, lease))
+            found.setdefault(key[:size], []).append((key, value, lease))
     return found
 
 
-def other_holders(cfg: Config, op: Op, holders: Holders) -> list[tuple[str, str]]:
-    """The other instances that hold op's record too: their markers' (value, lease). A
+def other_holders(cfg: Config, op: Op, holders: Holders) -> list[tuple[str, str, str]]:
+    """The other instances that hold op's record too: their markers (key, value, lease). A
     marker's value is the record its instance would write: anything else there is others'
     data."""
-    return [(value, lease) for value, lease in holders.get(marker_prefix(cfg, op.key), ())
-            if (record := read_record(value)) is not None and record[0] == op.endpoint]
+    return [marker for marker in holders.get(marker_prefix(cfg, op.key), ())
+            if (record := read_record(marker[1])) is not None and record[0] == op.endpoint]
 
 
 def _v2_index(doc: dict) -> int:
@@ -2329,7 +2337,7 @@ class EtcdV2:
             self._kept.pop(op.key if op.write is Write.DELETE else self._marker(op), None)
             if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED):  # gone; not ours
                 raise self._refused(op.write.value, op.key, doc)
-            return Outcome(Found.DONE, revision=_v2_index(doc))
+            return None if op.drop else Outcome(Found.DONE, revision=_v2_index(doc))
         if code < 300:
             marker = op.write is Write.MARK
             self._keep(self._marker(op) if marker else op.key, op.value, op.key)
@@ -2342,14 +2350,21 @@ class EtcdV2:
         """The rest of an op its first answer did not settle (or one that starts otherwise)."""
         if op.write in (Write.TAKE, Write.CLAIM, Write.REPLACE):
             return await self._write(op)
+        if op.write is Write.UNMARK:  # (its marker is gone: now the record, if ours)
+            await self._many("delete", [self._delete(op.key, op.value)])
         if op.write is Write.DELETE:
             holders_too = other_holders(self.cfg, op, holders)
             if not holders_too:
                 return Outcome(Found.KEPT)  # (to keep: else its first request deleted it)
             # Handed over (or no longer ours to give): the record goes from our value to
-            # the holder's, never out of DNS.
-            await self._put(op.key, holders_too[0][0], {"prevValue": op.value})
+            # the holder's, never out of DNS; unless the holder let go meanwhile.
+            marker, value, _ = holders_too[0]
+            code, _, _ = await self._put(op.key, value, {"prevValue": op.value})
             self._kept.pop(op.key, None)
+            if code < 300:
+                code, _, doc = await self._request("holders", "GET", marker)
+                if code >= 300 or doc["node"].get("value") != value:
+                    await self._many("delete", [self._delete(op.key, value)])
         if op.write is Write.PRUNE:
             await self._prune(op.key.rsplit("/", 1)[0])
         return Outcome(Found.DONE)
@@ -2656,11 +2671,20 @@ class EtcdV3:
         if op.write is Write.MARK:
             return self._put(self._marker(op), op.value, lease)
         key = self._deleted(op)
-        return _txn([_compare(key, "VALUE", op.value)], [{"request_delete_range": {"key": _b64(key)}}])
+        return _txn([_compare(key, "VALUE", op.value)], self._deletes(op))
 
     def _deleted(self, op: Op) -> str:
         """The key a DELETE or UNMARK deletes."""
         return self._marker(op) if op.write is Write.UNMARK else op.key
+
+    def _deletes(self, op: Op) -> list[dict]:
+        """What a DELETE or UNMARK deletes once its compare holds: the key, and for an UNMARK
+        that drops, the record too if it holds our value."""
+        deletes = [{"request_delete_range": {"key": _b64(self._deleted(op))}}]
+        if op.drop:
+            deletes.append(_txn([_compare(op.key, "VALUE", op.value)],
+                                [{"request_delete_range": {"key": _b64(op.key)}}]))
+        return deletes
 
     async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [Outcome(Found.DONE) if op.write is Write.PRUNE else None
@@ -2729,7 +2753,7 @@ class EtcdV3:
             compare.append(_compare(key, "VALUE", op.value))
             if op.write is Write.DELETE:
                 compare.append(_none_below(marker_prefix(self.cfg, op.key)))
-            success.append({"request_delete_range": {"key": _b64(key)}})
+            success += self._deletes(op)
         reply = await self._call("txn", "kv/txn", {"compare": compare, "success": success})
         return int(reply.get("header", {}).get("revision", 0)) if reply.get("succeeded") else 0
 
@@ -2771,18 +2795,22 @@ class EtcdV3:
                                                   kv["lease"])
                                                  for kv in reply.get("kvs", []) if kv.get("lease")))
 
-    async def _hand_over(self, op: Op, holders: list[tuple[str, str]]) -> bool:
-        """Give the record to an instance that holds it too: put its marker's value on its
-        lease, so DNS never misses it. False if no other instance holds it."""
-        for value, lease in holders:
+    async def _hand_over(self, op: Op, holders: list[tuple[str, str, str]]) -> bool:
+        """Give the record to an instance that holds it too, while its marker is there: put
+        the marker's value on its lease, so DNS never misses it. False if no other instance
+        holds it (any more)."""
+        for marker, value, lease in holders:
             try:
-                await self._call("hand_over", "kv/txn", {
-                    "compare": [_compare(op.key, "VALUE", op.value)],
-                    "success": [self._put(op.key, value, lease)]})
+                reply = await self._call("hand_over", "kv/txn", {
+                    "compare": [_compare(op.key, "VALUE", op.value), _compare(marker, "VALUE", value)],
+                    "success": [self._put(op.key, value, lease)], "failure": [_range(op.key)]})
             except EtcdError as e:
                 if "lease not found" in str(e):
                     continue  # that instance is gone: try the next
                 raise
+            kvs = (reply.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
+            if not reply.get("succeeded") and kvs and _unb64(kvs[0].get("value", "")) == op.value:
+                continue  # still ours: that holder let go meanwhile
             self._kept.pop(op.key, None)
             return True  # handed over, or no longer ours to give
         return False
@@ -3208,7 +3236,7 @@ class Registry:
             return None
         op = functools.partial(Op, key=slot.key, endpoint=slot.endpoint)
         if slot.marker and not (held and state is State.OTHERS):
-            return op(Write.UNMARK, value=slot.marker)
+            return op(Write.UNMARK, value=slot.marker, drop=not held and not self.draining)
         if held:
             if state in (State.ABSENT, State.UNKNOWN):
                 return op(Write.TAKE, value=slot.value)

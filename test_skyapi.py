@@ -5874,6 +5874,48 @@ async def test_a_delete_hands_the_record_to_any_other_holder_whatever_the_owner_
             await backend.close()
 
 
+@async_test
+async def test_a_hand_over_that_meets_the_holder_letting_go_leaves_no_record(etcd, version):
+    """The owner hands the record over as the holder lets go, in either order, and however
+    late the holder's watch: no record is left that no one holds. Handed over first, the
+    holder's unmark takes the record with its marker; the holder gone first, the owner's
+    hand-over (on a read of the markers from before) does not stand."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    reg = skyapi.Registration("racing", ("services",), "127.0.0.1", 1)
+    key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+    owner, holder = (skyapi.make_backend(cfg, name, lambda *a: None) for name in ("own", "hold"))
+    ours, theirs = (skyapi.record_value(reg, cfg.dns_ttl, name) for name in ("own", "hold"))
+    op = functools.partial(skyapi.Op, key=key, endpoint=(reg.host, reg.port))
+    async def markers() -> dict[str, str]:
+        found = await view.records(cfg.etcd_prefix + "/_skyapi/holders/")
+        return {k: v for k, v in found.items() if k.startswith(skyapi.marker_prefix(cfg, key))}
+    try:
+        await owner.apply([op(skyapi.Write.TAKE, value=ours)])
+        await holder.apply([op(skyapi.Write.MARK, value=theirs)])
+        assert list((await markers()).values()) == [theirs]
+        await owner.apply([op(skyapi.Write.DELETE, value=ours)])  # handed over
+        assert await view.records(prefix_of(cfg)) == {key: theirs}
+        await holder.apply([op(skyapi.Write.UNMARK, value=theirs, drop=True)])
+        assert await view.records(prefix_of(cfg)) == {} == await markers()
+
+        await owner.apply([op(skyapi.Write.TAKE, value=ours)])
+        await holder.apply([op(skyapi.Write.MARK, value=theirs)])
+        before = await owner._holders()  # the owner's read of the markers...
+        await holder.apply([op(skyapi.Write.UNMARK, value=theirs, drop=True)])
+        assert await view.records(prefix_of(cfg)) == {key: ours}  # (ours: it stays)
+
+        async def stale():  # ... comes back only after the holder let go
+            return before
+        owner._holders = stale
+        [deleted] = await owner.apply([op(skyapi.Write.DELETE, value=ours)])
+        assert deleted.found is skyapi.Found.DONE
+        assert await view.records(prefix_of(cfg)) == {} == await markers()
+    finally:
+        for backend in (owner, holder):
+            await backend.close()
+
+
 @pytest.mark.slow
 @async_test
 async def test_shared_records_closed_at_once_by_both_sockets_leave_nothing(etcd, version):
