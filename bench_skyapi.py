@@ -3845,7 +3845,8 @@ def run_all(args: argparse.Namespace, workdir: str, results: dict[str, Any]) -> 
                 provides=args.chaos_provides, client_events=args.chaos_rate,
                 instance_every=args.chaos_every, etcd_every=args.chaos_every,
                 timeout=args.timeout, ping_interval=args.ping_interval,
-                ping_timeout=args.ping_timeout, workdir=os.path.join(workdir, f"chaos-v{version}"))
+                ping_timeout=args.ping_timeout, log_level=args.server_log_level,
+                workdir=os.path.join(workdir, f"chaos-v{version}"))
             os.makedirs(settings.workdir)
             results["chaos"].append(run_chaos(settings))
             print(chaos_summary(results["chaos"][-1]), file=sys.stderr, flush=True)
