@@ -2364,6 +2364,10 @@ class ChaosRun:
         p.frozen = True
         t = time.time()
         p.proc.send_signal(signal.SIGSTOP)
+        # Its log as it froze: a socket it registered just before is the one frozen, even
+        # if the checker has not read that line yet (else the freeze went to the one before,
+        # and the new one, dropped by the server, looked live without a record).
+        self.read_provide_logs()
         conn = p.conn
         window: list = [t, None, None]
         if conn is not None and conn.ended is None:
