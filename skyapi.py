@@ -257,8 +257,8 @@ import time
 import traceback
 import urllib.parse
 from collections import deque
-from typing import (Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator,
-                    Mapping, NamedTuple, NoReturn, Protocol, Sequence, cast)
+from typing import (Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterable,
+                    Iterator, Mapping, NamedTuple, NoReturn, Protocol, Sequence, cast)
 
 import yaml
 from tornado import httputil, iostream, netutil, web, websocket
@@ -5297,10 +5297,14 @@ def etcd_release(binary: str) -> str:
     return found.group(1) if found else "unknown"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A loopback port free now, other than those to avoid (ours, about to be taken)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def dies_with_parent() -> Callable[[], None] | None:
@@ -5355,12 +5359,14 @@ class DevEtcd:
 
     scheme = "http"
 
-    def __init__(self) -> None:
+    def __init__(self, avoid: Collection[int] = ()) -> None:
+        """avoid: ports the caller is about to listen on (etcd must not take them)."""
         self.binary = etcd_binary()  # before the folder: no etcd, nothing to clean up
         self.data_dir = tempfile.mkdtemp(prefix=DEV_FOLDER_PREFIX)
         self.lock: int | None = hold_lock(self.data_dir)  # etcd holds it too: remove_abandoned
         self.logfile = os.path.join(self.data_dir, "etcd.log")
-        self.client_port, self.peer_port = free_port(), free_port()
+        self.client_port = free_port(avoid)
+        self.peer_port = free_port({*avoid, self.client_port})
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -5463,7 +5469,8 @@ def dev_etcd(cfg: Config) -> Iterator[Config]:
     """--dev: cfg pointed at a throwaway etcd that stops, its folder gone, at the end."""
     for folder in remove_abandoned():
         log_event(logging.INFO, "dev_etcd_removed", data_dir=folder)
-    etcd = DevEtcd()
+    # (skyapi listens after etcd starts: a port of its own that is free now must stay so)
+    etcd = DevEtcd(avoid={split_host_port(cfg.listen_addr)[1]})
     try:
         etcd.start()
         assert etcd.proc is not None
