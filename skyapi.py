@@ -2170,11 +2170,12 @@ def _may_write(there: str, op: Op, owner: str) -> Found:
 # Other instances' markers, read once for a batch of deletes: (key, value, lease) by the
 # marker prefix of the record they are for (lease: v3's, "" for v2).
 #
-# A hand-over races with the holder letting go: the owner puts the holder's value only
-# while the holder's marker is there (v3: compared in the same transaction; v2: read again
-# after the put, and the record deleted if the marker went), and a holder that lets go
-# deletes the record too if it holds its value (v3: in the marker's transaction; v2: after
-# the marker). Either way the record goes: the holder's watch need not see it.
+# A hand-over races with the holder letting go: a holder that lets go deletes the record
+# too if it holds its value (v3: in the marker's transaction; v2: after the marker), and
+# v3's owner puts the holder's value only while the holder's marker is there (compared in
+# the same transaction), so the record goes whatever the holder's watch sees. v2 cannot
+# compare two keys at once: a record handed over just after its holder let go waits for
+# that holder's watch, or its TTL (no one refreshes it).
 Holders = Mapping[str, Sequence[tuple[str, str, str]]]
 
 
@@ -2357,14 +2358,10 @@ class EtcdV2:
             if not holders_too:
                 return Outcome(Found.KEPT)  # (to keep: else its first request deleted it)
             # Handed over (or no longer ours to give): the record goes from our value to
-            # the holder's, never out of DNS; unless the holder let go meanwhile.
-            marker, value, _ = holders_too[0]
-            code, _, _ = await self._put(op.key, value, {"prevValue": op.value})
+            # the holder's, never out of DNS. (A holder that let go just before is told by
+            # its watch; else the record's TTL, which no one refreshes, takes it.)
+            await self._put(op.key, holders_too[0][1], {"prevValue": op.value})
             self._kept.pop(op.key, None)
-            if code < 300:
-                code, _, doc = await self._request("holders", "GET", marker)
-                if code >= 300 or doc["node"].get("value") != value:
-                    await self._many("delete", [self._delete(op.key, value)])
         if op.write is Write.PRUNE:
             await self._prune(op.key.rsplit("/", 1)[0])
         return Outcome(Found.DONE)
