@@ -5114,6 +5114,21 @@ async def local_count(url: str, version: int, prefix: str) -> int | None:
         return None
 
 
+@contextlib.asynccontextmanager
+async def follower_first_cluster():
+    """A three-member etcd cluster, stopped at the end: (members, the leader's index, the
+    members in the order skyapi is to use them), a follower first, so that it can hang
+    without an election, then the leader."""
+    members = TestEtcd.cluster(3)
+    try:
+        leader = await leader_of(members)
+        followers = [m for i, m in enumerate(members) if i != leader]
+        yield members, leader, [followers[0], members[leader], followers[1]]
+    finally:
+        for m in members:
+            m.stop()
+
+
 @pytest.mark.slow
 @async_test
 async def test_etcd_leader_killed_under_200_sockets(version):
@@ -5160,11 +5175,7 @@ async def test_v2_watch_dropped_by_etcd_behind_a_frozen_member_is_started_over(c
     that happen. The watch check notices: a live record deleted afterwards is back at once
     through the watch, not at its next refresh."""
     caplog.set_level(logging.INFO)
-    members = TestEtcd.cluster(3)
-    try:
-        leader = await leader_of(members)
-        followers = [m for i, m in enumerate(members) if i != leader]
-        ordered = [followers[0], members[leader], followers[1]]  # (no election: a follower hangs)
+    async with follower_first_cluster() as (members, leader, ordered):
         cfg = config([m.url for m in ordered], 2, timeout=30, etcd_timeout=5.0)
         async with running(cfg) as server:
             conns = [await connect(server, f"service=live&port={port}") for port in (1, 2)]
@@ -5194,9 +5205,6 @@ async def test_v2_watch_dropped_by_etcd_behind_a_frozen_member_is_started_over(c
                 conn.close()
             await wait_until(lambda: view.records(prefix_of(cfg) + "services/"), 2,
                              until=lambda records: not records)
-    finally:
-        for m in members:
-            m.stop()
 
 
 @pytest.mark.slow
@@ -5272,11 +5280,7 @@ async def test_a_hanging_etcd_member_costs_no_record(version, caplog):
     within a third of the time left and go to a healthy member, and stay there. No record
     goes missing, no lease is lost, no outage."""
     caplog.set_level(logging.INFO)
-    members = TestEtcd.cluster(3)
-    try:
-        leader = await leader_of(members)
-        followers = [m for i, m in enumerate(members) if i != leader]
-        ordered = [followers[0], members[leader], followers[1]]  # (no election: a follower hangs)
+    async with follower_first_cluster() as (members, leader, ordered):
         cfg = config([m.url for m in ordered], version, timeout=6, etcd_timeout=8.0)
         assert skyapi.failover_patience(cfg) < cfg.timeout * 2 / 3 / 2
         prefix = prefix_of(cfg)
@@ -5296,9 +5300,6 @@ async def test_a_hanging_etcd_member_costs_no_record(version, caplog):
             assert all(c.close_code is None for c in conns)
             for c in conns:
                 c.close()
-    finally:
-        for m in members:
-            m.stop()
 
 
 @pytest.mark.slow
@@ -5308,11 +5309,7 @@ async def test_a_hanging_etcd_member_holds_up_no_put_or_delete(version):
     connects at once has its handshake answered with its record in etcd, and a socket that
     closes has its record out of etcd, each within the failover patience (1.3 s) and the
     next member's answer, not after etcd_timeout."""
-    members = TestEtcd.cluster(3)
-    try:
-        leader = await leader_of(members)
-        followers = [m for i, m in enumerate(members) if i != leader]
-        ordered = [followers[0], members[leader], followers[1]]  # (no election: a follower hangs)
+    async with follower_first_cluster() as (members, leader, ordered):
         cfg = config([m.url for m in ordered], version, timeout=6, etcd_timeout=8.0)
         bound = skyapi.failover_patience(cfg) + 1.0
         assert bound < cfg.etcd_timeout / 2
@@ -5336,9 +5333,6 @@ async def test_a_hanging_etcd_member_holds_up_no_put_or_delete(version):
             assert await view.count_is(cfg, 1) and late.close_code is None
             late.close()
             await wait_until(lambda: view.empty(cfg), 3)
-    finally:
-        for m in members:
-            m.stop()
 
 
 @pytest.mark.slow
