@@ -5499,6 +5499,12 @@ def tune_garbage_collector() -> None:
 
 async def serve(cfg: Config, config_file: str = NO_CONFIG_FILE) -> int:
     """Run until SIGTERM/SIGINT, then stop cleanly."""
+    # The handlers come first: a SIGTERM just after the start line must still stop cleanly
+    # (and end --dev's etcd), not kill the process the default way.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     server = Skyapi(cfg, config_file)
     try:
         await server.start()
@@ -5506,10 +5512,6 @@ async def serve(cfg: Config, config_file: str = NO_CONFIG_FILE) -> int:
         raise ConfigError(f"listen_addr: cannot listen on {cfg.listen_addr}: "
                           f"{e.strerror or e}") from None
     tune_garbage_collector()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop()
     return 0

@@ -632,8 +632,9 @@ async def test_dev_etcd_dies_with_a_killed_skyapi_and_the_next_dev_removes_its_f
         (dev,) = events_named(second.log, "dev_etcd")
         assert removed["data_dir"] == first_dir
         assert set(dev_folders(tmp_path)) == {dev["data_dir"], str(in_use), str(unlocked)}
-        second.proc.send_signal(signal.SIGTERM)
+        second.proc.send_signal(signal.SIGTERM)  # at once after the start line
         await wait_until(second.exited, 10)
+        assert second.proc.returncode == 0, second.log.read_text()
     finally:
         os.close(lock)
         second.kill()
