@@ -3150,6 +3150,8 @@ class Registry:
         holds it). An error message if etcd refused it; None when it is, or when etcd does
         not answer in time (it is written on etcd's return)."""
         slot = holding.slot
+        if self.draining:  # (the handshake is refused: there is nothing to wait for)
+            return None
         # In DNS: another instance's record, or ours with this socket's value (the newest
         # socket's priority and weight are the record's).
         if (slot.state is State.OTHERS or slot.state is State.STORED and
@@ -3728,6 +3730,8 @@ class Registry:
         serves the root. This one's presence goes at once: a drain takes nothing over, so
         others need not wait for it."""
         self.draining = self._sparing = True
+        for slot in self.slots.values():  # handshakes waiting for etcd: refused now, not later
+            slot.resolve(None)
         if self._healthy.is_set():
             _, alone = await asyncio.gather(self._withdraw(), self._alone(time.monotonic() + 1.0))
             if alone:
@@ -4208,6 +4212,7 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
         server.admissions.add(peer)
         self.holding = registry.hold(self.reg)
         self.since = time.time()
+        server.handshakes.add(self)  # (until open() or the connection's end)
         self._waiting = asyncio.ensure_future(registry.wait_stored(self.holding, cfg.etcd_timeout))
         await asyncio.wait([self._waiting])  # or until _end cancels it: a hang-up
         if self.holding is None:  # the client hung up meanwhile, and on_close gave it all back
@@ -4222,6 +4227,7 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
         self._give_back()  # open() refuses it, and says so
 
     def open(self) -> None:
+        self.server.handshakes.discard(self)
         if self.refusal is not None:
             e = self.refusal
             if e.reason in NOT_THE_REQUESTS_FAULT:
@@ -4276,10 +4282,12 @@ class ProvideHandler(_QuietHandler, websocket.WebSocketHandler):
     def on_close(self) -> None:
         """The connection ended: a reset, a hang-up before the upgrade, or a close frame
         (whose client_closed came first)."""
+        self.server.handshakes.discard(self)
         self._end(self.close_code, self.close_reason if self.opened else "hung up in the handshake")
 
     def on_finish(self) -> None:
         if self.get_status() != 101:  # Tornado answered the request itself: it never opened
+            self.server.handshakes.discard(self)
             self._end(None, "not upgraded")
 
     def _end(self, code: int | None, reason: str | None) -> None:
@@ -4536,6 +4544,7 @@ class Skyapi:
         self._self: Holding | None = None  # this instance's own registration (self_register)
         self.admissions = Admissions()
         self.sockets = OpenSockets(cfg.ping_interval, cfg.ping_timeout, self._drop)
+        self.handshakes: set[ProvideHandler] = set()  # waiting for etcd, not yet answered
         self.port = 0
         self._http: HTTPServer | None = None
         self._pinging: asyncio.Task | None = None
@@ -4643,6 +4652,11 @@ class Skyapi:
             self._pinging.cancel()
         await self.registry.drain(self.cfg.drain_grace,
                                   time.monotonic() + self.cfg.drain_grace + DELETE_TIME)
+        # The drain woke every handshake still waiting for etcd: each is refused, in words,
+        # before the loop ends (cut off as the loop ends, it was answered 500).
+        until = time.monotonic() + 1.0
+        while self.handshakes and time.monotonic() < until:
+            await asyncio.sleep(0.01)
         if self._http is not None:
             self._http.stop()
         log_event(logging.INFO, "stopped")

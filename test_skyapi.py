@@ -6532,3 +6532,29 @@ def test_chaos_checker_sees_what_was_done_by_hand(tmp_path):
     assert kinds["STALE"]["categories"]["a record no client ever held"]["count"] == 1
     assert "LEFT" in kinds
     assert kinds["MISSING"]["count"] >= 5, kinds
+
+
+@async_test
+async def test_a_handshake_waiting_on_a_lost_etcd_when_skyapi_stops_is_told_it_is_shutting_down(
+        private_etcd, tmp_path):
+    """etcd gone, a handshake waiting for its record: SIGTERM ends the drain at once (etcd
+    away), and the handshake is answered as a refusal, not cut off or answered 500."""
+    cfg = config([private_etcd.url], 3, etcd_timeout=5.0)
+    sky = SkyapiProcess(tmp_path, *process_args(cfg))
+    try:
+        await sky.started()
+        private_etcd.kill()
+        reader, _ = await raw_request(sky.port, upgrade_request("service=waits&port=1"))
+        await wait_until(lambda: logged(sky.log, "etcd_outage_began"), 5)  # its put failed
+        assert sample(await scrape(sky.port), "skyapi_records_missing") == 1  # still waiting
+        sky.proc.send_signal(signal.SIGTERM)  # well within the handshake's wait of 5 s
+        answer = await asyncio.wait_for(reader.read(), 5)  # to the end
+        assert answer.startswith(b"HTTP/1.1 101"), answer
+        refusal = b"ERROR: server: is shutting down"
+        assert bytes([0x81, len(refusal)]) + refusal in answer, answer
+        assert answer.endswith(b"\x88\x0c\x03\xe9going away"), answer  # close 1001
+        await wait_until(sky.exited, 10)
+        assert sky.proc.returncode == 0
+        assert "level=error" not in sky.log.read_text(), sky.log.read_text()
+    finally:
+        sky.kill()
