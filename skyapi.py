@@ -2143,6 +2143,10 @@ class Backend(Protocol):
     async def scan(self) -> dict[str, str]:
         """Every key and value below the root, now."""
 
+    async def strays(self) -> list[str]:
+        """Keys below the root that live as long as this instance does, whether it holds
+        them or not (v3: those on its lease; v2: none, as what it does not refresh expires)."""
+
     async def ping(self) -> None:
         """EtcdUnavailable or EtcdError unless etcd answers; NoApi if it answers without
         the API this backend speaks."""
@@ -2485,6 +2489,9 @@ class EtcdV2:
     async def withdraw(self) -> None:
         self._present = False
         await self._request("presence", "DELETE", self.presence)
+
+    async def strays(self) -> list[str]:
+        return []
 
     async def others(self) -> int:
         directory, prefix = self.presence.rsplit("/", 1)[0], presence_prefix(self.cfg)
@@ -2882,6 +2889,12 @@ class EtcdV3:
         self._present = False
         await self._call("presence", "kv/deleterange", {"key": _b64(self.presence)})
 
+    async def strays(self) -> list[str]:
+        if not self.lease:
+            return []
+        reply = await self._call("strays", "lease/timetolive", {"ID": self.lease, "keys": True})
+        return [key for key in map(_unb64, reply.get("keys") or []) if key.startswith(self.root)]
+
     async def others(self) -> int:
         prefix = presence_prefix(self.cfg)
         reply = await self._call("presence", "kv/range", {
@@ -3149,6 +3162,7 @@ class Registry:
         self.heard = 0  # the newest index or revision the watch has reported since it opened
         self._watch_ready = False  # its stream is open and compared: the watch check may test it
         self._echo: tuple[int, asyncio.Future] | None = None  # the watch check's, awaited
+        self._strays: dict[str, bool] = {}  # keys _sweep() found; True: acted on already
         self._back_at = 0.0  # when etcd last came back: a slot's state is known again once
         #                      compared with etcd (watching) or answered since
         self._listening: set[Holding] = set()  # holdings told of their record's status
@@ -3625,6 +3639,26 @@ class Registry:
             self._watch.cancel()
         self._watch = asyncio.ensure_future(self._watch_loop())
 
+    async def _sweep(self) -> None:
+        """Holding no record of its own, an instance cannot test its watch with one; yet a
+        record may still come to it (one handed back, or over as it let go) that only its
+        watch tells it to delete. One such that lives as long as this instance (v3: on its
+        lease) and that the watch has not told of a check later: the watch starts over, with
+        a full compare, which deletes it (once for each: a record etcd will not let us
+        delete would have it start over every second)."""
+        watch = self._watch
+        try:
+            found = [key for key in await self.backend.strays() if key not in self.slots]
+        except (EtcdUnavailable, EtcdError):
+            return  # (keep-alive and the prober deal with etcd)
+        before = self._strays
+        self._strays = {key: key in before for key in found}
+        unheard = [key for key in found if before.get(key) is False]
+        if unheard and self._watch is watch and self._watch_ready:
+            log_event(logging.WARNING, "watch_stalled", seconds=WATCH_CHECK,
+                      keys_unheard=len(unheard), heard=self.heard)
+            self._restart_watch()
+
     async def _watch_check_loop(self) -> None:
         """A watch can go quiet while etcd answers: etcd v2 drops a watcher that falls 100
         events behind and leaves its stream open, saying nothing more; a proxy or a frozen
@@ -3636,10 +3670,13 @@ class Registry:
         while True:
             await asyncio.sleep(WATCH_CHECK)
             await self._healthy.wait()
+            if not (self.watching.is_set() and self._watch_ready):
+                continue  # it is not on yet
             slot = next((s for s in self.slots.values() if s.holders and not s.inflight
                          and s.state is State.STORED), None)
-            if slot is None or not (self.watching.is_set() and self._watch_ready):
-                continue  # nothing of ours the watch must keep, or it is not on yet
+            if slot is None:  # nothing of ours the watch must keep
+                await self._sweep()
+                continue
             started, written, watch = time.monotonic(), slot.written, self._watch
             try:
                 revision = await self.backend.touch(slot.key, written)

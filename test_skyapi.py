@@ -5948,6 +5948,35 @@ async def test_a_take_over_closed_before_the_other_holder_heard_of_it_leaves_the
 
 
 @async_test
+async def test_an_instance_that_holds_nothing_notices_a_record_on_its_lease_its_watch_missed(
+        etcd, caplog):
+    """v3: a record comes onto the lease of an instance that holds nothing (handed back as it
+    let go) while its watch is quiet: with no record of its own to check its watch by, it
+    finds the record among its lease's keys, starts the watch over and deletes it."""
+    caplog.set_level(logging.INFO)
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    cfg = config([proxy.url], 3, timeout=30)
+    view = EtcdView(etcd.url, 3)
+    reg = skyapi.Registration("strayed", ("services",), "127.0.0.1", 1)
+    key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+    try:
+        async with running(cfg) as server:
+            backend = server.registry.backend
+            await wait_until(lambda: backend.lease, 5)  # (its presence key is on it)
+            proxy.mute_watches = True
+            code, _ = await view._fetch("/v3/kv/put", "POST", json.dumps({
+                "key": b64(key), "value": b64(skyapi.record_value(reg, 60, server.owner)),
+                "lease": backend.lease}))
+            assert code == 200 and await view.has(cfg, key)
+            await wait_until(lambda: view.empty(cfg), 3 * skyapi.WATCH_CHECK + 2)
+            assert outage_lines(caplog, "watch_stalled")
+            assert not server.registry.slots
+    finally:
+        await proxy.cut()
+
+
+@async_test
 async def test_a_hand_over_that_meets_the_holder_letting_go_leaves_no_record(etcd, version):
     """The owner hands the record over as the holder lets go, however late the holder's
     watch. Handed over first, the holder's unmark takes the record with its marker: none
