@@ -2051,12 +2051,18 @@ class Op:
     #                     over, as always), keep it (a drain's grace: for the next instance)
     drop: bool = False  # UNMARK: the record goes too if it holds our value (its owner handed
     #                     it to us as we let go: no one holds it now)
+    previous: tuple[str, str] | None = None  # DELETE: another instance's record (its value,
+    #   v3 lease or v2 TTL) that our TAKE wrote over moments ago: that instance may still hold
+    #   it and not have heard yet that it should say so; while it serves the root and has not,
+    #   the record goes back to it, not out of DNS
 
 
 @dataclasses.dataclass
 class Outcome:
     found: Found
     revision: int = 0  # etcd's index (v2) or revision (v3) of what the op did or read
+    replaced: tuple[str, str] | None = None  # a TAKE: the other instance's record it wrote
+    #                                          over (value, v3 lease or v2 TTL)
 
 
 class Lost(NamedTuple):
@@ -2137,6 +2143,10 @@ class Backend(Protocol):
     async def scan(self) -> dict[str, str]:
         """Every key and value below the root, now."""
 
+    async def strays(self) -> list[str]:
+        """Keys below the root that live as long as this instance does, whether it holds
+        them or not (v3: those on its lease; v2: none, as what it does not refresh expires)."""
+
     async def ping(self) -> None:
         """EtcdUnavailable or EtcdError unless etcd answers; NoApi if it answers without
         the API this backend speaks."""
@@ -2156,6 +2166,13 @@ def presence_prefix(cfg: Config) -> str:
     it: beside the markers, outside every zone."""
     root = hashlib.sha1(root_dir(cfg).encode()).hexdigest()[:24]
     return f"{cfg.etcd_prefix}/_skyapi/instances/{root}."
+
+
+def replaced(there: str, lease: str, owner: str) -> tuple[str, str] | None:
+    """What a TAKE that wrote over there (on lease) took from another instance: (there,
+    lease), or None if it was ours or no instance's."""
+    record = read_record(there)
+    return (there, lease) if record is not None and record[1] not in ("", owner) else None
 
 
 def _may_write(there: str, op: Op, owner: str) -> Found:
@@ -2308,9 +2325,10 @@ class EtcdV2:
             return "put", self._encode("PUT", self._marker(op), form={"value": op.value, "ttl": ttl})
         if op.write is Write.UNMARK:
             return "delete", self._delete(self._marker(op), op.value)
-        if op.write is Write.DELETE and not op.keep and not other_holders(self.cfg, op, holders):
+        if (op.write is Write.DELETE and not op.keep and not op.previous
+                and not other_holders(self.cfg, op, holders)):
             return "delete", self._delete(op.key, op.value)
-        return None  # a PRUNE, a hand-over, or a DELETE to keep
+        return None  # a PRUNE, a hand-over (or back), or a DELETE to keep
 
     def _marker(self, op: Op) -> str:
         return marker_prefix(self.cfg, op.key) + self.owner
@@ -2367,13 +2385,18 @@ class EtcdV2:
         if op.write is Write.UNMARK:  # (its marker is gone: now the record, if ours)
             await self._many("delete", [self._delete(op.key, op.value)])
         if op.write is Write.DELETE:
-            holders_too = other_holders(self.cfg, op, holders)
-            if not holders_too:
-                return Outcome(Found.KEPT)  # (to keep: else its first request deleted it)
+            to, ttl = [value for _, value, _ in other_holders(self.cfg, op, holders)], 0
+            if not to and op.previous and await self._serves(op.previous[0]):
+                to, ttl = [op.previous[0]], int(op.previous[1] or 0)  # (its time left)
+            if not to and op.keep:
+                return Outcome(Found.KEPT)
+            if not to:  # (a hand-back no one takes: else its first request deleted it)
+                return self._settle(op, (await self._many("delete", [
+                    self._delete(op.key, op.value)]))[0]) or Outcome(Found.DONE)
             # Handed over (or no longer ours to give): the record goes from our value to
             # the holder's, never out of DNS. (A holder that let go just before is told by
             # its watch; else the record's TTL, which no one refreshes, takes it.)
-            await self._put(op.key, holders_too[0][1], {"prevValue": op.value})
+            await self._put(op.key, to[0], {"prevValue": op.value}, ttl)
             self._kept.pop(op.key, None)
         if op.write is Write.PRUNE:
             await self._prune(op.key.rsplit("/", 1)[0])
@@ -2393,7 +2416,7 @@ class EtcdV2:
             elif code >= 300:
                 raise self._refused("get", op.key, doc)
             else:
-                there = doc["node"].get("value", "")
+                there, ttl = doc["node"].get("value", ""), str(doc["node"].get("ttl", ""))
                 found = _may_write(there, op, self.owner)
                 if found is not Found.DONE:
                     return Outcome(found, revision=_v2_index(doc))
@@ -2401,12 +2424,14 @@ class EtcdV2:
             code, error, doc = await self._put(op.key, op.value, compare)
             if code < 300:
                 self._keep(op.key, op.value, op.key)
-                return Outcome(Found.DONE, revision=_v2_index(doc))
+                return Outcome(Found.DONE, revision=_v2_index(doc),
+                               replaced=None if there is None else replaced(there, ttl, self.owner))
         return Outcome(Found.OTHERS)  # it keeps changing hands: others are at work on it
 
-    async def _put(self, key: str, value: str, compare: Mapping[str, str]) -> tuple[int, int, dict]:
+    async def _put(self, key: str, value: str, compare: Mapping[str, str],
+                   ttl: int = 0) -> tuple[int, int, dict]:
         code, error, doc = await self._request("put", "PUT", key, {}, value=value,
-                                               ttl=self.cfg.timeout, **compare)
+                                               ttl=ttl or self.cfg.timeout, **compare)
         if code >= 300 and error not in (KEY_NOT_FOUND, COMPARE_FAILED, NODE_EXISTS):
             raise self._refused("put", key, doc)
         return code, error, doc
@@ -2420,6 +2445,12 @@ class EtcdV2:
             if code >= 300:
                 break  # not empty (others live here), or already gone
             directory = directory.rsplit("/", 1)[0]
+
+    async def _serves(self, record: str) -> bool:
+        """Whether the instance whose record this is still says it serves the root."""
+        owner = read_record(record)[1]  # type: ignore[index]
+        code, _, doc = await self._request("presence", "GET", presence_prefix(self.cfg) + owner)
+        return code < 300 and doc["node"].get("value") == owner
 
     async def _holders(self) -> Holders:
         code, _, doc = await self._request("holders", "GET", self.holders)
@@ -2472,6 +2503,9 @@ class EtcdV2:
     async def withdraw(self) -> None:
         self._present = False
         await self._request("presence", "DELETE", self.presence)
+
+    async def strays(self) -> list[str]:
+        return []
 
     async def others(self) -> int:
         directory, prefix = self.presence.rsplit("/", 1)[0], presence_prefix(self.cfg)
@@ -2700,8 +2734,8 @@ class EtcdV3:
     async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [Outcome(Found.DONE) if op.write is Write.PRUNE else None
                                           for op in ops]  # (v3 has no directories to prune)
-        together = [i for i, op in enumerate(ops)
-                    if op.write is Write.UNMARK or op.write is Write.DELETE and not op.keep]
+        together = [i for i, op in enumerate(ops) if op.write is Write.UNMARK
+                    or op.write is Write.DELETE and not op.keep and not op.previous]
         if together:
             revision = await self._delete_together([ops[i] for i in together])
             for i in together if revision else ():
@@ -2711,20 +2745,22 @@ class EtcdV3:
             for i, op in enumerate(ops):
                 if outcomes[i] is not None or op.write is not Write.DELETE:
                     continue
-                if await self._hand_over(op, other_holders(self.cfg, op, holders)):
+                if await self._hand_over(op, [(key, value, value, lease) for key, value, lease
+                                              in other_holders(self.cfg, op, holders)]
+                                         + self._hand_back(op)):
                     outcomes[i] = Outcome(Found.DONE)
                 elif op.keep:
                     outcomes[i] = Outcome(Found.KEPT)
         # A TAKE of another instance's record, or a CLAIM of our own, is written in a next
         # round, compared on the revision the round before read.
-        seen: dict[int, str] = {}  # op index -> the mod revision read
+        seen: dict[int, dict] = {}  # op index -> the record read (its key-value)
         for _ in range(3):
             todo = [i for i, o in enumerate(outcomes) if o is None]
             if not todo:
                 break
             replies, revision = await self._transact(lambda lease: [
                 self._first(ops[i], lease) if i not in seen else
-                _txn([_compare(ops[i].key, "MOD", seen[i])],
+                _txn([_compare(ops[i].key, "MOD", seen[i]["mod_revision"])],
                      [self._put(ops[i].key, ops[i].value, lease)], [_range(ops[i].key)])
                 for i in todo])
             for i, reply in zip(todo, replies):
@@ -2768,12 +2804,14 @@ class EtcdV3:
         reply = await self._call("txn", "kv/txn", {"compare": compare, "success": success})
         return int(reply.get("header", {}).get("revision", 0)) if reply.get("succeeded") else 0
 
-    def _outcome(self, op: Op, reply: dict, seen: dict[int, str], i: int,
+    def _outcome(self, op: Op, reply: dict, seen: dict[int, dict], i: int,
                  revision: int) -> Outcome | None:
         """What one op's response says; None: write again in the next round."""
         txn = reply.get("response_txn")
         if txn is None or txn.get("succeeded"):  # a plain put (MARK), or the compare held
-            return Outcome(Found.DONE, revision=revision)
+            kv = seen.get(i)  # (what a TAKE wrote over)
+            return Outcome(Found.DONE, revision=revision, replaced=None if kv is None else
+                           replaced(_unb64(kv.get("value", "")), kv.get("lease", ""), self.owner))
         if op.write in (Write.DELETE, Write.UNMARK):
             return Outcome(Found.DONE, revision=revision)  # nothing of ours there to delete
         kvs = (txn.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
@@ -2786,7 +2824,7 @@ class EtcdV3:
         found = _may_write(there, op, self.owner)
         if found is not Found.DONE:
             return Outcome(found, revision=revision)
-        seen[i] = kvs[0]["mod_revision"]
+        seen[i] = kvs[0]
         return None
 
     def _track(self, op: Op) -> None:
@@ -2806,14 +2844,23 @@ class EtcdV3:
                                                   kv["lease"])
                                                  for kv in reply.get("kvs", []) if kv.get("lease")))
 
-    async def _hand_over(self, op: Op, holders: list[tuple[str, str, str]]) -> bool:
-        """Give the record to an instance that holds it too, while its marker is there: put
-        the marker's value on its lease, so DNS never misses it. False if no other instance
-        holds it (any more)."""
-        for marker, value, lease in holders:
+    def _hand_back(self, op: Op) -> list[tuple[str, str, str, str]]:
+        """The instance op's record was taken from moments ago, as a holder: while its
+        presence key says it serves the root, it gets its record back (on its lease)."""
+        if not op.previous or not op.previous[1]:
+            return []
+        value, lease = op.previous
+        owner = read_record(value)[1]  # type: ignore[index]
+        return [(presence_prefix(self.cfg) + owner, owner, value, lease)]
+
+    async def _hand_over(self, op: Op, holders: list[tuple[str, str, str, str]]) -> bool:
+        """Give the record to an instance that holds it too, while what says so is there (a
+        key with a value: its marker, or its presence for a hand-back): put its record on
+        its lease, so DNS never misses it. False if no other instance holds it (any more)."""
+        for key, there, value, lease in holders:
             try:
                 reply = await self._call("hand_over", "kv/txn", {
-                    "compare": [_compare(op.key, "VALUE", op.value), _compare(marker, "VALUE", value)],
+                    "compare": [_compare(op.key, "VALUE", op.value), _compare(key, "VALUE", there)],
                     "success": [self._put(op.key, value, lease)], "failure": [_range(op.key)]})
             except EtcdError as e:
                 if "lease not found" in str(e):
@@ -2855,6 +2902,12 @@ class EtcdV3:
     async def withdraw(self) -> None:
         self._present = False
         await self._call("presence", "kv/deleterange", {"key": _b64(self.presence)})
+
+    async def strays(self) -> list[str]:
+        if not self.lease:
+            return []
+        reply = await self._call("strays", "lease/timetolive", {"ID": self.lease, "keys": True})
+        return [key for key in map(_unb64, reply.get("keys") or []) if key.startswith(self.root)]
 
     async def others(self) -> int:
         prefix = presence_prefix(self.cfg)
@@ -2941,6 +2994,14 @@ WATCH_CHECK = 1.0
 WATCH_GRACE = 1.0
 
 
+def hearing_time(cfg: Config) -> float:
+    """The longest an instance may take to hear that a record it holds was taken over, and
+    to say so: its watch found stalled by the watch check, the check's touch and the
+    marker each waiting out a silent member first. Within it, the taker hands the record
+    back, not out of DNS, to the instance it took it from (Op.previous)."""
+    return WATCH_CHECK + WATCH_GRACE + 2 * failover_patience(cfg)
+
+
 class State(enum.Enum):
     """What etcd holds at a slot's key, as far as this instance knows. An event moves a
     slot to one state; what the worker does next follows from the state alone:
@@ -2971,7 +3032,7 @@ class Slot:
 
     __slots__ = ("key", "endpoint", "holders", "state", "written", "marker",
                  "inflight", "recheck", "rechecked", "waiters", "retry_at", "answered_at",
-                 "revision", "leavers", "refusal")
+                 "revision", "leavers", "refusal", "taken", "taken_until")
 
     def __init__(self, key: str, endpoint: tuple[str, int]):
         self.key = key
@@ -2992,6 +3053,8 @@ class Slot:
         self.answered_at = 0.0  # when etcd last answered an op of it (a scan before knows less)
         self.leavers: list[asyncio.Future] = []  # released sockets waiting until no delete is due
         self.refusal = ""  # why etcd last refused to store it, until it does
+        self.taken: tuple[str, str] | None = None  # another instance's record our TAKE wrote
+        self.taken_until = 0.0  # over (Outcome.replaced); until when it may be handed back
 
     @property
     def value(self) -> str:
@@ -3113,6 +3176,7 @@ class Registry:
         self.heard = 0  # the newest index or revision the watch has reported since it opened
         self._watch_ready = False  # its stream is open and compared: the watch check may test it
         self._echo: tuple[int, asyncio.Future] | None = None  # the watch check's, awaited
+        self._strays: dict[str, bool] = {}  # keys _sweep() found; True: acted on already
         self._back_at = 0.0  # when etcd last came back: a slot's state is known again once
         #                      compared with etcd (watching) or answered since
         self._listening: set[Holding] = set()  # holdings told of their record's status
@@ -3261,7 +3325,11 @@ class Registry:
                 return op(Write.MARK, value=slot.value)
             return None
         if state in (State.STORED, State.UNKNOWN) and slot not in self._keep:
-            return op(Write.DELETE, value=slot.written, keep=self._sparing)
+            # (A drain keeps it for the grace instead: long enough for the other instance,
+            # if it holds the record, to say so before the record is handed over.)
+            back = not self.draining and time.monotonic() < slot.taken_until
+            return op(Write.DELETE, value=slot.written, keep=self._sparing,
+                      previous=slot.taken if back else None)
         return None
 
     def _mark(self, slot: Slot) -> None:
@@ -3387,6 +3455,8 @@ class Registry:
             slot.state = State.ABSENT
         elif found is Found.DONE:
             slot.state, slot.written, slot.refusal = State.STORED, op.value, ""
+            if write is Write.TAKE:
+                slot.taken, slot.taken_until = outcome.replaced, time.monotonic() + hearing_time(self.cfg)
             slot.resolve(None)
             if slot.holders:
                 self._unblocked(next(iter(slot.holders)).reg)
@@ -3583,6 +3653,26 @@ class Registry:
             self._watch.cancel()
         self._watch = asyncio.ensure_future(self._watch_loop())
 
+    async def _sweep(self) -> None:
+        """Holding no record of its own, an instance cannot test its watch with one; yet a
+        record may still come to it (one handed back, or over as it let go) that only its
+        watch tells it to delete. One such that lives as long as this instance (v3: on its
+        lease) and that the watch has not told of a check later: the watch starts over, with
+        a full compare, which deletes it (once for each: a record etcd will not let us
+        delete would have it start over every second)."""
+        watch = self._watch
+        try:
+            found = [key for key in await self.backend.strays() if key not in self.slots]
+        except (EtcdUnavailable, EtcdError):
+            return  # (keep-alive and the prober deal with etcd)
+        before = self._strays
+        self._strays = {key: key in before for key in found}
+        unheard = [key for key in found if before.get(key) is False]
+        if unheard and self._watch is watch and self._watch_ready:
+            log_event(logging.WARNING, "watch_stalled", seconds=WATCH_CHECK,
+                      keys_unheard=len(unheard), heard=self.heard)
+            self._restart_watch()
+
     async def _watch_check_loop(self) -> None:
         """A watch can go quiet while etcd answers: etcd v2 drops a watcher that falls 100
         events behind and leaves its stream open, saying nothing more; a proxy or a frozen
@@ -3594,10 +3684,13 @@ class Registry:
         while True:
             await asyncio.sleep(WATCH_CHECK)
             await self._healthy.wait()
+            if not (self.watching.is_set() and self._watch_ready):
+                continue  # it is not on yet
             slot = next((s for s in self.slots.values() if s.holders and not s.inflight
                          and s.state is State.STORED), None)
-            if slot is None or not (self.watching.is_set() and self._watch_ready):
-                continue  # nothing of ours the watch must keep, or it is not on yet
+            if slot is None:  # nothing of ours the watch must keep
+                await self._sweep()
+                continue
             started, written, watch = time.monotonic(), slot.written, self._watch
             try:
                 revision = await self.backend.touch(slot.key, written)

@@ -5870,6 +5870,113 @@ async def test_a_delete_hands_the_record_to_any_other_holder_whatever_the_owner_
 
 
 @async_test
+async def test_a_record_taken_over_moments_ago_goes_back_to_its_instance_not_out_of_dns(
+        etcd, version):
+    """An instance took a record over from another one that holds it too but has not heard
+    so yet (its watch on a frozen member): no marker says so. Its socket closing at once,
+    the record goes back to that instance (its value; v3: on its lease, v2: with the time it
+    had left) rather than out of DNS; not to an instance that no longer serves the root
+    (a drain withdrew it), and a drain's DELETE to keep keeps it then."""
+    cfg = config([etcd.url], version)
+    view = EtcdView(etcd.url, version)
+    reg = skyapi.Registration("taken", ("services",), "127.0.0.1", 1)
+    key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+    first, taker = (skyapi.make_backend(cfg, name, lambda *a: None) for name in ("first", "taker"))
+    theirs, ours = (skyapi.record_value(reg, cfg.dns_ttl, name) for name in ("first", "taker"))
+    op = functools.partial(skyapi.Op, key=key, endpoint=(reg.host, reg.port))
+    try:
+        await first.announce()
+        [put] = await first.apply([op(skyapi.Write.TAKE, value=theirs)])
+        [took] = await taker.apply([op(skyapi.Write.TAKE, value=ours)])
+        assert put.replaced is None and took.found is skyapi.Found.DONE
+        value, lease = took.replaced
+        assert value == theirs and (lease == first.lease if version == 3 else
+                                    0 < int(lease) <= cfg.timeout)
+        [deleted] = await taker.apply([op(skyapi.Write.DELETE, value=ours, previous=took.replaced)])
+        assert deleted.found is skyapi.Found.DONE
+        assert await view.records(prefix_of(cfg)) == {key: theirs}  # back, never gone
+        if version == 3:
+            code, doc = await view._fetch("/v3/kv/range", "POST", json.dumps({"key": b64(key)}))
+            assert doc["kvs"][0]["lease"] == first.lease
+        else:
+            code, doc = await view._fetch("/v2/keys" + key)
+            assert doc["node"]["ttl"] <= int(lease)
+
+        await first.withdraw()  # a drain: it no longer serves the root
+        [took] = await taker.apply([op(skyapi.Write.TAKE, value=ours)])
+        [kept] = await taker.apply([op(skyapi.Write.DELETE, value=ours, keep=True,
+                                       previous=took.replaced)])
+        assert kept.found is skyapi.Found.KEPT
+        assert await view.records(prefix_of(cfg)) == {key: ours}
+        [deleted] = await taker.apply([op(skyapi.Write.DELETE, value=ours, previous=took.replaced)])
+        assert deleted.found is skyapi.Found.DONE
+        assert await view.records(prefix_of(cfg)) == {}
+    finally:
+        for backend in (first, taker):
+            await backend.close()
+
+
+@async_test
+async def test_a_take_over_closed_before_the_other_holder_heard_of_it_leaves_the_record(
+        etcd, version):
+    """A name held through B, then through A too, whose socket closes at once: B's watch is
+    quiet (a frozen member), so B has not marked the record as held when A lets go. A hands
+    it back to B, and DNS never misses it; B, hearing of it all, keeps it as its own, and
+    its close deletes it."""
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    cfg = config([etcd.url], version, timeout=30)
+    view = EtcdView(etcd.url, version)
+    try:
+        async with running(cfg) as a, running(dataclasses.replace(cfg, etcd_api=[proxy.url])) as b:
+            on_b = await connect(b, "service=moved&port=1")
+            ((key, theirs),) = (await view.records(prefix_of(cfg))).items()
+            proxy.mute_watches = True  # B hears nothing from here on (until its check)
+            on_a = await connect(a, "service=moved&port=1")  # takes it over
+            assert skyapi.read_record((await view.records(prefix_of(cfg)))[key])[1] == a.owner
+            on_a.close()
+            await wait_until(lambda: key not in a.registry.slots, 5)
+            assert await view.records(prefix_of(cfg)) == {key: theirs}  # back, not gone
+            proxy.mute_watches = False
+            await wait_until(lambda: b.registry.slots[key].state is skyapi.State.STORED
+                             and not b.registry.slots[key].inflight, 10)
+            assert await view.records(prefix_of(cfg)) == {key: theirs}
+            on_b.close()
+            await wait_until(lambda: view.empty(cfg), 5)
+    finally:
+        await proxy.cut()
+
+
+@async_test
+async def test_an_instance_that_holds_nothing_notices_a_record_on_its_lease_its_watch_missed(
+        etcd, caplog):
+    """v3: a record comes onto the lease of an instance that holds nothing (handed back as it
+    let go) while its watch is quiet: with no record of its own to check its watch by, it
+    finds the record among its lease's keys, starts the watch over and deletes it."""
+    caplog.set_level(logging.INFO)
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    cfg = config([proxy.url], 3, timeout=30)
+    view = EtcdView(etcd.url, 3)
+    reg = skyapi.Registration("strayed", ("services",), "127.0.0.1", 1)
+    key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+    try:
+        async with running(cfg) as server:
+            backend = server.registry.backend
+            await wait_until(lambda: backend.lease, 5)  # (its presence key is on it)
+            proxy.mute_watches = True
+            code, _ = await view._fetch("/v3/kv/put", "POST", json.dumps({
+                "key": b64(key), "value": b64(skyapi.record_value(reg, 60, server.owner)),
+                "lease": backend.lease}))
+            assert code == 200 and await view.has(cfg, key)
+            await wait_until(lambda: view.empty(cfg), 3 * skyapi.WATCH_CHECK + 2)
+            assert outage_lines(caplog, "watch_stalled")
+            assert not server.registry.slots
+    finally:
+        await proxy.cut()
+
+
+@async_test
 async def test_a_hand_over_that_meets_the_holder_letting_go_leaves_no_record(etcd, version):
     """The owner hands the record over as the holder lets go, however late the holder's
     watch. Handed over first, the holder's unmark takes the record with its marker: none
