@@ -4976,6 +4976,37 @@ async def test_v3_a_batchs_deletes_go_in_one_transaction_unless_one_is_not_ours_
 
 
 @async_test
+async def test_v2_a_record_whose_delete_is_on_its_way_is_not_refreshed(etcd):
+    """A mass close is thousands of deletes: refreshing their records meanwhile only adds to
+    etcd's writes, queued ahead of the deletes. A delete to keep (a drain's grace) is no
+    delete: its record is refreshed, as is every other."""
+    cfg = config([etcd.url], 2)
+    requests: list[str] = []
+    backend = skyapi.make_backend(cfg, "me", lambda op, outcome, s: requests.append(op))
+    Op, Write, Found = skyapi.Op, skyapi.Write, skyapi.Found
+    regs = [skyapi.Registration(service="fresh", categories=("c",), host="127.0.0.1", port=p)
+            for p in range(1, 4)]
+    takes = [Op(Write.TAKE, skyapi.record_key(r, cfg.etcd_prefix, cfg.dns_root),
+                skyapi.record_value(r, cfg.dns_ttl, "me"), (r.host, r.port)) for r in regs]
+    try:
+        assert [o.found for o in await backend.apply(takes)] == [Found.DONE] * 3
+        deleting = asyncio.ensure_future(backend.apply([
+            dataclasses.replace(takes[0], write=Write.DELETE),
+            dataclasses.replace(takes[1], write=Write.DELETE, keep=True)]))
+        await asyncio.sleep(0)  # (its first request is on its way)
+        requests.clear()
+        await backend.keep_alive(True)
+        assert requests.count("refresh") == 2
+        assert [o.found for o in await deleting] == [Found.DONE, Found.KEPT]
+        requests.clear()
+        await backend.keep_alive(True)
+        assert requests.count("refresh") == 2  # (the deleted one is no longer ours to keep)
+    finally:
+        await backend.close()
+        backend.client.close()
+
+
+@async_test
 async def test_v3_keys_are_exactly_the_v2_paths(etcd):
     """Switching a deployment between versions changes nothing: same key bytes, same DNS data
     (the owner field names the writing instance, which differs per process)."""
