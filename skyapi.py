@@ -2051,8 +2051,8 @@ class Op:
     #                     over, as always), keep it (a drain's grace: for the next instance)
     drop: bool = False  # UNMARK: the record goes too if it holds our value (its owner handed
     #                     it to us as we let go: no one holds it now)
-    previous: tuple[str, str] | None = None  # DELETE: another instance's record (its value,
-    #   v3 lease or v2 TTL) that our TAKE wrote over moments ago: that instance may still hold
+    previous: tuple[str, str] | None = None  # DELETE: another instance's record (its value, and
+    #   v3 lease or v2 expiry) that our TAKE wrote over moments ago: that instance may still hold
     #   it and not have heard yet that it should say so; while it serves the root and has not,
     #   the record goes back to it, not out of DNS
 
@@ -2062,7 +2062,7 @@ class Outcome:
     found: Found
     revision: int = 0  # etcd's index (v2) or revision (v3) of what the op did or read
     replaced: tuple[str, str] | None = None  # a TAKE: the other instance's record it wrote
-    #                                          over (value, v3 lease or v2 TTL)
+    #   over: its value, and v3 lease or v2 expiry (the monotonic time its TTL was to run out)
 
 
 class Lost(NamedTuple):
@@ -2390,8 +2390,9 @@ class EtcdV2:
             await self._many("delete", [self._delete(op.key, op.value)])
         if op.write is Write.DELETE:
             to, ttl = [value for _, value, _ in other_holders(self.cfg, op, holders)], 0
-            if not to and op.previous and await self._serves(op.previous[0]):
-                to, ttl = [op.previous[0]], int(op.previous[1] or 0)  # (its time left)
+            left = math.ceil(float(op.previous[1]) - time.monotonic()) if op.previous else 0
+            if not to and op.previous and left > 0 and await self._serves(op.previous[0]):
+                to, ttl = [op.previous[0]], left  # (the time it had left: not a second more)
             if not to and op.keep:
                 return Outcome(Found.KEPT)
             if not to:  # (a hand-back no one takes: else its first request deleted it)
@@ -2420,7 +2421,8 @@ class EtcdV2:
             elif code >= 300:
                 raise self._refused("get", op.key, doc)
             else:
-                there, ttl = doc["node"].get("value", ""), str(doc["node"].get("ttl", ""))
+                there, ttl = doc["node"].get("value", ""), doc["node"].get("ttl", self.cfg.timeout)
+                expiry = f"{time.monotonic() + ttl:.3f}"
                 found = _may_write(there, op, self.owner)
                 if found is not Found.DONE:
                     return Outcome(found, revision=_v2_index(doc))
@@ -2429,7 +2431,7 @@ class EtcdV2:
             if code < 300:
                 self._keep(op.key, op.value, op.key)
                 return Outcome(Found.DONE, revision=_v2_index(doc),
-                               replaced=None if there is None else replaced(there, ttl, self.owner))
+                               replaced=None if there is None else replaced(there, expiry, self.owner))
         return Outcome(Found.OTHERS)  # it keeps changing hands: others are at work on it
 
     async def _put(self, key: str, value: str, compare: Mapping[str, str],

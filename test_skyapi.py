@@ -19,6 +19,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import pickle
 import posixpath
@@ -5906,8 +5907,8 @@ async def test_a_record_taken_over_moments_ago_goes_back_to_its_instance_not_out
     """An instance took a record over from another one that holds it too but has not heard
     so yet (its watch on a frozen member): no marker says so. Its socket closing at once,
     the record goes back to that instance (its value; v3: on its lease, v2: with the time it
-    had left) rather than out of DNS; not to an instance that no longer serves the root
-    (a drain withdrew it), and a drain's DELETE to keep keeps it then."""
+    had left, not a second more) rather than out of DNS; not to an instance that no longer
+    serves the root (a drain withdrew it), and a drain's DELETE to keep keeps it then."""
     cfg = config([etcd.url], version)
     view = EtcdView(etcd.url, version)
     reg = skyapi.Registration("taken", ("services",), "127.0.0.1", 1)
@@ -5922,7 +5923,7 @@ async def test_a_record_taken_over_moments_ago_goes_back_to_its_instance_not_out
         assert put.replaced is None and took.found is skyapi.Found.DONE
         value, lease = took.replaced
         assert value == theirs and (lease == first.lease if version == 3 else
-                                    0 < int(lease) <= cfg.timeout)
+                                    0 < float(lease) - time.monotonic() <= cfg.timeout)
         [deleted] = await taker.apply([op(skyapi.Write.DELETE, value=ours, previous=took.replaced)])
         assert deleted.found is skyapi.Found.DONE
         assert await view.records(prefix_of(cfg)) == {key: theirs}  # back, never gone
@@ -5931,7 +5932,11 @@ async def test_a_record_taken_over_moments_ago_goes_back_to_its_instance_not_out
             assert doc["kvs"][0]["lease"] == first.lease
         else:
             code, doc = await view._fetch("/v2/keys" + key)
-            assert doc["node"]["ttl"] <= int(lease)
+            assert doc["node"]["ttl"] <= math.ceil(float(lease) - time.monotonic())
+            [took] = await taker.apply([op(skyapi.Write.TAKE, value=ours)])
+            expired = (theirs, f"{time.monotonic() - 0.1:.3f}")  # its TTL would have run out
+            await taker.apply([op(skyapi.Write.DELETE, value=ours, previous=expired)])
+            assert await view.records(prefix_of(cfg)) == {}
 
         await first.withdraw()  # a drain: it no longer serves the root
         [took] = await taker.apply([op(skyapi.Write.TAKE, value=ours)])
