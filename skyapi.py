@@ -2390,7 +2390,7 @@ class EtcdV2:
             await self._many("delete", [self._delete(op.key, op.value)])
         if op.write is Write.DELETE:
             to, ttl = [value for _, value, _ in other_holders(self.cfg, op, holders)], 0
-            left = math.ceil(float(op.previous[1]) - time.monotonic()) if op.previous else 0
+            left = int(float(op.previous[1]) - time.monotonic()) if op.previous else 0
             if not to and op.previous and left > 0 and await self._serves(op.previous[0]):
                 to, ttl = [op.previous[0]], left  # (the time it had left: not a second more)
             if not to and op.keep:

@@ -5932,7 +5932,7 @@ async def test_a_record_taken_over_moments_ago_goes_back_to_its_instance_not_out
             assert doc["kvs"][0]["lease"] == first.lease
         else:
             code, doc = await view._fetch("/v2/keys" + key)
-            assert doc["node"]["ttl"] <= math.ceil(float(lease) - time.monotonic())
+            assert doc["node"]["ttl"] <= math.ceil(float(lease) - time.monotonic())  # (etcd rounds up)
             [took] = await taker.apply([op(skyapi.Write.TAKE, value=ours)])
             expired = (theirs, f"{time.monotonic() - 0.1:.3f}")  # its TTL would have run out
             await taker.apply([op(skyapi.Write.DELETE, value=ours, previous=expired)])
