@@ -3454,6 +3454,9 @@ class Registry:
             slot.marker = op.value
         elif write is Write.UNMARK:
             slot.marker = ""
+            if op.drop and slot.holders and slot.state is State.OTHERS:
+                slot.state = State.LOST  # held again meanwhile: its drop may have taken the
+                #                          record (handed to us as we let go): a claim looks
         elif found is Found.KEPT:
             if self._sparing:  # (otherwise the grace is over: marked again, it goes)
                 self._keep.add(slot)

@@ -6013,6 +6013,41 @@ async def test_an_instance_that_holds_nothing_notices_a_record_on_its_lease_its_
 
 
 @async_test
+async def test_a_holder_that_lets_go_and_holds_again_while_its_unmark_is_on_its_way_keeps_the_record(
+        etcd, version):
+    """B holds A's record too, and lets go; its unmark (which takes the record with it if it
+    holds B's value) waits on a frozen member while A hands the record over to B and a new
+    socket of the same name comes to B. The unmark lands, taking the record: B, held again,
+    claims it at once, not when its quiet watch is found out seconds later."""
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    cfg = config([etcd.url], version, timeout=30)
+    view = EtcdView(etcd.url, version)
+    try:
+        async with running(cfg) as a, running(dataclasses.replace(cfg, etcd_api=[proxy.url])) as b:
+            on_b = await connect(b, "service=again&port=1")
+            ((key, _),) = (await view.records(prefix_of(cfg))).items()
+            on_a = await connect(a, "service=again&port=1")  # A takes it over; B marks it
+            await wait_until(lambda: b.registry.slots[key].marker and not b.registry.slots[key].inflight, 5)
+            proxy.mute_watches = True  # (B hears nothing: only its claim can put the record back)
+            proxy.freeze()
+            on_b.close()
+            await wait_until(lambda: b.registry.slots[key].inflight is skyapi.Write.UNMARK, 5)
+            on_a.close()  # handed over to B's marker, still there
+            await wait_until(lambda: key not in a.registry.slots, 5)
+            assert skyapi.read_record((await view.records(prefix_of(cfg)))[key])[1] == b.owner
+            again = await connect(b, "service=again&port=1")
+            proxy.flowing.set()
+            await wait_until(lambda: b.registry.slots[key].inflight is not skyapi.Write.UNMARK, 5)
+            await wait_until(lambda: view.has(cfg, key), 1.0)  # (its quiet watch: 2 s)
+            assert b.registry.slots[key].state is skyapi.State.STORED
+            again.close()
+            await wait_until(lambda: view.empty(cfg), 5)
+    finally:
+        await proxy.cut()
+
+
+@async_test
 async def test_a_hand_over_that_meets_the_holder_letting_go_leaves_no_record(etcd, version):
     """The owner hands the record over as the holder lets go, however late the holder's
     watch. Handed over first, the holder's unmark takes the record with its marker: none
