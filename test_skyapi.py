@@ -5868,6 +5868,19 @@ async def etcd_exact_after_close(view, cfg, keys) -> bool:
     return view.version == 3 or not (await view.dirs(prefix_of(cfg))) - {skyapi.root_dir(cfg)}
 
 
+def two_instances(etcd, version: int, service: str, names: tuple[str, str]):
+    """What a test of two instances' backends on one root needs: its config, a view of
+    etcd, one registration's key, the two backends, their values for that registration,
+    and a maker of ops on it."""
+    cfg = config([etcd.url], version)
+    reg = skyapi.Registration(service, ("services",), "127.0.0.1", 1)
+    key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
+    backends = tuple(skyapi.make_backend(cfg, name, lambda *a: None) for name in names)
+    values = tuple(skyapi.record_value(reg, cfg.dns_ttl, name) for name in names)
+    return (cfg, EtcdView(etcd.url, version), key, backends, values,
+            functools.partial(skyapi.Op, key=key, endpoint=(reg.host, reg.port)))
+
+
 @async_test
 async def test_a_delete_hands_the_record_to_any_other_holder_whatever_the_owner_knew(
         etcd, version):
@@ -5875,13 +5888,8 @@ async def test_a_delete_hands_the_record_to_any_other_holder_whatever_the_owner_
     another instance holds it too), and another instance marks it: the owner's delete
     still hands it over, so the record goes from one value to the other, never away. A
     delete to keep (a drain's grace) hands it over too, and keeps only what no one holds."""
-    cfg = config([etcd.url], version)
-    view = EtcdView(etcd.url, version)
-    reg = skyapi.Registration("handed", ("services",), "127.0.0.1", 1)
-    key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
-    owner, other = (skyapi.make_backend(cfg, name, lambda *a: None) for name in ("own", "other"))
-    ours, theirs = (skyapi.record_value(reg, cfg.dns_ttl, name) for name in ("own", "other"))
-    op = functools.partial(skyapi.Op, key=key, endpoint=(reg.host, reg.port))
+    cfg, view, key, (owner, other), (ours, theirs), op = two_instances(
+        etcd, version, "handed", ("own", "other"))
     try:
         for keep in (False, True):
             [took] = await owner.apply([op(skyapi.Write.TAKE, value=ours)])
@@ -5909,13 +5917,8 @@ async def test_a_record_taken_over_moments_ago_goes_back_to_its_instance_not_out
     the record goes back to that instance (its value; v3: on its lease, v2: with the time it
     had left, not a second more) rather than out of DNS; not to an instance that no longer
     serves the root (a drain withdrew it), and a drain's DELETE to keep keeps it then."""
-    cfg = config([etcd.url], version)
-    view = EtcdView(etcd.url, version)
-    reg = skyapi.Registration("taken", ("services",), "127.0.0.1", 1)
-    key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
-    first, taker = (skyapi.make_backend(cfg, name, lambda *a: None) for name in ("first", "taker"))
-    theirs, ours = (skyapi.record_value(reg, cfg.dns_ttl, name) for name in ("first", "taker"))
-    op = functools.partial(skyapi.Op, key=key, endpoint=(reg.host, reg.port))
+    cfg, view, key, (first, taker), (theirs, ours), op = two_instances(
+        etcd, version, "taken", ("first", "taker"))
     try:
         await first.announce()
         [put] = await first.apply([op(skyapi.Write.TAKE, value=theirs)])
@@ -6054,13 +6057,8 @@ async def test_a_hand_over_that_meets_the_holder_letting_go_leaves_no_record(etc
     is left. The holder gone first, v3's hand-over (on a read of the markers from before)
     does not stand; v2's, which cannot compare two keys at once, leaves the holder's value
     on a TTL no one refreshes (the holder's watch deletes it sooner when it sees it)."""
-    cfg = config([etcd.url], version)
-    view = EtcdView(etcd.url, version)
-    reg = skyapi.Registration("racing", ("services",), "127.0.0.1", 1)
-    key = skyapi.record_key(reg, cfg.etcd_prefix, cfg.dns_root)
-    owner, holder = (skyapi.make_backend(cfg, name, lambda *a: None) for name in ("own", "hold"))
-    ours, theirs = (skyapi.record_value(reg, cfg.dns_ttl, name) for name in ("own", "hold"))
-    op = functools.partial(skyapi.Op, key=key, endpoint=(reg.host, reg.port))
+    cfg, view, key, (owner, holder), (ours, theirs), op = two_instances(
+        etcd, version, "racing", ("own", "hold"))
     async def markers() -> dict[str, str]:
         found = await view.records(cfg.etcd_prefix + "/_skyapi/holders/")
         return {k: v for k, v in found.items() if k.startswith(skyapi.marker_prefix(cfg, key))}
