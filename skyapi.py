@@ -3113,6 +3113,7 @@ class Supervisor:
         self._told: set[tuple] = set()  # failures logged with their traceback already
 
     def start(self, name: str, job: Callable[[], Awaitable[None]]) -> asyncio.Task:
+        self.failures[name.split("-")[0]] += 0  # (counted from 0: a series to alert on)
         return asyncio.ensure_future(self._keep(name, job))
 
     def failed(self, name: str, error: Exception, **fields: Any) -> None:
