@@ -2168,11 +2168,11 @@ def presence_prefix(cfg: Config) -> str:
     return f"{cfg.etcd_prefix}/_skyapi/instances/{root}."
 
 
-def replaced(there: str, lease: str, owner: str) -> tuple[str, str] | None:
-    """What a TAKE that wrote over there (on lease) took from another instance: (there,
-    lease), or None if it was ours or no instance's."""
+def replaced(there: str, lasting: str, owner: str) -> tuple[str, str] | None:
+    """What a TAKE that wrote over there took from another instance: (there, what kept it:
+    its v3 lease or its v2 expiry), or None if it was ours or no instance's."""
     record = read_record(there)
-    return (there, lease) if record is not None and record[1] not in ("", owner) else None
+    return (there, lasting) if record is not None and record[1] not in ("", owner) else None
 
 
 def _may_write(there: str, op: Op, owner: str) -> Found:
