@@ -1390,11 +1390,12 @@ class ResponsePart(NamedTuple):
     data: bytes
     end: bool  # the response is complete
     keep_alive: bool  # the connection may carry the next response
+    etcd_index: int = 0  # etcd v2's X-Etcd-Index (its index as it answered), on a head's part
 
 
-def _response_head(head: bytes) -> tuple[int, int | None, bool, bool]:
-    """Status, body length (None: until the connection closes), chunked, keep-alive of an
-    HTTP/1.x response head."""
+def _response_head(head: bytes) -> tuple[int, int | None, bool, bool, int]:
+    """Status, body length (None: until the connection closes), chunked, keep-alive and
+    X-Etcd-Index (0 if none) of an HTTP/1.x response head."""
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
@@ -1410,7 +1411,9 @@ def _response_head(head: bytes) -> tuple[int, int | None, bool, bool]:
         raise BadResponse(f"bad Content-Length {length[:20]!r}")
     chunked = "chunked" in fields.get("transfer-encoding", "").lower()
     keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
-    return status, None if length is None else int(length), chunked, keep
+    index = fields.get("x-etcd-index", "")
+    return (status, None if length is None else int(length), chunked, keep,
+            int(index) if index.isdigit() else 0)
 
 
 class ResponseParser:
@@ -1431,6 +1434,7 @@ class ResponseParser:
         self._read = self._head  # what the next bytes are: a head, a body, a chunk, ...
         self._status = 0
         self._keep = False
+        self._index = 0
         self._left = 0  # bytes of the body or of the chunk
 
     def feed(self, data: bytes) -> list[ResponsePart]:
@@ -1467,8 +1471,8 @@ class ResponseParser:
             if len(self._buf) - pos >= self.max_head + 4:
                 raise BadResponse(f"response head over {self.max_head} bytes")
             return pos
-        status, length, chunked, self._keep = _response_head(bytes(self._buf[pos:end]))
-        self._status = status
+        status, length, chunked, self._keep, index = _response_head(bytes(self._buf[pos:end]))
+        self._status, self._index = status, index
         if chunked:
             self._read = self._chunk_size
         elif length is None:
@@ -1477,16 +1481,17 @@ class ResponseParser:
             self._read, self._left = self._body, length
             return end + 4
         else:
-            parts.append(ResponsePart(status, b"", True, self._keep))
+            parts.append(ResponsePart(status, b"", True, self._keep, index))
             return end + 4
-        parts.append(ResponsePart(status, b"", False, self._keep))
+        parts.append(ResponsePart(status, b"", False, self._keep, index))
         return end + 4
 
     def _body(self, pos: int, parts: list[ResponsePart]) -> int:
         end = pos + self._left
         if end > len(self._buf):
             return pos
-        parts.append(ResponsePart(self._status, bytes(self._buf[pos:end]), True, self._keep))
+        parts.append(ResponsePart(self._status, bytes(self._buf[pos:end]), True, self._keep,
+                                  self._index))
         self._read = self._head
         return end
 
@@ -1627,7 +1632,7 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, parts: list[ResponsePart]) -> None:
         busy = bool(self.waiting)
-        for status, data, end, keep_alive in parts:
+        for status, data, end, keep_alive, _ in parts:
             if not end:
                 self._body.append(data)
                 continue
@@ -1777,6 +1782,7 @@ class _Stream(asyncio.Protocol):
         self.parts: deque[ResponsePart | Exception] = deque()
         self.transport: asyncio.BaseTransport | None = None
         self.ended = False
+        self.index = 0  # the head's X-Etcd-Index
         self._wake: asyncio.Future | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1913,13 +1919,14 @@ class EtcdClient:
     @contextlib.asynccontextmanager
     async def stream(self, op: str, method: str, path: str, body: bytes = b"",
                      content_type: str = "application/json",
-                     authorization: str | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
+                     authorization: str | None = None) -> AsyncIterator["_Stream"]:
         """A request on a connection of its own, whose answer is read as it arrives: a
         watch. Entered, the first endpoint that answered within timeout did so with a
         status below 300, so a watch is in place; it yields an iterator of the body's data,
         a chunk at a time, until etcd ends the answer (EtcdUnavailable if the connection
         breaks first). StreamRefused for a status from 300 to 499; EtcdUnavailable if no
-        endpoint answered below 500. Leaving closes the connection.
+        endpoint answered below 500. Leaving closes the connection. (Its index is the
+        head's X-Etcd-Index.)
 
             async with client.stream("watch", "POST", "/v3/watch", body) as chunks:
                 async for data in chunks: ..."""
@@ -1956,7 +1963,7 @@ class EtcdClient:
                 link.close()
                 errors.append(f"{pool.url}: HTTP {head.status}")
                 continue
-            self.current = index
+            self.current, link.index = index, head.etcd_index
             self._on_request(op, "ok" if head.status < 300 else f"http_{head.status}",
                              time.monotonic() - started)
             if head.status >= 300:
@@ -2017,6 +2024,8 @@ FORM = "application/x-www-form-urlencoded"  # how the v2 keys API takes its fiel
 KEY_NOT_FOUND = 100
 COMPARE_FAILED = 101
 NODE_EXISTS = 105
+EVENT_INDEX_CLEARED = 401  # a v2 waitIndex older than etcd's history (its last 1,000 events)
+V2_WRITES = ("set", "create", "update", "compareAndSwap")  # v2 events that leave a value
 
 
 class Write(enum.Enum):
@@ -2143,6 +2152,10 @@ class Backend(Protocol):
     async def scan(self) -> dict[str, str]:
         """Every key and value below the root, now."""
 
+    async def follow_markers(self) -> None:
+        """Keep a view of other instances' markers for batches of deletes to use, for as
+        long as it runs (v2); one that compares them in its transactions (v3) returns."""
+
     async def strays(self) -> list[str]:
         """Keys below the root that live as long as this instance does, whether it holds
         them or not (v3: those on its lease; v2: none, as what it does not refresh expires)."""
@@ -2259,6 +2272,13 @@ class EtcdV2:
     # batches to be answered, and etcd idled as skyapi read the close frames.
     batch_limit = 256
 
+    # The markers, followed (follow_markers): a long poll is asked again after markers_poll
+    # seconds, as one on a member that froze would say nothing for ever; quiet for
+    # markers_quiet (a change etcd already has comes right behind the head), it proves the
+    # view whole as of its sending. Deletes use a view proved whole within markers_fresh;
+    # else they read the markers first.
+    markers_poll, markers_quiet, markers_fresh = 1.0, 0.1, 2.0
+
     def __init__(self, client: EtcdClient, cfg: Config, owner: str):
         self.client = client
         self.cfg = cfg
@@ -2276,6 +2296,9 @@ class EtcdV2:
         self._ring: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._credit = 0.0  # refreshes owed, carried between ticks so the rate stays even
         self._last = time.monotonic()
+        self._markers: dict[str, str] = {}  # every marker's value, as followed
+        self._whole_at = 0.0  # when the view of them was last proved whole (0: not whole)
+        self._view: Holders | None = None  # holders_of(that view), made once per change
 
     @staticmethod
     def _encode(method: str, key: str, query: Mapping[str, str] = {},
@@ -2350,7 +2373,9 @@ class EtcdV2:
             self._deleting -= deleting
 
     async def _apply(self, ops: Sequence[Op]) -> list[Outcome]:
-        holders = await self._holders() if any(op.write is Write.DELETE for op in ops) else {}
+        holders = self._followed() if any(op.write is Write.DELETE for op in ops) else {}
+        if holders is None:
+            holders = await self._holders()
         firsts = [self._first(op, holders) for op in ops]
         answers: dict[int, tuple[int, int, dict]] = {}
         for name in {first[0] for first in firsts if first}:
@@ -2464,6 +2489,106 @@ class EtcdV2:
         return holders_of(self.cfg, self.owner, ((node["key"], node.get("value", ""), "")
                                                  for node in nodes if not node.get("dir")))
 
+    def _followed(self) -> Holders | None:
+        """The markers as followed, if that view was proved whole within markers_fresh."""
+        if time.monotonic() - self._whole_at >= self.markers_fresh:
+            return None
+        if self._view is None:
+            self._view = holders_of(self.cfg, self.owner,
+                                    ((key, value, "") for key, value in self._markers.items()))
+        return self._view
+
+    async def follow_markers(self) -> None:
+        # Read before each batch of deletes, the markers cost a round trip that, in a mass
+        # close, waited a turn of a loop busy with thousands of close frames while etcd
+        # idled (10,000 at once: the first delete reached etcd after 0.5 s). Followed, a
+        # marker is known as soon as a read would have found it: all of them read once,
+        # then long polls (wait=true, waitIndex), each for the first change after the index
+        # the view is whole at. Unlike a stream, a long poll is never dropped without a
+        # word, and etcd says so when its history no longer goes back that far (the
+        # markers are read again).
+        pause = Supervisor.PAUSE
+        try:
+            while True:
+                try:
+                    index: int | None = await self._read_markers()
+                    while index is not None:
+                        index = await self._poll_markers(index)
+                except EtcdUnavailable as e:
+                    self._whole_at = 0.0
+                    log_event(logging.DEBUG, "markers_unfollowed", error=e)
+                except EtcdError as e:
+                    self._whole_at = 0.0
+                    log_event(logging.WARNING, "markers_unfollowed", error=e,
+                              effect="each batch of deletes reads the markers first")
+                recent = time.monotonic() - self._whole_at < self.markers_fresh
+                await asyncio.sleep(pause)  # (not at once again, whatever etcd does)
+                pause = Supervisor.PAUSE if recent else min(2 * pause, Supervisor.MAX_PAUSE)
+        finally:
+            self._whole_at = 0.0
+
+    async def _read_markers(self) -> int:
+        """Read every marker into the view; the index etcd answered at."""
+        sent = time.monotonic()
+        try:
+            async with self.client.stream("holders", "GET", _v2_path(self.holders)) as answer:
+                data = b"".join([chunk async for chunk in answer])
+                index = answer.index
+            nodes = json.loads(data)["node"].get("nodes", [])
+        except StreamRefused as e:
+            _, error, doc = self._answer(e.status, e.body)
+            if error != KEY_NOT_FOUND:
+                raise self._refused("holders", self.holders, doc) from None
+            index, nodes = int(doc.get("index") or 0), []  # (none yet)
+        if not index:
+            raise EtcdError(f"{self.holders}: etcd's answer says no index (X-Etcd-Index)")
+        self._markers = {node["key"]: node.get("value", "") for node in nodes
+                         if not node.get("dir")}
+        self._view, self._whole_at = None, sent
+        return index
+
+    async def _poll_markers(self, index: int) -> int | None:
+        """Wait for the first change to a marker after index, up to markers_poll seconds:
+        the index the view is whole at then; None if the markers must be read again."""
+        sent = time.monotonic()
+        path = f"{_v2_path(self.holders)}?wait=true&recursive=true&waitIndex={index + 1}"
+        try:
+            async with self.client.stream("holders_poll", "GET", path) as answer:
+                data = await self._within(answer, self.markers_quiet)
+                if data is None:  # etcd had nothing since index, and tells what comes at once
+                    self._whole_at, index = sent, max(index, answer.index)
+                    data = await self._within(answer, self.markers_poll)
+                if data is None:
+                    return index
+                while not answer.ended:  # (the change ends the answer)
+                    data += await self._within(answer, self.client.timeout) or b""
+        except StreamRefused as e:
+            if self._answer(e.status, e.body)[1] == EVENT_INDEX_CLEARED:
+                return None
+            raise
+        if not data:
+            raise EtcdUnavailable(f"{self.client.url()}: a long poll ended without a change")
+        event = json.loads(data)
+        node = event["node"]
+        if node.get("dir") or node["key"].rsplit("/", 1)[0] != self.holders:
+            return None  # a directory, or keys below a marker (others' data): read them all
+        if event["action"] in V2_WRITES:
+            self._markers[node["key"]] = node.get("value", "")
+        else:
+            self._markers.pop(node["key"], None)
+        self._view = None
+        return int(node["modifiedIndex"])
+
+    @staticmethod
+    async def _within(answer: "_Stream", seconds: float) -> bytes | None:
+        """An answer's next data; b"" if it ended; None if nothing came within seconds."""
+        try:
+            return await asyncio.wait_for(answer.__anext__(), seconds)
+        except StopAsyncIteration:
+            return b""
+        except asyncio.TimeoutError:  # (data that came as the time ran out is not lost)
+            return await EtcdV2._within(answer, seconds) if answer.parts else None
+
     async def keep_alive(self, full: bool) -> Lost:
         now = time.monotonic()
         owed = len(self._ring) if full else len(self._ring) * (now - self._last) / self.period
@@ -2562,7 +2687,7 @@ class EtcdV2:
                     for line in _lines(buffer, data):
                         event = json.loads(line)
                         node = event["node"]
-                        written = event["action"] in ("set", "create", "update", "compareAndSwap")
+                        written = event["action"] in V2_WRITES
                         if not node.get("dir"):
                             batch.append((node["key"], node.get("value") if written else None,
                                           node["modifiedIndex"]))
@@ -2908,6 +3033,9 @@ class EtcdV3:
     async def withdraw(self) -> None:
         self._present = False
         await self._call("presence", "kv/deleterange", {"key": _b64(self.presence)})
+
+    async def follow_markers(self) -> None:
+        return  # (its deletes compare the markers in their own transactions)
 
     async def strays(self) -> list[str]:
         if not self.lease:
@@ -3832,6 +3960,7 @@ class Registry:
                        for i in range(self.cfg.etcd_concurrency)]
         self._tasks.append(self.tasks.start("keep_alive", self._keep_alive_loop))
         self._tasks.append(self.tasks.start("watch_check", self._watch_check_loop))
+        self._tasks.append(self.tasks.start("markers", self.backend.follow_markers))
         try:
             await self.backend.ping()
         except (EtcdUnavailable, EtcdError) as e:

@@ -4460,8 +4460,19 @@ def test_response_reader_reads_answers_that_came_in_one_read():
 def test_response_reader_gives_a_chunked_answer_chunk_by_chunk_past_its_trailers():
     parser = skyapi.ResponseParser()
     assert parser.feed(CHUNKED + ANSWER) == [
-        (201, b"", False, True), (201, b"hello", False, True), (201, b" world", False, True),
-        (201, b"", True, True), (200, b'{"a":"b c"}', True, True)]
+        (201, b"", False, True, 0), (201, b"hello", False, True, 0),
+        (201, b" world", False, True, 0), (201, b"", True, True, 0),
+        (200, b'{"a":"b c"}', True, True, 7)]
+
+
+def test_response_reader_gives_etcds_index_with_the_head_or_the_whole_answer():
+    """X-Etcd-Index (etcd v2's index as it answered): on an answer that comes whole, on a
+    streamed one's first part; 0 where there is none, or it is not a number."""
+    assert [p.etcd_index for p in skyapi.ResponseParser().feed(ANSWER + NO_CONTENT + CHUNKED)] \
+        == [7, 8, 0, 0, 0, 0]
+    streamed = b"HTTP/1.1 200 OK\r\nX-Etcd-Index: 12\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert skyapi.ResponseParser().feed(streamed)[0].etcd_index == 12
+    assert skyapi.ResponseParser().feed(ANSWER.replace(b": 7", b": -7"))[0].etcd_index == 0
 
 
 @pytest.mark.parametrize("stream", [ANSWER + CHUNKED + NO_CONTENT + CLOSING, TO_CLOSE],
@@ -4473,10 +4484,10 @@ def test_response_reader_reads_the_same_fed_one_byte_at_a_time(stream):
 
 def test_response_reader_without_a_length_reads_until_the_connection_closes():
     parser = skyapi.ResponseParser()
-    assert parser.feed(TO_CLOSE) == [(200, b"", False, False),
-                                     (200, b"until the connection ends", False, False)]
-    assert parser.feed(b", and more") == [(200, b", and more", False, False)]
-    assert parser.eof() == [(200, b"", True, False)]
+    assert parser.feed(TO_CLOSE) == [(200, b"", False, False, 0),
+                                     (200, b"until the connection ends", False, False, 0)]
+    assert parser.feed(b", and more") == [(200, b", and more", False, False, 0)]
+    assert parser.eof() == [(200, b"", True, False, 0)]
 
 
 def test_response_reader_connection_close_and_http_1_0_end_keep_alive():
