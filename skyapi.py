@@ -1808,29 +1808,50 @@ class _Stream(asyncio.Protocol):
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
-    async def part(self) -> ResponsePart:
-        while not self.parts:
-            self._wake = asyncio.get_running_loop().create_future()
-            await self._wake
+    async def part(self, deadline: float = math.inf) -> ResponsePart:
+        """The next part of the answer; asyncio.TimeoutError if none came by deadline (the
+        loop's clock). (A timer, not asyncio.wait_for, which on Python before 3.12 can
+        swallow a cancel that comes as the part does.)"""
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(deadline, self._woken) if deadline < math.inf else None
+        try:
+            while not self.parts:
+                if loop.time() >= deadline:
+                    raise asyncio.TimeoutError
+                self._wake = loop.create_future()
+                await self._wake
+        finally:
+            if timer is not None:
+                timer.cancel()
         part = self.parts.popleft()
         if isinstance(part, Exception):
             raise part
         self.ended = part.end
         return part
 
-    def __aiter__(self) -> "_Stream":
-        return self
-
-    async def __anext__(self) -> bytes:
-        """The next data; a caller that gives up waiting (a timeout) may ask again."""
+    async def data(self, seconds: float = math.inf) -> bytes | None:
+        """The answer's next data; b"" once it has ended; None if none came within seconds
+        (ask again: nothing is lost)."""
+        deadline = asyncio.get_running_loop().time() + seconds
         while not self.ended:
             try:
-                part = await self.part()
+                part = await self.part(deadline)
+            except asyncio.TimeoutError:
+                return None
             except (BadResponse, _Lost) as e:
                 raise EtcdUnavailable(f"{self.url}: {_why(e)}") from None
             if part.data:
                 return part.data
-        raise StopAsyncIteration
+        return b""
+
+    def __aiter__(self) -> "_Stream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self.data()
+        if not data:
+            raise StopAsyncIteration
+        return data
 
     def close(self) -> None:
         if self.transport is not None:
@@ -1950,10 +1971,11 @@ class EtcdClient:
                 await asyncio.wait_for(pool.open(link), self.timeout)
                 link.transport.write(  # type: ignore[union-attr]
                     self._encode(pool, method, path, body, content_type, authorization))
-                head = await asyncio.wait_for(link.part(), self.timeout)
+                deadline = asyncio.get_running_loop().time() + self.timeout
+                head = await link.part(deadline)
                 data = [head.data]
                 while 300 <= head.status < 500 and not link.ended:  # refused: the answer says why
-                    data.append((await asyncio.wait_for(link.part(), self.timeout)).data)
+                    data.append((await link.part(deadline)).data)
             except (OSError, asyncio.TimeoutError, BadResponse, _Lost) as e:
                 link.close()
                 errors.append(f"{pool.url}: " + (f"no answer within {self.timeout:.3g} s"
@@ -2554,14 +2576,17 @@ class EtcdV2:
         path = f"{_v2_path(self.holders)}?wait=true&recursive=true&waitIndex={index + 1}"
         try:
             async with self.client.stream("holders_poll", "GET", path) as answer:
-                data = await self._within(answer, self.markers_quiet)
+                data = await answer.data(self.markers_quiet)
                 if data is None:  # etcd had nothing since index, and tells what comes at once
                     self._whole_at, index = sent, max(index, answer.index)
-                    data = await self._within(answer, self.markers_poll)
+                    data = await answer.data(self.markers_poll)
                 if data is None:
                     return index
                 while not answer.ended:  # (the change ends the answer)
-                    data += await self._within(answer, self.client.timeout) or b""
+                    more = await answer.data(self.client.timeout)
+                    if more is None:
+                        raise EtcdUnavailable(f"{answer.url}: a long poll's answer stopped")
+                    data += more
         except StreamRefused as e:
             if self._answer(e.status, e.body)[1] == EVENT_INDEX_CLEARED:
                 return None
@@ -2578,16 +2603,6 @@ class EtcdV2:
             self._markers.pop(node["key"], None)
         self._view = None
         return int(node["modifiedIndex"])
-
-    @staticmethod
-    async def _within(answer: "_Stream", seconds: float) -> bytes | None:
-        """An answer's next data; b"" if it ended; None if nothing came within seconds."""
-        try:
-            return await asyncio.wait_for(answer.__anext__(), seconds)
-        except StopAsyncIteration:
-            return b""
-        except asyncio.TimeoutError:  # (data that came as the time ran out is not lost)
-            return await EtcdV2._within(answer, seconds) if answer.parts else None
 
     async def keep_alive(self, full: bool) -> Lost:
         now = time.monotonic()

@@ -5224,9 +5224,8 @@ async def test_v2_watch_dropped_by_etcd_behind_a_frozen_member_is_started_over(c
         cfg = config([m.url for m in ordered], 2, timeout=30, etcd_timeout=5.0)
         async with running(cfg) as server:
             conns = [await connect(server, f"service=live&port={port}") for port in (1, 2)]
-            (stream,) = server.registry.backend.client._streams
-            frozen, healthy = ordered[0], ordered[1]
-            assert stream.url == frozen.url
+            frozen, healthy = ordered[0], ordered[1]  # (the watch, and the markers' long poll)
+            assert {stream.url for stream in server.registry.backend.client._streams} == {frozen.url}
             view = EtcdView(healthy.url, 2)
             # (the watch check writes the first record again; the second is the watch's alone)
             key = skyapi.record_key(skyapi.Registration("live", ("services",), "127.0.0.1", 2),
@@ -5917,6 +5916,63 @@ async def test_a_delete_hands_the_record_to_any_other_holder_whatever_the_owner_
         assert kept.found is skyapi.Found.KEPT
         assert (await view.records(prefix_of(cfg))) == {key: ours}
     finally:
+        for backend in (owner, other):
+            await backend.close()
+
+
+@async_test
+async def test_v2_follows_the_markers_so_that_a_batch_of_deletes_reads_none(etcd):
+    """v2 follows other instances' markers (a listing, then long polls) rather than reading
+    them before each batch of deletes: a marker is in the view as soon as it is written, and
+    out of it as soon as it goes, and a delete hands the record over by that view without a
+    read. Where etcd's history no longer goes back to the poll's index, or a directory
+    changes (a person's rm -r), the markers are read again; a view not proved whole within
+    markers_fresh (the follower stopped) is not used: deletes read first."""
+    cfg, view, key, (owner, other), (ours, theirs), op = two_instances(
+        etcd, 2, "followed", ("own", "other"))
+    asked: collections.Counter[str] = collections.Counter()
+    owner.client._on_request = lambda name, outcome, seconds: asked.update([name])
+    marker = skyapi.marker_prefix(cfg, key) + "other"
+    follower = asyncio.ensure_future(owner.follow_markers())
+    try:
+        await wait_until(lambda: asked["holders_poll"] and owner._followed() is not None, 5)
+        [took] = await owner.apply([op(skyapi.Write.TAKE, value=ours)])
+        await other.apply([op(skyapi.Write.MARK, value=theirs)])
+        await wait_until(lambda: owner._markers.get(marker) == theirs, 2, interval=0.005)
+        reads = asked["holders"]
+        [deleted] = await owner.apply([op(skyapi.Write.DELETE, value=ours)])
+        assert took.found is deleted.found is skyapi.Found.DONE
+        assert await view.records(prefix_of(cfg)) == {key: theirs}  # handed over, never gone
+        assert asked["holders"] == reads  # by the view: no read
+
+        await other.apply([op(skyapi.Write.UNMARK, value=theirs)])  # (it deletes the record)
+        await wait_until(lambda: marker not in owner._markers, 2, interval=0.005)
+        await owner.apply([op(skyapi.Write.TAKE, value=ours)])
+        await owner.apply([op(skyapi.Write.DELETE, value=ours)])
+        assert await view.records(prefix_of(cfg)) == {} and asked["holders"] == reads
+
+        writer = skyapi.EtcdClient([etcd.url], 5.0, 4)
+        try:  # more changes than etcd's history keeps, none of them a marker's
+            await writer.request_many("put", puts_below(prefix_of(cfg), 1100))
+        finally:
+            writer.close()
+        assert await owner._poll_markers(1) is None  # (etcd forgot index 1: read them again)
+        await other.apply([op(skyapi.Write.MARK, value=theirs)])
+        await wait_until(lambda: owner._markers.get(marker) == theirs, 2, interval=0.005)
+        await view._fetch(f"/v2/keys{cfg.etcd_prefix}/_skyapi/holders?recursive=true&dir=true",
+                          "DELETE")  # a person's rm -r
+        await wait_until(lambda: owner._markers == {}, 2, interval=0.005)
+        assert asked["holders"] > reads  # (read again, both times)
+
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        assert owner._followed() is None
+        reads = asked["holders"]
+        await owner.apply([op(skyapi.Write.TAKE, value=ours)])
+        await owner.apply([op(skyapi.Write.DELETE, value=ours)])
+        assert asked["holders"] == reads + 1 and key not in await view.records(prefix_of(cfg))
+    finally:
+        follower.cancel()
         for backend in (owner, other):
             await backend.close()
 
