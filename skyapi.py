@@ -2219,8 +2219,9 @@ def _may_write(there: str, op: Op, owner: str) -> Found:
     return Found.DONE if op.write is Write.TAKE or record[1] == owner else Found.OTHERS
 
 
-# Other instances' markers, read once for a batch of deletes: (key, value, lease) by the
-# marker prefix of the record they are for (lease: v3's, "" for v2).
+# Other instances' markers, as a batch of deletes sees them (v3: read when its transaction
+# finds one; v2: followed, or read first): (key, value, lease) by the marker prefix of the
+# record they are for (lease: v3's, "" for v2).
 #
 # A hand-over races with the holder letting go: a holder that lets go deletes the record
 # too if it holds its value (v3: in the marker's transaction; v2: after the marker), and
@@ -2536,16 +2537,17 @@ class EtcdV2:
                     index: int | None = await self._read_markers()
                     while index is not None:
                         index = await self._poll_markers(index)
+                    pause = Supervisor.PAUSE
+                    await asyncio.sleep(self.markers_quiet)  # (a view still whole meanwhile)
+                    continue
                 except EtcdUnavailable as e:
-                    self._whole_at = 0.0
                     log_event(logging.DEBUG, "markers_unfollowed", error=e)
                 except EtcdError as e:
-                    self._whole_at = 0.0
                     log_event(logging.WARNING, "markers_unfollowed", error=e,
                               effect="each batch of deletes reads the markers first")
-                recent = time.monotonic() - self._whole_at < self.markers_fresh
-                await asyncio.sleep(pause)  # (not at once again, whatever etcd does)
-                pause = Supervisor.PAUSE if recent else min(2 * pause, Supervisor.MAX_PAUSE)
+                self._whole_at = 0.0
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, Supervisor.MAX_PAUSE)
         finally:
             self._whole_at = 0.0
 
