@@ -1319,10 +1319,10 @@ def check_limits(cfg: Config, peer: str, held: int, held_by_peer: int) -> None:
 
 def client_descriptors(open_file_limit: int, cfg: Config) -> int:
     """How many file descriptors connections from clients may take: not those etcd's
-    connections may need (etcd_concurrency to each endpoint, opened as the load grows, and
-    the watch; twice that, for connections closing while others replace them), nor the
-    few the log, certificates and DNS lookups take."""
-    return open_file_limit - 2 * (cfg.etcd_concurrency * len(cfg.etcd_api) + 2) - 16
+    connections may need (etcd_concurrency to each endpoint, opened as the load grows, the
+    watch and the v2 markers' long poll; twice that, for connections closing while others
+    replace them), nor the few the log, certificates and DNS lookups take."""
+    return open_file_limit - 2 * (cfg.etcd_concurrency * len(cfg.etcd_api) + 3) - 16
 
 
 def socket_capacity(open_file_limit: int, in_use: int, cfg: Config) -> int:

@@ -2855,11 +2855,12 @@ def test_admit_checks_origin_token_name_policy_and_room_in_that_order():
 
 def test_socket_capacity_keeps_etcd_and_a_margin_out_of_the_open_file_limit():
     cfg = skyapi.make_config({"etcd_api": ["http://a:2379", "http://b:2379"]})
-    # etcd: 2 x (2 x 64 connections and the watch's 2); 16 for the rest; clients get the others
-    assert skyapi.client_descriptors(20_000, cfg) == 20_000 - 260 - 16
+    # etcd: 2 x (2 x 64 connections, the watch and the markers' long poll, 3); 16 for the rest;
+    # clients get the others
+    assert skyapi.client_descriptors(20_000, cfg) == 20_000 - 262 - 16
     # of which 20 are open already, and a margin of 2% (at least 32) is left for handshakes
-    assert skyapi.socket_capacity(20_000, 20, cfg) == 20_000 - 260 - 16 - 20 - 400
-    assert skyapi.socket_capacity(600, 20, cfg) == 600 - 260 - 16 - 20 - 32
+    assert skyapi.socket_capacity(20_000, 20, cfg) == 20_000 - 262 - 16 - 20 - 400
+    assert skyapi.socket_capacity(600, 20, cfg) == 600 - 262 - 16 - 20 - 32
     assert skyapi.socket_capacity(300, 20, cfg) == 0  # no room: every client is refused
 
 
