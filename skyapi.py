@@ -2603,7 +2603,9 @@ class EtcdV2:
             self._markers[node["key"]] = node.get("value", "")
         else:
             self._markers.pop(node["key"], None)
-        self._view = None
+        # A poll tells one change: more may be behind it (20 markers that went together are
+        # 20 polls). Whole again only once a poll is quiet; deletes read the markers meanwhile.
+        self._view, self._whole_at = None, 0.0
         return int(node["modifiedIndex"])
 
     async def keep_alive(self, full: bool) -> Lost:

@@ -5939,7 +5939,8 @@ async def test_v2_follows_the_markers_so_that_a_batch_of_deletes_reads_none(etcd
         await wait_until(lambda: asked["holders_poll"] and owner._followed() is not None, 5)
         [took] = await owner.apply([op(skyapi.Write.TAKE, value=ours)])
         await other.apply([op(skyapi.Write.MARK, value=theirs)])
-        await wait_until(lambda: owner._markers.get(marker) == theirs, 2, interval=0.005)
+        await wait_until(lambda: owner._markers.get(marker) == theirs
+                         and owner._followed() is not None, 2, interval=0.005)
         reads = asked["holders"]
         [deleted] = await owner.apply([op(skyapi.Write.DELETE, value=ours)])
         assert took.found is deleted.found is skyapi.Found.DONE
@@ -5947,7 +5948,8 @@ async def test_v2_follows_the_markers_so_that_a_batch_of_deletes_reads_none(etcd
         assert asked["holders"] == reads  # by the view: no read
 
         await other.apply([op(skyapi.Write.UNMARK, value=theirs)])  # (it deletes the record)
-        await wait_until(lambda: marker not in owner._markers, 2, interval=0.005)
+        await wait_until(lambda: marker not in owner._markers
+                         and owner._followed() is not None, 2, interval=0.005)
         await owner.apply([op(skyapi.Write.TAKE, value=ours)])
         await owner.apply([op(skyapi.Write.DELETE, value=ours)])
         assert await view.records(prefix_of(cfg)) == {} and asked["holders"] == reads
@@ -5974,6 +5976,29 @@ async def test_v2_follows_the_markers_so_that_a_batch_of_deletes_reads_none(etcd
         assert asked["holders"] == reads + 1 and key not in await view.records(prefix_of(cfg))
     finally:
         follower.cancel()
+        for backend in (owner, other):
+            await backend.close()
+
+
+@async_test
+async def test_v2_a_view_of_the_markers_catching_up_is_not_used(etcd):
+    """A long poll tells one change to the markers, and more may be behind it (markers that
+    went together): until a poll finds nothing more, the view is not trusted, and deletes
+    read the markers first (else a record would go to an instance that had let go of it)."""
+    cfg, _, key, (owner, other), (_, theirs), op = two_instances(
+        etcd, 2, "catching", ("own", "other"))
+    others = [op(skyapi.Write.MARK, key=f"{key}{i}", value=theirs) for i in range(2)]
+    try:
+        index = await owner._read_markers()
+        assert owner._followed() == {}
+        await other.apply(others)  # two changes, after the view was whole
+        index = await owner._poll_markers(index)
+        assert len(owner._markers) == 1 and owner._followed() is None  # one of two: behind
+        index = await owner._poll_markers(index)
+        assert len(owner._markers) == 2 and owner._followed() is None  # (not known yet)
+        await owner._poll_markers(index)  # quiet: nothing more (after markers_poll)
+        assert owner._followed() is not None and len(owner._markers) == 2
+    finally:
         for backend in (owner, other):
             await backend.close()
 
