@@ -1968,7 +1968,17 @@ class EtcdClient:
             pool = self._pools[index]
             link = _Stream(pool.url)
             try:
-                await asyncio.wait_for(pool.open(link), self.timeout)
+                # (asyncio.wait, not wait_for: before Python 3.12 that can lose a cancel
+                # that comes as the connection does, and a cancelled watch went on)
+                opening = asyncio.ensure_future(pool.open(link))
+                try:
+                    await asyncio.wait([opening], timeout=self.timeout)
+                finally:
+                    if not opening.done():
+                        opening.cancel()
+                if not opening.done():
+                    raise asyncio.TimeoutError
+                opening.result()
                 link.transport.write(  # type: ignore[union-attr]
                     self._encode(pool, method, path, body, content_type, authorization))
                 deadline = asyncio.get_running_loop().time() + self.timeout
@@ -1981,6 +1991,9 @@ class EtcdClient:
                 errors.append(f"{pool.url}: " + (f"no answer within {self.timeout:.3g} s"
                                                  if isinstance(e, asyncio.TimeoutError) else _why(e)))
                 continue
+            except asyncio.CancelledError:
+                link.close()
+                raise
             if head.status >= 500:
                 link.close()
                 errors.append(f"{pool.url}: HTTP {head.status}")
