@@ -6049,6 +6049,20 @@ async def test_a_record_taken_over_moments_ago_goes_back_to_its_instance_not_out
             await backend.close()
 
 
+@contextlib.asynccontextmanager
+async def a_and_b_behind_a_proxy(etcd, version: int):
+    """Two servers on one root (timeout 30): A on etcd, B through a TcpProxy the test may
+    mute, freeze or let flow; yields (config, a view of etcd, the proxy, A, B)."""
+    proxy = TcpProxy(etcd.client_port)
+    await proxy.start()
+    cfg = config([etcd.url], version, timeout=30)
+    try:
+        async with running(cfg) as a, running(dataclasses.replace(cfg, etcd_api=[proxy.url])) as b:
+            yield cfg, EtcdView(etcd.url, version), proxy, a, b
+    finally:
+        await proxy.cut()
+
+
 @async_test
 async def test_a_take_over_closed_before_the_other_holder_heard_of_it_leaves_the_record(
         etcd, version):
@@ -6056,28 +6070,21 @@ async def test_a_take_over_closed_before_the_other_holder_heard_of_it_leaves_the
     quiet (a frozen member), so B has not marked the record as held when A lets go. A hands
     it back to B, and DNS never misses it; B, hearing of it all, keeps it as its own, and
     its close deletes it."""
-    proxy = TcpProxy(etcd.client_port)
-    await proxy.start()
-    cfg = config([etcd.url], version, timeout=30)
-    view = EtcdView(etcd.url, version)
-    try:
-        async with running(cfg) as a, running(dataclasses.replace(cfg, etcd_api=[proxy.url])) as b:
-            on_b = await connect(b, "service=moved&port=1")
-            ((key, theirs),) = (await view.records(prefix_of(cfg))).items()
-            proxy.mute_watches = True  # B hears nothing from here on (until its check)
-            on_a = await connect(a, "service=moved&port=1")  # takes it over
-            assert skyapi.read_record((await view.records(prefix_of(cfg)))[key])[1] == a.owner
-            on_a.close()
-            await wait_until(lambda: key not in a.registry.slots, 5)
-            assert await view.records(prefix_of(cfg)) == {key: theirs}  # back, not gone
-            proxy.mute_watches = False
-            await wait_until(lambda: b.registry.slots[key].state is skyapi.State.STORED
-                             and not b.registry.slots[key].inflight, 10)
-            assert await view.records(prefix_of(cfg)) == {key: theirs}
-            on_b.close()
-            await wait_until(lambda: view.empty(cfg), 5)
-    finally:
-        await proxy.cut()
+    async with a_and_b_behind_a_proxy(etcd, version) as (cfg, view, proxy, a, b):
+        on_b = await connect(b, "service=moved&port=1")
+        ((key, theirs),) = (await view.records(prefix_of(cfg))).items()
+        proxy.mute_watches = True  # B hears nothing from here on (until its check)
+        on_a = await connect(a, "service=moved&port=1")  # takes it over
+        assert skyapi.read_record((await view.records(prefix_of(cfg)))[key])[1] == a.owner
+        on_a.close()
+        await wait_until(lambda: key not in a.registry.slots, 5)
+        assert await view.records(prefix_of(cfg)) == {key: theirs}  # back, not gone
+        proxy.mute_watches = False
+        await wait_until(lambda: b.registry.slots[key].state is skyapi.State.STORED
+                         and not b.registry.slots[key].inflight, 10)
+        assert await view.records(prefix_of(cfg)) == {key: theirs}
+        on_b.close()
+        await wait_until(lambda: view.empty(cfg), 5)
 
 
 @async_test
@@ -6116,32 +6123,25 @@ async def test_a_holder_that_lets_go_and_holds_again_while_its_unmark_is_on_its_
     holds B's value) waits on a frozen member while A hands the record over to B and a new
     socket of the same name comes to B. The unmark lands, taking the record: B, held again,
     claims it at once, not when its quiet watch is found out seconds later."""
-    proxy = TcpProxy(etcd.client_port)
-    await proxy.start()
-    cfg = config([etcd.url], version, timeout=30)
-    view = EtcdView(etcd.url, version)
-    try:
-        async with running(cfg) as a, running(dataclasses.replace(cfg, etcd_api=[proxy.url])) as b:
-            on_b = await connect(b, "service=again&port=1")
-            ((key, _),) = (await view.records(prefix_of(cfg))).items()
-            on_a = await connect(a, "service=again&port=1")  # A takes it over; B marks it
-            await wait_until(lambda: b.registry.slots[key].marker and not b.registry.slots[key].inflight, 5)
-            proxy.mute_watches = True  # (B hears nothing: only its claim can put the record back)
-            proxy.freeze()
-            on_b.close()
-            await wait_until(lambda: b.registry.slots[key].inflight is skyapi.Write.UNMARK, 5)
-            on_a.close()  # handed over to B's marker, still there
-            await wait_until(lambda: key not in a.registry.slots, 5)
-            assert skyapi.read_record((await view.records(prefix_of(cfg)))[key])[1] == b.owner
-            again = await connect(b, "service=again&port=1")
-            proxy.flowing.set()
-            await wait_until(lambda: b.registry.slots[key].inflight is not skyapi.Write.UNMARK, 5)
-            await wait_until(lambda: view.has(cfg, key), 1.0)  # (its quiet watch: 2 s)
-            assert b.registry.slots[key].state is skyapi.State.STORED
-            again.close()
-            await wait_until(lambda: view.empty(cfg), 5)
-    finally:
-        await proxy.cut()
+    async with a_and_b_behind_a_proxy(etcd, version) as (cfg, view, proxy, a, b):
+        on_b = await connect(b, "service=again&port=1")
+        ((key, _),) = (await view.records(prefix_of(cfg))).items()
+        on_a = await connect(a, "service=again&port=1")  # A takes it over; B marks it
+        await wait_until(lambda: b.registry.slots[key].marker and not b.registry.slots[key].inflight, 5)
+        proxy.mute_watches = True  # (B hears nothing: only its claim can put the record back)
+        proxy.freeze()
+        on_b.close()
+        await wait_until(lambda: b.registry.slots[key].inflight is skyapi.Write.UNMARK, 5)
+        on_a.close()  # handed over to B's marker, still there
+        await wait_until(lambda: key not in a.registry.slots, 5)
+        assert skyapi.read_record((await view.records(prefix_of(cfg)))[key])[1] == b.owner
+        again = await connect(b, "service=again&port=1")
+        proxy.flowing.set()
+        await wait_until(lambda: b.registry.slots[key].inflight is not skyapi.Write.UNMARK, 5)
+        await wait_until(lambda: view.has(cfg, key), 1.0)  # (its quiet watch: 2 s)
+        assert b.registry.slots[key].state is skyapi.State.STORED
+        again.close()
+        await wait_until(lambda: view.empty(cfg), 5)
 
 
 @async_test
